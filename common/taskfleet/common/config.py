@@ -1,0 +1,246 @@
+"""Configuration: one frozen dataclass per process, filled from flags and
+``TASKFLEET_*`` environment variables in this one module.
+
+Every flag ``--some-flag`` also reads ``TASKFLEET_SOME_FLAG``; a flag given on
+the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from taskfleet.common.errors import ConfigError
+
+DEFAULT_MASTER = "127.0.0.1:50051"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    """How a master runs.
+
+    ``lease_s`` is how long a worker's lease lasts without a heartbeat; workers
+    heartbeat every ``heartbeat_s``. A SIGKILLed worker's tasks are handed out
+    again within about ``lease_s + heartbeat_s``.
+    """
+
+    listen: str = DEFAULT_MASTER
+    store: str = "sqlite:./taskfleet.db"
+    token: str = ""
+    max_payload_bytes: int = MiB
+    lease_s: float = 6.0
+    heartbeat_s: float = 2.0
+    grace_s: float = 10.0  # how long a stopping master lets open calls finish
+    insecure: bool = False  # allow a non-loopback listen address without a token
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __repr__(self) -> str:  # never show the token
+        return f"MasterConfig(listen={self.listen!r}, store={self.store!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker runs. ``concurrency`` 0 means one slot per CPU core."""
+
+    master: str = DEFAULT_MASTER
+    tasks: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = 0
+    pool: str = "process"
+    prefetch: int = 1  # tasks held beyond free slots, so a slot never waits on the network
+    token: str = ""
+    grace_s: float = 30.0  # how long a draining worker lets running tasks finish
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def slots(self) -> int:
+        return self.concurrency or os.cpu_count() or 1
+
+    def __repr__(self) -> str:  # never show the token
+        return f"WorkerConfig(master={self.master!r}, tasks={self.tasks!r}, pool={self.pool!r})"
+
+
+def _env_name(flag: str) -> str:
+    return "TASKFLEET_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class EnvDefaultsParser(argparse.ArgumentParser):
+    """argparse that reads each flag's default from ``TASKFLEET_<FLAG>`` and
+    reports bad input as one line instead of usage plus traceback."""
+
+    def add_flag(self, flag: str, *, default: Any = None, **kwargs: Any) -> None:
+        env = os.environ.get(_env_name(flag))
+        if kwargs.get("action") == "store_true":
+            default = default if env is None else env.lower() in ("1", "true", "yes", "on")
+        elif env is not None:
+            default = env
+        help_text = kwargs.pop("help", "")
+        self.add_argument(
+            flag, default=default, help=f"{help_text} [env {_env_name(flag)}]", **kwargs
+        )
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_master_flags(parser: EnvDefaultsParser) -> None:
+    d = MasterConfig()
+    parser.add_flag("--listen", default=d.listen, help="HOST:PORT for the gRPC API")
+    parser.add_flag("--store", default=d.store, help="sqlite:PATH (durable) or memory (volatile)")
+    parser.add_flag("--token", default=d.token, help="require this bearer token on every call")
+    parser.add_flag(
+        "--max-payload-bytes",
+        default=d.max_payload_bytes,
+        type=non_negative_int,
+        help="refuse task payloads larger than this",
+    )
+    parser.add_flag("--lease-s", default=d.lease_s, type=positive_float, help="lease length")
+    parser.add_flag(
+        "--heartbeat-s",
+        default=d.heartbeat_s,
+        type=positive_float,
+        help="worker heartbeat interval",
+    )
+    parser.add_flag("--grace-s", default=d.grace_s, type=positive_float, help="shutdown grace")
+    parser.add_flag(
+        "--insecure", action="store_true", help="allow a non-loopback --listen without a token"
+    )
+    _add_log_flags(parser)
+
+
+def master_config(args: argparse.Namespace) -> MasterConfig:
+    if args.heartbeat_s >= args.lease_s:
+        raise ConfigError("--heartbeat-s: must be shorter than --lease-s")
+    listen = _check_address("--listen", args.listen)
+    if not _is_loopback(listen) and not args.token and not args.insecure:
+        raise ConfigError(
+            f"--listen: {listen} is reachable from other machines; set --token "
+            "(or pass --insecure to accept anyone who can connect)"
+        )
+    return MasterConfig(
+        listen=listen,
+        store=args.store,
+        token=args.token,
+        max_payload_bytes=args.max_payload_bytes,
+        lease_s=args.lease_s,
+        heartbeat_s=args.heartbeat_s,
+        grace_s=args.grace_s,
+        insecure=args.insecure,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def add_worker_flags(parser: EnvDefaultsParser) -> None:
+    d = WorkerConfig()
+    parser.add_flag("--master", default=d.master, help="HOST:PORT of the master")
+    parser.add_flag(
+        "--tasks",
+        type=comma_list,
+        required="TASKFLEET_TASKS" not in os.environ,
+        help="modules that register tasks, comma-separated",
+    )
+    parser.add_flag(
+        "--queues",
+        default=",".join(d.queues),
+        type=comma_list,
+        help="queues to take tasks from, comma-separated",
+    )
+    parser.add_flag(
+        "--concurrency",
+        default=d.concurrency,
+        type=non_negative_int,
+        help="pool slots (0: one per CPU core)",
+    )
+    parser.add_flag(
+        "--pool",
+        default=d.pool,
+        choices=("process", "thread"),
+        help="process for CPU-bound tasks, thread for IO-bound ones",
+    )
+    parser.add_flag(
+        "--prefetch", default=d.prefetch, type=non_negative_int, help="tasks held beyond free slots"
+    )
+    parser.add_flag("--token", default=d.token, help="bearer token for the master")
+    parser.add_flag(
+        "--grace-s",
+        default=d.grace_s,
+        type=positive_float,
+        help="how long a draining worker waits for running tasks",
+    )
+    _add_log_flags(parser)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    if not args.queues:
+        raise ConfigError("--queues: name at least one queue")
+    return WorkerConfig(
+        master=_check_address("--master", args.master),
+        tasks=args.tasks,
+        queues=args.queues,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        prefetch=args.prefetch,
+        token=args.token,
+        grace_s=args.grace_s,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def add_client_flags(parser: EnvDefaultsParser) -> None:
+    parser.add_flag("--master", default=DEFAULT_MASTER, help="HOST:PORT of the master")
+    parser.add_flag("--token", default="", help="bearer token for the master")
+    parser.add_flag("--json", action="store_true", help="print JSON for scripts")
+
+
+def _add_log_flags(parser: EnvDefaultsParser) -> None:
+    parser.add_flag(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="log level",
+    )
+    parser.add_flag("--log-format", default="text", choices=("text", "json"), help="log format")
+
+
+def _check_address(flag: str, address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag}: expected HOST:PORT, got {address!r}")
+    return address
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,76 @@
+"""Thread-local request context and the logging that carries it.
+
+The master sets a context (request id, peer) around every RPC handler; the
+worker sets one (task id, attempt) around every task it reports on. A logging
+filter copies the current context into each record, so every log line says
+which request or task it belongs to without passing loggers around.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_local = threading.local()
+
+
+def current_context() -> dict[str, str]:
+    """The calling thread's context (empty outside any request or task)."""
+    context: dict[str, str] = getattr(_local, "context", {})
+    return context
+
+
+@contextmanager
+def bound_context(**fields: str) -> Iterator[dict[str, str]]:
+    """Add ``fields`` to this thread's context for the duration of the block."""
+    previous = current_context()
+    _local.context = {**previous, **fields}
+    try:
+        yield _local.context
+    finally:
+        _local.context = previous
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = current_context()
+        record.context = context
+        record.context_text = " ".join(f"{k}={v}" for k, v in context.items())
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "context", {}),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger once per process: text or JSON lines on stderr."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(context_text)s] %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,140 @@
+"""The task model shared by master, worker and clients.
+
+Plain dataclasses: protobuf appears only at the edges (see ``convert``), so the
+master's stores and the worker's pool never touch generated code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+JSON = "application/json"
+DEFAULT_QUEUE = "default"
+
+
+class TaskState(enum.IntEnum):
+    """Lifecycle of a task; values match ``taskfleet.v1.TaskState``."""
+
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_final(self) -> bool:
+        return self >= TaskState.SUCCEEDED
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What a producer asks to run (validated and with defaults filled in)."""
+
+    name: str
+    queue: str = DEFAULT_QUEUE
+    payload: bytes = b'{"args": [], "kwargs": {}}'
+    content_type: str = JSON
+    priority: int = 0
+    # 0 leaves the choice to the worker's @task default (1 when it has none).
+    max_attempts: int = 0
+    timeout_s: float = 0.0  # 0: no limit
+    not_before: float = 0.0  # unix time; 0: at once
+    idempotency_key: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    """Why an attempt failed."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(slots=True)
+class Task:
+    """A task as the master stores it."""
+
+    id: str
+    spec: TaskSpec
+    state: TaskState = TaskState.PENDING
+    attempts: int = 0
+    lease: int = 0  # lease number, grows with every lease: the fencing token
+    result: bytes = b""
+    result_content_type: str = ""
+    error: TaskError | None = None
+    worker_id: str = ""
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """One lease of one task: the pair every heartbeat and result is fenced by."""
+
+    task_id: str
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A task handed to a worker until ``deadline`` unless renewed."""
+
+    task: Task
+    deadline: float
+
+    @property
+    def ref(self) -> LeaseRef:
+        return LeaseRef(self.task.id, self.task.lease)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as a worker reports it.
+
+    ``state`` is SUCCEEDED, FAILED or CANCELLED. The worker resolves the
+    task's retry policy (spec or ``@task`` default), so a FAILED outcome with
+    ``retry_delay_s`` set goes back to PENDING after that delay, and one
+    without it is final.
+    """
+
+    ref: LeaseRef
+    state: TaskState
+    result: bytes = b""
+    result_content_type: str = JSON
+    error: TaskError | None = None
+    retry_delay_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """Number of tasks of one queue in each state."""
+
+    queue: str
+    counts: dict[TaskState, int]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker connected to the master, as GetStats reports it."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    task_names: tuple[str, ...]
+    concurrency: int
+    running: int
+    peer: str
+    connected_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts per queue and the connected workers."""
+
+    queues: list[QueueCounts]
+    workers: list[WorkerInfo]

@@ -1,0 +1,68 @@
+"""In-process notifications inside the master.
+
+``CompletionHub`` feeds WaitTasks: a waiter subscribes to task ids and is
+handed each task as it becomes final, so nobody polls the store.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+
+from taskfleet.common.model import Task
+
+
+class Subscription:
+    """Final tasks for one waiter, delivered through a queue."""
+
+    def __init__(self, hub: CompletionHub, task_ids: frozenset[str]) -> None:
+        self.task_ids = task_ids
+        self.finished: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._hub = hub
+
+    def wake(self) -> None:
+        """Unblock the waiter (it was cancelled or the master is stopping)."""
+        self.finished.put(None)
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+
+class CompletionHub:
+    """Routes each final task to the subscriptions that wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_task: dict[str, list[Subscription]] = {}
+
+    def subscribe(self, task_ids: Iterable[str]) -> Subscription:
+        subscription = Subscription(self, frozenset(task_ids))
+        with self._lock:
+            for task_id in subscription.task_ids:
+                self._by_task.setdefault(task_id, []).append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            for task_id in subscription.task_ids:
+                waiters = self._by_task.get(task_id)
+                if waiters is None:
+                    continue
+                waiters.remove(subscription)
+                if not waiters:
+                    del self._by_task[task_id]
+
+    def publish(self, tasks: Iterable[Task]) -> None:
+        with self._lock:
+            if not self._by_task:
+                return
+            deliveries = [(s, t) for t in tasks for s in self._by_task.get(t.id, ())]
+        for subscription, task in deliveries:
+            subscription.finished.put(task)
+
+    def wake_all(self) -> None:
+        with self._lock:
+            subscriptions = {id(s): s for ws in self._by_task.values() for s in ws}
+        for subscription in subscriptions.values():
+            subscription.wake()

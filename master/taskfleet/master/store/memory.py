@@ -1,0 +1,293 @@
+"""The volatile store: everything in dicts and heaps behind one lock.
+
+Heaps use lazy deletion: a cancelled task, a renewed lease or a lease given
+back leaves its old heap entry in place, and the entry is dropped when it
+reaches the top and no longer matches the task. That keeps every operation
+O(log n) without searching a heap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import threading
+from collections.abc import Collection, Iterator, Sequence
+
+from taskfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    QueueCounts,
+    Task,
+    TaskSpec,
+    TaskState,
+)
+from taskfleet.master.store.base import Store, new_task_id
+
+# (-priority, seq, task_id): the heap top is the next task to hand out.
+_ReadyEntry = tuple[int, int, str]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Slot:
+    """A task plus the scheduling facts the public model does not carry."""
+
+    task: Task
+    seq: int
+    delayed: bool = False  # PENDING but waiting in the delayed heap
+    deadline: float = 0.0  # RUNNING: when the lease lapses
+
+
+class MemoryStore(Store):
+    """Fast and volatile: a restart of the master loses every task."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._slots: dict[str, _Slot] = {}
+        self._by_key: dict[str, str] = {}
+        self._ready: dict[str, dict[str, list[_ReadyEntry]]] = {}
+        self._delayed: list[tuple[float, int, str]] = []
+        self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
+        self._counts: dict[str, dict[TaskState, int]] = {}
+
+    def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
+        ids = []
+        with self._lock:
+            for spec in specs:
+                known = self._by_key.get(spec.idempotency_key) if spec.idempotency_key else None
+                if known is not None:
+                    ids.append(known)
+                    continue
+                # Our own metadata dict, so the caller's later edits don't leak in.
+                spec = dataclasses.replace(spec, metadata=dict(spec.metadata))
+                slot = _Slot(Task(new_task_id(), spec, created_at=now), next(self._seq))
+                self._slots[slot.task.id] = slot
+                if spec.idempotency_key:
+                    self._by_key[spec.idempotency_key] = slot.task.id
+                counts = self._counts.setdefault(spec.queue, dict.fromkeys(TaskState, 0))
+                counts[TaskState.PENDING] += 1
+                self._enqueue(slot, spec.not_before, now)
+                ids.append(slot.task.id)
+        return ids
+
+    def get(self, task_id: str) -> Task:
+        with self._lock:
+            return _copy(self._slot(task_id).task)
+
+    def get_many(self, task_ids: Sequence[str]) -> list[Task]:
+        with self._lock:
+            return [_copy(self._slot(task_id).task) for task_id in task_ids]
+
+    def lease(
+        self,
+        worker_id: str,
+        queues: Collection[str],
+        names: Collection[str] | None,
+        limit: int,
+        lease_s: float,
+        now: float,
+    ) -> list[Lease]:
+        leases: list[Lease] = []
+        with self._lock:
+            self._promote(now)
+            # One entry per non-empty heap, keyed by its top: popping the best
+            # head repeatedly merges the heaps in (-priority, seq) order.
+            heads = []
+            for heap in self._heaps(queues, names):
+                self._drop_stale(heap)
+                if heap:
+                    heads.append((heap[0], heap))
+            heapq.heapify(heads)
+            while heads and len(leases) < limit:
+                heap = heads[0][1]
+                task_id = heapq.heappop(heap)[2]
+                leases.append(self._start(self._slots[task_id], worker_id, lease_s, now))
+                self._drop_stale(heap)
+                if heap:
+                    heapq.heapreplace(heads, (heap[0], heap))
+                else:
+                    heapq.heappop(heads)
+        return leases
+
+    def extend(
+        self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
+    ) -> list[LeaseRef]:
+        stale = []
+        with self._lock:
+            for ref in refs:
+                slot = self._valid(ref)
+                if slot is None or slot.task.worker_id != worker_id:
+                    stale.append(ref)
+                    continue
+                slot.deadline = now + lease_s
+                heapq.heappush(
+                    self._running, (slot.deadline, slot.seq, slot.task.id, slot.task.lease)
+                )
+        return stale
+
+    def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
+        _check_outcomes(outcomes)
+        finished = []
+        with self._lock:
+            for outcome in outcomes:
+                slot = self._valid(outcome.ref)
+                if slot is None:
+                    continue
+                self._apply(slot, outcome, now)
+                if slot.task.state.is_final:
+                    finished.append(_copy(slot.task))
+        return finished
+
+    def release(self, refs: Sequence[LeaseRef], now: float) -> int:
+        released = 0
+        with self._lock:
+            for ref in refs:
+                slot = self._valid(ref)
+                if slot is None:
+                    continue
+                slot.task.attempts -= 1
+                self._set_state(slot, TaskState.PENDING)
+                self._enqueue(slot, now, now)
+                released += 1
+        return released
+
+    def cancel(self, task_id: str, now: float) -> Task:
+        with self._lock:
+            slot = self._slot(task_id)
+            if slot.task.state.is_final:
+                raise FailedPrecondition(f"task {task_id} is already {slot.task.state.name}")
+            self._finish(slot, TaskState.CANCELLED, now)
+            return _copy(slot.task)
+
+    def expire(self, now: float) -> list[Task]:
+        expired = []
+        with self._lock:
+            while self._running and self._running[0][0] <= now:
+                deadline, _, task_id, lease = heapq.heappop(self._running)
+                slot = self._slots[task_id]
+                task = slot.task
+                # Entries left by extend (older deadline) or by an earlier lease are stale.
+                current = task.lease == lease and slot.deadline == deadline
+                if task.state is TaskState.RUNNING and current:
+                    self._set_state(slot, TaskState.PENDING)
+                    self._enqueue(slot, now, now)
+                    expired.append(_copy(task))
+        return expired
+
+    def next_ready_at(self, now: float) -> float | None:
+        with self._lock:
+            self._promote(now)
+            return self._delayed[0][0] if self._delayed else None
+
+    def stats(self) -> list[QueueCounts]:
+        with self._lock:
+            return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
+
+    def _slot(self, task_id: str) -> _Slot:
+        slot = self._slots.get(task_id)
+        if slot is None:
+            raise NotFound(f"task {task_id} not found")
+        return slot
+
+    def _valid(self, ref: LeaseRef) -> _Slot | None:
+        """The slot ``ref`` fences, or None when the ref is stale."""
+        slot = self._slots.get(ref.task_id)
+        if slot is None or slot.task.state is not TaskState.RUNNING:
+            return None
+        return slot if slot.task.lease == ref.lease else None
+
+    def _set_state(self, slot: _Slot, state: TaskState) -> None:
+        counts = self._counts[slot.task.spec.queue]
+        counts[slot.task.state] -= 1
+        counts[state] += 1
+        slot.task.state = state
+
+    def _enqueue(self, slot: _Slot, ready_at: float, now: float) -> None:
+        """Put a PENDING task where ``lease`` finds it, or aside until ``ready_at``."""
+        slot.delayed = ready_at > now
+        if slot.delayed:
+            heapq.heappush(self._delayed, (ready_at, slot.seq, slot.task.id))
+            return
+        spec = slot.task.spec
+        heap = self._ready.setdefault(spec.queue, {}).setdefault(spec.name, [])
+        heapq.heappush(heap, (-spec.priority, slot.seq, slot.task.id))
+
+    def _promote(self, now: float) -> None:
+        """Move due delayed tasks to the ready heaps and drop cancelled ones from the top."""
+        while self._delayed:
+            ready_at, _, task_id = self._delayed[0]
+            slot = self._slots[task_id]
+            waiting = slot.delayed and slot.task.state is TaskState.PENDING
+            if waiting and ready_at > now:
+                return
+            heapq.heappop(self._delayed)
+            if waiting:
+                self._enqueue(slot, now, now)
+
+    def _heaps(
+        self, queues: Collection[str], names: Collection[str] | None
+    ) -> Iterator[list[_ReadyEntry]]:
+        # dict.fromkeys drops repeated queues or names, which would visit one heap twice.
+        for queue in dict.fromkeys(queues):
+            by_name = self._ready.get(queue, {})
+            if names is None:
+                yield from by_name.values()
+                continue
+            for name in dict.fromkeys(names):
+                if name in by_name:
+                    yield by_name[name]
+
+    def _drop_stale(self, heap: list[_ReadyEntry]) -> None:
+        # A ready entry outlives its task only when the task was cancelled.
+        while heap and self._slots[heap[0][2]].task.state is not TaskState.PENDING:
+            heapq.heappop(heap)
+
+    def _start(self, slot: _Slot, worker_id: str, lease_s: float, now: float) -> Lease:
+        task = slot.task
+        self._set_state(slot, TaskState.RUNNING)
+        task.attempts += 1
+        task.lease += 1
+        task.worker_id = worker_id
+        task.started_at = now
+        slot.deadline = now + lease_s
+        heapq.heappush(self._running, (slot.deadline, slot.seq, task.id, task.lease))
+        return Lease(_copy(task), slot.deadline)
+
+    def _apply(self, slot: _Slot, outcome: Outcome, now: float) -> None:
+        task = slot.task
+        if outcome.state is TaskState.SUCCEEDED:
+            task.result = outcome.result
+            task.result_content_type = outcome.result_content_type
+            task.error = None
+            self._finish(slot, TaskState.SUCCEEDED, now)
+        elif outcome.state is TaskState.CANCELLED:
+            self._finish(slot, TaskState.CANCELLED, now)
+        else:
+            task.error = outcome.error
+            if outcome.retry_delay_s is None:
+                self._finish(slot, TaskState.FAILED, now)
+            else:
+                self._set_state(slot, TaskState.PENDING)
+                self._enqueue(slot, now + outcome.retry_delay_s, now)
+
+    def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
+        self._set_state(slot, state)
+        slot.task.finished_at = now
+
+
+def _copy(task: Task) -> Task:
+    """A snapshot for the caller: the store's own Task keeps changing under the lock."""
+    return dataclasses.replace(task)
+
+
+def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """Refuse the whole batch up front, so a bad outcome never leaves half of it applied."""
+    for outcome in outcomes:
+        if not outcome.state.is_final:
+            raise InvalidArgument(
+                f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
+                f"or CANCELLED, not {outcome.state.name}"
+            )

@@ -1,0 +1,115 @@
+"""TaskService: the producers' API."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from taskfleet.common import convert
+from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.model import LeaseRef, Stats
+from taskfleet.master.rpc import streaming, unary
+from taskfleet.master.runtime import MasterRuntime
+from taskfleet.master.validation import validate_specs
+from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
+
+log = logging.getLogger("taskfleet.master.tasks")
+
+MAX_WAIT_IDS = 100_000
+
+
+class TaskService(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(self, runtime: MasterRuntime) -> None:
+        self._rt = runtime
+
+    @unary
+    def Submit(
+        self, request: tasks_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.SubmitResponse:
+        specs = [convert.spec_from_proto(pb) for pb in request.tasks]
+        validate_specs(specs, self._rt.config.max_payload_bytes)
+        task_ids = self._rt.store.submit(specs, time.time())
+        self._rt.sessions.hint_work()
+        log.debug("submitted %d tasks", len(task_ids))
+        return tasks_pb2.SubmitResponse(task_ids=task_ids)
+
+    @unary
+    def GetTask(
+        self, request: tasks_pb2.GetTaskRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.Task:
+        _require_id("task_id", request.task_id)
+        return convert.task_to_proto(self._rt.store.get(request.task_id))
+
+    @streaming
+    def WaitTasks(
+        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
+    ) -> Iterator[tasks_pb2.Task]:
+        task_ids = list(dict.fromkeys(request.task_ids))
+        if not task_ids:
+            raise InvalidArgument("task_ids: name at least one task")
+        if len(task_ids) > MAX_WAIT_IDS:
+            raise InvalidArgument(f"task_ids: at most {MAX_WAIT_IDS} per call")
+        for i, task_id in enumerate(task_ids):
+            _require_id(f"task_ids[{i}]", task_id)
+        timeout_s = (
+            convert.seconds_from_duration(request.timeout) if request.HasField("timeout") else None
+        )
+        if timeout_s is not None and timeout_s < 0:
+            raise InvalidArgument("timeout: must not be negative")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Subscribe before reading, so a task finishing in between is not missed.
+        subscription = self._rt.hub.subscribe(task_ids)
+        context.add_callback(subscription.wake)
+        try:
+            waiting = set(task_ids)
+            for task in self._rt.store.get_many(task_ids):
+                if task.state.is_final:
+                    waiting.discard(task.id)
+                    yield convert.task_to_proto(task)
+            while waiting and context.is_active():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    finished = subscription.finished.get(timeout=remaining)
+                except queue.Empty:
+                    return
+                if finished is None:
+                    return
+                if finished.id in waiting:
+                    waiting.discard(finished.id)
+                    yield convert.task_to_proto(finished)
+        finally:
+            subscription.close()
+
+    @unary
+    def CancelTask(
+        self, request: tasks_pb2.CancelTaskRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.Task:
+        _require_id("task_id", request.task_id)
+        task = self._rt.store.cancel(request.task_id, time.time())
+        # If it was running, its worker stops it now rather than at the next
+        # heartbeat; a worker that no longer holds that lease ignores this.
+        session = self._rt.sessions.get(task.worker_id) if task.worker_id else None
+        if session is not None:
+            session.revoke([LeaseRef(task.id, task.lease)])
+        self._rt.hub.publish([task])
+        return convert.task_to_proto(task)
+
+    @unary
+    def GetStats(
+        self, request: tasks_pb2.GetStatsRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.Stats:
+        stats = Stats(self._rt.store.stats(), self._rt.sessions.infos())
+        return convert.stats_to_proto(stats)
+
+
+def _require_id(field: str, task_id: str) -> None:
+    if not task_id:
+        raise InvalidArgument(f"{field}: must not be empty")
+    if len(task_id) > 200:
+        raise InvalidArgument(f"{field}: longer than 200 characters")

@@ -1,0 +1,48 @@
+"""Checks on what producers submit, so bad input is refused with a message
+naming the field before it reaches the store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from taskfleet.common.codec import decode_args
+from taskfleet.common.errors import InvalidArgument, ResourceExhausted
+from taskfleet.common.model import JSON, TaskSpec
+
+MAX_NAME_CHARS = 200
+MAX_BATCH = 10_000
+
+
+def validate_specs(specs: Sequence[TaskSpec], max_payload_bytes: int) -> None:
+    """Raise InvalidArgument or ResourceExhausted for the first bad spec."""
+    if not specs:
+        raise InvalidArgument("tasks: submit at least one task")
+    if len(specs) > MAX_BATCH:
+        raise ResourceExhausted(f"tasks: at most {MAX_BATCH} tasks per Submit, got {len(specs)}")
+    for i, spec in enumerate(specs):
+        _validate_spec(f"tasks[{i}]", spec, max_payload_bytes)
+
+
+def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
+    if not spec.name.strip():
+        raise InvalidArgument(f"{field}.name: must not be empty")
+    if len(spec.name) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{field}.name: longer than {MAX_NAME_CHARS} characters")
+    if len(spec.queue) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{field}.queue: longer than {MAX_NAME_CHARS} characters")
+    if len(spec.payload) > max_payload_bytes:
+        raise ResourceExhausted(
+            f"{field}.payload: {len(spec.payload)} bytes is over the limit of {max_payload_bytes}; "
+            "put large data on shared storage and pass its path or URL instead"
+        )
+    if spec.content_type == JSON:
+        try:
+            decode_args(spec.payload, spec.content_type)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{field}.{exc}") from None
+    if spec.max_attempts < 0:
+        raise InvalidArgument(f"{field}.max_attempts: must not be negative")
+    if spec.timeout_s < 0:
+        raise InvalidArgument(f"{field}.timeout: must not be negative")
+    if spec.not_before < 0:
+        raise InvalidArgument(f"{field}.not_before: must not be before 1970")

@@ -1,0 +1,210 @@
+"""WorkerService: one long-lived stream per worker.
+
+Two threads serve a stream: gRPC's own runs the response generator, which
+leases tasks whenever the worker has credit and sends what the session's
+outbox holds; a reader thread applies what the worker sends (credit,
+heartbeats, results, releases). Tasks and results travel in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from taskfleet.common import convert
+from taskfleet.common.context import bound_context, current_context
+from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
+from taskfleet.master.rpc import streaming
+from taskfleet.master.runtime import MasterRuntime
+from taskfleet.master.sessions import WorkerSession
+from taskfleet.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("taskfleet.master.workers")
+
+MAX_LEASE_BATCH = 500
+IDLE_RECHECK_S = 1.0  # safety net: recheck the store even if no wake-up came
+_OUTCOME_STATES = {int(s) for s in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)}
+
+
+class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, runtime: MasterRuntime) -> None:
+        self._rt = runtime
+
+    @streaming
+    def Connect(
+        self, request_iterator: Iterator[worker_pb2.WorkerMessage], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.MasterMessage]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("hello: the first message of a worker stream must be Hello")
+        session = WorkerSession(_worker_info(first.hello, context.peer()))
+        self._rt.sessions.add(session)
+        context.add_callback(session.close)
+        log.info(
+            "worker %s connected from %s: queues=%s concurrency=%d",
+            session.info.worker_id,
+            session.info.peer,
+            ",".join(session.info.queues),
+            session.info.concurrency,
+        )
+        try:
+            yield worker_pb2.MasterMessage(
+                welcome=worker_pb2.Welcome(
+                    heartbeat_interval=convert.duration(self._rt.config.heartbeat_s),
+                    lease_duration=convert.duration(self._rt.config.lease_s),
+                )
+            )
+            held = [convert.ref_from_proto(r) for r in first.hello.held]
+            self._renew(session, held)
+            reader = threading.Thread(
+                target=self._read,
+                args=(session, request_iterator, current_context()),
+                name=f"worker-reader-{session.info.worker_id}",
+                daemon=True,
+            )
+            reader.start()
+            yield from self._dispatch(session)
+        finally:
+            self._rt.sessions.remove(session)
+            log.info("worker %s disconnected", session.info.worker_id)
+
+    def _dispatch(self, session: WorkerSession) -> Iterator[worker_pb2.MasterMessage]:
+        """Yield outbox messages and lease batches until the session closes."""
+        info = session.info
+        names = info.task_names or None
+        while True:
+            with session.cond:
+                while not (session.closed or session.outbox or self._may_lease(session)):
+                    session.cond.wait(self._idle_wait_s(session))
+                    if session.credit > 0:
+                        session.work_hint = True  # the wait ran out: look again
+                if session.closed:
+                    return
+                outbox, session.outbox = session.outbox, []
+                want = min(session.credit, MAX_LEASE_BATCH) if self._may_lease(session) else 0
+                session.work_hint = False
+            yield from outbox
+            if not want:
+                continue
+            leases = self._rt.store.lease(
+                info.worker_id, info.queues, names, want, self._rt.config.lease_s, time.time()
+            )
+            if not leases:
+                continue
+            with session.cond:
+                session.credit -= len(leases)
+                session.running += len(leases)
+                if len(leases) == want:
+                    session.work_hint = True
+            yield worker_pb2.MasterMessage(
+                assignments=worker_pb2.Assignments(
+                    assignments=[
+                        worker_pb2.Assignment(
+                            lease=convert.ref_to_proto(lease.ref),
+                            task=convert.task_to_proto(lease.task),
+                        )
+                        for lease in leases
+                    ]
+                )
+            )
+
+    def _may_lease(self, session: WorkerSession) -> bool:
+        return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()
+
+    def _idle_wait_s(self, session: WorkerSession) -> float:
+        if session.credit <= 0:
+            return IDLE_RECHECK_S * 5
+        now = time.time()
+        ready_at = self._rt.store.next_ready_at(now)
+        if ready_at is None:
+            return IDLE_RECHECK_S
+        return max(0.001, min(IDLE_RECHECK_S, ready_at - now))
+
+    def _read(
+        self,
+        session: WorkerSession,
+        request_iterator: Iterator[worker_pb2.WorkerMessage],
+        context_fields: dict[str, str],
+    ) -> None:
+        with bound_context(**context_fields, worker=session.info.worker_id):
+            try:
+                for message in request_iterator:
+                    self._apply(session, message)
+            except grpc.RpcError:
+                pass  # the stream ended: cancelled by the worker or cut off
+            except Exception:
+                log.exception("worker stream failed")
+            finally:
+                session.close()
+
+    def _apply(self, session: WorkerSession, message: worker_pb2.WorkerMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "credit":
+            if message.credit.tasks > 0:
+                session.add_credit(message.credit.tasks)
+        elif kind == "heartbeat":
+            self._renew(session, [convert.ref_from_proto(r) for r in message.heartbeat.held])
+        elif kind == "results":
+            self._record(session, message.results)
+        elif kind == "release":
+            refs = [convert.ref_from_proto(r) for r in message.release.leases]
+            released = self._rt.store.release(refs, time.time())
+            with session.cond:
+                session.running = max(0, session.running - released)
+            self._rt.sessions.hint_work()
+        else:
+            log.warning("ignoring unexpected %s message from worker", kind)
+
+    def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> None:
+        stale = (
+            self._rt.store.extend(
+                session.info.worker_id, held, self._rt.config.lease_s, time.time()
+            )
+            if held
+            else []
+        )
+        with session.cond:
+            session.running = len(held) - len(stale)
+        if stale:
+            session.revoke(stale)
+
+    def _record(self, session: WorkerSession, results: worker_pb2.Results) -> None:
+        outcomes: list[Outcome] = []
+        for pb in results.outcomes:
+            if pb.state not in _OUTCOME_STATES:
+                log.warning("ignoring outcome of %s with state %d", pb.lease.task_id, pb.state)
+                continue
+            outcomes.append(convert.outcome_from_proto(pb))
+        finals = self._rt.store.record(outcomes, time.time()) if outcomes else []
+        retried = sum(1 for o in outcomes if o.retry_delay_s is not None)
+        with session.cond:
+            session.running = max(0, session.running - len(results.outcomes))
+        self._rt.hub.publish(finals)
+        if retried:
+            self._rt.sessions.hint_work()
+        session.send(worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results.seq)))
+
+
+def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:
+    if not hello.worker_id:
+        raise InvalidArgument("hello.worker_id: must not be empty")
+    if not hello.queues:
+        raise InvalidArgument("hello.queues: name at least one queue")
+    if hello.concurrency < 1:
+        raise InvalidArgument("hello.concurrency: must be at least 1")
+    return WorkerInfo(
+        worker_id=hello.worker_id,
+        hostname=hello.hostname,
+        pid=hello.pid,
+        queues=tuple(hello.queues),
+        task_names=tuple(hello.task_names),
+        concurrency=hello.concurrency,
+        running=0,
+        peer=peer,
+        connected_at=time.time(),
+    )

@@ -1,0 +1,76 @@
+"""Tasks the end-to-end tests run on real workers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from taskfleet.worker import current_task, task
+
+
+@task
+def square(n: int) -> int:
+    return n * n
+
+
+@task
+def context() -> dict[str, Any]:
+    """current_task() as seen from inside, plus who ran it; sleeps a little so
+    several run at once in one pool."""
+    ctx = current_task()
+    time.sleep(0.05)
+    again = current_task()  # still ours after other tasks ran in between
+    assert again.task_id == ctx.task_id
+    return {
+        "task_id": ctx.task_id,
+        "name": ctx.name,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "deadline": ctx.deadline,
+        "metadata": dict(ctx.metadata),
+        "pid": os.getpid(),
+        "thread": threading.get_ident(),
+    }
+
+
+@task
+def record(path: str, value: Any) -> Any:
+    """Append ``value`` to the file at ``path`` (to see the order tasks ran in)."""
+    with open(path, "a") as f:
+        f.write(f"{value}\n")
+    return value
+
+
+@task
+def flaky(marker_dir: str, failures: int) -> int:
+    """Fail the first ``failures`` attempts, then succeed with the attempt number."""
+    attempt = current_task().attempt
+    Path(marker_dir, f"attempt-{attempt}").touch()
+    if attempt <= failures:
+        raise ValueError(f"flaky failure on attempt {attempt}")
+    return attempt
+
+
+@task
+def boom(message: str) -> None:
+    raise RuntimeError(message)
+
+
+@task
+def block_until(path: str, timeout_s: float = 60.0) -> str:
+    """Start, then wait until ``path`` exists; lets tests hold a task RUNNING."""
+    Path(f"{path}.started-{current_task().attempt}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return "released"
+
+
+@task(max_attempts=3)
+def fails_by_default_thrice() -> None:
+    raise RuntimeError("always")

@@ -1,0 +1,184 @@
+"""Real master and worker processes for tests: free loopback ports, stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from taskfleet.common.client import Client
+from taskfleet.common.errors import TaskfleetError
+
+TESTS_DIR = Path(__file__).resolve().parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def poll(check: Callable[[], T | None], timeout_s: float = 30.0, what: str = "condition") -> T:
+    """Call ``check`` until it returns something truthy, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFLEET_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Proc:
+    """A child process whose output goes to a log file, stopped by pid."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=_env(), cwd=TESTS_DIR
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        try:
+            return self.popen.wait(timeout_s)
+        finally:
+            if self.popen.returncode is not None:
+                self._log.close()
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.wait()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class MasterProc(Proc):
+    def __init__(
+        self,
+        log_dir: Path,
+        store: str = "memory",
+        port: int | None = None,
+        lease_s: float = 2.0,
+        heartbeat_s: float = 0.5,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        args = [
+            sys.executable,
+            "-m",
+            "taskfleet.master",
+            "--listen",
+            self.address,
+            "--store",
+            store,
+            "--lease-s",
+            str(lease_s),
+            "--heartbeat-s",
+            str(heartbeat_s),
+            "--grace-s",
+            "5",
+            *(extra or []),
+        ]
+        super().__init__(args, log_dir / f"master-{self.port}.log")
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"master exited early:\n{self.output()}")
+            try:
+                with Client(self.address) as client:
+                    client.stats()
+                return True
+            except TaskfleetError:
+                return False
+
+        poll(ready, timeout_s, "master to serve")
+
+    def client(self) -> Client:
+        return Client(self.address)
+
+
+class WorkerProc(Proc):
+    def __init__(
+        self,
+        log_dir: Path,
+        master: str,
+        tasks: str = "e2etasks",
+        queues: str = "default",
+        pool: str = "thread",
+        concurrency: int = 2,
+        extra: list[str] | None = None,
+        wait_connected: bool = True,
+    ) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "taskfleet.worker",
+            "--master",
+            master,
+            "--tasks",
+            tasks,
+            "--queues",
+            queues,
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--grace-s",
+            "10",
+            *(extra or []),
+        ]
+        super().__init__(args, log_dir / f"worker-{time.monotonic_ns()}.log")
+        self.master = master
+        if wait_connected:
+            self.wait_connected()
+
+    def wait_connected(self, timeout_s: float = 30.0) -> None:
+        def connected() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.output()}")
+            try:
+                with Client(self.master) as client:
+                    return any(w.pid == self.pid for w in client.stats().workers)
+            except TaskfleetError:
+                return False
+
+        poll(connected, timeout_s, f"worker {self.pid} to connect")

@@ -1,0 +1,520 @@
+"""The Store contract, run against every store: what the master relies on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskfleet.common.errors import ConfigError, FailedPrecondition, NotFound
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
+from taskfleet.master.store import MemoryStore, SqliteStore, Store, open_store
+
+NOW = 1_000_000.0
+LEASE_S = 30.0
+BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'tasks.db'}"
+    opened = open_store(url)
+    yield opened
+    opened.close()
+
+
+def spec(name: str = "add", queue: str = "q", **options: Any) -> TaskSpec:
+    return TaskSpec(name=name, queue=queue, **options)
+
+
+def lease(
+    store: Store,
+    *,
+    now: float = NOW,
+    worker: str = "w1",
+    queues: tuple[str, ...] = ("q",),
+    names: tuple[str, ...] | None = None,
+    limit: int = 10,
+) -> list[Lease]:
+    return store.lease(worker, queues, names, limit, LEASE_S, now)
+
+
+def leased_ids(leases: list[Lease]) -> list[str]:
+    return [one.task.id for one in leases]
+
+
+def succeeded(ref: LeaseRef, result: bytes = b"3") -> Outcome:
+    return Outcome(ref, TaskState.SUCCEEDED, result=result)
+
+
+def failed(ref: LeaseRef, retry_delay_s: float | None = None) -> Outcome:
+    return Outcome(ref, TaskState.FAILED, error=BOOM, retry_delay_s=retry_delay_s)
+
+
+def counts(store: Store) -> dict[str, dict[TaskState, int]]:
+    return {c.queue: c.counts for c in store.stats()}
+
+
+def submit_one(store: Store, **options: Any) -> str:
+    return store.submit([spec(**options)], NOW)[0]
+
+
+# submit and get
+
+
+def test_submit_returns_ids_in_order_and_tasks_are_pending(store: Store) -> None:
+    ids = store.submit([spec("a"), spec("b", metadata={"k": "v"}), spec("c")], NOW)
+
+    tasks = store.get_many(ids)
+
+    assert len(set(ids)) == 3
+    assert [t.spec.name for t in tasks] == ["a", "b", "c"]
+    assert all(t.state is TaskState.PENDING and t.created_at == NOW for t in tasks)
+    assert all(t.attempts == 0 and t.lease == 0 and t.error is None for t in tasks)
+    assert tasks[1].spec == spec("b", metadata={"k": "v"})
+
+
+def test_get_many_keeps_the_order_asked(store: Store) -> None:
+    first, second = store.submit([spec("a"), spec("b")], NOW)
+
+    tasks = store.get_many([second, first, second])
+
+    assert [t.id for t in tasks] == [second, first, second]
+
+
+def test_unknown_ids_raise_not_found_naming_the_id(store: Store) -> None:
+    known = submit_one(store)
+
+    with pytest.raises(NotFound, match="nope"):
+        store.get("nope")
+    with pytest.raises(NotFound, match="missing-1"):
+        store.get_many([known, "missing-1", "missing-2"])
+    with pytest.raises(NotFound, match="nope"):
+        store.cancel("nope", NOW)
+
+
+# lease order and filters
+
+
+def test_lease_hands_out_higher_priority_first_then_fifo_across_queues(store: Store) -> None:
+    low_a, high_b, low_b, high_a = store.submit(
+        [
+            spec(queue="a", priority=0),
+            spec(queue="b", priority=5),
+            spec(queue="b", priority=0),
+            spec(queue="a", priority=5),
+        ],
+        NOW,
+    )
+
+    leases = lease(store, queues=("a", "b"))
+
+    assert leased_ids(leases) == [high_b, high_a, low_a, low_b]
+
+
+def test_lease_respects_limit_and_leaves_the_rest_pending(store: Store) -> None:
+    ids = store.submit([spec() for _ in range(5)], NOW)
+
+    first = lease(store, limit=2)
+    rest = lease(store, limit=10)
+
+    assert leased_ids(first) == ids[:2]
+    assert leased_ids(rest) == ids[2:]
+    assert lease(store) == []
+
+
+def test_lease_only_takes_from_the_given_queues(store: Store) -> None:
+    mine, other = store.submit([spec(queue="mine"), spec(queue="other")], NOW)
+
+    leases = lease(store, queues=("mine",))
+
+    assert leased_ids(leases) == [mine]
+    assert store.get(other).state is TaskState.PENDING
+
+
+def test_lease_only_takes_tasks_whose_name_is_in_names(store: Store) -> None:
+    add, mul, sub = store.submit([spec("add"), spec("mul"), spec("sub")], NOW)
+
+    wanted = lease(store, names=("add", "sub"))
+    none_left = lease(store, names=("add", "sub"))
+
+    assert leased_ids(wanted) == [add, sub]
+    assert none_left == []
+    assert store.get(mul).state is TaskState.PENDING
+    assert leased_ids(lease(store, names=None)) == [mul]
+
+
+def test_lease_finds_one_match_among_many_tasks_of_other_names(store: Store) -> None:
+    store.submit([spec("other") for _ in range(20_000)], NOW)
+    match = submit_one(store, name="wanted")
+
+    leases = lease(store, names=("wanted",), limit=5)
+
+    assert leased_ids(leases) == [match]
+
+
+def test_concurrent_leases_never_hand_out_a_task_twice(store: Store) -> None:
+    ids = store.submit([spec() for _ in range(200)], NOW)
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while batch := lease(store, worker=name, limit=7):
+            with lock:
+                taken.extend(leased_ids(batch))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(taken) == sorted(ids)
+
+
+# delays
+
+
+def test_not_before_in_the_future_delays_the_task(store: Store) -> None:
+    later = submit_one(store, not_before=NOW + 60)
+
+    assert lease(store) == []
+    assert store.next_ready_at(NOW) == NOW + 60
+    assert leased_ids(lease(store, now=NOW + 60)) == [later]
+    assert store.next_ready_at(NOW + 60) is None
+
+
+def test_next_ready_at_is_none_without_delayed_tasks(store: Store) -> None:
+    submit_one(store)
+
+    assert store.next_ready_at(NOW) is None
+
+
+# lease and extend
+
+
+def test_lease_marks_the_task_running(store: Store) -> None:
+    task_id = submit_one(store)
+
+    (leased,) = lease(store, worker="w7")
+
+    task = store.get(task_id)
+    assert leased.deadline == NOW + LEASE_S
+    assert leased.ref == LeaseRef(task_id, 1)
+    assert (task.state, task.attempts, task.lease) == (TaskState.RUNNING, 1, 1)
+    assert (task.worker_id, task.started_at) == ("w7", NOW)
+    assert leased.task == task
+
+
+def test_extend_renews_the_lease_past_its_original_deadline(store: Store) -> None:
+    submit_one(store)
+    (leased,) = lease(store)
+
+    stale = store.extend("w1", [leased.ref], LEASE_S, NOW + 20)
+
+    assert stale == []
+    assert store.expire(NOW + LEASE_S + 1) == []
+    assert store.get(leased.task.id).state is TaskState.RUNNING
+    assert [t.id for t in store.expire(NOW + 20 + LEASE_S)] == [leased.task.id]
+
+
+def test_extend_reports_stale_refs(store: Store) -> None:
+    kept, cancelled = store.submit([spec(), spec()], NOW)
+    leases = lease(store)
+    store.cancel(cancelled, NOW)
+    wrong_number = LeaseRef(kept, 2)
+    unknown = LeaseRef("nope", 1)
+
+    stale = store.extend("w1", [*[one.ref for one in leases], wrong_number, unknown], 5, NOW)
+    other_worker = store.extend("w2", [leases[0].ref], 5, NOW)
+
+    assert stale == [LeaseRef(cancelled, 1), wrong_number, unknown]
+    assert other_worker == [leases[0].ref]
+
+
+# record
+
+
+def test_record_succeeded_stores_the_result_and_returns_the_final_task(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+
+    finished = store.record([succeeded(leased.ref, b"42")], NOW + 1)
+
+    task = store.get(task_id)
+    assert finished == [task]
+    assert (task.state, task.result, task.finished_at) == (TaskState.SUCCEEDED, b"42", NOW + 1)
+    assert task.result_content_type == "application/json"
+
+
+def test_failed_with_retry_delay_comes_back_after_the_delay(store: Store) -> None:
+    task_id = submit_one(store)
+    (first,) = lease(store)
+
+    finished = store.record([failed(first.ref, retry_delay_s=10)], NOW)
+
+    task = store.get(task_id)
+    assert finished == []
+    assert (task.state, task.error) == (TaskState.PENDING, BOOM)
+    assert lease(store, now=NOW + 9) == []
+    assert store.next_ready_at(NOW + 9) == NOW + 10
+    (second,) = lease(store, now=NOW + 10)
+    assert (second.task.attempts, second.task.lease) == (2, 2)
+
+
+def test_failed_without_retry_ends_the_task_with_its_error(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+
+    (finished,) = store.record([failed(leased.ref)], NOW + 1)
+
+    assert finished == store.get(task_id)
+    assert (finished.state, finished.finished_at) == (TaskState.FAILED, NOW + 1)
+    assert finished.error == BOOM
+
+
+def test_record_cancelled_outcome_ends_the_task(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+
+    (finished,) = store.record([Outcome(leased.ref, TaskState.CANCELLED)], NOW)
+
+    assert finished.state is TaskState.CANCELLED
+    assert store.get(task_id).state is TaskState.CANCELLED
+
+
+def test_an_outcome_from_an_old_lease_changes_nothing(store: Store) -> None:
+    task_id = submit_one(store)
+    (first,) = lease(store)
+    store.expire(NOW + LEASE_S)
+    (second,) = lease(store, now=NOW + LEASE_S)
+
+    ignored = store.record([succeeded(first.ref, b"old")], NOW + LEASE_S + 1)
+
+    task = store.get(task_id)
+    assert ignored == []
+    assert (task.state, task.lease, task.result) == (TaskState.RUNNING, 2, b"")
+    assert store.extend("w1", [second.ref], LEASE_S, NOW + LEASE_S + 1) == []
+
+
+def test_the_final_state_is_written_exactly_once(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+    store.record([succeeded(leased.ref, b"first")], NOW + 1)
+
+    duplicates = store.record([succeeded(leased.ref, b"second"), failed(leased.ref)], NOW + 2)
+
+    task = store.get(task_id)
+    assert duplicates == []
+    assert (task.state, task.result, task.finished_at) == (TaskState.SUCCEEDED, b"first", NOW + 1)
+
+
+# release, cancel, expire
+
+
+def test_release_returns_the_task_ready_at_once_without_counting_the_attempt(
+    store: Store,
+) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+
+    released = store.release([leased.ref, LeaseRef(task_id, 7)], NOW + 1)
+
+    task = store.get(task_id)
+    assert released == 1
+    assert (task.state, task.attempts) == (TaskState.PENDING, 0)
+    (again,) = lease(store, now=NOW + 1)
+    assert (again.task.attempts, again.task.lease) == (1, 2)
+    assert store.release([leased.ref], NOW + 2) == 0
+
+
+def test_cancel_pending_task_is_never_leased(store: Store) -> None:
+    task_id = submit_one(store)
+
+    cancelled = store.cancel(task_id, NOW + 1)
+
+    assert (cancelled.state, cancelled.finished_at) == (TaskState.CANCELLED, NOW + 1)
+    assert store.get(task_id) == cancelled
+    assert lease(store, now=NOW + 2) == []
+
+
+def test_cancel_delayed_task_is_never_leased(store: Store) -> None:
+    task_id = submit_one(store, not_before=NOW + 5)
+
+    store.cancel(task_id, NOW)
+
+    assert store.next_ready_at(NOW) is None
+    assert lease(store, now=NOW + 10) == []
+
+
+def test_cancel_running_task_makes_its_lease_stale(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+
+    cancelled = store.cancel(task_id, NOW + 1)
+
+    assert cancelled.state is TaskState.CANCELLED
+    assert store.extend("w1", [leased.ref], LEASE_S, NOW + 2) == [leased.ref]
+    assert store.record([succeeded(leased.ref)], NOW + 3) == []
+    assert store.get(task_id) == cancelled
+    assert store.expire(NOW + 2 * LEASE_S) == []
+
+
+def test_cancel_of_a_final_task_raises_failed_precondition(store: Store) -> None:
+    task_id = submit_one(store)
+    (leased,) = lease(store)
+    store.record([succeeded(leased.ref)], NOW)
+
+    with pytest.raises(FailedPrecondition, match=task_id):
+        store.cancel(task_id, NOW + 1)
+    assert store.get(task_id).state is TaskState.SUCCEEDED
+
+
+def test_expire_returns_lapsed_tasks_to_pending_with_the_attempt_counted(store: Store) -> None:
+    early, late = store.submit([spec(), spec()], NOW)
+    lease(store, limit=1)
+    lease(store, limit=1, now=NOW + 10)
+
+    expired = store.expire(NOW + LEASE_S)
+
+    assert [(t.id, t.state, t.attempts) for t in expired] == [(early, TaskState.PENDING, 1)]
+    assert store.get(late).state is TaskState.RUNNING
+    (again,) = lease(store, now=NOW + LEASE_S)
+    assert (again.task.id, again.task.attempts, again.task.lease) == (early, 2, 2)
+
+
+# idempotency
+
+
+def test_a_repeated_idempotency_key_returns_the_first_task(store: Store) -> None:
+    (first,) = store.submit([spec(idempotency_key="order-1")], NOW)
+
+    again = store.submit(
+        [spec(idempotency_key="order-1"), spec(idempotency_key="order-2"), spec()], NOW + 1
+    )
+    twice_in_a_batch = store.submit(
+        [spec(idempotency_key="order-3"), spec(idempotency_key="order-3")], NOW + 2
+    )
+
+    assert again[0] == first
+    assert twice_in_a_batch[0] == twice_in_a_batch[1]
+    assert len({first, *again, *twice_in_a_batch}) == 4
+    assert counts(store)["q"][TaskState.PENDING] == 4
+
+
+# stats
+
+
+def test_stats_count_every_state_per_queue(store: Store) -> None:
+    assert store.stats() == []
+    a1, a2, a3, a4, a5, b1 = store.submit([*[spec(queue="a") for _ in range(5)], spec("b")], NOW)
+    leases = {one.task.id: one.ref for one in lease(store, queues=("a",), limit=4)}
+    store.record([succeeded(leases[a1]), failed(leases[a2])], NOW)
+    store.record([failed(leases[a3], retry_delay_s=5)], NOW)
+    store.cancel(a5, NOW)
+
+    stats = store.stats()
+
+    assert [c.queue for c in stats] == ["a", "q"]
+    assert counts(store) == {
+        "a": {
+            TaskState.PENDING: 1,
+            TaskState.RUNNING: 1,
+            TaskState.SUCCEEDED: 1,
+            TaskState.FAILED: 1,
+            TaskState.CANCELLED: 1,
+        },
+        "q": {state: int(state is TaskState.PENDING) for state in TaskState},
+    }
+    assert store.get(a4).state is TaskState.RUNNING
+    assert store.get(b1).state is TaskState.PENDING
+
+
+# open_store
+
+
+def test_open_store_understands_memory_and_sqlite_urls(tmp_path: Path) -> None:
+    memory = open_store("memory")
+    sqlite = open_store(f"sqlite:{tmp_path / 'a.db'}")
+
+    assert isinstance(memory, MemoryStore)
+    assert isinstance(sqlite, SqliteStore)
+    sqlite.close()
+
+
+@pytest.mark.parametrize("url", ["", "redis://x", "sqlite:", "Memory"])
+def test_open_store_refuses_other_urls_naming_the_flag(url: str) -> None:
+    with pytest.raises(ConfigError, match="--store"):
+        open_store(url)
+
+
+def test_open_store_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database" * 100)
+
+    with pytest.raises(ConfigError, match="--store"):
+        open_store(f"sqlite:{junk}")
+
+
+# sqlite durability
+
+
+def test_a_reopened_sqlite_store_keeps_every_task_and_the_stats(tmp_path: Path) -> None:
+    path = str(tmp_path / "tasks.db")
+    first = SqliteStore(path)
+    pending, running, done = first.submit([spec(), spec(), spec(idempotency_key="k")], NOW)
+    leases = {one.task.id: one for one in lease(first, limit=3)}
+    first.release([leases[pending].ref], NOW)
+    first.record([succeeded(leases[done].ref, b"7")], NOW)
+    before = first.get_many([pending, running, done])
+    stats_before = first.stats()
+    first.close()
+
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.get_many([pending, running, done]) == before
+        assert reopened.stats() == stats_before
+        assert reopened.submit([spec(idempotency_key="k")], NOW) == [done]
+        assert reopened.extend("w1", [leases[running].ref], LEASE_S, NOW + 1) == []
+        expired = reopened.expire(NOW + 1 + LEASE_S)
+        assert [(t.id, t.lease) for t in expired] == [(running, 1)]
+        assert leased_ids(lease(reopened, now=NOW + 100)) == [pending, running]
+    finally:
+        reopened.close()
+
+
+def test_an_acknowledged_submit_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    script = f"""
+import os, signal
+from taskfleet.common.model import TaskSpec
+from taskfleet.master.store import SqliteStore
+store = SqliteStore({str(path)!r})
+print(store.submit([TaskSpec(name="add", queue="q")], {NOW})[0], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    task_id = child.stdout.strip()
+
+    reopened = SqliteStore(str(path))
+    try:
+        task: Task = reopened.get(task_id)
+        assert task.state is TaskState.PENDING
+    finally:
+        reopened.close()
+    assert child.returncode == -9

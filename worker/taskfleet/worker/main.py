@@ -1,0 +1,21 @@
+"""Entry point of ``taskfleet worker``."""
+
+from __future__ import annotations
+
+import logging
+
+from taskfleet.common.config import WorkerConfig
+from taskfleet.common.errors import ConfigError
+from taskfleet.worker.registry import import_task_modules
+from taskfleet.worker.runtime import Worker
+
+log = logging.getLogger("taskfleet.worker")
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Import the task modules, start the pool, serve the master until drained."""
+    registry = import_task_modules(config.tasks)
+    if not registry:
+        raise ConfigError(f"--tasks: {', '.join(config.tasks)} registered no @task functions")
+    log.info("tasks: %s", ", ".join(sorted(registry)))
+    return Worker(config, registry).run()

@@ -1,0 +1,171 @@
+"""The worker's local pool: the seam between the connection to the master and
+the code that runs tasks.
+
+The connection side asks ``free_slots()``, leases that many tasks, ``submit``s
+them and gets every outcome back through ``on_done``, which the pool calls
+exactly once per job (unless closed with ``wait=False``) from a pool-internal
+thread. ``on_done`` must be cheap: the caller batches results itself.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from taskfleet.common.errors import ConfigError
+from taskfleet.common.model import LeaseRef
+from taskfleet.worker.execute import Job, JobResult, failed
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[JobResult], None]
+
+
+class Pool(abc.ABC):
+    """Runs up to ``size`` jobs at once."""
+
+    size: int
+
+    def __init__(self, size: int, task_modules: Sequence[str], on_done: OnDone) -> None:
+        if size < 1:
+            raise ConfigError(f"--concurrency: must be at least 1, not {size}")
+        self.size = size
+        self.task_modules = tuple(task_modules)
+        self.on_done = on_done
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the processes or threads; may block until they can take jobs."""
+
+    @abc.abstractmethod
+    def submit(self, job: Job) -> None:
+        """Run ``job``; the caller has checked that ``free_slots() > 0``."""
+
+    @abc.abstractmethod
+    def free_slots(self) -> int:
+        """How many more jobs may be submitted now."""
+
+    @abc.abstractmethod
+    def cancel(self, ref: LeaseRef) -> bool:
+        """Stop the job if it has not been reported yet; True if so.
+
+        Its ``on_done`` then reports ``cancelled=True`` with error type "Cancelled".
+        """
+
+    @abc.abstractmethod
+    def close(self, wait: bool = True) -> None:
+        """Stop the pool.
+
+        ``wait=True`` lets submitted jobs finish and report first; ``wait=False``
+        abandons them at once, with no further ``on_done``. Not to be called
+        from ``on_done``, which runs on a thread that close may wait for.
+        """
+
+
+class JobLedger:
+    """The jobs submitted and not yet reported, shared by a pool's threads.
+
+    A job can end several ways at nearly the same moment (its result arrives as
+    its deadline strikes, a cancel comes in, its process dies); the ledger is
+    the one place that decides which report wins, so ``on_done`` fires exactly
+    once per job. Once ``cancel`` has said yes, only the cancelled report does.
+    """
+
+    def __init__(self, on_done: OnDone) -> None:
+        self._on_done = on_done
+        self._changed = threading.Condition()
+        self._live: set[LeaseRef] = set()
+        self._cancelling: set[LeaseRef] = set()
+        self._reporting = 0  # on_done calls in progress
+        self.closed = False
+        self.abandoned = False
+
+    def add(self, ref: LeaseRef) -> None:
+        """Take ``ref`` on; refused once the pool is closing."""
+        with self._changed:
+            if self.closed:
+                raise RuntimeError("the pool is closed")
+            self._live.add(ref)
+
+    def cancel(self, ref: LeaseRef) -> bool:
+        """Claim ``ref``'s report for a cancel; False if it is no longer ours to cancel."""
+        with self._changed:
+            if ref not in self._live or ref in self._cancelling:
+                return False
+            self._cancelling.add(ref)
+            return True
+
+    def cancelling(self) -> list[LeaseRef]:
+        """The jobs cancelled but not yet reported."""
+        with self._changed:
+            return list(self._cancelling)
+
+    def wants(self, ref: LeaseRef) -> bool:
+        """Whether running ``ref`` still has a point (unreported, not cancelled or abandoned)."""
+        with self._changed:
+            return not self.abandoned and ref in self._live and ref not in self._cancelling
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._live)
+
+    def close(self, *, abandon: bool) -> None:
+        """Refuse new jobs; with ``abandon``, drop every report from now on."""
+        with self._changed:
+            self.closed = True
+            self.abandoned = self.abandoned or abandon
+            self._changed.notify_all()
+
+    def wait_drained(self) -> None:
+        """Block until every job has been reported (and on_done has returned)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.abandoned or not (self._live or self._reporting))
+
+    def finish(self, result: JobResult) -> None:
+        """Report ``result`` unless its job was reported already or a cancel claimed it."""
+        ref = result.ref
+        with self._changed:
+            if self.abandoned or ref not in self._live:
+                return
+            if ref in self._cancelling and not result.cancelled:
+                return
+            self._live.remove(ref)
+            self._cancelling.discard(ref)
+            self._reporting += 1
+        try:
+            self._on_done(result)
+        except Exception:
+            # The caller's bug must not kill the pool thread that reports.
+            log.exception("on_done failed for task %s", ref.task_id)
+        finally:
+            with self._changed:
+                self._reporting -= 1
+                self._changed.notify_all()
+
+
+def timed_out(job: Job) -> JobResult:
+    """The report for a job that ran past its deadline."""
+    return failed(
+        job.ref, "TimeLimitExceeded", f"task exceeded its time limit of {job.timeout_s:g} s"
+    )
+
+
+def cancelled(ref: LeaseRef) -> JobResult:
+    """The report for a cancelled job."""
+    return failed(ref, "Cancelled", "task cancelled", cancelled=True)
+
+
+def make_pool(kind: str, size: int, task_modules: Sequence[str], on_done: OnDone) -> Pool:
+    """The pool ``--pool`` names: "process" (CPU-bound work) or "thread" (IO-bound)."""
+    # Imported here: each implementation imports Pool from this module.
+    if kind == "process":
+        from taskfleet.worker.process_pool import ProcessPool
+
+        return ProcessPool(size, task_modules, on_done)
+    if kind == "thread":
+        from taskfleet.worker.thread_pool import ThreadPool
+
+        return ThreadPool(size, task_modules, on_done)
+    raise ConfigError(f"--pool: unknown pool kind {kind!r}; use 'process' or 'thread'")

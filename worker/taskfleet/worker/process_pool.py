@@ -1,0 +1,271 @@
+"""A pool of spawned processes watched by one supervisor thread.
+
+Not ``multiprocessing.Pool`` (it hangs forever when a child dies) nor
+``ProcessPoolExecutor`` (it breaks for good): here a process that dies, runs
+past its job's deadline or runs a cancelled job is killed if need be and
+replaced, its job is reported failed, and the pool lives on. Processes are
+spawned, not forked, because the parent holds gRPC threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnProcess
+
+from taskfleet.common.errors import ConfigError
+from taskfleet.common.model import LeaseRef
+from taskfleet.worker.execute import Job, JobResult, failed, run_job
+from taskfleet.worker.pool import JobLedger, OnDone, Pool, cancelled, timed_out
+from taskfleet.worker.registry import import_task_modules
+
+log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 5.0
+
+# A child's first message is None once it is ready, or why it could not start;
+# then one JobResult per Job it receives. None asks it to exit.
+_FromChild = JobResult | str | None
+_ToChild = Job | None
+
+
+def _child_main(conn: Connection[_FromChild, _ToChild], task_modules: Sequence[str]) -> None:
+    """A pool process: import the tasks, say ready, run jobs until told to stop."""
+    # Shutdown signals are the parent's to handle: it drains, then stops its children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import_task_modules(task_modules)
+    except Exception as exc:
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        conn.send(None)
+        while (job := conn.recv()) is not None:
+            conn.send(run_job(job))
+    except (EOFError, OSError):
+        pass  # the parent is gone
+
+
+@dataclass(eq=False, slots=True)
+class _Child:
+    process: SpawnProcess
+    conn: Connection[_ToChild, _FromChild]
+    ready: bool = False
+    job: Job | None = None
+
+
+class ProcessPool(Pool):
+    """Runs each job in one of ``size`` processes; for CPU-bound tasks.
+
+    Kills are real: a time limit, a cancel or a crash costs the process, which
+    is replaced (a spawn plus the task modules' import) while other jobs run on.
+    Pool processes are daemonic, so a task cannot start processes of its own;
+    and a process whose parent is killed outright lives until its job returns.
+    """
+
+    def __init__(self, size: int, task_modules: Sequence[str], on_done: OnDone) -> None:
+        super().__init__(size, task_modules, on_done)
+        self._mp = multiprocessing.get_context("spawn")
+        self._ledger = JobLedger(on_done)
+        self._queued: deque[Job] = deque()  # submitted, waiting for a ready process
+        self._children: list[_Child] = []  # the supervisor's alone once started
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="taskfleet-process-pool", daemon=True
+        )
+
+    def start(self) -> None:
+        self._children = [self._spawn() for _ in range(self.size)]
+        try:
+            for child in self._children:
+                self._await_ready(child)
+        except BaseException:
+            self.close(wait=False)
+            raise
+        self._supervisor.start()
+
+    def submit(self, job: Job) -> None:
+        self._ledger.add(job.ref)
+        self._queued.append(job)
+        self._wake()
+
+    def free_slots(self) -> int:
+        return max(0, self.size - len(self._ledger))
+
+    def cancel(self, ref: LeaseRef) -> bool:
+        if not self._ledger.cancel(ref):
+            return False
+        self._wake()
+        return True
+
+    def close(self, wait: bool = True) -> None:
+        self._ledger.close(abandon=not wait)
+        self._wake()
+        if self._supervisor.is_alive():
+            self._supervisor.join()
+        else:
+            self._stop_children(graceful=False)  # never started, or start failed
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # already awake (buffer full), or closed
+            self._wake_w.send(b"\0")
+
+    def _spawn(self) -> _Child:
+        parent_end, child_end = self._mp.Pipe()
+        process = self._mp.Process(
+            target=_child_main,
+            args=(child_end, self.task_modules),
+            name="taskfleet-pool",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        return _Child(process, parent_end)
+
+    def _await_ready(self, child: _Child) -> None:
+        try:
+            message = child.conn.recv()
+        except EOFError:
+            child.process.join()
+            message = f"it {_death(child.process.exitcode)}"
+        if message is not None:
+            raise ConfigError(f"--tasks: a pool process could not start: {message}")
+        child.ready = True
+
+    def _supervise(self) -> None:
+        try:
+            while not self._ledger.abandoned and not (
+                self._ledger.closed and not len(self._ledger)
+            ):
+                for ref in self._ledger.cancelling():
+                    self._cancel(ref)
+                self._dispatch()
+                self._wait_and_handle()
+                self._enforce_deadlines()
+        finally:
+            self._stop_children(graceful=not self._ledger.abandoned)
+
+    def _dispatch(self) -> None:
+        idle = [c for c in self._children if c.ready and c.job is None]
+        while idle and self._queued:
+            job = self._queued.popleft()
+            if not self._ledger.wants(job.ref):
+                continue  # cancelled while queued; _cancel reports it
+            if job.deadline is not None and job.deadline <= time.time():
+                self._ledger.finish(timed_out(job))
+                continue
+            child = idle.pop()
+            child.job = job
+            with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
+                child.conn.send(job)
+
+    def _wait_and_handle(self) -> None:
+        waitables: list[Connection[_ToChild, _FromChild] | socket.socket | int] = [self._wake_r]
+        handles: dict[object, _Child] = {}
+        for child in self._children:
+            waitables += (child.conn, child.process.sentinel)
+            handles[child.conn] = handles[child.process.sentinel] = child
+        ready = set(wait(waitables, self._until_next_deadline()))
+        if self._wake_r in ready:
+            self._wake_r.recv(4096)
+        touched = dict.fromkeys(handles[h] for h in ready if h in handles)
+        for child in touched:
+            self._service(child, died=child.process.sentinel in ready)
+
+    def _until_next_deadline(self) -> float | None:
+        deadlines = [d for c in self._children if (d := _deadline(c)) is not None]
+        return max(0.0, min(deadlines) - time.time()) if deadlines else None
+
+    def _service(self, child: _Child, *, died: bool) -> None:
+        try:
+            while child.conn.poll():
+                self._on_message(child, child.conn.recv())
+        except (EOFError, OSError):
+            died = True
+        if not died:
+            return
+        child.process.join()
+        reason = _death(child.process.exitcode)
+        job = self._replace(child)
+        if job is not None:
+            self._ledger.finish(failed(job.ref, "WorkerLost", f"pool process {reason}"))
+        elif not child.ready:
+            log.warning("a pool process %s before it was ready; starting another", reason)
+
+    def _on_message(self, child: _Child, message: _FromChild) -> None:
+        if isinstance(message, JobResult):
+            child.job = None
+            self._ledger.finish(message)
+        elif message is None:
+            child.ready = True
+        else:
+            log.error("a pool process could not start: %s", message)
+
+    def _cancel(self, ref: LeaseRef) -> None:
+        for child in self._children:
+            if child.job is not None and child.job.ref == ref:
+                self._replace(child)
+                break
+        self._ledger.finish(cancelled(ref))
+
+    def _enforce_deadlines(self) -> None:
+        now = time.time()
+        for child in list(self._children):
+            deadline = _deadline(child)
+            if deadline is not None and deadline <= now:
+                job = self._replace(child)
+                assert job is not None
+                self._ledger.finish(timed_out(job))
+
+    def _replace(self, child: _Child) -> Job | None:
+        """Kill ``child`` if it still runs, start another in its place; return its job."""
+        _kill(child)
+        self._children[self._children.index(child)] = self._spawn()
+        return child.job
+
+    def _stop_children(self, *, graceful: bool) -> None:
+        for child in self._children:
+            if graceful and child.ready:
+                with contextlib.suppress(OSError):
+                    child.conn.send(None)
+            else:
+                child.process.kill()
+        for child in self._children:
+            child.process.join(_STOP_TIMEOUT_S)
+            _kill(child)
+        self._children = []
+
+
+def _deadline(child: _Child) -> float | None:
+    return child.job.deadline if child.job is not None else None
+
+
+def _kill(child: _Child) -> None:
+    if child.process.exitcode is None:
+        child.process.kill()
+    child.process.join()
+    child.process.close()
+    child.conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"died with signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"died with signal {-exitcode}"
+    return f"exited with code {exitcode}"

@@ -1,0 +1,94 @@
+"""The ``@task`` decorator and the registry of task functions.
+
+The registry is the one module-level registry in taskfleet: a plain dict from
+task name to definition, filled when a tasks module is imported, and reset by
+tests with ``REGISTRY.clear()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from taskfleet.common.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDefinition:
+    """A registered function and the defaults a TaskSpec may override."""
+
+    name: str
+    func: Callable[..., Any]
+    max_attempts: int = 1
+    timeout_s: float = 0.0  # 0: no limit
+
+
+REGISTRY: dict[str, TaskDefinition] = {}
+
+
+@overload
+def task(func: F, /) -> F: ...
+
+
+@overload
+def task(
+    *, name: str | None = None, max_attempts: int = 1, timeout_s: float = 0.0
+) -> Callable[[F], F]: ...
+
+
+def task(
+    func: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    max_attempts: int = 1,
+    timeout_s: float = 0.0,
+) -> F | Callable[[F], F]:
+    """Register a function as a task, under its ``__name__`` unless ``name`` is given.
+
+    ``max_attempts`` and ``timeout_s`` are defaults for tasks whose spec leaves
+    them at zero. The function itself is returned unchanged, so it can still be
+    called directly (and pickled by reference into pool processes).
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    if timeout_s < 0:
+        raise ValueError("timeout_s must not be negative")
+
+    def register(f: F) -> F:
+        task_name = name or f.__name__
+        existing = REGISTRY.get(task_name)
+        if (
+            existing is not None
+            and existing.func is not f
+            and _qualname(existing.func) != _qualname(f)
+        ):
+            raise ValueError(
+                f"task name {task_name!r} is already registered by {_qualname(existing.func)}"
+            )
+        REGISTRY[task_name] = TaskDefinition(task_name, f, max_attempts, timeout_s)
+        return f
+
+    return register(func) if func is not None else register
+
+
+def _qualname(f: Callable[..., Any]) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+def import_task_modules(modules: Iterable[str]) -> dict[str, TaskDefinition]:
+    """Import the user's task modules (from the working directory too, as a user
+    running ``taskfleet worker`` in their project expects) and return the registry."""
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"--tasks: cannot import {module!r}: {exc}") from exc
+    return REGISTRY

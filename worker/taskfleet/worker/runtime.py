@@ -1,0 +1,365 @@
+"""The worker's side of the worker protocol: one stream to the master, kept
+alive across reconnects, feeding the local pool and reporting outcomes.
+
+Threads: ``connection`` holds the stream and applies what the master sends;
+``sender`` batches outcomes, asks for credit and heartbeats; the pool calls
+``_on_done`` from its own thread. The main thread only waits for signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from types import FrameType
+
+import grpc
+import tenacity
+
+from taskfleet.common import convert
+from taskfleet.common.backoff import backoff_s
+from taskfleet.common.channel import open_channel
+from taskfleet.common.config import WorkerConfig
+from taskfleet.common.errors import from_rpc_error
+from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
+from taskfleet.v1 import worker_pb2, worker_pb2_grpc
+from taskfleet.worker.execute import Job, JobResult
+from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.registry import TaskDefinition
+
+log = logging.getLogger("taskfleet.worker")
+
+EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
+EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
+
+
+class StreamEnded(Exception):
+    """The stream to the master ended; the worker reconnects."""
+
+
+class Worker:
+    """One worker process: connection, pool and bookkeeping of held leases."""
+
+    def __init__(self, config: WorkerConfig, registry: dict[str, TaskDefinition]) -> None:
+        self.config = config
+        self.registry = registry
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.capacity = config.slots + config.prefetch
+        self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
+        self._lock = threading.Condition()
+        self._running: dict[LeaseRef, Job] = {}
+        self._prefetched: deque[Job] = deque()
+        self._revoked: set[LeaseRef] = set()
+        self._outcomes: list[Outcome] = []  # finished, not yet sent
+        self._unacked: dict[int, list[Outcome]] = {}  # sent, not yet acknowledged
+        self._seq = 0
+        self._requested = 0  # credit asked for on the current stream, not yet used
+        self._outbox: queue.SimpleQueue[worker_pb2.WorkerMessage | None] | None = None
+        self._heartbeat_s = 2.0
+        self.draining = threading.Event()
+        self.stopped = threading.Event()  # set when the connection loop must end
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain; returns the exit code."""
+        self.pool.start()
+        threads = [
+            threading.Thread(target=self._connect_forever, name="connection", daemon=True),
+            threading.Thread(target=self._send_forever, name="sender", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        signalled = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if signalled.is_set():
+                os._exit(EXIT_FORCED)
+            log.info("signal %s: draining", signal.Signals(signum).name)
+            signalled.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(f"taskfleet worker {self.worker_id} serving {self.config.master}", flush=True)
+        signalled.wait()
+        return self.drain()
+
+    def drain(self) -> int:
+        """Take no new tasks, hand back prefetched ones, let running ones finish and
+        report within the grace period, then stop."""
+        self.draining.set()
+        with self._lock:
+            unstarted = list(self._prefetched)
+            self._prefetched.clear()
+            self._lock.notify_all()
+        if unstarted:
+            self._send(
+                worker_pb2.WorkerMessage(
+                    release=worker_pb2.Release(
+                        leases=[convert.ref_to_proto(j.ref) for j in unstarted]
+                    )
+                )
+            )
+        deadline = time.monotonic() + self.config.grace_s
+        with self._lock:
+            settled = self._lock.wait_for(
+                lambda: not (self._running or self._outcomes or self._unacked),
+                timeout=deadline - time.monotonic(),
+            )
+        if settled:
+            log.info("drained: every task finished and reported")
+        else:
+            log.warning("grace period over with tasks unfinished; their leases will lapse")
+        self.stopped.set()
+        self._send(None)
+        self.pool.close(wait=False)
+        return 0 if settled else EXIT_GRACE_EXPIRED
+
+    # -- connection ----------------------------------------------------------
+
+    def _connect_forever(self) -> None:
+        while not self.stopped.is_set():
+            retrying = tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(grpc.RpcError),
+                wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
+                before_sleep=lambda state: log.warning(
+                    "master %s unreachable (%s); retrying",
+                    self.config.master,
+                    _rpc_reason(state.outcome.exception() if state.outcome else None),
+                ),
+                reraise=True,
+            )
+            try:
+                retrying(self._serve_stream)
+            except StreamEnded as exc:
+                if not self.stopped.is_set():
+                    log.warning("connection to master lost (%s); reconnecting", exc)
+
+    def _serve_stream(self) -> None:
+        """One stream: raises RpcError if it never got going, StreamEnded once it had."""
+        outbox: queue.SimpleQueue[worker_pb2.WorkerMessage | None] = queue.SimpleQueue()
+        with self._lock:
+            hello = self._hello()
+            resend = [self._results_message(seq, o) for seq, o in sorted(self._unacked.items())]
+        channel = open_channel(self.config.master, self.config.token)
+        try:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            responses = stub.Connect(_requests(hello, outbox))
+            # The first response raises RpcError when the master is not there.
+            welcome = next(iter(responses), None)
+            if welcome is None or welcome.WhichOneof("kind") != "welcome":
+                raise StreamEnded("master closed the stream before welcoming this worker")
+            self._heartbeat_s = convert.seconds_from_duration(welcome.welcome.heartbeat_interval)
+            with self._lock:
+                self._outbox = outbox
+                self._requested = 0
+                self._lock.notify_all()
+            for resent in resend:
+                outbox.put(resent)
+            log.info("connected to master %s", self.config.master)
+            try:
+                for message in responses:
+                    self._apply(message)
+            except grpc.RpcError as exc:
+                raise StreamEnded(_rpc_reason(exc)) from None
+            raise StreamEnded("master closed the stream")
+        finally:
+            with self._lock:
+                if self._outbox is outbox:
+                    self._outbox = None
+            outbox.put(None)
+            channel.close()
+
+    def _hello(self) -> worker_pb2.WorkerMessage:
+        return worker_pb2.WorkerMessage(
+            hello=worker_pb2.Hello(
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                queues=self.config.queues,
+                task_names=sorted(self.registry),
+                concurrency=self.config.slots,
+                held=[convert.ref_to_proto(r) for r in self._held()],
+            )
+        )
+
+    def _apply(self, message: worker_pb2.MasterMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "assignments":
+            self._accept([self._job(a) for a in message.assignments.assignments])
+        elif kind == "revoke":
+            self._revoke([convert.ref_from_proto(r) for r in message.revoke.leases])
+        elif kind == "results_ack":
+            with self._lock:
+                self._unacked.pop(message.results_ack.seq, None)
+                self._lock.notify_all()
+
+    def _job(self, assignment: worker_pb2.Assignment) -> Job:
+        task = assignment.task
+        definition = self.registry.get(task.spec.name)
+        timeout_s = (
+            convert.seconds_from_duration(task.spec.timeout)
+            if task.spec.HasField("timeout")
+            else 0.0
+        )
+        if not timeout_s and definition is not None:
+            timeout_s = definition.timeout_s
+        return Job(
+            ref=convert.ref_from_proto(assignment.lease),
+            name=task.spec.name,
+            queue=task.spec.queue,
+            attempt=task.attempts,
+            payload=task.spec.payload,
+            content_type=task.spec.content_type,
+            timeout_s=timeout_s,
+            deadline=time.time() + timeout_s if timeout_s else None,
+            metadata=dict(task.spec.metadata),
+            max_attempts=task.spec.max_attempts or (definition.max_attempts if definition else 1),
+        )
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _held(self) -> list[LeaseRef]:
+        """Every lease this worker holds: running, prefetched, or with its outcome
+        not yet acknowledged. Called with the lock held."""
+        refs = list(self._running)
+        refs += (j.ref for j in self._prefetched)
+        refs += (o.ref for o in self._outcomes)
+        refs += (o.ref for batch in self._unacked.values() for o in batch)
+        return refs
+
+    def _accept(self, jobs: list[Job]) -> None:
+        with self._lock:
+            self._requested = max(0, self._requested - len(jobs))
+            if not self.draining.is_set():
+                self._prefetched.extend(jobs)
+                self._start_prefetched()
+                return
+        # Credit asked for before the drain began: hand these straight back.
+        self._send(
+            worker_pb2.WorkerMessage(
+                release=worker_pb2.Release(leases=[convert.ref_to_proto(j.ref) for j in jobs])
+            )
+        )
+
+    def _start_prefetched(self) -> None:
+        """Move prefetched jobs into free pool slots. Called with the lock held."""
+        while self._prefetched and self.pool.free_slots() > 0 and not self.draining.is_set():
+            job = self._prefetched.popleft()
+            self._running[job.ref] = job
+            self.pool.submit(job)
+        self._lock.notify_all()
+
+    def _revoke(self, refs: list[LeaseRef]) -> None:
+        with self._lock:
+            revoked = set(refs)
+            self._prefetched = deque(j for j in self._prefetched if j.ref not in revoked)
+            self._outcomes = [o for o in self._outcomes if o.ref not in revoked]
+            running = [r for r in refs if r in self._running]
+            self._revoked.update(running)
+        for ref in running:
+            log.info("stopping task %s: cancelled or lease lost", ref.task_id)
+            self.pool.cancel(ref)
+
+    def _on_done(self, result: JobResult) -> None:
+        with self._lock:
+            job = self._running.pop(result.ref, None)
+            if job is not None and result.ref not in self._revoked:
+                self._outcomes.append(_outcome(job, result))
+            self._revoked.discard(result.ref)
+            self._start_prefetched()
+
+    # -- sending -------------------------------------------------------------
+
+    def _send(self, message: worker_pb2.WorkerMessage | None) -> None:
+        with self._lock:
+            outbox = self._outbox
+        if outbox is not None:
+            outbox.put(message)
+
+    def _send_forever(self) -> None:
+        """Batch outcomes, top up credit, and heartbeat, until stopped."""
+        next_heartbeat = time.monotonic()
+        while not self.stopped.is_set():
+            with self._lock:
+                self._lock.wait_for(
+                    lambda: (
+                        self.stopped.is_set() or (self._outbox is not None and self._has_news())
+                    ),
+                    timeout=max(0.0, next_heartbeat - time.monotonic()),
+                )
+                outbox = self._outbox
+                if outbox is None:  # between streams: the next Hello carries the leases
+                    self._lock.wait(self._heartbeat_s)
+                    continue
+                messages: list[worker_pb2.WorkerMessage] = []
+                if self._outcomes:
+                    self._seq += 1
+                    self._unacked[self._seq] = self._outcomes
+                    messages.append(self._results_message(self._seq, self._outcomes))
+                    self._outcomes = []
+                want = self._credit_wanted()
+                if want > 0:
+                    self._requested += want
+                    messages.append(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=want)))
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self._heartbeat_s
+                    # A thread pool frees the slot of a timed-out or cancelled
+                    # task only when its function returns, without telling us.
+                    self._start_prefetched()
+                    held = [convert.ref_to_proto(r) for r in self._held()]
+                    messages.append(
+                        worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat(held=held))
+                    )
+            for message in messages:
+                outbox.put(message)
+
+    def _has_news(self) -> bool:
+        return bool(self._outcomes) or self._credit_wanted() > 0
+
+    def _credit_wanted(self) -> int:
+        if self.draining.is_set():
+            return 0
+        busy = len(self._running) + len(self._prefetched)
+        return self.capacity - busy - self._requested
+
+    @staticmethod
+    def _results_message(seq: int, outcomes: list[Outcome]) -> worker_pb2.WorkerMessage:
+        return worker_pb2.WorkerMessage(
+            results=worker_pb2.Results(
+                seq=seq, outcomes=[convert.outcome_to_proto(o) for o in outcomes]
+            )
+        )
+
+
+def _requests(
+    hello: worker_pb2.WorkerMessage, outbox: queue.SimpleQueue[worker_pb2.WorkerMessage | None]
+) -> Iterator[worker_pb2.WorkerMessage]:
+    yield hello
+    while (message := outbox.get()) is not None:
+        yield message
+
+
+def _outcome(job: Job, result: JobResult) -> Outcome:
+    """The outcome to report, with the retry decision for a failed attempt."""
+    if result.ok:
+        return Outcome(job.ref, TaskState.SUCCEEDED, result=result.result)
+    error = result.error or TaskError("Unknown", "no error recorded")
+    if result.cancelled:
+        return Outcome(job.ref, TaskState.CANCELLED, error=error)
+    retry_delay_s = backoff_s(job.attempt) if job.attempt < job.max_attempts else None
+    return Outcome(job.ref, TaskState.FAILED, error=error, retry_delay_s=retry_delay_s)
+
+
+def _rpc_reason(exc: BaseException | None) -> str:
+    if isinstance(exc, grpc.RpcError):
+        error = from_rpc_error(exc)
+        return f"{type(error).__name__}: {error}"
+    return repr(exc)
