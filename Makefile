@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/taskfleet/v1/*.proto)
 
-.PHONY: install run-master run-worker test lint proto proto-check bench clean system-deps
+.PHONY: install run-master run-worker test lint proto bench bench-depth clean
 
 install: $(STAMP)
 
@@ -41,3 +41,9 @@ proto: install
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+bench: install
+	$(BIN)/python bench/run.py
+
+bench-depth: install
+	$(BIN)/python bench/run.py --rounds 1 --depth 1000000

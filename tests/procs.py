@@ -12,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
 from taskfleet.common.client import Client
 from taskfleet.common.errors import TaskfleetError
+from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 TESTS_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -123,12 +126,14 @@ class MasterProc(Proc):
         def ready() -> bool:
             if self.popen.poll() is not None:
                 raise AssertionError(f"master exited early:\n{self.output()}")
-            try:
-                with Client(self.address) as client:
-                    client.stats()
-                return True
-            except TaskfleetError:
-                return False
+            # One quick call per poll: the client's own retries would only add delay.
+            with grpc.insecure_channel(self.address) as channel:
+                stub = tasks_pb2_grpc.TaskServiceStub(channel)
+                try:
+                    stub.GetStats(tasks_pb2.GetStatsRequest(), timeout=1, wait_for_ready=True)
+                except grpc.RpcError:
+                    return False
+            return True
 
         poll(ready, timeout_s, "master to serve")
 

@@ -25,6 +25,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
+    # gRPC sets SO_REUSEPORT by default: a second master on a taken address would
+    # then start without error and silently share the port with the first.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),

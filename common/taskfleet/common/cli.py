@@ -1,8 +1,10 @@
 """The ``taskfleet`` command: master, worker, submit, get, wait, cancel, stats.
 
-Readable output by default, ``--json`` for scripts. Bad input is one line on
-stderr and exit status 2; a task that ends FAILED or CANCELLED under
-``--wait``/``wait`` gives exit status 1; never a traceback.
+Readable output by default, ``--json`` for scripts. Bad input (a bad flag, a
+request the master refuses as INVALID_ARGUMENT, an unknown task id) is one line
+on stderr and exit status 2; a task that ends FAILED or CANCELLED under
+``--wait``/``wait``, an unreachable master and other errors give exit status 1;
+never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from taskfleet.common import config as cfg
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.codec import decode_result
 from taskfleet.common.context import setup_logging
-from taskfleet.common.errors import ConfigError, TaskFailed, TaskfleetError
+from taskfleet.common.errors import (
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    TaskFailed,
+    TaskfleetError,
+    Unavailable,
+)
 from taskfleet.common.model import Stats, Task, TaskState
 
 EXIT_TASK_FAILED = 1
@@ -109,9 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except Unavailable as exc:
+        where = getattr(args, "master", "")
+        print(
+            f"taskfleet {args.command}: error: cannot reach the master at {where}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_TASK_FAILED
     except TaskfleetError as exc:
         print(f"taskfleet {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if args.command in ("master", "worker") else EXIT_TASK_FAILED
+        bad_input = isinstance(exc, ConfigError | InvalidArgument | NotFound)
+        return EXIT_USAGE if bad_input or args.command in ("master", "worker") else EXIT_TASK_FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -129,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         worker_config = cfg.worker_config(args)
         setup_logging(worker_config.log_level, worker_config.log_format)
         return run_worker(worker_config)
+    cfg.check_address("--master", args.master)
     with Client(args.master, token=args.token) as client:
         return COMMANDS[args.command](client, args)
 
@@ -192,7 +210,7 @@ def _wait(
             except TaskFailed as exc:
                 print(f"taskfleet: {exc}", file=sys.stderr)
         else:
-            print(f"{task.id} {task.state.name} {_outcome_text(task)}", flush=True)
+            print(f"{task.id} {task.state.name} {_outcome_text(task)}".rstrip(), flush=True)
     missing = [t for t in task_ids if t not in seen]
     if missing:
         print(
@@ -260,6 +278,11 @@ def task_json(task: Task) -> dict[str, Any]:
         },
         "worker_id": task.worker_id,
         "metadata": task.spec.metadata,
+        "priority": task.spec.priority,
+        "max_attempts": task.spec.max_attempts,
+        "timeout_s": task.spec.timeout_s,
+        "not_before": task.spec.not_before,
+        "idempotency_key": task.spec.idempotency_key,
         "created_at": task.created_at,
         "started_at": task.started_at,
         "finished_at": task.finished_at,

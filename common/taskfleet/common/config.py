@@ -38,6 +38,12 @@ class MasterConfig:
     insecure: bool = False  # allow a non-loopback listen address without a token
     log_level: str = "INFO"
     log_format: str = "text"
+    # The classic multiprocessing.managers endpoint; off while manager_listen is "".
+    manager_listen: str = ""
+    authkey: str = ""  # a password: whoever holds it can make the master unpickle data
+    manager_task: str = ""  # the task that objects put by manager clients become
+    manager_queue: str = "default"
+    manager_lease_s: float = 60.0  # how long a manager client may hold a task it took
 
     def __repr__(self) -> str:  # never show the token
         return f"MasterConfig(listen={self.listen!r}, store={self.store!r})"
@@ -57,6 +63,9 @@ class WorkerConfig:
     grace_s: float = 30.0  # how long a draining worker lets running tasks finish
     log_level: str = "INFO"
     log_format: str = "text"
+    transport: str = "grpc"  # or "manager": serve a plain multiprocessing.managers master
+    authkey: str = ""  # the manager's authkey (--transport manager)
+    manager_task: str = ""  # the task each item taken from the manager runs
 
     @property
     def slots(self) -> int:
@@ -129,13 +138,14 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
     parser.add_flag(
         "--insecure", action="store_true", help="allow a non-loopback --listen without a token"
     )
+    _add_manager_endpoint_flags(parser)
     _add_log_flags(parser)
 
 
 def master_config(args: argparse.Namespace) -> MasterConfig:
     if args.heartbeat_s >= args.lease_s:
         raise ConfigError("--heartbeat-s: must be shorter than --lease-s")
-    listen = _check_address("--listen", args.listen)
+    listen = check_address("--listen", args.listen)
     if not _is_loopback(listen) and not args.token and not args.insecure:
         raise ConfigError(
             f"--listen: {listen} is reachable from other machines; set --token "
@@ -152,6 +162,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         insecure=args.insecure,
         log_level=args.log_level,
         log_format=args.log_format,
+        **_manager_endpoint_settings(args, listen),
     )
 
 
@@ -192,6 +203,7 @@ def add_worker_flags(parser: EnvDefaultsParser) -> None:
         type=positive_float,
         help="how long a draining worker waits for running tasks",
     )
+    _add_manager_transport_flags(parser)
     _add_log_flags(parser)
 
 
@@ -199,7 +211,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     if not args.queues:
         raise ConfigError("--queues: name at least one queue")
     return WorkerConfig(
-        master=_check_address("--master", args.master),
+        master=check_address("--master", args.master),
         tasks=args.tasks,
         queues=args.queues,
         concurrency=args.concurrency,
@@ -209,7 +221,99 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         grace_s=args.grace_s,
         log_level=args.log_level,
         log_format=args.log_format,
+        **_manager_transport_settings(args),
     )
+
+
+def _add_manager_endpoint_flags(parser: EnvDefaultsParser) -> None:
+    d = MasterConfig()
+    parser.add_flag(
+        "--manager-listen",
+        default=d.manager_listen,
+        help="HOST:PORT for the classic multiprocessing.managers endpoint (off by default)",
+    )
+    parser.add_flag(
+        "--authkey",
+        default=d.authkey,
+        help="the manager endpoint's authkey, required with --manager-listen; a password",
+    )
+    parser.add_flag(
+        "--manager-task",
+        default=d.manager_task,
+        help="task that objects put by manager clients become (required with --manager-listen)",
+    )
+    parser.add_flag(
+        "--manager-queue",
+        default=d.manager_queue,
+        help="queue of those tasks; manager clients also take tasks from it",
+    )
+    parser.add_flag(
+        "--manager-lease-s",
+        default=d.manager_lease_s,
+        type=positive_float,
+        help="how long a manager client may hold a task before it goes back to the queue",
+    )
+
+
+def _manager_endpoint_settings(args: argparse.Namespace, listen: str) -> dict[str, Any]:
+    settings = {
+        "manager_listen": args.manager_listen,
+        "authkey": args.authkey,
+        "manager_task": args.manager_task,
+        "manager_queue": args.manager_queue,
+        "manager_lease_s": args.manager_lease_s,
+    }
+    if not args.manager_listen:
+        return settings
+    manager_listen = check_address("--manager-listen", args.manager_listen)
+    if manager_listen == listen:
+        raise ConfigError(f"--manager-listen: {manager_listen} is the gRPC --listen address")
+    if not args.authkey:
+        raise ConfigError(
+            "--authkey: required with --manager-listen; there is no default key, and whoever "
+            "holds it can make the master unpickle data, so choose it like a password"
+        )
+    if not args.manager_task.strip():
+        raise ConfigError(
+            "--manager-task: required with --manager-listen: the task name that objects put "
+            "on the manager's task queue become"
+        )
+    if not args.manager_queue.strip():
+        raise ConfigError("--manager-queue: must not be empty")
+    return settings
+
+
+def _add_manager_transport_flags(parser: EnvDefaultsParser) -> None:
+    d = WorkerConfig()
+    parser.add_flag(
+        "--transport",
+        default=d.transport,
+        choices=("grpc", "manager"),
+        help="grpc: serve a taskfleet master; manager: serve a plain multiprocessing.managers one",
+    )
+    parser.add_flag(
+        "--authkey", default=d.authkey, help="the manager's authkey (--transport manager)"
+    )
+    parser.add_flag(
+        "--manager-task",
+        default=d.manager_task,
+        help="task to run on each item taken from the manager (--transport manager)",
+    )
+
+
+def _manager_transport_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.transport == "manager":
+        if not args.authkey:
+            raise ConfigError("--authkey: required with --transport manager")
+        if not args.manager_task.strip():
+            raise ConfigError(
+                "--manager-task: required with --transport manager: the task each item runs"
+            )
+    return {
+        "transport": args.transport,
+        "authkey": args.authkey,
+        "manager_task": args.manager_task,
+    }
 
 
 def add_client_flags(parser: EnvDefaultsParser) -> None:
@@ -229,7 +333,7 @@ def _add_log_flags(parser: EnvDefaultsParser) -> None:
     parser.add_flag("--log-format", default="text", choices=("text", "json"), help="log format")
 
 
-def _check_address(flag: str, address: str) -> str:
+def check_address(flag: str, address: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{flag}: expected HOST:PORT, got {address!r}")

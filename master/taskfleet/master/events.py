@@ -14,11 +14,19 @@ from taskfleet.common.model import Task
 
 
 class Subscription:
-    """Final tasks for one waiter, delivered through a queue."""
+    """Final tasks for one waiter, delivered through a queue (its own, or one that
+    several subscriptions share)."""
 
-    def __init__(self, hub: CompletionHub, task_ids: frozenset[str]) -> None:
+    def __init__(
+        self,
+        hub: CompletionHub,
+        task_ids: frozenset[str],
+        finished: queue.SimpleQueue[Task | None] | None = None,
+    ) -> None:
         self.task_ids = task_ids
-        self.finished: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[Task | None] = (
+            queue.SimpleQueue() if finished is None else finished
+        )
         self._hub = hub
 
     def wake(self) -> None:
@@ -36,8 +44,10 @@ class CompletionHub:
         self._lock = threading.Lock()
         self._by_task: dict[str, list[Subscription]] = {}
 
-    def subscribe(self, task_ids: Iterable[str]) -> Subscription:
-        subscription = Subscription(self, frozenset(task_ids))
+    def subscribe(
+        self, task_ids: Iterable[str], finished: queue.SimpleQueue[Task | None] | None = None
+    ) -> Subscription:
+        subscription = Subscription(self, frozenset(task_ids), finished)
         with self._lock:
             for task_id in subscription.task_ids:
                 self._by_task.setdefault(task_id, []).append(subscription)

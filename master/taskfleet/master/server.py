@@ -16,6 +16,7 @@ from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
 from taskfleet.master.auth import TokenInterceptor
+from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.store import open_store
 from taskfleet.master.task_service import TaskService
@@ -47,12 +48,18 @@ class Master:
             WorkerService(self.runtime), self._server
         )
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
+        self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
         self.port = 0
 
     def start(self) -> None:
-        self.port = self._server.add_insecure_port(self.config.listen)
+        try:  # grpc raises RuntimeError or returns 0, depending on the failure
+            self.port = self._server.add_insecure_port(self.config.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise ConfigError(f"--listen: cannot bind {self.config.listen}")
+            raise ConfigError(f"--listen: cannot bind {self.config.listen} (in use?)")
+        if self._manager is not None:
+            self._manager.start()
         self._server.start()
         self._reaper.start()
         log.info("master listening on %s (store %s)", self.config.listen, self.config.store)
@@ -64,6 +71,8 @@ class Master:
         self.runtime.hub.wake_all()
         self._server.stop(self.config.grace_s).wait()
         self._reaper.join()
+        if self._manager is not None:
+            self._manager.stop()
         self.runtime.store.close()
         log.info("master stopped")
 

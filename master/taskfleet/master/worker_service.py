@@ -17,7 +17,7 @@ import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context, current_context
-from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.errors import InvalidArgument, Unavailable
 from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.master.rpc import streaming
 from taskfleet.master.runtime import MasterRuntime
@@ -42,8 +42,14 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "hello":
             raise InvalidArgument("hello: the first message of a worker stream must be Hello")
+        if self._rt.stopping.is_set():
+            # UNAVAILABLE, not a welcome: the worker backs off and reconnects elsewhere
+            # or to the next master, instead of holding this one for its whole grace.
+            raise Unavailable("master is shutting down")
         session = WorkerSession(_worker_info(first.hello, context.peer()))
         self._rt.sessions.add(session)
+        if self._rt.stopping.is_set():
+            session.close()  # stop() began after the check above; its close_all may miss us
         context.add_callback(session.close)
         log.info(
             "worker %s connected from %s: queues=%s concurrency=%d",

@@ -18,4 +18,8 @@ def run_worker(config: WorkerConfig) -> int:
     if not registry:
         raise ConfigError(f"--tasks: {', '.join(config.tasks)} registered no @task functions")
     log.info("tasks: %s", ", ".join(sorted(registry)))
+    if config.transport == "manager":
+        from taskfleet.worker.manager_transport import ManagerTransport
+
+        return ManagerTransport(config, registry).run()
     return Worker(config, registry).run()

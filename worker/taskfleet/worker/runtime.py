@@ -8,7 +8,9 @@ Threads: ``connection`` holds the stream and applies what the master sends;
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
 import os
 import queue
 import secrets
@@ -19,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from types import FrameType
+from typing import NoReturn
 
 import grpc
 import tenacity
@@ -81,7 +84,7 @@ class Worker:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if signalled.is_set():
-                os._exit(EXIT_FORCED)
+                _exit_forced()
             log.info("signal %s: draining", signal.Signals(signum).name)
             signalled.set()
 
@@ -253,6 +256,10 @@ class Worker:
         """Move prefetched jobs into free pool slots. Called with the lock held."""
         while self._prefetched and self.pool.free_slots() > 0 and not self.draining.is_set():
             job = self._prefetched.popleft()
+            if job.timeout_s:
+                # The time limit counts from the start, not from when the job
+                # arrived: a prefetched job may have waited for a slot.
+                job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
             self._running[job.ref] = job
             self.pool.submit(job)
         self._lock.notify_all()
@@ -337,6 +344,16 @@ class Worker:
                 seq=seq, outcomes=[convert.outcome_to_proto(o) for o in outcomes]
             )
         )
+
+
+def _exit_forced() -> NoReturn:
+    """Exit at once, killing any pool processes first: orphaned, they would run
+    their tasks on with no one to enforce time limits or report results."""
+    try:
+        for child in multiprocessing.active_children():
+            child.kill()
+    finally:
+        os._exit(EXIT_FORCED)
 
 
 def _requests(

@@ -1,0 +1,293 @@
+"""``make bench``: taskfleet against the classic BaseManager design, in one run.
+
+Real processes as a user runs them: a master and two workers with default
+pools on this machine, beside the classic manager with two worker processes.
+Each workload runs alternately on each system, ``--rounds`` times, and the
+median is reported with the machine's load. Results also go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from classic import ClassicCluster
+
+from taskfleet.common.client import Client, make_spec
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TaskfleetCluster:
+    """A master on ``store`` plus two workers with default (process) pools."""
+
+    def __init__(self, store: str, workers: int = 2) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="taskfleet-bench-")
+        store_url = "memory" if store == "memory" else f"sqlite:{self.tmp.name}/bench.db"
+        self.address = f"127.0.0.1:{free_port()}"
+        quiet = ["--log-level", "WARNING"]
+        self.master = subprocess.Popen(
+            [PY, "-m", "taskfleet.master", "--listen", self.address, "--store", store_url, *quiet],
+            stdout=subprocess.DEVNULL,
+        )
+        self.client = Client(self.address)
+        _poll(lambda: self._serving(), "master")
+        self.workers = [
+            subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "taskfleet.worker",
+                    "--master",
+                    self.address,
+                    "--tasks",
+                    "taskfleet.worker.examples",
+                    *quiet,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            for _ in range(workers)
+        ]
+        _poll(lambda: len(self.client.stats().workers) == workers, "workers")
+        self.run_batch([("noop", ())] * 200)  # warm up: pools started, code paths hot
+
+    def _serving(self) -> bool:
+        try:
+            self.client.stats()
+            return True
+        except Exception:
+            return False
+
+    def run_batch(self, items: list[tuple[str, tuple[Any, ...]]]) -> float:
+        start = time.perf_counter()
+        ids = self.client.submit_many(make_spec(name, args) for name, args in items)
+        done = sum(1 for _ in self.client.wait(ids))
+        elapsed = time.perf_counter() - start
+        assert done == len(items), f"only {done} of {len(items)} finished"
+        return elapsed
+
+    def submit_only(self, n: int) -> float:
+        start = time.perf_counter()
+        self.client.submit_many(make_spec("nobody_runs_this", (i,)) for i in range(n))
+        return time.perf_counter() - start
+
+    def round_trip(self, item: tuple[str, tuple[Any, ...]]) -> float:
+        start = time.perf_counter()
+        task_id = self.client.submit(item[0], item[1])
+        self.client.result(task_id, timeout_s=30)
+        return time.perf_counter() - start
+
+    def master_rss_mb(self) -> float:
+        with open(f"/proc/{self.master.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self) -> None:
+        self.client.close()
+        for proc in [*self.workers, self.master]:
+            proc.send_signal(signal.SIGTERM)
+        for proc in [*self.workers, self.master]:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.tmp.cleanup()
+
+
+def _poll(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Figures:
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        values = self.samples.get(key)
+        return statistics.median(values) if values else float("nan")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    figures = Figures()
+    loads: list[float] = []
+    w1 = [("noop", ())] * args.w1
+    w2 = [("square", (n,)) for n in range(args.w2)]
+    for round_no in range(1, args.rounds + 1):
+        for system in ("classic", *args.stores):
+            loads.append(os.getloadavg()[0])
+            print(f"round {round_no}: {system} ...", file=sys.stderr, flush=True)
+            if system == "classic":
+                classic = ClassicCluster(free_port())
+                try:
+                    figures.add("classic.w1", args.w1 / classic.run_batch(["noop"] * args.w1))
+                    figures.add("classic.w2", args.w2 / classic.run_batch(list(range(args.w2))))
+                    trips = [classic.round_trip(7) for _ in range(args.w3)]
+                finally:
+                    classic.close()
+            else:
+                cluster = TaskfleetCluster(system)
+                try:
+                    figures.add(f"{system}.w1", args.w1 / cluster.run_batch(w1))
+                    figures.add(f"{system}.w2", args.w2 / cluster.run_batch(w2))
+                    trips = [cluster.round_trip(("square", (7,))) for _ in range(args.w3)]
+                    figures.add(f"{system}.submit", args.submit / cluster.submit_only(args.submit))
+                finally:
+                    cluster.close()
+            figures.add(f"{system}.w3_p50_ms", _percentile(trips, 0.50) * 1000)
+            figures.add(f"{system}.w3_p99_ms", _percentile(trips, 0.99) * 1000)
+    depth = (
+        {store: measure_depth(store, args.depth, args.w1) for store in args.stores}
+        if args.depth
+        else {}
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_1m_during_runs": [round(x, 2) for x in loads],
+        },
+        "params": vars(args),
+        "samples": figures.samples,
+        "medians": {key: figures.median(key) for key in figures.samples},
+        "depth": depth,
+    }
+
+
+def measure_depth(store: str, depth: int, w1: int) -> dict[str, float]:
+    """Master RSS with ``depth`` tasks queued that no worker takes, and W1 on top of them."""
+    print(f"depth: {store} with {depth:,} queued ...", file=sys.stderr, flush=True)
+    cluster = TaskfleetCluster(store)
+    try:
+        empty = w1 / cluster.run_batch([("noop", ())] * w1)
+        submit_s = cluster.submit_only(depth)
+        deep = w1 / cluster.run_batch([("noop", ())] * w1)
+        return {
+            "queued": depth,
+            "submit_per_s": depth / submit_s,
+            "master_rss_mb": cluster.master_rss_mb(),
+            "w1_empty_per_s": empty,
+            "w1_deep_per_s": deep,
+            "deep_vs_empty": deep / empty,
+        }
+    finally:
+        cluster.close()
+
+
+def print_table(report: dict[str, Any]) -> None:
+    med = report["medians"]
+    stores = report["params"]["stores"]
+    rows = [
+        (
+            "workload",
+            "classic",
+            *(f"taskfleet {s}" for s in stores),
+            *(f"ratio {s}" for s in stores),
+        )
+    ]
+
+    def row(label: str, key: str, fmt: str, higher_is_better: bool = True) -> None:
+        base = med.get(f"classic.{key}", float("nan"))
+        values = [med.get(f"{s}.{key}", float("nan")) for s in stores]
+        ratios = [
+            (v / base if higher_is_better else base / v) if base == base and v else float("nan")
+            for v in values
+        ]
+        rows.append(
+            (
+                label,
+                fmt.format(base),
+                *(fmt.format(v) for v in values),
+                *(f"{r:.2f}x" for r in ratios),
+            )
+        )
+
+    p = report["params"]
+    row(f"W1 {p['w1']:,} no-op tasks/s", "w1", "{:,.0f}")
+    row(f"W2 {p['w2']:,} n*n tasks/s", "w2", "{:,.0f}")
+    row("W3 round trip p50 ms", "w3_p50_ms", "{:.2f}", higher_is_better=False)
+    row("W3 round trip p99 ms", "w3_p99_ms", "{:.2f}", higher_is_better=False)
+    rows.append(
+        (
+            f"submit {p['submit']:,} (batches of 1,000)/s",
+            "-",
+            *(f"{med.get(f'{s}.submit', float('nan')):,.0f}" for s in stores),
+            *("" for _ in stores),
+        )
+    )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(
+            "  ".join(
+                str(c).rjust(w) if i else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    loads = report["machine"]["load_1m_during_runs"]
+    print(
+        f"\nmedians of {p['rounds']} alternating rounds; {report['machine']['cpus']} CPUs; "
+        f"1-minute load during runs {min(loads):.2f}-{max(loads):.2f}"
+    )
+    for store, d in report["depth"].items():
+        print(
+            f"depth {store}: {d['queued']:,} queued, master RSS {d['master_rss_mb']:.0f} MB, "
+            f"submit {d['submit_per_s']:,.0f}/s, W1 empty {d['w1_empty_per_s']:,.0f}/s, "
+            f"W1 deep {d['w1_deep_per_s']:,.0f}/s ({d['deep_vs_empty']:.0%})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--w1", type=int, default=20_000)
+    parser.add_argument("--w2", type=int, default=2_000)
+    parser.add_argument("--w3", type=int, default=500, help="round trips per round")
+    parser.add_argument("--submit", type=int, default=20_000)
+    parser.add_argument(
+        "--depth", type=int, default=0, help="queue depth for the depth check (0: skip)"
+    )
+    parser.add_argument("--stores", default="memory,sqlite", type=lambda s: s.split(","))
+    parser.add_argument("--out", default="bench/results.json")
+    args = parser.parse_args()
+    report = run(args)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

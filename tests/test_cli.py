@@ -1,0 +1,482 @@
+"""The ``taskfleet`` console script, run as a real subprocess against a real
+master and worker on loopback.
+
+One master and one thread-pool worker (serving ``taskfleet.worker.examples``)
+are shared by the whole module, so each case costs one CLI start-up; cases that
+must not be picked up use a queue no worker serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from procs import TESTS_DIR, MasterProc, WorkerProc, free_port, poll
+
+TASKFLEET = str(Path(sys.executable).parent / "taskfleet")
+EXAMPLES = "taskfleet.worker.examples"
+CLI_TIMEOUT_S = 30.0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFLEET_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def run(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = CLI_TIMEOUT_S,
+    exe: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script (or ``exe``) to completion; never hangs the suite."""
+    return subprocess.run(
+        [*(exe or [TASKFLEET]), *args],
+        capture_output=True,
+        text=True,
+        env=_env(env),
+        cwd=TESTS_DIR,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    """stdout of a command that must have succeeded cleanly."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def refused(proc: subprocess.CompletedProcess[str], *words: str, code: int | None = None) -> str:
+    """The stderr line of a command that must have failed cleanly, naming ``words``."""
+    out = f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert proc.returncode != 0, out
+    if code is not None:
+        assert proc.returncode == code, out
+    assert "Traceback" not in proc.stdout, out
+    assert "Traceback" not in proc.stderr, out
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    matching = [line for line in lines if all(w in line for w in words)]
+    assert matching, f"no stderr line names {words}\n{out}"
+    return matching[0]
+
+
+# -- one master and one worker for the module ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MasterProc, WorkerProc]]:
+    log_dir = tmp_path_factory.mktemp("cli")
+    started: list[MasterProc | WorkerProc] = []
+    try:
+        master = MasterProc(log_dir)
+        started.append(master)
+        worker = WorkerProc(log_dir, master.address, tasks=EXAMPLES, concurrency=4)
+        started.append(worker)
+        yield master, worker
+    finally:
+        for proc in reversed(started):
+            if proc.popen.poll() is None:
+                proc.kill()
+
+
+@pytest.fixture
+def addr(cluster: tuple[MasterProc, WorkerProc]) -> str:
+    return cluster[0].address
+
+
+@pytest.fixture
+def idle_queue() -> str:
+    """A queue no worker serves: tasks put there stay PENDING."""
+    return f"idle-{uuid.uuid4().hex[:8]}"
+
+
+def submit(addr: str, *args: str) -> str:
+    task_id = ok(run("submit", *args, "--master", addr)).strip()
+    assert task_id and " " not in task_id and "\n" not in task_id
+    return task_id
+
+
+def get_json(addr: str, task_id: str) -> dict[str, object]:
+    task = json.loads(ok(run("get", task_id, "--json", "--master", addr)))
+    assert isinstance(task, dict)
+    return task
+
+
+def wait_final(addr: str, task_id: str) -> dict[str, object]:
+    """The task as JSON once it is final (via ``wait --json``; exit 1 if it failed)."""
+    proc = run("wait", task_id, "--json", "--timeout-s", "20", "--master", addr)
+    assert proc.returncode in (0, EXIT_TASK_FAILED), proc
+    assert proc.stderr == "", proc
+    task = json.loads(proc.stdout)
+    assert task["id"] == task_id
+    assert task["state"] in ("SUCCEEDED", "FAILED", "CANCELLED")
+    return task
+
+
+# -- golden paths ---------------------------------------------------------------
+
+
+def test_submit_wait_prints_the_result(addr: str) -> None:
+    assert ok(run("submit", "square", "7", "--wait", "--master", addr)) == "49\n"
+
+
+def test_submit_prints_an_id_and_get_shows_the_outcome(addr: str) -> None:
+    task_id = submit(addr, "square", "6")
+    wait_final(addr, task_id)
+
+    text = ok(run("get", task_id, "--master", addr))
+    fields = dict(line.strip().split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert fields["id"] == task_id
+    assert fields["name"] == "square"
+    assert fields["state"] == "SUCCEEDED"
+    assert fields["result"] == "36"
+
+    task = get_json(addr, task_id)
+    for key in ("id", "name", "queue", "state", "attempts", "result", "error", "worker_id"):
+        assert key in task, key
+    assert task["id"] == task_id
+    assert task["name"] == "square"
+    assert task["queue"] == "default"
+    assert task["state"] == "SUCCEEDED"
+    assert task["attempts"] == 1
+    assert task["result"] == 36
+    assert task["error"] is None
+    assert task["worker_id"]
+
+
+def test_submit_json_prints_the_id_as_json(addr: str) -> None:
+    out = ok(run("submit", "square", "2", "--json", "--master", addr))
+    task_id = json.loads(out)["id"]
+    assert wait_final(addr, task_id)["result"] == 4
+
+
+def test_wait_prints_one_line_per_task_with_its_state(addr: str) -> None:
+    good = submit(addr, "square", "3")
+    bad = submit(addr, "fail", "nope")
+    proc = run("wait", good, bad, "--timeout-s", "20", "--master", addr)
+    assert proc.returncode == EXIT_TASK_FAILED, proc  # one of them FAILED
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert set(lines) == {good, bad}
+    assert lines[good].split()[1:] == ["SUCCEEDED", "9"]
+    assert lines[bad].split()[1] == "FAILED"
+    assert "RuntimeError: nope" in lines[bad]
+
+    # All succeeded: exit 0.
+    other = submit(addr, "square", "4")
+    assert ok(run("wait", good, other, "--master", addr)).count("SUCCEEDED") == 2
+
+
+def test_wait_timeout_on_a_pending_task(addr: str, idle_queue: str) -> None:
+    task_id = submit(addr, "square", "1", "--queue", idle_queue)
+    proc = run("wait", task_id, "--timeout-s", "0.3", "--master", addr)
+    refused(proc, "timed out", task_id, code=EXIT_TASK_FAILED)
+
+
+def test_cancel_a_pending_task(addr: str, idle_queue: str) -> None:
+    task_id = submit(addr, "square", "5", "--queue", idle_queue)
+    assert get_json(addr, task_id)["state"] == "PENDING"
+    assert ok(run("cancel", task_id, "--master", addr)).split() == [task_id, "CANCELLED"]
+    assert get_json(addr, task_id)["state"] == "CANCELLED"
+    # Cancelling again is refused: the task is already final.
+    refused(run("cancel", task_id, "--master", addr), task_id, "CANCELLED")
+
+
+def test_stats_table_and_json(
+    cluster: tuple[MasterProc, WorkerProc], addr: str, idle_queue: str
+) -> None:
+    worker = cluster[1]
+    submit(addr, "square", "1", "--queue", idle_queue)
+
+    text = ok(run("stats", "--master", addr))
+    queue_rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert queue_rows["QUEUE"][:2] == ["QUEUE", "PENDING"]
+    assert queue_rows[idle_queue][1] == "1"  # one PENDING
+    assert "WORKER" in queue_rows
+
+    stats = json.loads(ok(run("stats", "--json", "--master", addr)))
+    (w,) = [w for w in stats["workers"] if w["pid"] == worker.pid]
+    assert w["worker_id"] in text  # the table shows the same worker
+    assert w["queues"] == ["default"]
+    assert w["concurrency"] == 4
+    assert "square" in w["task_names"]
+    (q,) = [q for q in stats["queues"] if q["queue"] == idle_queue]
+    assert q["pending"] == 1
+
+
+def test_kwargs_and_json_args(addr: str) -> None:
+    assert ok(run("submit", "add", "1.5", "--kwarg", "b=2", "--wait", "--master", addr)) == "3.5\n"
+    assert ok(run("submit", "add", "--kwarg", "a=1", "--kwarg", "b=2", "--wait", "--master", addr))
+    # A bare word is a string argument; the JSON result is printed as JSON.
+    out = ok(run("submit", "sleep", "0", "--wait", "--master", addr))
+    assert out == "0\n"
+
+
+def test_meta_priority_and_delay_pass_through(addr: str, idle_queue: str) -> None:
+    # metadata reaches the running task (whoami echoes current_task())
+    out = ok(
+        run("submit", "whoami", "--meta", "team=ops", "--meta", "x=a=b", "--wait", "--master", addr)
+    )
+    ctx = json.loads(out)
+    assert ctx["name"] == "whoami"
+    assert ctx["metadata"] == {"team": "ops", "x": "a=b"}
+
+    # priority and delay are stored on the task
+    before = time.time()
+    task_id = submit(
+        addr,
+        "square",
+        "2",
+        "--queue",
+        idle_queue,
+        "--priority",
+        "7",
+        "--delay-s",
+        "600",
+        "--max-attempts",
+        "3",
+        "--meta",
+        "k=v",
+    )
+    task = get_json(addr, task_id)
+    assert task["state"] == "PENDING"
+    assert task["queue"] == idle_queue
+    assert task["priority"] == 7
+    assert task["max_attempts"] == 3
+    assert task["metadata"] == {"k": "v"}
+    not_before = task["not_before"]
+    assert isinstance(not_before, float)
+    assert before + 590 < not_before < time.time() + 610
+
+
+def test_delay_holds_a_task_back(addr: str) -> None:
+    task_id = submit(addr, "square", "3", "--delay-s", "600")
+    assert get_json(addr, task_id)["state"] == "PENDING"  # a worker serves this queue
+    ok(run("cancel", task_id, "--master", addr))
+
+
+def test_master_from_the_environment(addr: str) -> None:
+    env = {"TASKFLEET_MASTER": addr}
+    assert ok(run("submit", "square", "8", "--wait", env=env)) == "64\n"
+    assert "WORKER" in ok(run("stats", env=env))
+    # A flag wins over the environment.
+    bad_env = {"TASKFLEET_MASTER": f"127.0.0.1:{free_port()}"}
+    assert ok(run("submit", "square", "9", "--wait", "--master", addr, env=bad_env)) == "81\n"
+
+
+def test_json_from_the_environment(addr: str) -> None:
+    task_id = submit(addr, "square", "10")
+    wait_final(addr, task_id)
+    out = ok(run("get", task_id, "--master", addr, env={"TASKFLEET_JSON": "1"}))
+    assert json.loads(out)["result"] == 100
+
+
+def test_failed_task_under_wait(addr: str) -> None:
+    proc = run("submit", "fail", "--wait", "--master", addr)
+    assert proc.stdout == ""
+    line = refused(proc, "FAILED", "RuntimeError", "failed on purpose", code=EXIT_TASK_FAILED)
+    assert line.startswith("taskfleet")
+
+
+def test_get_of_a_failed_task_shows_the_error(addr: str) -> None:
+    task_id = submit(addr, "fail", "boom")
+    assert wait_final(addr, task_id)["state"] == "FAILED"
+    # ``get`` itself succeeds; the task's own traceback is data in the output.
+    proc = run("get", task_id, "--json", "--master", addr)
+    assert proc.returncode == 0, proc
+    task = json.loads(proc.stdout)
+    assert task["state"] == "FAILED"
+    assert task["result"] is None
+    assert task["error"]["type"] == "RuntimeError"
+    assert task["error"]["message"] == "boom"
+    assert "RuntimeError: boom" in task["error"]["traceback"]
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+def test_unknown_subcommand() -> None:
+    refused(run("frobnicate"), "frobnicate", code=EXIT_USAGE)
+
+
+def test_no_subcommand() -> None:
+    refused(run(), "command", code=EXIT_USAGE)
+
+
+@pytest.mark.parametrize("command", ["get", "cancel", "wait"])
+def test_missing_task_id(command: str) -> None:
+    refused(run(command, "--master", "127.0.0.1:1"), "ID", code=EXIT_USAGE)
+
+
+def test_submit_without_a_name() -> None:
+    refused(run("submit", "--master", "127.0.0.1:1"), "name", code=EXIT_USAGE)
+
+
+def test_submit_empty_name(addr: str) -> None:
+    refused(run("submit", "", "--master", addr), "name", "empty", code=EXIT_USAGE)
+
+
+def test_kwarg_without_equals(addr: str) -> None:
+    refused(
+        run("submit", "add", "1", "--kwarg", "b2", "--master", addr),
+        "--kwarg",
+        "KEY=",
+        code=EXIT_USAGE,
+    )
+
+
+def test_meta_without_equals(addr: str) -> None:
+    refused(run("submit", "whoami", "--meta", "k", "--master", addr), "--meta", code=EXIT_USAGE)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--priority", "high"),
+        ("--delay-s", "-1"),
+        ("--max-attempts", "-2"),
+        ("--wait-timeout-s", "0"),
+    ],
+)
+def test_bad_submit_option_values(flag: str, value: str) -> None:
+    refused(run("submit", "square", "1", flag, value, "--master", "127.0.0.1:1"), flag, code=2)
+
+
+@pytest.mark.parametrize("command", ["get", "cancel", "wait"])
+def test_unknown_task_id(addr: str, command: str) -> None:
+    refused(run(command, "no-such-task", "--master", addr), "no-such-task", "not found")
+
+
+def test_closed_port(idle_queue: str) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    for args in (
+        ["submit", "square", "1"],
+        ["submit", "square", "1", "--wait"],
+        ["get", "some-id"],
+        ["wait", "some-id"],
+        ["cancel", "some-id"],
+        ["stats"],
+    ):
+        started = time.monotonic()
+        proc = run(*args, "--master", closed, timeout_s=20)
+        assert time.monotonic() - started < 15, args
+        line = refused(proc, closed, code=EXIT_TASK_FAILED)
+        assert "master" in line, line
+        assert proc.stdout == "", args
+
+
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:99999", "127.0.0.1:", ":50051"])
+def test_bad_master_address(address: str) -> None:
+    refused(run("stats", "--master", address), "--master", "HOST:PORT", code=EXIT_USAGE)
+    refused(
+        run("submit", "square", "1", env={"TASKFLEET_MASTER": address}),
+        "--master",
+        code=EXIT_USAGE,
+    )
+
+
+def test_master_listen_nonsense() -> None:
+    refused(run("master", "--listen", "nonsense"), "--listen", "nonsense", code=EXIT_USAGE)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_master_public_listen_needs_token_or_insecure(host: str) -> None:
+    listen = f"{host}:{free_port()}"
+    line = refused(run("master", "--listen", listen, "--store", "memory"), "--listen")
+    assert "--token" in line
+    assert "--insecure" in line
+    # The same through the environment.
+    proc = run("master", "--store", "memory", env={"TASKFLEET_LISTEN": listen})
+    refused(proc, "--listen", code=EXIT_USAGE)
+
+
+def test_master_bad_heartbeat() -> None:
+    proc = run(
+        "master", "--listen", f"127.0.0.1:{free_port()}", "--heartbeat-s", "5", "--lease-s", "1"
+    )
+    refused(proc, "--heartbeat-s", code=EXIT_USAGE)
+
+
+def test_worker_without_tasks() -> None:
+    refused(run("worker", "--master", "127.0.0.1:1"), "--tasks", code=EXIT_USAGE)
+
+
+def test_worker_unknown_tasks_module() -> None:
+    proc = run("worker", "--tasks", "no_such_module", "--master", "127.0.0.1:1")
+    refused(proc, "--tasks", "no_such_module", code=EXIT_USAGE)
+
+
+def test_worker_tasks_module_without_tasks() -> None:
+    # ``json`` imports fine but registers nothing.
+    proc = run("worker", "--tasks", "json", "--master", "127.0.0.1:1")
+    refused(proc, "--tasks", "json", code=EXIT_USAGE)
+
+
+def test_worker_bad_pool() -> None:
+    proc = run("worker", "--tasks", EXAMPLES, "--pool", "fibers", "--master", "127.0.0.1:1")
+    refused(proc, "--pool", "fibers", code=EXIT_USAGE)
+
+
+def test_worker_bad_master_address() -> None:
+    proc = run("worker", "--tasks", EXAMPLES, "--master", "nonsense")
+    refused(proc, "--master", "nonsense", code=EXIT_USAGE)
+
+
+# -- entry points -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["taskfleet.master", "taskfleet.worker"])
+def test_python_m_help(module: str) -> None:
+    out = ok(run("--help", exe=[sys.executable, "-m", module]))
+    assert "usage:" in out
+    assert "TASKFLEET_" in out
+
+
+def test_console_script_help() -> None:
+    out = ok(run("--help"))
+    for command in ("master", "worker", "submit", "get", "wait", "cancel", "stats"):
+        assert command in out
+
+
+def test_taskfleet_master_serves(tmp_path: Path) -> None:
+    """``taskfleet master`` (the console script, not ``-m``) serves the API and
+    stops cleanly on SIGTERM."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log = tmp_path / "master.log"
+    with open(log, "wb") as out:
+        master = subprocess.Popen(
+            [TASKFLEET, "master", "--listen", address, "--store", "memory"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=tmp_path,
+        )
+    try:
+
+        def serving() -> bool:
+            assert master.poll() is None, log.read_text()
+            return run("stats", "--master", address).returncode == 0
+
+        poll(serving, 20, "taskfleet master to serve")
+        master.terminate()
+        assert master.wait(20) == 0, log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
