@@ -434,6 +434,30 @@ class ResultsAck(_message.Message):
 Global___ResultsAck: _TypeAlias = ResultsAck  # noqa: Y015
 
 @_typing.final
+class HeartbeatAck(_message.Message):
+    """Answers every Heartbeat, so a worker that hears nothing for a few heartbeat
+    intervals knows the stream is dead even if TCP has not noticed yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    held: _builtins.int
+    """How many of the heartbeat's leases are still held (the rest are revoked)."""
+    def __init__(
+        self,
+        *,
+        held: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatAck: _TypeAlias = HeartbeatAck  # noqa: Y015
+
+@_typing.final
 class MasterMessage(_message.Message):
     """Everything the master sends."""
 
@@ -443,6 +467,7 @@ class MasterMessage(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     REVOKE_FIELD_NUMBER: _builtins.int
     RESULTS_ACK_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Answer to Hello."""
@@ -459,6 +484,10 @@ class MasterMessage(_message.Message):
     def results_ack(self) -> Global___ResultsAck:
         """Recorded outcomes."""
 
+    @_builtins.property
+    def heartbeat_ack(self) -> Global___HeartbeatAck:
+        """Answer to a heartbeat."""
+
     def __init__(
         self,
         *,
@@ -466,12 +495,13 @@ class MasterMessage(_message.Message):
         assignments: Global___Assignments | None = ...,
         revoke: Global___Revoke | None = ...,
         results_ack: Global___ResultsAck | None = ...,
+        heartbeat_ack: Global___HeartbeatAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "kind", b"kind", "results_ack", b"results_ack", "revoke", b"revoke", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "results_ack", b"results_ack", "revoke", b"revoke", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "kind", b"kind", "results_ack", b"results_ack", "revoke", b"revoke", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "results_ack", b"results_ack", "revoke", b"revoke", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignments", "revoke", "results_ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignments", "revoke", "results_ack", "heartbeat_ack"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

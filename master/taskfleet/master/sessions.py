@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 
 from taskfleet.common.model import LeaseRef, WorkerInfo
@@ -26,6 +27,7 @@ class WorkerSession:
         self.work_hint = True  # check the store once on connect
         self.closed = False
         self.outbox: list[worker_pb2.MasterMessage] = []
+        self.last_heard = time.monotonic()  # any message from the worker counts
 
     def send(self, message: worker_pb2.MasterMessage) -> None:
         with self.cond:

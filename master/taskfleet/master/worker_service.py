@@ -89,6 +89,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     session.cond.wait(self._idle_wait_s(session))
                     if session.credit > 0:
                         session.work_hint = True  # the wait ran out: look again
+                    if time.monotonic() - session.last_heard > self._rt.config.lease_s:
+                        # A stalled connection that TCP has not noticed: end the
+                        # stream, so the worker reconnects and stats stop listing it.
+                        log.warning("worker %s silent for a whole lease; closing", info.worker_id)
+                        session.closed = True
                 if session.closed:
                     return
                 outbox, session.outbox = session.outbox, []
@@ -124,7 +129,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     def _idle_wait_s(self, session: WorkerSession) -> float:
         if session.credit <= 0:
-            return IDLE_RECHECK_S * 5
+            return min(IDLE_RECHECK_S * 5, self._rt.config.lease_s / 2)
         now = time.time()
         ready_at = self._rt.store.next_ready_at(now)
         if ready_at is None:
@@ -149,12 +154,14 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 session.close()
 
     def _apply(self, session: WorkerSession, message: worker_pb2.WorkerMessage) -> None:
+        session.last_heard = time.monotonic()
         kind = message.WhichOneof("kind")
         if kind == "credit":
             if message.credit.tasks > 0:
                 session.add_credit(message.credit.tasks)
         elif kind == "heartbeat":
-            self._renew(session, [convert.ref_from_proto(r) for r in message.heartbeat.held])
+            held = self._renew(session, [convert.ref_from_proto(r) for r in message.heartbeat.held])
+            session.send(worker_pb2.MasterMessage(heartbeat_ack=worker_pb2.HeartbeatAck(held=held)))
         elif kind == "results":
             self._record(session, message.results)
         elif kind == "release":
@@ -166,7 +173,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         else:
             log.warning("ignoring unexpected %s message from worker", kind)
 
-    def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> None:
+    def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> int:
+        """Extend the worker's valid leases, revoke the rest; returns how many hold."""
         stale = (
             self._rt.store.extend(
                 session.info.worker_id, held, self._rt.config.lease_s, time.time()
@@ -178,6 +186,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             session.running = len(held) - len(stale)
         if stale:
             session.revoke(stale)
+        return len(held) - len(stale)
 
     def _record(self, session: WorkerSession, results: worker_pb2.Results) -> None:
         outcomes: list[Outcome] = []

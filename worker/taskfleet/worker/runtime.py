@@ -41,6 +41,8 @@ log = logging.getLogger("taskfleet.worker")
 
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
+CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
+SILENCE_HEARTBEATS = 3  # heartbeat intervals without a word before the stream counts as dead
 
 
 class StreamEnded(Exception):
@@ -66,6 +68,10 @@ class Worker:
         self._requested = 0  # credit asked for on the current stream, not yet used
         self._outbox: queue.SimpleQueue[worker_pb2.WorkerMessage | None] | None = None
         self._heartbeat_s = 2.0
+        self._stream: grpc.CallIterator[worker_pb2.MasterMessage] | None = (
+            None  # the current call, to cancel a silent one
+        )
+        self._last_heard = time.monotonic()  # when the master last sent anything
         self.draining = threading.Event()
         self.stopped = threading.Event()  # set when the connection loop must end
 
@@ -144,6 +150,7 @@ class Worker:
             except StreamEnded as exc:
                 if not self.stopped.is_set():
                     log.warning("connection to master lost (%s); reconnecting", exc)
+                    self.stopped.wait(backoff_s(1, base_s=0.1))
 
     def _serve_stream(self) -> None:
         """One stream: raises RpcError if it never got going, StreamEnded once it had."""
@@ -155,13 +162,22 @@ class Worker:
         try:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             responses = stub.Connect(_requests(hello, outbox))
-            # The first response raises RpcError when the master is not there.
-            welcome = next(iter(responses), None)
+            # A master that accepts the connection but never answers (a stalled
+            # proxy) must not hold the worker: give up on it after a while.
+            give_up = threading.Timer(CONNECT_TIMEOUT_S, responses.cancel)
+            give_up.start()
+            try:
+                # The first response raises RpcError when the master is not there.
+                welcome = next(iter(responses), None)
+            finally:
+                give_up.cancel()
             if welcome is None or welcome.WhichOneof("kind") != "welcome":
                 raise StreamEnded("master closed the stream before welcoming this worker")
             self._heartbeat_s = convert.seconds_from_duration(welcome.welcome.heartbeat_interval)
             with self._lock:
                 self._outbox = outbox
+                self._stream = responses
+                self._last_heard = time.monotonic()
                 self._requested = 0
                 self._lock.notify_all()
             for resent in resend:
@@ -169,6 +185,7 @@ class Worker:
             log.info("connected to master %s", self.config.master)
             try:
                 for message in responses:
+                    self._last_heard = time.monotonic()
                     self._apply(message)
             except grpc.RpcError as exc:
                 raise StreamEnded(_rpc_reason(exc)) from None
@@ -177,6 +194,7 @@ class Worker:
             with self._lock:
                 if self._outbox is outbox:
                     self._outbox = None
+                    self._stream = None
             outbox.put(None)
             channel.close()
 
@@ -318,6 +336,7 @@ class Worker:
                     messages.append(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=want)))
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self._heartbeat_s
+                    self._check_master_alive()
                     # A thread pool frees the slot of a timed-out or cancelled
                     # task only when its function returns, without telling us.
                     self._start_prefetched()
@@ -327,6 +346,15 @@ class Worker:
                     )
             for message in messages:
                 outbox.put(message)
+
+    def _check_master_alive(self) -> None:
+        """Cancel a stream the master has gone silent on (it answers every heartbeat),
+        so the connection thread reconnects. Called with the lock held."""
+        silent_s = time.monotonic() - self._last_heard
+        if self._stream is not None and silent_s > SILENCE_HEARTBEATS * self._heartbeat_s:
+            log.warning("master silent for %.1f s; dropping the connection", silent_s)
+            self._stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+            self._stream = None
 
     def _has_news(self) -> bool:
         return bool(self._outcomes) or self._credit_wanted() > 0
