@@ -28,13 +28,18 @@ from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 SUBMIT_BATCH = 1_000
 CALL_TIMEOUT_S = 30.0
+# How long a call is retried on UNAVAILABLE. By time, not by count: after a
+# failed connect gRPC waits about 1 s (then 1.6 s, ...) before it dials again,
+# and fails calls at once meanwhile, so a few quick retries would all fail
+# before the channel even tried to reconnect.
+RETRY_UNAVAILABLE_S = 5.0
 
 
 def _retry_unavailable() -> tenacity.Retrying:
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(Unavailable),
         wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=2.0),
-        stop=tenacity.stop_after_attempt(5),
+        stop=tenacity.stop_after_delay(RETRY_UNAVAILABLE_S),
         reraise=True,
     )
 

@@ -146,7 +146,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
     if args.heartbeat_s >= args.lease_s:
         raise ConfigError("--heartbeat-s: must be shorter than --lease-s")
     listen = check_address("--listen", args.listen)
-    if not _is_loopback(listen) and not args.token and not args.insecure:
+    if not is_loopback(listen) and not args.token and not args.insecure:
         raise ConfigError(
             f"--listen: {listen} is reachable from other machines; set --token "
             "(or pass --insecure to accept anyone who can connect)"
@@ -340,7 +340,8 @@ def check_address(flag: str, address: str) -> str:
     return address
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT can only be reached from this machine."""
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True

@@ -14,7 +14,6 @@ and so that ``stop`` can end it.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import threading
@@ -22,6 +21,7 @@ from multiprocessing.connection import Connection, Listener
 from multiprocessing.managers import BaseManager
 from typing import Any, Protocol, cast
 
+from taskfleet.common.config import is_loopback
 from taskfleet.common.errors import ConfigError
 from taskfleet.master.manager_bridge import ManagerBridge
 from taskfleet.master.runtime import MasterRuntime
@@ -131,7 +131,7 @@ class ManagerEndpoint:
             self._bridge.task_name,
             self._bridge.queue,
         )
-        if not _is_loopback(self.listen):
+        if not is_loopback(self.listen):
             log.warning(
                 "manager endpoint %s is reachable from other machines: its traffic is "
                 "unencrypted pickle, and anyone with the authkey can run code in the master",
@@ -193,16 +193,6 @@ def _peer(address: Any) -> str:
         host = str(address[0])
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
     return str(address)
-
-
-def _is_loopback(address: str) -> bool:
-    host = _host_port(address)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _wake_accept(address: Any) -> None:
