@@ -10,7 +10,7 @@ import pytest
 
 from taskfleet.common.client import Client
 
-from procs import MasterProc, WorkerProc
+from procs import Gates, MasterProc, WorkerProc
 
 
 @pytest.fixture
@@ -60,3 +60,11 @@ def client(master: MasterProc) -> Iterator[Client]:
 def queue_name() -> str:
     """A queue no other test uses."""
     return f"q-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> Iterator[Gates]:
+    """Gate files for ``block_until`` tasks, all opened at teardown."""
+    g = Gates(tmp_path / "gates")
+    yield g
+    g.open_all()

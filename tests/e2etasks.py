@@ -74,3 +74,65 @@ def block_until(path: str, timeout_s: float = 60.0) -> str:
 @task(max_attempts=3)
 def fails_by_default_thrice() -> None:
     raise RuntimeError("always")
+
+
+# -- for the crash, soak and many-hosts tests ------------------------------------
+
+
+@task
+def slow_square(n: int, seconds: float) -> int:
+    """``n * n`` after ``seconds``: keeps tasks RUNNING across a fault."""
+    time.sleep(seconds)
+    return n * n
+
+
+@task
+def square_after_failures(n: int, failures: int) -> int:
+    """Fail attempts 1 to ``failures`` with ValueError, then return ``n * n``."""
+    attempt = current_task().attempt
+    if attempt <= failures:
+        raise ValueError(f"injected failure on attempt {attempt}")
+    return n * n
+
+
+@task
+def square_crash_first(n: int) -> int:
+    """Kill its own pool process on attempt 1 (as the OOM killer would), then ``n * n``.
+    Process pools only: in a thread pool it would take the whole worker down."""
+    if current_task().attempt == 1:
+        os._exit(13)
+    return n * n
+
+
+@task
+def square_slow_first(n: int, seconds: float) -> int:
+    """Sleep ``seconds`` on attempt 1 (past a shorter time limit), then ``n * n`` at once."""
+    if current_task().attempt == 1:
+        time.sleep(seconds)
+    return n * n
+
+
+@task
+def getpid() -> int:
+    """The pid of the process that ran it: a pool process, or the worker itself
+    in a thread pool."""
+    return os.getpid()
+
+
+@task
+def gated(path: str) -> dict[str, int]:
+    """``block_until``, then say which attempt ran, in which process."""
+    block_until(path)
+    return {"attempt": current_task().attempt, "pid": os.getpid()}
+
+
+@task(timeout_s=1.0)
+def block_under_default_limit(path: str) -> str:
+    """``block_until`` with a 1 s time limit that comes from the decorator."""
+    return block_until(path)
+
+
+@task
+def exit_with(code: int) -> None:
+    """End the process running it at once, skipping every cleanup."""
+    os._exit(code)

@@ -187,3 +187,42 @@ class WorkerProc(Proc):
                 return False
 
         poll(connected, timeout_s, f"worker {self.pid} to connect")
+
+
+class Gates:
+    """Files that ``block_until`` tasks wait for; all opened at teardown (see the
+    ``gates`` fixture), so no task is left blocking once its test is over."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir()
+        self._made: list[Path] = []
+
+    def new(self, name: str) -> str:
+        path = self.root / name
+        self._made.append(path)
+        return str(path)
+
+    @staticmethod
+    def started(gate: str, attempt: int) -> int | None:
+        """The pid that ran ``attempt`` (``block_until`` writes it on start), or None."""
+        marker = Path(f"{gate}.started-{attempt}")
+        text = marker.read_text() if marker.exists() else ""
+        return int(text) if text else None
+
+    @staticmethod
+    def open(*gates: str) -> None:
+        for gate in gates:
+            Path(gate).touch()
+
+    def open_all(self) -> None:
+        self.open(*map(str, self._made))
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")

@@ -101,6 +101,9 @@ class FaultyProxy:
         self._close_all()
         if self._listener is not None:
             self._listener.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _accept(self) -> None:
         assert self._listener is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from taskfleet.common.model import Task, TaskState
 from taskfleet.master.store import SqliteStore
 from taskfleet.worker.runtime import EXIT_FORCED
 
-from procs import MasterProc, WorkerProc, poll
+from procs import Gates, MasterProc, WorkerProc, alive, poll
 
 WAIT_S = 30.0
 
@@ -30,42 +30,6 @@ StartWorker = Callable[..., WorkerProc]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class Gates:
-    """Files that ``block_until`` tasks wait for; all opened at teardown, so a
-    task left running by an abandoned pool process always ends."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir()
-        self._made: list[Path] = []
-
-    def new(self, name: str) -> str:
-        path = self.root / name
-        self._made.append(path)
-        return str(path)
-
-    @staticmethod
-    def started(gate: str, attempt: int) -> Path | None:
-        """The marker the task writes (with its pid) when ``attempt`` starts."""
-        marker = Path(f"{gate}.started-{attempt}")
-        return marker if marker.exists() and marker.read_text() else None
-
-    @staticmethod
-    def open(*gates: str) -> None:
-        for gate in gates:
-            Path(gate).touch()
-
-    def open_all(self) -> None:
-        self.open(*map(str, self._made))
-
-
-@pytest.fixture
-def gates(tmp_path: Path) -> Iterator[Gates]:
-    g = Gates(tmp_path / "gates")
-    yield g
-    g.open_all()
 
 
 def finished(client: Client, task_ids: Sequence[str], timeout_s: float = WAIT_S) -> dict[str, Task]:
@@ -101,15 +65,6 @@ def assert_squares(done: dict[str, Task], task_ids: list[str], numbers: range) -
     assert [task_result(done[i]) for i in task_ids] == [n * n for n in numbers]
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
 def sqlite_master(start_master: StartMaster, db: Path, port: int | None = None) -> MasterProc:
     return start_master(store=f"sqlite:{db}", port=port)
 
@@ -129,7 +84,7 @@ def test_task_of_sigkilled_worker_runs_again_on_another_worker(
     gate = gates.new("held")
     task_id = client.submit("block_until", [gate], queue=queue_name)
     first = poll(lambda: gates.started(gate, 1), WAIT_S, "attempt 1 to start")
-    assert int(first.read_text()) == worker_a.pid
+    assert first == worker_a.pid
 
     # When A is SIGKILLed and worker B starts
     worker_a.kill()
@@ -138,7 +93,7 @@ def test_task_of_sigkilled_worker_runs_again_on_another_worker(
 
     # Then the lease lapses, the reaper hands the task to B as attempt 2...
     second = poll(lambda: gates.started(gate, 2), WAIT_S, "attempt 2 to start")
-    assert int(second.read_text()) == worker_b.pid
+    assert second == worker_b.pid
 
     # ...and once released it succeeds there
     gates.open(gate)
@@ -346,7 +301,7 @@ def test_second_sigterm_exits_at_once_and_tasks_return_by_lease_expiry(
     # takes its pool processes with it (no orphans running tasks unsupervised)
     assert worker_a.wait(WAIT_S) == EXIT_FORCED
     assert not any(Path(g).exists() for g in held)
-    pool_pids = {int(marker.read_text()) for g in held if (marker := gates.started(g, 1))}
+    pool_pids = {pid for g in held if (pid := gates.started(g, 1))}
     assert worker_a.pid not in pool_pids
     poll(lambda: not any(map(alive, pool_pids)), WAIT_S, "the pool processes to be gone")
 

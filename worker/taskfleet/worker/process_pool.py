@@ -10,6 +10,7 @@ spawned, not forked, because the parent holds gRPC threads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import signal
@@ -165,9 +166,10 @@ class ProcessPool(Pool):
             job = self._queued.popleft()
             if not self._ledger.wants(job.ref):
                 continue  # cancelled while queued; _cancel reports it
-            if job.deadline is not None and job.deadline <= time.time():
-                self._ledger.finish(timed_out(job))
-                continue
+            if job.timeout_s:
+                # The limit counts from the start: the job may have waited for a
+                # process (a replacement spawning) since it was submitted.
+                job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
             child = idle.pop()
             child.job = job
             with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
