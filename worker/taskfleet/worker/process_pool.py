@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 
@@ -32,6 +32,9 @@ from taskfleet.worker.registry import import_task_modules
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 5.0
+PIPELINE_DEPTH = 2  # jobs a process holds when tasks are short: one running, one next
+SHORT_JOB_S = 0.005  # tasks shorter than this on average are pipelined
+JOB_S_WEIGHT = 0.1  # weight of the newest job in the moving average of run time
 
 # A child's first message is None once it is ready, or why it could not start;
 # then one JobResult per Job it receives. None asks it to exit.
@@ -52,6 +55,8 @@ def _child_main(conn: Connection[_FromChild, _ToChild], task_modules: Sequence[s
     try:
         conn.send(None)
         while (job := conn.recv()) is not None:
+            if job.timeout_s:  # it may have waited in the pipe behind another job
+                job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
             conn.send(run_job(job))
     except (EOFError, OSError):
         pass  # the parent is gone
@@ -62,7 +67,20 @@ class _Child:
     process: SpawnProcess
     conn: Connection[_ToChild, _FromChild]
     ready: bool = False
-    job: Job | None = None
+    # Jobs sent to the process, in order: the first runs, the rest wait in the pipe.
+    jobs: deque[Job] = field(default_factory=deque)
+    started_at: float = 0.0  # when the first of ``jobs`` started
+
+    def start_next(self) -> None:
+        """Note that the first job starts now: its time limit counts from here."""
+        self.started_at = time.time()
+        job = self.jobs[0]
+        if job.timeout_s:
+            self.jobs[0] = dataclasses.replace(job, deadline=self.started_at + job.timeout_s)
+
+    @property
+    def deadline(self) -> float | None:
+        return self.jobs[0].deadline if self.jobs else None
 
 
 class ProcessPool(Pool):
@@ -80,6 +98,7 @@ class ProcessPool(Pool):
         self._ledger = JobLedger(on_done)
         self._queued: deque[Job] = deque()  # submitted, waiting for a ready process
         self._children: list[_Child] = []  # the supervisor's alone once started
+        self._job_s = SHORT_JOB_S * 10  # moving average of run time; no pipelining at first
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
@@ -103,7 +122,13 @@ class ProcessPool(Pool):
         self._wake()
 
     def free_slots(self) -> int:
-        return max(0, self.size - len(self._ledger))
+        return max(0, self.size * self._depth() - len(self._ledger))
+
+    def _depth(self) -> int:
+        """Jobs each process may hold: two when tasks are short (one runs, the next
+        waits in its pipe, so the process never idles for a round trip through
+        the supervisor), else one, so no job waits behind a long one."""
+        return PIPELINE_DEPTH if self._job_s < SHORT_JOB_S else 1
 
     def cancel(self, ref: LeaseRef) -> bool:
         if not self._ledger.cancel(ref):
@@ -161,17 +186,19 @@ class ProcessPool(Pool):
             self._stop_children(graceful=not self._ledger.abandoned)
 
     def _dispatch(self) -> None:
-        idle = [c for c in self._children if c.ready and c.job is None]
-        while idle and self._queued:
+        """Send queued jobs to ready processes, idle ones first."""
+        depth = self._depth()
+        while self._queued:
+            ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
+            if not ready:
+                return
+            child = min(ready, key=lambda c: len(c.jobs))
             job = self._queued.popleft()
             if not self._ledger.wants(job.ref):
                 continue  # cancelled while queued; _cancel reports it
-            if job.timeout_s:
-                # The limit counts from the start: the job may have waited for a
-                # process (a replacement spawning) since it was submitted.
-                job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
-            child = idle.pop()
-            child.job = job
+            child.jobs.append(job)
+            if len(child.jobs) == 1:
+                child.start_next()
             with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
                 child.conn.send(job)
 
@@ -189,7 +216,7 @@ class ProcessPool(Pool):
             self._service(child, died=child.process.sentinel in ready)
 
     def _until_next_deadline(self) -> float | None:
-        deadlines = [d for c in self._children if (d := _deadline(c)) is not None]
+        deadlines = [d for c in self._children if (d := c.deadline) is not None]
         return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
     def _service(self, child: _Child, *, died: bool) -> None:
@@ -210,7 +237,10 @@ class ProcessPool(Pool):
 
     def _on_message(self, child: _Child, message: _FromChild) -> None:
         if isinstance(message, JobResult):
-            child.job = None
+            child.jobs.popleft()
+            self._job_s += JOB_S_WEIGHT * (time.time() - child.started_at - self._job_s)
+            if child.jobs:
+                child.start_next()
             self._ledger.finish(message)
         elif message is None:
             child.ready = True
@@ -219,7 +249,8 @@ class ProcessPool(Pool):
 
     def _cancel(self, ref: LeaseRef) -> None:
         for child in self._children:
-            if child.job is not None and child.job.ref == ref:
+            if any(job.ref == ref for job in child.jobs):
+                # Running or already in its pipe: either way only a kill stops it.
                 self._replace(child)
                 break
         self._ledger.finish(cancelled(ref))
@@ -227,17 +258,20 @@ class ProcessPool(Pool):
     def _enforce_deadlines(self) -> None:
         now = time.time()
         for child in list(self._children):
-            deadline = _deadline(child)
+            deadline = child.deadline
             if deadline is not None and deadline <= now:
                 job = self._replace(child)
                 assert job is not None
                 self._ledger.finish(timed_out(job))
 
     def _replace(self, child: _Child) -> Job | None:
-        """Kill ``child`` if it still runs, start another in its place; return its job."""
+        """Kill ``child`` if it still runs, start another in its place; return the job
+        it was running. Jobs waiting in its pipe go back to the front of the queue."""
         _kill(child)
         self._children[self._children.index(child)] = self._spawn()
-        return child.job
+        running = child.jobs.popleft() if child.jobs else None
+        self._queued.extendleft(reversed(child.jobs))
+        return running
 
     def _stop_children(self, *, graceful: bool) -> None:
         for child in self._children:
@@ -250,10 +284,6 @@ class ProcessPool(Pool):
             child.process.join(_STOP_TIMEOUT_S)
             _kill(child)
         self._children = []
-
-
-def _deadline(child: _Child) -> float | None:
-    return child.job.deadline if child.job is not None else None
 
 
 def _kill(child: _Child) -> None:

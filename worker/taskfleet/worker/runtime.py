@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -42,6 +43,8 @@ log = logging.getLogger("taskfleet.worker")
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
+MAX_PREFETCH = 200  # tasks held beyond what the pool can take, however short they are
+AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
 SILENCE_HEARTBEATS = 3  # heartbeat intervals without a word before the stream counts as dead
 
 
@@ -56,7 +59,6 @@ class Worker:
         self.config = config
         self.registry = registry
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.capacity = config.slots + config.prefetch
         self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
         self._lock = threading.Condition()
         self._running: dict[LeaseRef, Job] = {}
@@ -65,6 +67,12 @@ class Worker:
         self._outcomes: list[Outcome] = []  # finished, not yet sent
         self._unacked: dict[int, list[Outcome]] = {}  # sent, not yet acknowledged
         self._seq = 0
+        # Moving averages that size the prefetch: how long a job holds its place
+        # in the pool, and how long the master takes to acknowledge results.
+        self._job_s: float | None = None
+        self._round_trip_s: float | None = None
+        self._submitted_at: dict[LeaseRef, float] = {}
+        self._sent_at: dict[int, float] = {}
         self._requested = 0  # credit asked for on the current stream, not yet used
         self._outbox: queue.SimpleQueue[worker_pb2.WorkerMessage | None] | None = None
         self._heartbeat_s = 2.0
@@ -219,7 +227,11 @@ class Worker:
             self._revoke([convert.ref_from_proto(r) for r in message.revoke.leases])
         elif kind == "results_ack":
             with self._lock:
-                self._unacked.pop(message.results_ack.seq, None)
+                seq = message.results_ack.seq
+                self._unacked.pop(seq, None)
+                sent_at = self._sent_at.pop(seq, None)
+                if sent_at is not None:
+                    self._round_trip_s = _average(self._round_trip_s, time.monotonic() - sent_at)
                 self._lock.notify_all()
 
     def _job(self, assignment: worker_pb2.Assignment) -> Job:
@@ -279,6 +291,7 @@ class Worker:
                 # arrived: a prefetched job may have waited for a slot.
                 job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
             self._running[job.ref] = job
+            self._submitted_at[job.ref] = time.monotonic()
             self.pool.submit(job)
         self._lock.notify_all()
 
@@ -296,6 +309,9 @@ class Worker:
     def _on_done(self, result: JobResult) -> None:
         with self._lock:
             job = self._running.pop(result.ref, None)
+            submitted_at = self._submitted_at.pop(result.ref, None)
+            if submitted_at is not None:
+                self._job_s = _average(self._job_s, time.monotonic() - submitted_at)
             if job is not None and result.ref not in self._revoked:
                 self._outcomes.append(_outcome(job, result))
             self._revoked.discard(result.ref)
@@ -328,6 +344,7 @@ class Worker:
                 if self._outcomes:
                     self._seq += 1
                     self._unacked[self._seq] = self._outcomes
+                    self._sent_at[self._seq] = time.monotonic()
                     messages.append(self._results_message(self._seq, self._outcomes))
                     self._outcomes = []
                 want = self._credit_wanted()
@@ -363,7 +380,19 @@ class Worker:
         if self.draining.is_set():
             return 0
         busy = len(self._running) + len(self._prefetched)
-        return self.capacity - busy - self._requested
+        return self._capacity() - busy - self._requested
+
+    def _capacity(self) -> int:
+        """How many tasks to hold: what the pool can take, plus a prefetch of what it
+        will get through in one round trip to the master, so it never waits on the
+        network. Long tasks get only ``--prefetch``: nothing waits behind them
+        that another worker could be running. Called with the lock held."""
+        in_pool = len(self._running) + self.pool.free_slots()
+        prefetch = self.config.prefetch
+        if self._job_s and self._round_trip_s:
+            covering = math.ceil(in_pool * self._round_trip_s / self._job_s)
+            prefetch = max(prefetch, min(MAX_PREFETCH, covering))
+        return in_pool + prefetch
 
     @staticmethod
     def _results_message(seq: int, outcomes: list[Outcome]) -> worker_pb2.WorkerMessage:
@@ -382,6 +411,11 @@ def _exit_forced() -> NoReturn:
             child.kill()
     finally:
         os._exit(EXIT_FORCED)
+
+
+def _average(average: float | None, sample: float) -> float:
+    """Exponentially weighted moving average; the first sample starts it."""
+    return sample if average is None else average + AVERAGE_WEIGHT * (sample - average)
 
 
 def _requests(
