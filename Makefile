@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/taskfleet/v1/*.proto)
 
-.PHONY: install run-master run-worker test lint proto bench bench-depth clean
+.PHONY: install system-deps run-master run-worker test lint proto bench bench-depth clean
 
 install: $(STAMP)
 
@@ -21,7 +21,19 @@ run-master: install
 run-worker: install
 	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
 
-test: install
+# iproute2's `ip`, for the test that puts master and workers in network
+# namespaces. Installed only when missing and possible; otherwise that test skips.
+system-deps:
+	@if command -v ip >/dev/null 2>&1; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) \
+			|| echo "system-deps: could not install iproute2; the network-namespace test will skip"; \
+	else \
+		echo "system-deps: no ip and no apt-get as root; the network-namespace test will skip"; \
+	fi
+
+test: install system-deps
 	$(BIN)/pytest
 
 lint: install

@@ -125,6 +125,7 @@ class MasterProc(Proc):
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         def ready() -> bool:
             if self.popen.poll() is not None:
+                self.wait()  # closes its log
                 raise AssertionError(f"master exited early:\n{self.output()}")
             # One quick call per poll: the client's own retries would only add delay.
             with grpc.insecure_channel(self.address) as channel:
@@ -179,6 +180,7 @@ class WorkerProc(Proc):
     def wait_connected(self, timeout_s: float = 30.0) -> None:
         def connected() -> bool:
             if self.popen.poll() is not None:
+                self.wait()  # closes its log
                 raise AssertionError(f"worker exited early:\n{self.output()}")
             try:
                 with Client(self.master) as client:

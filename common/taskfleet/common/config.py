@@ -58,7 +58,9 @@ class WorkerConfig:
     queues: tuple[str, ...] = ("default",)
     concurrency: int = 0
     pool: str = "process"
-    prefetch: int = 1  # tasks held beyond free slots, so a slot never waits on the network
+    # Most tasks held beyond one per slot; the worker holds as many as its pool
+    # finishes in one round trip to the master, so long tasks get just one.
+    prefetch: int = 100
     token: str = ""
     grace_s: float = 30.0  # how long a draining worker lets running tasks finish
     log_level: str = "INFO"
@@ -194,7 +196,10 @@ def add_worker_flags(parser: EnvDefaultsParser) -> None:
         help="process for CPU-bound tasks, thread for IO-bound ones",
     )
     parser.add_flag(
-        "--prefetch", default=d.prefetch, type=non_negative_int, help="tasks held beyond free slots"
+        "--prefetch",
+        default=d.prefetch,
+        type=non_negative_int,
+        help="most tasks held beyond one per slot (0: none)",
     )
     parser.add_flag("--token", default=d.token, help="bearer token for the master")
     parser.add_flag(

@@ -43,7 +43,6 @@ log = logging.getLogger("taskfleet.worker")
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
-MAX_PREFETCH = 200  # tasks held beyond what the pool can take, however short they are
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
 SILENCE_HEARTBEATS = 3  # heartbeat intervals without a word before the stream counts as dead
 
@@ -383,16 +382,14 @@ class Worker:
         return self._capacity() - busy - self._requested
 
     def _capacity(self) -> int:
-        """How many tasks to hold: what the pool can take, plus a prefetch of what it
-        will get through in one round trip to the master, so it never waits on the
-        network. Long tasks get only ``--prefetch``: nothing waits behind them
-        that another worker could be running. Called with the lock held."""
-        in_pool = len(self._running) + self.pool.free_slots()
-        prefetch = self.config.prefetch
+        """How many tasks to hold: one per slot, plus a prefetch of what the pool gets
+        through in one round trip to the master (so a slot never waits on the
+        network), at most ``--prefetch``. Long tasks get a prefetch of one: nothing
+        waits behind them that another worker could run. Called with the lock held."""
+        covering = 1
         if self._job_s and self._round_trip_s:
-            covering = math.ceil(in_pool * self._round_trip_s / self._job_s)
-            prefetch = max(prefetch, min(MAX_PREFETCH, covering))
-        return in_pool + prefetch
+            covering = math.ceil(self.pool.size * self._round_trip_s / self._job_s)
+        return self.pool.size + min(self.config.prefetch, covering)
 
     @staticmethod
     def _results_message(seq: int, outcomes: list[Outcome]) -> worker_pb2.WorkerMessage:
