@@ -4,8 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/taskfleet/v1/*.proto)
+# buf (the protobuf linter) from npm, installed into a project-local folder.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+DIST ?= dist
+# The .pyz's shebang names the Python minor version it is built for, and extra pip
+# options choose its platform, e.g. to build for another machine:
+#   make dist PYZ_PYTHON='/usr/bin/env python3.12' \
+#     PYZ_PIP_ARGS='--platform manylinux2014_aarch64 --python-version 3.12 --only-binary=:all:'
+PYZ_PYTHON ?= /usr/bin/env python$(shell $(BIN)/python -c 'import sys; print(*sys.version_info[:2], sep=".")')
+PYZ_PIP_ARGS ?=
 
-.PHONY: install system-deps run-master run-worker test lint proto bench bench-depth clean
+.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth clean dist
 
 install: $(STAMP)
 
@@ -36,10 +47,19 @@ system-deps:
 test: install system-deps
 	$(BIN)/pytest
 
-lint: install
+lint: install buf
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BUF) lint
+
+# Reinstalls when BUF_VERSION changes (the stamp names the version).
+buf: $(TOOLS)/.buf-$(BUF_VERSION)
+
+$(TOOLS)/.buf-$(BUF_VERSION):
+	npm install --prefix $(TOOLS) --no-audit --no-fund --save-exact @bufbuild/buf@$(BUF_VERSION)
+	rm -f $(TOOLS)/.buf-*
+	touch $@
 
 # Regenerates the committed stubs in common/taskfleet/v1 from protos/.
 proto: install
@@ -50,8 +70,20 @@ proto: install
 		--mypy_out=common --mypy_grpc_out=common \
 		$(PROTO_SRC)
 
+# The wheel, and $(DIST)/taskfleet-worker.pyz: a worker in one file (a shiv zipapp
+# of the wheel and its dependencies) for machines that have only python3. grpcio
+# is compiled, so the .pyz runs only on the platform and Python minor version it
+# was built for (this machine's unless PYZ_PIP_ARGS says otherwise).
+# build/ goes first: setuptools would otherwise pack files deleted since last time.
+dist: install
+	rm -rf build $(DIST)/taskfleet-*.whl $(DIST)/taskfleet-worker.pyz
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	$(BIN)/shiv --reproducible --compressed --python '$(PYZ_PYTHON)' \
+		--entry-point taskfleet.worker.__main__:main \
+		--output-file $(DIST)/taskfleet-worker.pyz --quiet $(PYZ_PIP_ARGS) $(DIST)/taskfleet-*.whl
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 bench: install

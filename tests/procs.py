@@ -14,8 +14,10 @@ from typing import TypeVar
 
 import grpc
 
+from taskfleet.common.channel import open_channel
 from taskfleet.common.client import Client
 from taskfleet.common.errors import TaskfleetError
+from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -100,8 +102,11 @@ class MasterProc(Proc):
         lease_s: float = 2.0,
         heartbeat_s: float = 0.5,
         extra: list[str] | None = None,
+        client_auth: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
+        # Client keyword args (token, tls_ca, tls_cert, tls_key) that this master accepts.
+        self.client_auth = client_auth or {}
         self.address = f"127.0.0.1:{self.port}"
         args = [
             sys.executable,
@@ -128,18 +133,28 @@ class MasterProc(Proc):
                 self.wait()  # closes its log
                 raise AssertionError(f"master exited early:\n{self.output()}")
             # One quick call per poll: the client's own retries would only add delay.
-            with grpc.insecure_channel(self.address) as channel:
+            channel = open_channel(
+                self.address,
+                self.client_auth.get("token", ""),
+                tls=client_tls(
+                    self.client_auth.get("tls_ca", ""),
+                    self.client_auth.get("tls_cert", ""),
+                    self.client_auth.get("tls_key", ""),
+                ),
+            )
+            try:
                 stub = tasks_pb2_grpc.TaskServiceStub(channel)
-                try:
-                    stub.GetStats(tasks_pb2.GetStatsRequest(), timeout=1, wait_for_ready=True)
-                except grpc.RpcError:
-                    return False
+                stub.GetStats(tasks_pb2.GetStatsRequest(), timeout=1, wait_for_ready=True)
+            except grpc.RpcError:
+                return False
+            finally:
+                channel.close()
             return True
 
         poll(ready, timeout_s, "master to serve")
 
     def client(self) -> Client:
-        return Client(self.address)
+        return Client(self.address, **self.client_auth)
 
 
 class WorkerProc(Proc):
@@ -153,6 +168,7 @@ class WorkerProc(Proc):
         concurrency: int = 2,
         extra: list[str] | None = None,
         wait_connected: bool = True,
+        client_auth: dict[str, str] | None = None,
     ) -> None:
         args = [
             sys.executable,
@@ -174,6 +190,8 @@ class WorkerProc(Proc):
         ]
         super().__init__(args, log_dir / f"worker-{time.monotonic_ns()}.log")
         self.master = master
+        # How wait_connected asks the master for its workers (Client keyword args).
+        self.client_auth = client_auth or {}
         if wait_connected:
             self.wait_connected()
 
@@ -183,7 +201,7 @@ class WorkerProc(Proc):
                 self.wait()  # closes its log
                 raise AssertionError(f"worker exited early:\n{self.output()}")
             try:
-                with Client(self.master) as client:
+                with Client(self.master, **self.client_auth) as client:
                     return any(w.pid == self.pid for w in client.stats().workers)
             except TaskfleetError:
                 return False

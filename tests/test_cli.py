@@ -8,13 +8,19 @@ must not be picked up use a queue no worker serves.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,10 +46,12 @@ def run(
     env: dict[str, str] | None = None,
     timeout_s: float = CLI_TIMEOUT_S,
     exe: list[str] | None = None,
+    stdin: str = "",
 ) -> subprocess.CompletedProcess[str]:
     """Run the console script (or ``exe``) to completion; never hangs the suite."""
     return subprocess.run(
         [*(exe or [TASKFLEET]), *args],
+        input=stdin,
         capture_output=True,
         text=True,
         env=_env(env),
@@ -304,6 +312,205 @@ def test_get_of_a_failed_task_shows_the_error(addr: str) -> None:
     assert task["error"]["type"] == "RuntimeError"
     assert task["error"]["message"] == "boom"
     assert "RuntimeError: boom" in task["error"]["traceback"]
+
+
+# -- many tasks at once, and what a person at a terminal sees ----------------
+
+
+def test_submit_from_stdin_prints_ids_then_results_in_input_order(addr: str) -> None:
+    # Given one task per line: a bare value, an array of args, an args/kwargs
+    # object, with a shared --kwarg
+    lines = '1\n[2]\n\n{"args": [3], "kwargs": {"b": 100}}\n'
+
+    # when submitted without --wait, one id per task comes back, in input order
+    ids = ok(run("submit", "add", "--kwarg", "b=10", "--from-stdin", "--master", addr, stdin=lines))
+    task_ids = ids.split()
+    assert len(task_ids) == 3
+    assert [wait_final(addr, t)["result"] for t in task_ids] == [11, 12, 103]
+
+    # and with --wait, the results print in input order, whatever order they finish in
+    many = "".join(f"{n}\n" for n in range(20))
+    out = ok(run("submit", "square", "--from-stdin", "--wait", "--master", addr, stdin=many))
+    assert out.split() == [str(n * n) for n in range(20)]
+
+
+def test_submit_from_stdin_json_and_failures(addr: str) -> None:
+    # --json prints one object per task; a failed task makes the exit status 1
+    # and is reported on stderr, naming it
+    proc = run(
+        "submit", "fail", "--from-stdin", "--wait", "--json", "--master", addr, stdin='"a"\n"b"\n'
+    )
+    assert proc.returncode == EXIT_TASK_FAILED, proc
+    tasks = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(t["error"]["message"] for t in tasks) == ["a", "b"]
+
+    proc = run("submit", "fail", "--from-stdin", "--wait", "--master", addr, stdin='"a"\n"b"\n')
+    assert proc.returncode == EXIT_TASK_FAILED, proc
+    assert proc.stdout == ""
+    assert len([line for line in proc.stderr.splitlines() if "FAILED" in line]) == 2
+
+
+def test_submit_from_stdin_idempotency_key_per_line(addr: str, idle_queue: str) -> None:
+    # Given a batch submitted with an idempotency key
+    key = f"batch-{uuid.uuid4().hex[:8]}"
+    args = ("submit", "square", "--from-stdin", "--idempotency-key", key, "--queue", idle_queue)
+    first = ok(run(*args, "--master", addr, stdin="1\n2\n3\n")).split()
+    # when the same batch is submitted again, the same tasks come back, one per line
+    assert ok(run(*args, "--master", addr, stdin="1\n2\n3\n")).split() == first
+    assert len(set(first)) == 3
+
+
+def test_submit_from_stdin_empty_and_bad_lines(addr: str) -> None:
+    assert ok(run("submit", "square", "--from-stdin", "--wait", "--master", addr)) == ""
+    proc = run("submit", "square", "--from-stdin", "--master", addr, stdin="1\n[2\n")
+    refused(proc, "--from-stdin", "line 2", code=EXIT_USAGE)
+    proc = run("submit", "add", "--from-stdin", "--master", addr, stdin='{"args": 1}\n')
+    refused(proc, "--from-stdin", "line 1", "args", code=EXIT_USAGE)
+
+
+def test_wait_for_many_off_a_terminal_prints_only_plain_lines(addr: str) -> None:
+    task_ids = ok(run("submit", "square", "--from-stdin", "--master", addr, stdin="1\n2\n3\n"))
+    proc = run("wait", *task_ids.split(), "--timeout-s", "20", "--master", addr)
+    assert ok(proc).count("SUCCEEDED") == 3
+    assert proc.stderr == ""  # no progress bar in a pipe
+    assert len(proc.stdout.splitlines()) == 3
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+TERMINAL_COLUMNS = 160
+
+
+@dataclass
+class TerminalRun:
+    returncode: int
+    screen: str  # everything written to the terminal, escape sequences removed
+    stdout: str  # stdout when it was a pipe rather than the terminal
+
+
+def run_on_terminal(
+    *args: str, stdin: str = "", stdout_on_terminal: bool = True, timeout_s: float = CLI_TIMEOUT_S
+) -> TerminalRun:
+    """Run the console script with stderr (and stdout, unless told otherwise) on a
+    pseudo-terminal, reading until both reach EOF or ``timeout_s`` passes."""
+    leader, follower = os.openpty()
+    # A wide terminal, so tables and bars are not wrapped.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, TERMINAL_COLUMNS, 0, 0))
+    env = _env({"TERM": "xterm-256color", "COLUMNS": str(TERMINAL_COLUMNS)})
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [TASKFLEET, *args],
+        stdin=subprocess.PIPE,
+        stdout=follower if stdout_on_terminal else subprocess.PIPE,
+        stderr=follower,
+        env=env,
+        cwd=TESTS_DIR,
+    )
+    os.close(follower)
+    assert proc.stdin is not None
+    proc.stdin.write(stdin.encode())
+    proc.stdin.close()
+    piped_fd = proc.stdout.fileno() if proc.stdout is not None else None
+    chunks: dict[int, list[bytes]] = {leader: []}
+    if piped_fd is not None:
+        chunks[piped_fd] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        open_fds = set(chunks)
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{args} still writing after {timeout_s} s")
+            ready, _, _ = select.select(list(open_fds), [], [], left)
+            for fd in ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the terminal's last writer has gone
+                    data = b""
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    open_fds.discard(fd)
+        returncode = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    screen = ANSI.sub("", b"".join(chunks[leader]).decode(errors="replace"))
+    piped = b"".join(chunks[piped_fd]) if piped_fd is not None else b""
+    return TerminalRun(returncode, screen.replace("\r\n", "\n"), piped.decode())
+
+
+def test_submit_wait_on_a_terminal_shows_a_progress_bar(addr: str) -> None:
+    # Given twelve tasks submitted and waited for at a terminal
+    many = "".join(f"{n}\n" for n in range(12))
+    term = run_on_terminal(
+        "submit", "square", "--from-stdin", "--wait", "--master", addr, stdin=many
+    )
+
+    # then the bar ends complete, with the tally, and the results are there too
+    assert term.returncode == 0, term.screen
+    assert "Traceback" not in term.screen
+    assert "12/12" in term.screen, term.screen
+    assert "12 succeeded" in term.screen, term.screen
+    assert "━" in term.screen  # the bar itself
+    lines = term.screen.splitlines()
+    for n in range(12):
+        assert str(n * n) in lines, (n, term.screen)
+
+
+def test_wait_with_stdout_piped_keeps_results_off_the_terminal(addr: str) -> None:
+    # Given tasks waited for with stderr on a terminal but stdout in a pipe
+    task_ids = ok(run("submit", "square", "--from-stdin", "--master", addr, stdin="5\n6\n7\n"))
+    good = task_ids.split()
+    bad = submit(addr, "fail", "boom")
+    term = run_on_terminal(
+        "wait", *good, bad, "--timeout-s", "20", "--master", addr, stdout_on_terminal=False
+    )
+
+    # then stdout holds exactly the plain lines, and the terminal the bar
+    assert term.returncode == EXIT_TASK_FAILED, term
+    rows = {line.split()[0]: line.split()[1:3] for line in term.stdout.splitlines()}
+    assert rows == {
+        good[0]: ["SUCCEEDED", "25"],
+        good[1]: ["SUCCEEDED", "36"],
+        good[2]: ["SUCCEEDED", "49"],
+        bad: ["FAILED", "RuntimeError:"],
+    }
+    assert "4/4" in term.screen, term.screen
+    assert "3 succeeded" in term.screen
+    assert "1 failed" in term.screen
+    assert good[0] not in term.screen
+
+
+def test_stats_on_a_terminal_is_a_table(
+    cluster: tuple[MasterProc, WorkerProc], addr: str, idle_queue: str
+) -> None:
+    submit(addr, "square", "1", "--queue", idle_queue)
+    worker_id = next(
+        w["worker_id"]
+        for w in json.loads(ok(run("stats", "--json", "--master", addr)))["workers"]
+        if w["pid"] == cluster[1].pid
+    )
+
+    term = run_on_terminal("stats", "--master", addr)
+
+    assert term.returncode == 0, term.screen
+    assert "Queues" in term.screen
+    assert "Workers" in term.screen
+    rows = [
+        [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        for line in term.screen.splitlines()
+        if "│" in line
+    ]
+    assert [idle_queue, "1", "0", "0", "0", "0"] in rows, term.screen
+    (worker_row,) = [row for row in rows if row[0] == worker_id]
+    assert worker_row[2:] == ["default", "4", "0"], term.screen
+    header = next(line for line in term.screen.splitlines() if "QUEUE" in line)
+    assert "┃" in header  # drawn by rich, not the plain table
 
 
 # -- bad input ----------------------------------------------------------------

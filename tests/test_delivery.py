@@ -394,7 +394,9 @@ def test_client_retries_keyed_submits_through_a_cut_without_duplicates(
     monkeypatch.setattr(
         client_module,
         "open_channel",
-        lambda target, token="": grpc.intercept_channel(open_channel(target, token), calls),
+        lambda target, token="", **tls: grpc.intercept_channel(
+            open_channel(target, token, **tls), calls
+        ),
     )
     proxy.cut()
     keys = [f"{queue_name}-{n}" for n in range(20)]

@@ -34,12 +34,12 @@ BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
 
 # Delays relative to the machine's clock: None means no not_before at all.
 NOT_BEFORE_DELAYS = st.sampled_from([None, None, -5.0, 0.0, 0.5, 10.0, 60.0])
-LEASE_S = st.sampled_from([5.0, 1.0, 30.0])
+LEASE_S = st.sampled_from([30.0, 5.0, 1.0])
 RETRY_DELAYS = st.sampled_from([0.0, 0.5, 5.0, 30.0])
 # Mostly every queue and any name, so most leases find work; some narrow or repeat.
 LEASE_QUEUES = st.sampled_from([QUEUES, QUEUES, QUEUES, ("q1",), ("q3", "q2"), ("q2", "q2"), ()])
 LEASE_NAMES = st.sampled_from([None, None, None, ("add",), ("sub", "mul"), ("add", "add"), ()])
-CLOCK_STEPS = st.sampled_from([1.0, 0.5, 0.0, 5.0, 31.0, 61.0]) | st.floats(0.0, 40.0)
+CLOCK_STEPS = st.sampled_from([1.0, 0.5, 0.0, 2.0, 5.0, 31.0]) | st.floats(0.0, 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +160,10 @@ class StoreMachine(RuleBasedStateMachine):
     def draw_held(self, data: Any) -> tuple[LeaseRef, str]:
         return data.draw(st.sampled_from(self.held()))  # type: ignore[no-any-return]
 
-    def draw_refs(self, data: Any, max_size: int) -> list[LeaseRef]:
-        """Up to ``max_size`` refs of leases ever handed out, held or stale by now."""
-        refs = [ref for ref, _ in self.refs]
-        return data.draw(st.lists(st.sampled_from(refs), max_size=max_size))  # type: ignore[no-any-return]
+    def draw_refs(self, data: Any, count: int) -> list[LeaseRef]:
+        """``count`` refs of leases ever handed out, held or stale by now."""
+        refs = st.sampled_from([ref for ref, _ in self.refs])
+        return [data.draw(refs) for _ in range(count)]
 
     def apply_outcome(self, outcome: Outcome) -> Task | None:
         """Apply ``outcome`` to the model; the task if it became final, else None."""
@@ -261,7 +261,7 @@ class StoreMachine(RuleBasedStateMachine):
     def heartbeat(self, data: Any, lease_s: float) -> None:
         ref, holder = self.draw_held(data)
         worker = data.draw(st.sampled_from([holder, holder, *WORKERS]))
-        refs = [ref, *self.draw_refs(data, max_size=2)]
+        refs = [ref, *self.draw_refs(data, data.draw(st.integers(0, 2)))]
         if data.draw(st.booleans()):
             refs.append(LeaseRef(ref.task_id, ref.lease - 1))  # an older lease number
         expected_stale = []
@@ -279,8 +279,9 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held())
     @rule(data=st.data(), outcomes=st.lists(OUTCOMES, min_size=1, max_size=3))
     def record(self, data: Any, outcomes: list[OutcomeDraw]) -> None:
-        refs = [self.draw_held(data)[0], *self.draw_refs(data, max_size=len(outcomes) - 1)]
-        batch = [draw.outcome(ref) for draw, ref in zip(outcomes, refs, strict=False)]
+        # The first outcome is for a held lease; the others for any lease, maybe stale.
+        refs = [self.draw_held(data)[0], *self.draw_refs(data, len(outcomes) - 1)]
+        batch = [draw.outcome(ref) for draw, ref in zip(outcomes, refs, strict=True)]
         expected_finished = [task for o in batch if (task := self.apply_outcome(o)) is not None]
 
         finished = self.store.record(batch, self.now)
@@ -315,7 +316,7 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held())
     @rule(data=st.data())
     def release(self, data: Any) -> None:
-        refs = [self.draw_held(data)[0], *self.draw_refs(data, max_size=2)]
+        refs = [self.draw_held(data)[0], *self.draw_refs(data, data.draw(st.integers(0, 2)))]
         expected_count = 0
         for ref in refs:
             entry = self.expected[ref.task_id]
@@ -330,13 +331,13 @@ class StoreMachine(RuleBasedStateMachine):
 
         assert released == expected_count
 
-    @rule(data=st.data())
-    def cancel(self, data: Any) -> None:
-        # Final and unknown tasks as often as live ones, so cancel does not end every task.
+    # Final and unknown tasks as often as live ones, so cancel does not end every task.
+    @rule(data=st.data(), which=st.sampled_from(["final", "live", "unknown"]))
+    def cancel(self, data: Any, which: str) -> None:
         finals = [i for i, entry in self.expected.items() if entry.task.state.is_final]
         live = [i for i in self.expected if i not in finals]
-        choices = [group for group in (live, finals, [UNKNOWN_ID]) if group]
-        task_id = data.draw(st.sampled_from(data.draw(st.sampled_from(choices))))
+        candidates = {"final": finals, "live": live}.get(which) or [UNKNOWN_ID]
+        task_id = data.draw(st.sampled_from(candidates))
         entry = self.expected.get(task_id)
         if entry is None:
             with pytest.raises(NotFound, match=task_id):
@@ -353,8 +354,16 @@ class StoreMachine(RuleBasedStateMachine):
 
         assert cancelled == entry.task
 
-    @rule(step_s=CLOCK_STEPS)
-    def advance_clock(self, step_s: float) -> None:
+    @rule(step_s=CLOCK_STEPS, past_a_deadline=st.booleans(), reap=st.booleans())
+    def advance_clock(self, step_s: float, past_a_deadline: bool, reap: bool) -> None:
+        deadlines = [
+            entry.deadline
+            for entry in self.expected.values()
+            if entry.task.state is TaskState.RUNNING and entry.deadline > self.now
+        ]
+        if past_a_deadline and deadlines:
+            # A worker goes quiet: its lease lapses, whatever the heartbeats did before.
+            self.now = min(deadlines)
         self.now += step_s
         delayed = [
             entry.ready_at
@@ -365,6 +374,8 @@ class StoreMachine(RuleBasedStateMachine):
         ready_at = self.store.next_ready_at(self.now)
 
         assert ready_at == (min(delayed) if delayed else None)
+        if reap:  # as the master's reaper does after time passed
+            self.expire()
 
     @rule()
     def expire(self) -> None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from taskfleet.common.tls import ClientTls
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Keepalive pings find a dead or stalled connection even when no call is
@@ -77,9 +79,13 @@ class _BearerToken(_UnaryUnary, _UnaryStream, _StreamStream):
         return continuation(self._with_token(details), requests)
 
 
-def open_channel(target: str, token: str = "") -> grpc.Channel:
-    """A channel to the master at ``target`` (HOST:PORT) that sends ``token`` if set."""
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+def open_channel(target: str, token: str = "", *, tls: ClientTls | None = None) -> grpc.Channel:
+    """A channel to the master at ``target`` (HOST:PORT) that sends ``token`` if set,
+    over TLS when ``tls`` is given."""
+    if tls is None:
+        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(target, tls.credentials(), options=CHANNEL_OPTIONS)
     if token:
         channel = grpc.intercept_channel(channel, _BearerToken(token))
     return channel

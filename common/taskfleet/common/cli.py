@@ -1,6 +1,8 @@
 """The ``taskfleet`` command: master, worker, submit, get, wait, cancel, stats.
 
-Readable output by default, ``--json`` for scripts. Bad input (a bad flag, a
+Readable output by default, ``--json`` for scripts; on a terminal, waiting for
+several tasks shows a progress bar (on stderr) and ``stats`` shows rich tables,
+while pipes and files get the same plain lines as always. Bad input (a bad flag, a
 request the master refuses as INVALID_ARGUMENT, an unknown task id) is one line
 on stderr and exit status 2; a task that ends FAILED or CANCELLED under
 ``--wait``/``wait``, an unreachable master and other errors give exit status 1;
@@ -15,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
 from taskfleet.common import config as cfg
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.codec import decode_result
@@ -25,6 +28,7 @@ from taskfleet.common.errors import (
     NotFound,
     TaskFailed,
     TaskfleetError,
+    Unauthenticated,
     Unavailable,
 )
 from taskfleet.common.model import Stats, Task, TaskState
@@ -45,7 +49,11 @@ def build_parser() -> cfg.EnvDefaultsParser:
     worker = commands.add_parser("worker", help="run a worker")
     cfg.add_worker_flags(worker)
 
-    submit = commands.add_parser("submit", help="submit a task")
+    submit = commands.add_parser(
+        "submit",
+        help="submit a task (or many with --from-stdin)",
+        description="Submit a task. With --from-stdin, submit one task per line of stdin.",
+    )
     cfg.add_client_flags(submit)
     submit.add_argument("name", help="registered task name")
     submit.add_argument(
@@ -86,7 +94,20 @@ def build_parser() -> cfg.EnvDefaultsParser:
         metavar="KEY=VALUE",
         help="metadata label (repeatable)",
     )
-    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument(
+        "--from-stdin",
+        action="store_true",
+        help="submit one task per non-blank stdin line, each a JSON array of positional "
+        'arguments, an object {"args": [...], "kwargs": {...}}, or any other JSON value as '
+        "the one argument; JSON-ARGs and --kwarg given here are shared by all (line "
+        "arguments come after them). Prints one id per line, in input order; with "
+        "--idempotency-key K, line N gets the key K:N",
+    )
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the results and print them (in input order; failures on stderr)",
+    )
     submit.add_argument(
         "--wait-timeout-s",
         type=cfg.positive_float,
@@ -125,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_TASK_FAILED
+    except Unauthenticated as exc:
+        print(
+            f"taskfleet {args.command}: error: the master at {getattr(args, 'master', '')} "
+            f"refused the call: {exc} (set --token or TASKFLEET_TOKEN)",
+            file=sys.stderr,
+        )
+        return EXIT_TASK_FAILED
     except TaskfleetError as exc:
         print(f"taskfleet {args.command}: error: {exc}", file=sys.stderr)
         bad_input = isinstance(exc, ConfigError | InvalidArgument | NotFound)
@@ -147,30 +175,71 @@ def _run(args: argparse.Namespace) -> int:
         setup_logging(worker_config.log_level, worker_config.log_format)
         return run_worker(worker_config)
     cfg.check_address("--master", args.master)
-    with Client(args.master, token=args.token) as client:
+    with Client(
+        args.master,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    ) as client:
         return COMMANDS[args.command](client, args)
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     import time
 
-    spec = make_spec(
-        args.name,
-        [_json_or_word(a) for a in args.args],
-        dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg),
-        queue=args.queue,
-        priority=args.priority,
-        max_attempts=args.max_attempts,
-        timeout_s=args.timeout_s or 0.0,
-        not_before=time.time() + args.delay_s if args.delay_s else None,
-        idempotency_key=args.idempotency_key,
-        metadata=dict(_key_value(kv, "--meta", str) for kv in args.meta),
-    )
-    (task_id,) = client.submit_many([spec])
-    if not args.wait:
-        print(json.dumps({"id": task_id}) if args.json else task_id)
+    shared_args = [_json_or_word(a) for a in args.args]
+    shared_kwargs = dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg)
+    calls = _stdin_calls() if args.from_stdin else [([], {})]
+    not_before = time.time() + args.delay_s if args.delay_s else None
+    metadata = dict(_key_value(kv, "--meta", str) for kv in args.meta)
+    specs = [
+        make_spec(
+            args.name,
+            [*shared_args, *line_args],
+            {**shared_kwargs, **line_kwargs},
+            queue=args.queue,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            timeout_s=args.timeout_s or 0.0,
+            not_before=not_before,
+            idempotency_key=f"{args.idempotency_key}:{n}"
+            if args.idempotency_key and args.from_stdin
+            else args.idempotency_key,
+            metadata=metadata,
+        )
+        for n, (line_args, line_kwargs) in enumerate(calls, start=1)
+    ]
+    task_ids = client.submit_many(specs) if specs else []
+    if not args.wait or not task_ids:
+        for task_id in task_ids:
+            print(json.dumps({"id": task_id}) if args.json else task_id)
         return 0
-    return _wait(client, [task_id], args.wait_timeout_s, args.json, result_only=True)
+    return _wait(client, task_ids, args.wait_timeout_s, args.json, result_only=True)
+
+
+def _stdin_calls() -> list[tuple[list[Any], dict[str, Any]]]:
+    """The (args, kwargs) of each non-blank stdin line, for ``submit --from-stdin``."""
+    calls: list[tuple[list[Any], dict[str, Any]]] = []
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"--from-stdin: line {number} is not JSON: {exc}") from None
+        if isinstance(value, list):
+            calls.append((value, {}))
+        elif isinstance(value, dict) and value and set(value) <= {"args", "kwargs"}:
+            line_args, line_kwargs = value.get("args", []), value.get("kwargs", {})
+            if not isinstance(line_args, list) or not isinstance(line_kwargs, dict):
+                raise ConfigError(
+                    f"--from-stdin: line {number}: args must be an array, kwargs an object"
+                )
+            calls.append((line_args, line_kwargs))
+        else:
+            calls.append(([value], {}))
+    return calls
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
@@ -196,21 +265,33 @@ def _wait(
     *,
     result_only: bool,
 ) -> int:
+    from taskfleet.common.terminal import WaitProgress, is_terminal
+
     status = 0
-    seen = set()
-    for task in client.wait(task_ids, timeout_s):
-        seen.add(task.id)
-        if task.state != TaskState.SUCCEEDED:
-            status = EXIT_TASK_FAILED
-        if as_json:
-            print(json.dumps(task_json(task)), flush=True)
-        elif result_only:
-            try:
-                print(_show(task_result(task)), flush=True)
-            except TaskFailed as exc:
-                print(f"taskfleet: {exc}", file=sys.stderr)
-        else:
-            print(f"{task.id} {task.state.name} {_outcome_text(task)}".rstrip(), flush=True)
+    seen: set[str] = set()
+    # Results print in submission order: each waits here for those before it.
+    in_order = iter(task_ids)
+    next_id = next(in_order, None)
+    held: dict[str, Task] = {}
+    show_bar = len(task_ids) > 1 and is_terminal(sys.stderr)
+    with WaitProgress(len(task_ids), enabled=show_bar) as progress:
+        for task in client.wait(task_ids, timeout_s):
+            seen.add(task.id)
+            progress.finished(task.state)
+            if task.state != TaskState.SUCCEEDED:
+                status = EXIT_TASK_FAILED
+            if as_json:
+                print(json.dumps(task_json(task)), flush=True)
+            elif result_only:
+                held[task.id] = task
+                while next_id is not None and next_id in held:
+                    _print_result(held.pop(next_id))
+                    next_id = next(in_order, None)
+            else:
+                print(f"{task.id} {task.state.name} {_outcome_text(task)}".rstrip(), flush=True)
+    for task_id in [] if next_id is None else [next_id, *in_order]:
+        if task_id in held:  # finished after one that timed out
+            _print_result(held.pop(task_id))
     missing = [t for t in task_ids if t not in seen]
     if missing:
         print(
@@ -219,6 +300,13 @@ def _wait(
         )
         return EXIT_TASK_FAILED
     return status
+
+
+def _print_result(task: Task) -> None:
+    try:
+        print(_show(task_result(task)), flush=True)
+    except TaskFailed as exc:
+        print(f"taskfleet: {exc}", file=sys.stderr, flush=True)
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
@@ -231,6 +319,11 @@ def _stats(client: Client, args: argparse.Namespace) -> int:
     stats = client.stats()
     if args.json:
         print(json.dumps(stats_json(stats)))
+        return 0
+    from taskfleet.common.terminal import is_terminal, print_stats
+
+    if is_terminal(sys.stdout):
+        print_stats(stats)
         return 0
     states = list(TaskState)
     rows = [["QUEUE", *(s.name for s in states)]]

@@ -24,6 +24,7 @@ from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import DeadlineExceeded, TaskFailed, Unavailable, from_rpc_error
 from taskfleet.common.model import DEFAULT_QUEUE, JSON, Stats, Task, TaskSpec, TaskState
+from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 SUBMIT_BATCH = 1_000
@@ -45,10 +46,24 @@ def _retry_unavailable() -> tenacity.Retrying:
 
 
 class Client:
-    """A connection to one master. Thread-safe; close it (or use ``with``) when done."""
+    """A connection to one master. Thread-safe; close it (or use ``with``) when done.
 
-    def __init__(self, master: str = DEFAULT_MASTER, *, token: str = "") -> None:
-        self._channel = open_channel(master, token)
+    ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` (a PEM file)
+    connects over TLS, trusting that CA; ``tls_cert`` and ``tls_key`` add a client
+    certificate for a master that requires one. A bad file raises ``ConfigError``.
+    """
+
+    def __init__(
+        self,
+        master: str = DEFAULT_MASTER,
+        *,
+        token: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> None:
+        tls = client_tls(tls_ca, tls_cert, tls_key)
+        self._channel = open_channel(master, token, tls=tls)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -32,6 +32,8 @@ def decode_args(payload: bytes, content_type: str) -> tuple[list[Any], dict[str,
         body = json.loads(payload) if payload else {}
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidArgument(f"payload: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidArgument("payload: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument('payload: must be a JSON object {"args": [...], "kwargs": {...}}')
     unknown = set(body) - {"args", "kwargs"}

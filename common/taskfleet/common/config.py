@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.tls import ClientTls, ServerTls, client_tls, server_tls
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 MiB = 1024 * 1024
@@ -31,11 +32,19 @@ class MasterConfig:
     listen: str = DEFAULT_MASTER
     store: str = "sqlite:./taskfleet.db"
     token: str = ""
+    # Set: WorkerService calls need this token and TaskService calls need ``token``,
+    # so a producer cannot pose as a worker.
+    worker_token: str = ""
+    tls: ServerTls | None = None  # None: plaintext
     max_payload_bytes: int = MiB
     lease_s: float = 6.0
     heartbeat_s: float = 2.0
     grace_s: float = 10.0  # how long a stopping master lets open calls finish
-    insecure: bool = False  # allow a non-loopback listen address without a token
+    # How long a stopping master, already reporting NOT_SERVING to health checks,
+    # waits for connected workers to finish and report their running tasks.
+    drain_s: float = 0.0
+    metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
+    insecure: bool = False  # allow a non-loopback listen address without a token or TLS
     log_level: str = "INFO"
     log_format: str = "text"
     # The classic multiprocessing.managers endpoint; off while manager_listen is "".
@@ -61,8 +70,10 @@ class WorkerConfig:
     # Most tasks held beyond one per slot; the worker holds as many as its pool
     # finishes in one round trip to the master, so long tasks get just one.
     prefetch: int = 100
-    token: str = ""
+    token: str = ""  # the master's worker token when it has one, else its token
+    tls: ClientTls | None = None  # None: plaintext
     grace_s: float = 30.0  # how long a draining worker lets running tasks finish
+    metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
     log_level: str = "INFO"
     log_format: str = "text"
     transport: str = "grpc"  # or "manager": serve a plain multiprocessing.managers master
@@ -114,6 +125,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -123,6 +141,18 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
     parser.add_flag("--listen", default=d.listen, help="HOST:PORT for the gRPC API")
     parser.add_flag("--store", default=d.store, help="sqlite:PATH (durable) or memory (volatile)")
     parser.add_flag("--token", default=d.token, help="require this bearer token on every call")
+    parser.add_flag(
+        "--worker-token",
+        default=d.worker_token,
+        help="a separate bearer token for workers; then --token is for producers only",
+    )
+    parser.add_flag("--tls-cert", default="", help="serve TLS with this certificate (PEM)")
+    parser.add_flag("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+    parser.add_flag(
+        "--tls-client-ca",
+        default="",
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
     parser.add_flag(
         "--max-payload-bytes",
         default=d.max_payload_bytes,
@@ -138,7 +168,16 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
     )
     parser.add_flag("--grace-s", default=d.grace_s, type=positive_float, help="shutdown grace")
     parser.add_flag(
-        "--insecure", action="store_true", help="allow a non-loopback --listen without a token"
+        "--drain-s",
+        default=d.drain_s,
+        type=non_negative_float,
+        help="on SIGTERM, report NOT_SERVING and let workers finish running tasks this long",
+    )
+    _add_metrics_flag(parser)
+    parser.add_flag(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without a token or TLS",
     )
     _add_manager_endpoint_flags(parser)
     _add_log_flags(parser)
@@ -148,19 +187,26 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
     if args.heartbeat_s >= args.lease_s:
         raise ConfigError("--heartbeat-s: must be shorter than --lease-s")
     listen = check_address("--listen", args.listen)
-    if not is_loopback(listen) and not args.token and not args.insecure:
+    tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if not is_loopback(listen) and not args.token and tls is None and not args.insecure:
         raise ConfigError(
-            f"--listen: {listen} is reachable from other machines; set --token "
-            "(or pass --insecure to accept anyone who can connect)"
+            f"--listen: {listen} is reachable from other machines; set --token or "
+            "--tls-cert/--tls-key (or pass --insecure to accept anyone who can connect)"
         )
+    if args.worker_token and args.worker_token == args.token:
+        raise ConfigError("--worker-token: must differ from --token, or there is no point")
     return MasterConfig(
         listen=listen,
         store=args.store,
         token=args.token,
+        worker_token=args.worker_token,
+        tls=tls,
         max_payload_bytes=args.max_payload_bytes,
         lease_s=args.lease_s,
         heartbeat_s=args.heartbeat_s,
         grace_s=args.grace_s,
+        drain_s=args.drain_s,
+        metrics_listen=_metrics_listen(args, listen),
         insecure=args.insecure,
         log_level=args.log_level,
         log_format=args.log_format,
@@ -201,13 +247,19 @@ def add_worker_flags(parser: EnvDefaultsParser) -> None:
         type=non_negative_int,
         help="most tasks held beyond one per slot (0: none)",
     )
-    parser.add_flag("--token", default=d.token, help="bearer token for the master")
+    parser.add_flag(
+        "--token",
+        default=d.token,
+        help="bearer token for the master: its --worker-token if it has one, else its --token",
+    )
+    _add_client_tls_flags(parser)
     parser.add_flag(
         "--grace-s",
         default=d.grace_s,
         type=positive_float,
         help="how long a draining worker waits for running tasks",
     )
+    _add_metrics_flag(parser)
     _add_manager_transport_flags(parser)
     _add_log_flags(parser)
 
@@ -223,7 +275,9 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         pool=args.pool,
         prefetch=args.prefetch,
         token=args.token,
+        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
         grace_s=args.grace_s,
+        metrics_listen=_metrics_listen(args, ""),
         log_level=args.log_level,
         log_format=args.log_format,
         **_manager_transport_settings(args),
@@ -324,7 +378,35 @@ def _manager_transport_settings(args: argparse.Namespace) -> dict[str, Any]:
 def add_client_flags(parser: EnvDefaultsParser) -> None:
     parser.add_flag("--master", default=DEFAULT_MASTER, help="HOST:PORT of the master")
     parser.add_flag("--token", default="", help="bearer token for the master")
+    _add_client_tls_flags(parser)
     parser.add_flag("--json", action="store_true", help="print JSON for scripts")
+
+
+def _add_client_tls_flags(parser: EnvDefaultsParser) -> None:
+    parser.add_flag(
+        "--tls-ca", default="", help="connect over TLS, trusting this CA for the master (PEM)"
+    )
+    parser.add_flag(
+        "--tls-cert", default="", help="client certificate (PEM) for a master that requires one"
+    )
+    parser.add_flag("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+
+
+def _add_metrics_flag(parser: EnvDefaultsParser) -> None:
+    parser.add_flag(
+        "--metrics-listen",
+        default="",
+        help="HOST:PORT to serve Prometheus metrics at /metrics (off by default)",
+    )
+
+
+def _metrics_listen(args: argparse.Namespace, grpc_listen: str) -> str:
+    if not args.metrics_listen:
+        return ""
+    address = check_address("--metrics-listen", args.metrics_listen)
+    if address == grpc_listen:
+        raise ConfigError(f"--metrics-listen: {address} is the gRPC --listen address")
+    return address
 
 
 def _add_log_flags(parser: EnvDefaultsParser) -> None:

@@ -209,6 +209,7 @@ class ManagerBridge:
         except TaskfleetError as exc:
             raise ValueError(f"taskfleet: {exc}") from None
         (task_id,) = self._rt.store.submit([spec], time.time())
+        self._rt.metrics.submitted([spec])
         self.results.watch(task_id)
         self._rt.sessions.hint_work()
         return task_id
@@ -316,6 +317,7 @@ class ManagerBridge:
     def _finish(self, outcome: Outcome) -> None:
         finals = self._rt.store.record([outcome], time.time())
         self._rt.hub.publish(finals)
+        self._rt.metrics.finished(finals)
 
     def _count_running(self, client: ClientConnection) -> None:
         session = client.session

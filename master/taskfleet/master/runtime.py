@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
 from taskfleet.master.events import CompletionHub
+from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
 
@@ -25,11 +26,13 @@ class MasterRuntime:
     hub: CompletionHub = field(default_factory=CompletionHub)
     sessions: Sessions = field(default_factory=Sessions)
     stopping: threading.Event = field(default_factory=threading.Event)
+    metrics: MasterMetrics = field(default_factory=MasterMetrics)  # off unless enabled
 
     def reap_expired_leases(self) -> int:
         """Return lapsed leases to PENDING and wake workers to take them."""
         expired = self.store.expire(time.time())
         if expired:
+            self.metrics.expired(expired)
             log.warning(
                 "%d leases lapsed, tasks back to PENDING: %s",
                 len(expired),

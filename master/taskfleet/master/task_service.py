@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -33,6 +34,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         specs = [convert.spec_from_proto(pb) for pb in request.tasks]
         validate_specs(specs, self._rt.config.max_payload_bytes)
         task_ids = self._rt.store.submit(specs, time.time())
+        self._rt.metrics.submitted(specs)
         self._rt.sessions.hint_work()
         log.debug("submitted %d tasks", len(task_ids))
         return tasks_pb2.SubmitResponse(task_ids=task_ids)
@@ -74,6 +76,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return
+                if remaining is not None:  # a longer wait overflows the lock's clock
+                    remaining = min(remaining, threading.TIMEOUT_MAX)
                 try:
                     finished = subscription.finished.get(timeout=remaining)
                 except queue.Empty:
@@ -98,6 +102,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if session is not None:
             session.revoke([LeaseRef(task.id, task.lease)])
         self._rt.hub.publish([task])
+        self._rt.metrics.finished([task])
         return convert.task_to_proto(task)
 
     @unary

@@ -11,6 +11,10 @@ from taskfleet.common.model import JSON, TaskSpec
 
 MAX_NAME_CHARS = 200
 MAX_BATCH = 10_000
+# The range of google.protobuf.Timestamp and Duration: a task outside it could
+# be stored but never sent back to anyone.
+MAX_UNIX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_DURATION_S = 315_576_000_000  # 10,000 years
 
 
 def validate_specs(specs: Sequence[TaskSpec], max_payload_bytes: int) -> None:
@@ -44,5 +48,9 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise InvalidArgument(f"{field}.max_attempts: must not be negative")
     if spec.timeout_s < 0:
         raise InvalidArgument(f"{field}.timeout: must not be negative")
+    if spec.timeout_s > MAX_DURATION_S:
+        raise InvalidArgument(f"{field}.timeout: longer than {MAX_DURATION_S} s")
     if spec.not_before < 0:
         raise InvalidArgument(f"{field}.not_before: must not be before 1970")
+    if spec.not_before > MAX_UNIX_S:
+        raise InvalidArgument(f"{field}.not_before: must not be after 9999-12-31")

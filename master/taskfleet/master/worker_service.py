@@ -200,8 +200,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         with session.cond:
             session.running = max(0, session.running - len(results.outcomes))
         self._rt.hub.publish(finals)
+        self._rt.metrics.finished(finals)
         if retried:
             self._rt.sessions.hint_work()
+            self._rt.metrics.retried(self._rt.store, outcomes)
         session.send(worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results.seq)))
 
 

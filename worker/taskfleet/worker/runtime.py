@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from types import FrameType
 from typing import NoReturn
 
@@ -31,10 +32,12 @@ from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
-from taskfleet.common.errors import from_rpc_error
+from taskfleet.common.context import bound_context
+from taskfleet.common.errors import ConfigError, from_rpc_error
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
+from taskfleet.worker.metrics import WorkerMetrics
 from taskfleet.worker.pool import Pool, make_pool
 from taskfleet.worker.registry import TaskDefinition
 
@@ -81,11 +84,23 @@ class Worker:
         self._last_heard = time.monotonic()  # when the master last sent anything
         self.draining = threading.Event()
         self.stopped = threading.Event()  # set when the connection loop must end
+        self.metrics = (
+            WorkerMetrics(self._lock, self._busy_slots, self.pool.size)
+            if config.metrics_listen
+            else None
+        )
 
     # -- lifecycle -----------------------------------------------------------
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain; returns the exit code."""
+        if self.metrics is not None:
+            try:
+                self.metrics.serve(self.config.metrics_listen)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--metrics-listen: cannot bind {self.config.metrics_listen} ({exc.strerror})"
+                ) from None
         self.pool.start()
         threads = [
             threading.Thread(target=self._connect_forever, name="connection", daemon=True),
@@ -136,6 +151,8 @@ class Worker:
         self.stopped.set()
         self._send(None)
         self.pool.close(wait=False)
+        if self.metrics is not None:
+            self.metrics.close()
         return 0 if settled else EXIT_GRACE_EXPIRED
 
     # -- connection ----------------------------------------------------------
@@ -165,7 +182,7 @@ class Worker:
         with self._lock:
             hello = self._hello()
             resend = [self._results_message(seq, o) for seq, o in sorted(self._unacked.items())]
-        channel = open_channel(self.config.master, self.config.token)
+        channel = open_channel(self.config.master, self.config.token, tls=self.config.tls)
         try:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             responses = stub.Connect(_requests(hello, outbox))
@@ -299,22 +316,33 @@ class Worker:
             revoked = set(refs)
             self._prefetched = deque(j for j in self._prefetched if j.ref not in revoked)
             self._outcomes = [o for o in self._outcomes if o.ref not in revoked]
-            running = [r for r in refs if r in self._running]
-            self._revoked.update(running)
-        for ref in running:
-            log.info("stopping task %s: cancelled or lease lost", ref.task_id)
-            self.pool.cancel(ref)
+            running = [self._running[r] for r in refs if r in self._running]
+            self._revoked.update(job.ref for job in running)
+        for job in running:
+            with _log_context(job):
+                log.info("stopping task %s: cancelled or lease lost", job.ref.task_id)
+            self.pool.cancel(job.ref)
 
     def _on_done(self, result: JobResult) -> None:
         with self._lock:
             job = self._running.pop(result.ref, None)
             submitted_at = self._submitted_at.pop(result.ref, None)
             if submitted_at is not None:
-                self._job_s = _average(self._job_s, time.monotonic() - submitted_at)
+                run_s = time.monotonic() - submitted_at
+                self._job_s = _average(self._job_s, run_s)
+                if self.metrics is not None and job is not None:
+                    self.metrics.task_done(job.name, _outcome_label(job, result), run_s)
             if job is not None and result.ref not in self._revoked:
                 self._outcomes.append(_outcome(job, result))
             self._revoked.discard(result.ref)
             self._start_prefetched()
+        if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
+            _log_result(job, result)  # outside the lock: logging may block on I/O
+
+    def _busy_slots(self) -> int:
+        """Slots running a task: jobs handed to the pool, or threads still busy with a
+        job already reported (a thread pool's timed-out task runs on)."""
+        return min(self.pool.size, max(len(self._running), self.pool.size - self.pool.free_slots()))
 
     # -- sending -------------------------------------------------------------
 
@@ -432,6 +460,47 @@ def _outcome(job: Job, result: JobResult) -> Outcome:
         return Outcome(job.ref, TaskState.CANCELLED, error=error)
     retry_delay_s = backoff_s(job.attempt) if job.attempt < job.max_attempts else None
     return Outcome(job.ref, TaskState.FAILED, error=error, retry_delay_s=retry_delay_s)
+
+
+def _outcome_label(job: Job, result: JobResult) -> str:
+    """The outcome ``_outcome`` reports, as the metrics name it."""
+    if result.ok:
+        return "succeeded"
+    if result.cancelled:
+        return "cancelled"
+    return "retried" if job.attempt < job.max_attempts else "failed"
+
+
+def _log_context(job: Job) -> AbstractContextManager[dict[str, str]]:
+    """The logging context of lines about ``job``: its task id and attempt."""
+    return bound_context(task_id=job.ref.task_id, attempt=str(job.attempt), task=job.name)
+
+
+def _log_result(job: Job, result: JobResult) -> None:
+    """One line on how an attempt ended: failures always, successes at DEBUG."""
+    error = result.error or TaskError("Unknown", "no error recorded")
+    with _log_context(job):
+        if result.ok:
+            log.debug("task %s succeeded", job.name)
+        elif result.cancelled:
+            log.info("task %s stopped: %s", job.name, error.message)
+        elif job.attempt < job.max_attempts:
+            log.warning(
+                "task %s failed on attempt %d of %d, will retry: %s: %s",
+                job.name,
+                job.attempt,
+                job.max_attempts,
+                error.type,
+                error.message,
+            )
+        else:
+            log.warning(
+                "task %s failed for good on attempt %d: %s: %s",
+                job.name,
+                job.attempt,
+                error.type,
+                error.message,
+            )
 
 
 def _rpc_reason(exc: BaseException | None) -> str:

@@ -1,0 +1,33 @@
+"""The standard gRPC health service and server reflection, so load balancers and
+grpcurl-style tools work with the master out of the box (no token needed: the
+token interceptor guards only taskfleet's own services)."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from taskfleet.v1 import tasks_pb2, worker_pb2
+
+TASKFLEET_SERVICES = (
+    tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+class Health:
+    """The health service of one master: SERVING from the start, NOT_SERVING for
+    good once ``draining`` is called."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+        for service in ("", *TASKFLEET_SERVICES):
+            self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (*TASKFLEET_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+    def draining(self) -> None:
+        self._servicer.enter_graceful_shutdown()

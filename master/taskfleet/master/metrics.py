@@ -1,0 +1,163 @@
+"""The master's Prometheus metrics: one registry per process, served at
+``--metrics-listen`` and off (every call a no-op) without it.
+
+Hot paths count once per batch, not once per task: callers hand over whole
+lists of tasks and each distinct (queue, task) pair costs one increment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from taskfleet.common.errors import NotFound
+from taskfleet.common.model import Outcome, QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
+from taskfleet.master.store.base import Store
+
+log = logging.getLogger("taskfleet.master.metrics")
+
+_FINAL_STATES = {
+    TaskState.SUCCEEDED: "succeeded",
+    TaskState.FAILED: "failed",
+    TaskState.CANCELLED: "cancelled",
+}
+# Unary calls take milliseconds; streams (Connect, WaitTasks) last up to hours.
+RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600)
+
+
+class MasterMetrics:
+    """Counters, histograms and the queue-depth collector of one master."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        labels = ["queue", "task"]
+        r = self.registry
+        self._submitted = Counter(
+            "taskfleet_tasks_submitted", "Tasks accepted by Submit.", labels, registry=r
+        )
+        self._finished = {
+            state: Counter(
+                f"taskfleet_tasks_{name}", f"Tasks that ended {state.name}.", labels, registry=r
+            )
+            for state, name in _FINAL_STATES.items()
+        }
+        self._retried = Counter(
+            "taskfleet_tasks_retried",
+            "Failed attempts sent back to PENDING for another try.",
+            labels,
+            registry=r,
+        )
+        self._expired = Counter(
+            "taskfleet_lease_expiries",
+            "Leases that lapsed without a heartbeat; their tasks went back to PENDING.",
+            labels,
+            registry=r,
+        )
+        self._rpc_seconds = Histogram(
+            "taskfleet_rpc_duration_seconds",
+            "Time spent serving each RPC (a stream: its whole life), by method and status code.",
+            ["method", "code"],
+            buckets=RPC_BUCKETS_S,
+            registry=r,
+        )
+        self._server: WSGIServer | None = None
+
+    def watch(
+        self, queue_counts: Callable[[], list[QueueCounts]], workers: Callable[[], list[WorkerInfo]]
+    ) -> None:
+        """Report queue depth and connected workers, read on every scrape."""
+        if self.enabled:
+            self.registry.register(_StateCollector(queue_counts, workers))
+
+    def serve(self, address: str) -> None:
+        """Serve ``/metrics`` over HTTP at HOST:PORT on a daemon thread."""
+        host, _, port = address.rpartition(":")
+        self._server, _thread = start_http_server(
+            int(port), addr=host.strip("[]"), registry=self.registry
+        )
+        log.info("metrics at http://%s/metrics", address)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- counting ------------------------------------------------------------
+
+    def submitted(self, specs: Iterable[TaskSpec]) -> None:
+        if self.enabled:
+            _add(self._submitted, Tally((s.queue, s.name) for s in specs))
+
+    def finished(self, tasks: Iterable[Task]) -> None:
+        """Count tasks that reached a final state (each exactly once: stores report
+        a task's final state only to the call that wrote it)."""
+        if not self.enabled:
+            return
+        tally = Tally((t.state, t.spec.queue, t.spec.name) for t in tasks)
+        for (state, queue, name), n in tally.items():
+            counter = self._finished.get(state)
+            if counter is not None:
+                counter.labels(queue, name).inc(n)
+
+    def retried(self, store: Store, outcomes: Sequence[Outcome]) -> None:
+        """Count the failed attempts among ``outcomes`` that go back for another try.
+
+        Outcomes carry no task name, so this reads the tasks back: only on the
+        (rare) retry path, and only while metrics are on.
+        """
+        if not self.enabled:
+            return
+        task_ids = [o.ref.task_id for o in outcomes if o.retry_delay_s is not None]
+        try:
+            tasks = store.get_many(task_ids)
+        except NotFound:  # not in this store (a stale report); nothing to count
+            return
+        _add(self._retried, Tally((t.spec.queue, t.spec.name) for t in tasks))
+
+    def expired(self, tasks: Iterable[Task]) -> None:
+        if self.enabled:
+            _add(self._expired, Tally((t.spec.queue, t.spec.name) for t in tasks))
+
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        if self.enabled:
+            self._rpc_seconds.labels(method, code).observe(seconds)
+
+
+def _add(counter: Counter, tally: Tally[tuple[str, str]]) -> None:
+    for (queue, name), n in tally.items():
+        counter.labels(queue, name).inc(n)
+
+
+class _StateCollector(Collector):
+    """Gauges computed from the store and the sessions when Prometheus scrapes."""
+
+    def __init__(
+        self, queue_counts: Callable[[], list[QueueCounts]], workers: Callable[[], list[WorkerInfo]]
+    ) -> None:
+        self._queue_counts = queue_counts
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "taskfleet_queue_depth", "Tasks per queue and state.", labels=["queue", "state"]
+        )
+        for counts in self._queue_counts():
+            for state in TaskState:
+                depth.add_metric([counts.queue, state.name.lower()], counts.counts.get(state, 0))
+        yield depth
+        infos = self._workers()
+        yield GaugeMetricFamily(
+            "taskfleet_workers_connected", "Workers with an open stream.", value=len(infos)
+        )
+        yield GaugeMetricFamily(
+            "taskfleet_workers_slots",
+            "Pool slots of the connected workers.",
+            value=sum(i.concurrency for i in infos),
+        )
