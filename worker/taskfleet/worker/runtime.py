@@ -33,7 +33,13 @@ from taskfleet.common.backoff import backoff_s
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.context import bound_context
-from taskfleet.common.errors import ConfigError, from_rpc_error
+from taskfleet.common.errors import (
+    ConfigError,
+    InvalidArgument,
+    TaskfleetError,
+    Unauthenticated,
+    from_rpc_error,
+)
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
@@ -83,6 +89,7 @@ class Worker:
         )
         self._last_heard = time.monotonic()  # when the master last sent anything
         self.draining = threading.Event()
+        self._refused: TaskfleetError | None = None  # the master refuses this worker
         self.stopped = threading.Event()  # set when the connection loop must end
         self.metrics = (
             WorkerMetrics(self._lock, self._busy_slots, self.pool.size)
@@ -119,7 +126,12 @@ class Worker:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(f"taskfleet worker {self.worker_id} serving {self.config.master}", flush=True)
-        signalled.wait()
+        while not signalled.wait(0.5):
+            if self._refused is not None:
+                # Retrying cannot help: the master refuses this worker as it is set up.
+                self.stopped.set()
+                self.pool.close(wait=False)
+                raise self._refused
         return self.drain()
 
     def drain(self) -> int:
@@ -160,7 +172,7 @@ class Worker:
     def _connect_forever(self) -> None:
         while not self.stopped.is_set():
             retrying = tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(grpc.RpcError),
+                retry=tenacity.retry_if_exception(_worth_retrying),
                 wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
                 before_sleep=lambda state: log.warning(
                     "master %s unreachable (%s); retrying",
@@ -171,6 +183,9 @@ class Worker:
             )
             try:
                 retrying(self._serve_stream)
+            except grpc.RpcError as exc:  # not retried: refused for good
+                self._refused = from_rpc_error(exc)
+                return
             except StreamEnded as exc:
                 if not self.stopped.is_set():
                     log.warning("connection to master lost (%s); reconnecting", exc)
@@ -501,6 +516,14 @@ def _log_result(job: Job, result: JobResult) -> None:
                 error.type,
                 error.message,
             )
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A master that is down or restarting comes back; a wrong token or a Hello the
+    master rejects stays wrong however often it is sent."""
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    return not isinstance(from_rpc_error(exc), Unauthenticated | InvalidArgument)
 
 
 def _rpc_reason(exc: BaseException | None) -> str:
