@@ -324,7 +324,6 @@ class Worker:
             self._running[job.ref] = job
             self._submitted_at[job.ref] = time.monotonic()
             self.pool.submit(job)
-        self._lock.notify_all()
 
     def _revoke(self, refs: list[LeaseRef]) -> None:
         with self._lock:
@@ -349,6 +348,12 @@ class Worker:
                     self.metrics.task_done(job.name, _outcome_label(job, result), run_s)
             if job is not None and result.ref not in self._revoked:
                 self._outcomes.append(_outcome(job, result))
+                if len(self._outcomes) == 1:
+                    # Wake the sender for the first outcome only: the ones that
+                    # finish before it runs go in the same batch.
+                    self._lock.notify_all()
+            elif not self._running:
+                self._lock.notify_all()  # a drain may be waiting for the last one
             self._revoked.discard(result.ref)
             self._start_prefetched()
         if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
