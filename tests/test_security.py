@@ -35,7 +35,7 @@ from taskfleet.common.tls import client_tls
 from taskfleet.master.auth import TokenInterceptor
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
-from procs import TESTS_DIR, MasterProc, WorkerProc, free_port, poll
+from procs import TESTS_DIR, MasterProc, WorkerProc, free_port
 
 TASKFLEET = str(Path(sys.executable).parent / "taskfleet")
 # Random, so finding one in a log can only mean it leaked.

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskfleet.common.errors import NotFound
+from taskfleet.common.metrics_http import MetricsEndpoint
 from taskfleet.common.model import Outcome, QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
 from taskfleet.master.store.base import Store
 
@@ -31,12 +31,12 @@ _FINAL_STATES = {
 RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600)
 
 
-class MasterMetrics:
+class MasterMetrics(MetricsEndpoint):
     """Counters, histograms and the queue-depth collector of one master."""
 
     def __init__(self, enabled: bool = False) -> None:
+        super().__init__(CollectorRegistry())
         self.enabled = enabled
-        self.registry = CollectorRegistry()
         labels = ["queue", "task"]
         r = self.registry
         self._submitted = Counter(
@@ -67,7 +67,6 @@ class MasterMetrics:
             buckets=RPC_BUCKETS_S,
             registry=r,
         )
-        self._server: WSGIServer | None = None
 
     def watch(
         self, queue_counts: Callable[[], list[QueueCounts]], workers: Callable[[], list[WorkerInfo]]
@@ -75,19 +74,6 @@ class MasterMetrics:
         """Report queue depth and connected workers, read on every scrape."""
         if self.enabled:
             self.registry.register(_StateCollector(queue_counts, workers))
-
-    def serve(self, address: str) -> None:
-        """Serve ``/metrics`` over HTTP at HOST:PORT on a daemon thread."""
-        host, _, port = address.rpartition(":")
-        self._server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
-        log.info("metrics at http://%s/metrics", address)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     # -- counting ------------------------------------------------------------
 

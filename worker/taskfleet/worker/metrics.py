@@ -12,9 +12,8 @@ import bisect
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,6 +21,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from taskfleet.common.metrics_http import MetricsEndpoint
 
 log = logging.getLogger("taskfleet.worker.metrics")
 
@@ -38,7 +39,7 @@ class _RunTimes:
         self.sum_s = 0.0
 
 
-class WorkerMetrics(Collector):
+class WorkerMetrics(MetricsEndpoint, Collector):
     """Counts of one worker. ``task_done`` is called with ``lock`` held; the
     collector takes ``lock`` to read a consistent snapshot."""
 
@@ -48,9 +49,8 @@ class WorkerMetrics(Collector):
         self._slots = slots
         self._runs: dict[tuple[str, str], int] = {}
         self._run_times: dict[str, _RunTimes] = {}
-        self.registry = CollectorRegistry()
+        super().__init__(CollectorRegistry())
         self.registry.register(self)
-        self._server: WSGIServer | None = None
 
     def task_done(self, name: str, outcome: str, run_s: float) -> None:
         """Count one finished attempt; ``outcome`` is succeeded, failed, retried or
@@ -62,19 +62,6 @@ class WorkerMetrics(Collector):
             times = self._run_times[name] = _RunTimes()
         times.counts[bisect.bisect_left(RUN_BUCKETS_S, run_s)] += 1
         times.sum_s += run_s
-
-    def serve(self, address: str) -> None:
-        """Serve ``/metrics`` over HTTP at HOST:PORT on a daemon thread."""
-        host, _, port = address.rpartition(":")
-        self._server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
-        log.info("metrics at http://%s/metrics", address)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
