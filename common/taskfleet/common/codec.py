@@ -12,9 +12,13 @@ from typing import Any
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import JSON
 
+_NO_ARGS = b'{"args":[],"kwargs":{}}'  # what json.dumps gives for a call without arguments
+
 
 def encode_args(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> bytes:
     """The JSON payload for a call with ``args`` and ``kwargs``."""
+    if not args and not kwargs:
+        return _NO_ARGS
     try:
         return json.dumps({"args": list(args), "kwargs": kwargs}, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:

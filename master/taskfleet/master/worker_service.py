@@ -112,17 +112,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 session.running += len(leases)
                 if len(leases) == want:
                     session.work_hint = True
-            yield worker_pb2.MasterMessage(
-                assignments=worker_pb2.Assignments(
-                    assignments=[
-                        worker_pb2.Assignment(
-                            lease=convert.ref_to_proto(lease.ref),
-                            task=convert.task_to_proto(lease.task),
-                        )
-                        for lease in leases
-                    ]
-                )
-            )
+            yield convert.assignments_to_proto(leases)
 
     def _may_lease(self, session: WorkerSession) -> bool:
         return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()

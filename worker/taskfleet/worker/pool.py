@@ -142,7 +142,8 @@ class JobLedger:
         finally:
             with self._changed:
                 self._reporting -= 1
-                self._changed.notify_all()
+                if self.closed:  # only wait_drained waits, and only once closed
+                    self._changed.notify_all()
 
 
 def timed_out(job: Job) -> JobResult:

@@ -10,9 +10,11 @@ spawned, not forked, because the parent holds gRPC threads.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
+import math
 import multiprocessing
+import pickle
+import select
 import signal
 import socket
 import threading
@@ -20,11 +22,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import LeaseRef
+from taskfleet.common.model import LeaseRef, TaskError
 from taskfleet.worker.execute import Job, JobResult, failed, run_job
 from taskfleet.worker.pool import JobLedger, OnDone, Pool, cancelled, timed_out
 from taskfleet.worker.registry import import_task_modules
@@ -37,12 +39,55 @@ SHORT_JOB_S = 0.005  # tasks shorter than this on average are pipelined
 JOB_S_WEIGHT = 0.1  # weight of the newest job in the moving average of run time
 
 # A child's first message is None once it is ready, or why it could not start;
-# then one JobResult per Job it receives. None asks it to exit.
-_FromChild = JobResult | str | None
-_ToChild = Job | None
+# then one _WireResult per _WireJob it receives. None asks it to exit. Both travel
+# as plain tuples pickled by hand: a slots dataclass pickles through Python-level
+# __getstate__/__setstate__, several times dearer than a tuple, on every task.
+# A _WireJob is (task_id, lease, name, queue, attempt, payload, content_type,
+# timeout_s, metadata); a _WireResult is (ok, result, error) with error None or
+# (type, message, traceback). Results come back in job order, so they carry no ref.
+_WireJob = tuple[str, int, str, str, int, bytes, str, float, dict[str, str]]
+_WireResult = tuple[bool, bytes, tuple[str, str, str] | None]
+_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
-def _child_main(conn: Connection[_FromChild, _ToChild], task_modules: Sequence[str]) -> None:
+def _to_wire(job: Job) -> bytes:
+    return pickle.dumps(
+        (
+            job.ref.task_id,
+            job.ref.lease,
+            job.name,
+            job.queue,
+            job.attempt,
+            job.payload,
+            job.content_type,
+            job.timeout_s,
+            job.metadata,
+        ),
+        _PICKLE,
+    )
+
+
+def _run_wire(wire: _WireJob) -> bytes:
+    task_id, lease, name, queue, attempt, payload, content_type, timeout_s, metadata = wire
+    # The time limit counts from now: the job may have waited in the pipe behind another.
+    deadline = time.time() + timeout_s if timeout_s else None
+    job = Job(
+        LeaseRef(task_id, lease), name, queue, attempt, payload, content_type, timeout_s,
+        deadline, metadata,
+    )  # fmt: skip
+    result = run_job(job)
+    error = result.error
+    return pickle.dumps(
+        (
+            result.ok,
+            result.result,
+            None if error is None else (error.type, error.message, error.traceback),
+        ),
+        _PICKLE,
+    )
+
+
+def _child_main(conn: Connection[object, object], task_modules: Sequence[str]) -> None:
     """A pool process: import the tasks, say ready, run jobs until told to stop."""
     # Shutdown signals are the parent's to handle: it drains, then stops its children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -50,37 +95,34 @@ def _child_main(conn: Connection[_FromChild, _ToChild], task_modules: Sequence[s
     try:
         import_task_modules(task_modules)
     except Exception as exc:
-        conn.send(f"{type(exc).__name__}: {exc}")
+        conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}", _PICKLE))
         return
     try:
-        conn.send(None)
-        while (job := conn.recv()) is not None:
-            if job.timeout_s:  # it may have waited in the pipe behind another job
-                job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
-            conn.send(run_job(job))
+        conn.send_bytes(pickle.dumps(None, _PICKLE))
+        while (wire := pickle.loads(conn.recv_bytes())) is not None:
+            conn.send_bytes(_run_wire(wire))
     except (EOFError, OSError):
         pass  # the parent is gone
+
+
+_STOP = pickle.dumps(None, _PICKLE)
 
 
 @dataclass(eq=False, slots=True)
 class _Child:
     process: SpawnProcess
-    conn: Connection[_ToChild, _FromChild]
+    conn: Connection[object, object]
     ready: bool = False
     # Jobs sent to the process, in order: the first runs, the rest wait in the pipe.
     jobs: deque[Job] = field(default_factory=deque)
     started_at: float = 0.0  # when the first of ``jobs`` started
+    deadline: float | None = None  # when the first of ``jobs`` runs out of time
 
     def start_next(self) -> None:
         """Note that the first job starts now: its time limit counts from here."""
-        self.started_at = time.time()
-        job = self.jobs[0]
-        if job.timeout_s:
-            self.jobs[0] = dataclasses.replace(job, deadline=self.started_at + job.timeout_s)
-
-    @property
-    def deadline(self) -> float | None:
-        return self.jobs[0].deadline if self.jobs else None
+        self.started_at = now = time.time()
+        timeout_s = self.jobs[0].timeout_s
+        self.deadline = now + timeout_s if timeout_s else None
 
 
 class ProcessPool(Pool):
@@ -99,6 +141,9 @@ class ProcessPool(Pool):
         self._queued: deque[Job] = deque()  # submitted, waiting for a ready process
         self._children: list[_Child] = []  # the supervisor's alone once started
         self._job_s = SHORT_JOB_S * 10  # moving average of run time; no pipelining at first
+        self._polled: tuple[_Child, ...] | None = None  # the processes _poller watches
+        self._poller = select.poll()
+        self._poll_fds: dict[int, tuple[_Child, bool]] = {}  # fd -> (process, is sentinel)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
@@ -119,7 +164,10 @@ class ProcessPool(Pool):
     def submit(self, job: Job) -> None:
         self._ledger.add(job.ref)
         self._queued.append(job)
-        self._wake()
+        if threading.get_ident() != self._supervisor.ident:
+            # From on_done, on the supervisor itself, the job is dispatched at the
+            # top of its next pass anyway: no wake-up (a syscall each way) needed.
+            self._wake()
 
     def free_slots(self) -> int:
         return max(0, self.size * self._depth() - len(self._ledger))
@@ -164,7 +212,7 @@ class ProcessPool(Pool):
 
     def _await_ready(self, child: _Child) -> None:
         try:
-            message = child.conn.recv()
+            message = pickle.loads(child.conn.recv_bytes())
         except EOFError:
             child.process.join()
             message = f"it {_death(child.process.exitcode)}"
@@ -200,20 +248,33 @@ class ProcessPool(Pool):
             if len(child.jobs) == 1:
                 child.start_next()
             with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
-                child.conn.send(job)
+                child.conn.send_bytes(_to_wire(job))
 
     def _wait_and_handle(self) -> None:
-        waitables: list[Connection[_ToChild, _FromChild] | socket.socket | int] = [self._wake_r]
-        handles: dict[object, _Child] = {}
-        for child in self._children:
-            waitables += (child.conn, child.process.sentinel)
-            handles[child.conn] = handles[child.process.sentinel] = child
-        ready = set(wait(waitables, self._until_next_deadline()))
-        if self._wake_r in ready:
-            self._wake_r.recv(4096)
-        touched = dict.fromkeys(handles[h] for h in ready if h in handles)
-        for child in touched:
-            self._service(child, died=child.process.sentinel in ready)
+        children = tuple(self._children)
+        if children != self._polled:
+            # A poll set kept while the processes stay the same, not a selector
+            # built and filled per pass (multiprocessing's wait does that).
+            self._poller = select.poll()
+            self._poll_fds = {}
+            self._poller.register(self._wake_r.fileno(), select.POLLIN)
+            for child in children:
+                for fd, died in ((child.conn.fileno(), False), (child.process.sentinel, True)):
+                    self._poller.register(fd, select.POLLIN)
+                    self._poll_fds[fd] = (child, died)
+            self._polled = children
+        timeout_s = self._until_next_deadline()
+        events = self._poller.poll(None if timeout_s is None else math.ceil(timeout_s * 1000))
+        touched: dict[_Child, bool] = {}
+        for fd, _ in events:
+            handle = self._poll_fds.get(fd)
+            if handle is None:
+                self._wake_r.recv(4096)
+            else:
+                child, died = handle
+                touched[child] = touched.get(child, False) or died
+        for child, died in touched.items():
+            self._service(child, died=died)
 
     def _until_next_deadline(self) -> float | None:
         deadlines = [d for c in self._children if (d := c.deadline) is not None]
@@ -221,8 +282,11 @@ class ProcessPool(Pool):
 
     def _service(self, child: _Child, *, died: bool) -> None:
         try:
-            while child.conn.poll():
-                self._on_message(child, child.conn.recv())
+            # A poll object, not conn.poll(): that builds a Python selector per call.
+            readable = select.poll()
+            readable.register(child.conn.fileno(), select.POLLIN)
+            while readable.poll(0):
+                self._on_message(child, pickle.loads(child.conn.recv_bytes()))
         except (EOFError, OSError):
             died = True
         if not died:
@@ -235,13 +299,18 @@ class ProcessPool(Pool):
         elif not child.ready:
             log.warning("a pool process %s before it was ready; starting another", reason)
 
-    def _on_message(self, child: _Child, message: _FromChild) -> None:
-        if isinstance(message, JobResult):
-            child.jobs.popleft()
+    def _on_message(self, child: _Child, message: _WireResult | str | None) -> None:
+        if type(message) is tuple:
+            job = child.jobs.popleft()
             self._job_s += JOB_S_WEIGHT * (time.time() - child.started_at - self._job_s)
             if child.jobs:
                 child.start_next()
-            self._ledger.finish(message)
+            else:
+                child.deadline = None
+            ok, result, error = message
+            self._ledger.finish(
+                JobResult(job.ref, ok, result, None if error is None else TaskError(*error))
+            )
         elif message is None:
             child.ready = True
         else:
@@ -277,7 +346,7 @@ class ProcessPool(Pool):
         for child in self._children:
             if graceful and child.ready:
                 with contextlib.suppress(OSError):
-                    child.conn.send(None)
+                    child.conn.send_bytes(_STOP)
             else:
                 child.process.kill()
         for child in self._children:

@@ -263,29 +263,30 @@ class Worker:
                 sent_at = self._sent_at.pop(seq, None)
                 if sent_at is not None:
                     self._round_trip_s = _average(self._round_trip_s, time.monotonic() - sent_at)
-                self._lock.notify_all()
+                if self.draining.is_set():
+                    # Only a drain waits for acks; waking the sender on every
+                    # ack would cost a thread hand-off per batch for nothing.
+                    # (drain sets the event before it takes the lock to wait.)
+                    self._lock.notify_all()
 
     def _job(self, assignment: worker_pb2.Assignment) -> Job:
         task = assignment.task
-        definition = self.registry.get(task.spec.name)
-        timeout_s = (
-            convert.seconds_from_duration(task.spec.timeout)
-            if task.spec.HasField("timeout")
-            else 0.0
-        )
+        spec = task.spec  # once: every protobuf field access has a cost, per task
+        definition = self.registry.get(spec.name)
+        timeout_s = convert.seconds_from_duration(spec.timeout) if spec.HasField("timeout") else 0.0
         if not timeout_s and definition is not None:
             timeout_s = definition.timeout_s
         return Job(
             ref=convert.ref_from_proto(assignment.lease),
-            name=task.spec.name,
-            queue=task.spec.queue,
+            name=spec.name,
+            queue=spec.queue,
             attempt=task.attempts,
-            payload=task.spec.payload,
-            content_type=task.spec.content_type,
+            payload=spec.payload,
+            content_type=spec.content_type,
             timeout_s=timeout_s,
             deadline=time.time() + timeout_s if timeout_s else None,
-            metadata=dict(task.spec.metadata),
-            max_attempts=task.spec.max_attempts or (definition.max_attempts if definition else 1),
+            metadata=dict(spec.metadata),
+            max_attempts=spec.max_attempts or (definition.max_attempts if definition else 1),
         )
 
     # -- bookkeeping ---------------------------------------------------------
@@ -388,11 +389,14 @@ class Worker:
                     self._lock.wait(self._heartbeat_s)
                     continue
                 messages: list[worker_pb2.WorkerMessage] = []
+                batch: tuple[int, list[Outcome]] | None = None
                 if self._outcomes:
                     self._seq += 1
                     self._unacked[self._seq] = self._outcomes
                     self._sent_at[self._seq] = time.monotonic()
-                    messages.append(self._results_message(self._seq, self._outcomes))
+                    # Converted after the lock is let go (the list is never
+                    # changed in place), so the pool's on_done need not wait.
+                    batch = (self._seq, self._outcomes)
                     self._outcomes = []
                 want = self._credit_wanted()
                 if want > 0:
@@ -408,6 +412,8 @@ class Worker:
                     messages.append(
                         worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat(held=held))
                     )
+            if batch is not None:
+                outbox.put(self._results_message(*batch))
             for message in messages:
                 outbox.put(message)
 

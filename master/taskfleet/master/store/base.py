@@ -18,14 +18,15 @@ anything, and a task's final state is written exactly once.
 from __future__ import annotations
 
 import abc
-import uuid
+import os
 from collections.abc import Collection, Sequence
 
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec
 
 
 def new_task_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex but without building a UUID.
+    return os.urandom(16).hex()
 
 
 class Store(abc.ABC):

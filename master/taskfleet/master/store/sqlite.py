@@ -195,7 +195,7 @@ class SqliteStore(Store):
                         spec.timeout_s,
                         spec.not_before,
                         key,
-                        json.dumps(spec.metadata),
+                        json.dumps(spec.metadata) if spec.metadata else "{}",
                         PENDING,
                         int(ready_at <= now),
                         ready_at,
@@ -411,30 +411,35 @@ def _task(row: Sequence[Any]) -> Task:
         started_at,
         finished_at,
     ) = row
+    # Positional, and no JSON parse or enum call for the common defaults: this
+    # runs for every row the master leases, records or reports.
     spec = TaskSpec(
-        name=name,
-        queue=queue,
-        payload=payload,
-        content_type=content_type,
-        priority=priority,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        not_before=not_before,
-        idempotency_key=idempotency_key,
-        metadata=json.loads(metadata),
+        name,
+        queue,
+        payload,
+        content_type,
+        priority,
+        max_attempts,
+        timeout_s,
+        not_before,
+        idempotency_key,
+        json.loads(metadata) if metadata != "{}" else {},
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(
-        id=task_id,
-        spec=spec,
-        state=TaskState(state),
-        attempts=attempts,
-        lease=lease,
-        result=result,
-        result_content_type=result_content_type,
-        error=error,
-        worker_id=worker_id,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
+        task_id,
+        spec,
+        _STATES.get(state) or TaskState(state),
+        attempts,
+        lease,
+        result,
+        result_content_type,
+        error,
+        worker_id,
+        created_at,
+        started_at,
+        finished_at,
     )
+
+
+_STATES = {int(state): state for state in TaskState}
