@@ -83,6 +83,27 @@ def dead(pid: int, what: str) -> None:
     poll(lambda: not alive(pid), WAIT_S, f"{what} (pid {pid}) to be gone")
 
 
+def taken_over(client: Client, task_id: str, gate: str, worker: WorkerProc, worker_id: str) -> int:
+    """Wait until the task runs again, on ``worker``, after its first lease lapsed;
+    the attempt number it runs as there."""
+
+    def running_there() -> Task | None:
+        task = client.get(task_id)
+        return task if task.state == TaskState.RUNNING and task.worker_id == worker_id else None
+
+    attempt = poll(running_there, WAIT_S, f"the task to run on {worker_id}").attempts
+    assert attempt >= 2
+    assert started(gate, attempt) == worker.pid
+    return attempt
+
+
+def assert_done_by(task: Task, worker: WorkerProc, worker_id: str, attempt: int) -> None:
+    """``task`` SUCCEEDED with the result of ``worker``'s ``attempt`` (a ``gated`` task)."""
+    assert task.state == TaskState.SUCCEEDED
+    assert task.worker_id == worker_id
+    assert task_result(task) == {"attempt": attempt, "pid": worker.pid}
+
+
 def assert_stays(client: Client, task: Task, hold_s: float = HOLD_S) -> None:
     """``task`` (final) reads the same, field for field, throughout ``hold_s``."""
     # A window to watch in, not a synchronisation: callers have already waited
@@ -250,20 +271,12 @@ def test_late_result_of_a_frozen_worker_presumed_dead_is_fenced(
     b_id = connected(client, worker_b)
 
     # Then the lapsed lease is handed to B, in a later attempt
-    def running_on_b() -> Task | None:
-        task = client.get(task_id)
-        return task if task.state == TaskState.RUNNING and task.worker_id == b_id else None
-
-    attempt = poll(running_on_b, WAIT_S, "the task to run on B").attempts
-    assert attempt >= 2
-    assert started(gate, attempt) == worker_b.pid
+    attempt = taken_over(client, task_id, gate, worker_b, b_id)
 
     # When the gate opens, B's attempt succeeds with B's result
     gates.open(gate)
     done = final(client, task_id)
-    assert done.state == TaskState.SUCCEEDED
-    assert done.worker_id == b_id
-    assert task_result(done) == {"attempt": attempt, "pid": worker_b.pid}
+    assert_done_by(done, worker_b, b_id, attempt)
 
     # When A thaws: its attempt 1 finishes (the gate is open) and it reconnects
     worker_a.signal(signal.SIGCONT)
@@ -531,20 +544,12 @@ def test_worker_cut_off_past_its_lease_is_fenced_and_then_takes_work_again(
     disconnected(client, worker_a)
 
     # Then the task runs again on B
-    def running_on_b() -> Task | None:
-        task = client.get(task_id)
-        return task if task.state == TaskState.RUNNING and task.worker_id == b_id else None
-
-    attempt = poll(running_on_b, WAIT_S, "the task to run on B").attempts
-    assert attempt >= 2
-    assert started(gate, attempt) == worker_b.pid
+    attempt = taken_over(client, task_id, gate, worker_b, b_id)
 
     # When the gate opens, both attempts finish: B's is recorded
     gates.open(gate)
     done = final(client, task_id)
-    assert done.state == TaskState.SUCCEEDED
-    assert done.worker_id == b_id
-    assert task_result(done) == {"attempt": attempt, "pid": worker_b.pid}
+    assert_done_by(done, worker_b, b_id, attempt)
 
     # When the proxy is restored, A reconnects with its late result
     proxy.restore()
