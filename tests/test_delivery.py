@@ -83,6 +83,18 @@ def dead(pid: int, what: str) -> None:
     poll(lambda: not alive(pid), WAIT_S, f"{what} (pid {pid}) to be gone")
 
 
+def busy_neighbour(
+    master: MasterProc, client: Client, start_worker: StartWorker, queue_name: str, gates: Gates
+) -> tuple[WorkerProc, str, str, str, int]:
+    """A process-pool worker with two slots, one held by a blocking task: the worker,
+    its id, the task's gate, the task's id and the pid of the process running it."""
+    worker = start_worker(master, queues=queue_name, pool="process", concurrency=2)
+    worker_id = connected(client, worker)
+    gate = gates.new("neighbour")
+    task_id = client.submit("block_until", [gate], queue=queue_name)
+    return worker, worker_id, gate, task_id, started(gate)
+
+
 def taken_over(client: Client, task_id: str, gate: str, worker: WorkerProc, worker_id: str) -> int:
     """Wait until the task runs again, on ``worker``, after its first lease lapsed;
     the attempt number it runs as there."""
@@ -135,11 +147,9 @@ def test_time_limit_kills_and_replaces_the_pool_process_while_the_other_slot_run
     gates: Gates,
 ) -> None:
     # Given a process-pool worker with two slots, one busy with a blocking task
-    worker = start_worker(master, queues=queue_name, pool="process", concurrency=2)
-    the_worker = connected(client, worker)
-    neighbour_gate = gates.new("neighbour")
-    neighbour = client.submit("block_until", [neighbour_gate], queue=queue_name)
-    neighbour_pid = started(neighbour_gate)
+    worker, the_worker, neighbour_gate, neighbour, neighbour_pid = busy_neighbour(
+        master, client, start_worker, queue_name, gates
+    )
 
     # When a task that would block for a minute runs with a 1 s limit and 2 attempts
     hang = gates.new("never-opened")
@@ -201,11 +211,9 @@ def test_a_dying_pool_process_fails_its_attempt_naming_why_and_the_worker_serves
     gates: Gates,
 ) -> None:
     # Given a process-pool worker with two slots, one busy with a blocking task
-    worker = start_worker(master, queues=queue_name, pool="process", concurrency=2)
-    the_worker = connected(client, worker)
-    neighbour_gate = gates.new("neighbour")
-    neighbour = client.submit("block_until", [neighbour_gate], queue=queue_name)
-    neighbour_pid = started(neighbour_gate)
+    worker, the_worker, neighbour_gate, neighbour, neighbour_pid = busy_neighbour(
+        master, client, start_worker, queue_name, gates
+    )
 
     # When a task ends its own process with os._exit(7)
     exited = final(client, client.submit("exit_with", [7], queue=queue_name))
