@@ -147,8 +147,9 @@ class Client:
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
         try:
-            for pb in self._stub.WaitTasks(request):
-                yield convert.task_from_proto(pb)
+            for batch in self._stub.WaitTasksBatched(request):
+                for pb in batch.tasks:
+                    yield convert.task_from_proto(pb)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -101,11 +101,12 @@ def error_from_proto(pb: tasks_pb2.TaskError) -> TaskError:
 
 def task_to_proto(task: Task) -> tasks_pb2.Task:
     pb = tasks_pb2.Task()
-    _fill_task(pb, task)
+    fill_task(pb, task)
     return pb
 
 
-def _fill_task(pb: tasks_pb2.Task, task: Task) -> None:
+def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
+    """Write ``task`` into an empty ``pb``: in place, for the repeated fields of a batch."""
     pb.id = task.id
     _fill_spec(pb.spec, task.spec)
     pb.state = task.state.value  # type: ignore[assignment]
@@ -119,6 +120,7 @@ def _fill_task(pb: tasks_pb2.Task, task: Task) -> None:
         pb.worker_id = task.worker_id
     if task.error is not None:
         error = task.error
+        pb.error.SetInParent()  # present even if every field is empty
         pb.error.type = error.type
         pb.error.message = error.message
         pb.error.traceback = error.traceback
@@ -130,16 +132,19 @@ def _fill_task(pb: tasks_pb2.Task, task: Task) -> None:
         pb.finished_at.FromNanoseconds(round(task.finished_at * 1e9))
 
 
-def assignments_to_proto(leases: Sequence[Lease]) -> worker_pb2.MasterMessage:
-    """One message handing ``leases`` to a worker."""
+def assignments_to_proto(leases: Sequence[Lease], results_ack: int = 0) -> worker_pb2.MasterMessage:
+    """One message handing ``leases`` to a worker, acknowledging its Results batches
+    up to ``results_ack`` (0: none)."""
     message = worker_pb2.MasterMessage()
+    if results_ack:
+        message.assignments.results_ack = results_ack
     add = message.assignments.assignments.add
     for lease in leases:
         task = lease.task
         assignment = add()
         assignment.lease.task_id = task.id
         assignment.lease.lease = task.lease
-        _fill_task(assignment.task, task)
+        fill_task(assignment.task, task)
     return message
 
 
@@ -169,18 +174,24 @@ def ref_from_proto(pb: worker_pb2.LeaseRef) -> LeaseRef:
     return LeaseRef(pb.task_id, pb.lease)
 
 
-def outcome_to_proto(outcome: Outcome) -> worker_pb2.Outcome:
-    pb = worker_pb2.Outcome(
-        lease=ref_to_proto(outcome.ref),
-        state=int(outcome.state),  # type: ignore[arg-type]
-        result=outcome.result,
-        result_content_type=outcome.result_content_type,
-    )
+def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
+    """Write ``outcome`` into an empty ``pb``: in place, for the repeated field of a batch."""
+    ref = outcome.ref
+    pb.lease.task_id = ref.task_id
+    pb.lease.lease = ref.lease
+    pb.state = outcome.state.value  # type: ignore[assignment]
+    if outcome.result:
+        pb.result = outcome.result
+    if outcome.result_content_type:
+        pb.result_content_type = outcome.result_content_type
     if outcome.error is not None:
-        pb.error.CopyFrom(error_to_proto(outcome.error))
+        error = outcome.error
+        pb.error.SetInParent()  # present even if every field is empty
+        pb.error.type = error.type
+        pb.error.message = error.message
+        pb.error.traceback = error.traceback
     if outcome.retry_delay_s is not None:
-        pb.retry_after.CopyFrom(duration(outcome.retry_delay_s))
-    return pb
+        pb.retry_after.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:

@@ -354,6 +354,30 @@ class WaitTasksRequest(_message.Message):
 Global___WaitTasksRequest: _TypeAlias = WaitTasksRequest  # noqa: Y015
 
 @_typing.final
+class TaskBatch(_message.Message):
+    """Tasks that reached a final state, sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks, each in a final state, in the order they finished."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskBatch: _TypeAlias = TaskBatch  # noqa: Y015
+
+@_typing.final
 class CancelTaskRequest(_message.Message):
     """Cancel one task."""
 

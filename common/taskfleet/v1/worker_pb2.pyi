@@ -203,14 +203,22 @@ Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
 class Results(_message.Message):
-    """A batch of outcomes; the master acknowledges it by sequence number."""
+    """A batch of outcomes; the master acknowledges it by sequence number. A worker
+    waits for the acknowledgement before it sends the next batch, so batches
+    grow with the load and a busy worker sends few, large ones.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     OUTCOMES_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Increases by one per batch on one worker, across reconnects."""
+    credit: _builtins.int
+    """More tasks wanted, as a Credit message would ask; carried here so a busy
+    worker sends one message per batch instead of two.
+    """
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Outcome]:
         """Outcomes in the batch."""
@@ -220,10 +228,11 @@ class Results(_message.Message):
         *,
         seq: _builtins.int = ...,
         outcomes: _abc.Iterable[Global___Outcome] | None = ...,
+        credit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "outcomes", b"outcomes", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,6 +379,11 @@ class Assignments(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    RESULTS_ACK_FIELD_NUMBER: _builtins.int
+    results_ack: _builtins.int
+    """When not 0, acknowledges Results batches as a ResultsAck with this seq
+    would: the master's answer to a batch is then one message, not two.
+    """
     @_builtins.property
     def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
         """Tasks to run."""
@@ -378,10 +392,11 @@ class Assignments(_message.Message):
         self,
         *,
         assignments: _abc.Iterable[Global___Assignment] | None = ...,
+        results_ack: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "results_ack", b"results_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,13 +428,17 @@ Global___Revoke: _TypeAlias = Revoke  # noqa: Y015
 
 @_typing.final
 class ResultsAck(_message.Message):
-    """Acknowledges a Results batch: its outcomes are recorded."""
+    """Acknowledges Results batches: their outcomes are recorded. Acks are
+    cumulative: the master records a stream's batches in the order they came.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Sequence number of the acknowledged batch."""
+    """Every batch sent on this stream with this sequence number or a lower one
+    is recorded.
+    """
     def __init__(
         self,
         *,

@@ -27,11 +27,22 @@ class WorkerSession:
         self.work_hint = True  # check the store once on connect
         self.closed = False
         self.outbox: list[worker_pb2.MasterMessage] = []
+        self.results_ack = 0  # the highest Results seq recorded and not yet acknowledged
         self.last_heard = time.monotonic()  # any message from the worker counts
 
     def send(self, message: worker_pb2.MasterMessage) -> None:
         with self.cond:
             self.outbox.append(message)
+            self.cond.notify()
+
+    def ack_results(self, seq: int, credit: int) -> None:
+        """Acknowledge Results up to ``seq`` and add the credit they carried, at once:
+        the dispatcher then answers both with one message."""
+        with self.cond:
+            self.results_ack = max(self.results_ack, seq)
+            if credit:
+                self.credit += credit
+                self.work_hint = True
             self.cond.notify()
 
     def add_credit(self, tasks: int) -> None:

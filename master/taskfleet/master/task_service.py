@@ -12,7 +12,7 @@ import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import LeaseRef, Stats
+from taskfleet.common.model import LeaseRef, Stats, Task
 from taskfleet.master.rpc import streaming, unary
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.validation import validate_specs
@@ -50,6 +50,20 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def WaitTasks(
         self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
     ) -> Iterator[tasks_pb2.Task]:
+        for batch in self._finished(request, context):
+            yield from batch.tasks
+
+    @streaming
+    def WaitTasksBatched(
+        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
+    ) -> Iterator[tasks_pb2.TaskBatch]:
+        yield from self._finished(request, context)
+
+    def _finished(
+        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
+    ) -> Iterator[tasks_pb2.TaskBatch]:
+        """The requested tasks as they become final, in batches of those that
+        finished together (the ones final already come first)."""
         task_ids = list(dict.fromkeys(request.task_ids))
         if not task_ids:
             raise InvalidArgument("task_ids: name at least one task")
@@ -68,10 +82,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         context.add_callback(subscription.wake)
         try:
             waiting = set(task_ids)
+            batch = _Batch()
             for task in self._rt.store.get_many(task_ids):
                 if task.state.is_final:
                     waiting.discard(task.id)
-                    yield convert.task_to_proto(task)
+                    if batch.add(task):
+                        yield batch.take()
+            if batch:
+                yield batch.take()
             while waiting and context.is_active():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -82,11 +100,20 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     finished = subscription.finished.get(timeout=remaining)
                 except queue.Empty:
                     return
+                # Whatever else finished meanwhile goes in the same message.
+                while finished is not None:
+                    if finished.id in waiting:
+                        waiting.discard(finished.id)
+                        if batch.add(finished):
+                            break
+                    try:
+                        finished = subscription.finished.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    yield batch.take()
                 if finished is None:
                     return
-                if finished.id in waiting:
-                    waiting.discard(finished.id)
-                    yield convert.task_to_proto(finished)
         finally:
             subscription.close()
 
@@ -111,6 +138,31 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     ) -> tasks_pb2.Stats:
         stats = Stats(self._rt.store.stats(), self._rt.sessions.infos())
         return convert.stats_to_proto(stats)
+
+
+class _Batch:
+    """Tasks for one stream message, up to a count and a size (results can be
+    large, and a message must stay well under the receiver's limit)."""
+
+    MAX_TASKS = 1_000
+    MAX_BYTES = 2 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._message = tasks_pb2.TaskBatch()
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._message.tasks)
+
+    def add(self, task: Task) -> bool:
+        """Add ``task``; True once the batch is full."""
+        convert.fill_task(self._message.tasks.add(), task)
+        self._bytes += len(task.spec.payload) + len(task.result)
+        return len(self._message.tasks) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
+
+    def take(self) -> tasks_pb2.TaskBatch:
+        message, self._message, self._bytes = self._message, tasks_pb2.TaskBatch(), 0
+        return message
 
 
 def _require_id(field: str, task_id: str) -> None:

@@ -80,12 +80,20 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             log.info("worker %s disconnected", session.info.worker_id)
 
     def _dispatch(self, session: WorkerSession) -> Iterator[worker_pb2.MasterMessage]:
-        """Yield outbox messages and lease batches until the session closes."""
+        """Yield outbox messages and lease batches until the session closes.
+
+        An acknowledgement of results rides on the assignments that answer the
+        same batch's credit, so a busy worker gets one message per batch."""
         info = session.info
         names = info.task_names or None
         while True:
             with session.cond:
-                while not (session.closed or session.outbox or self._may_lease(session)):
+                while not (
+                    session.closed
+                    or session.outbox
+                    or session.results_ack
+                    or self._may_lease(session)
+                ):
                     session.cond.wait(self._idle_wait_s(session))
                     if session.credit > 0:
                         session.work_hint = True  # the wait ran out: look again
@@ -97,22 +105,26 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 if session.closed:
                     return
                 outbox, session.outbox = session.outbox, []
+                results_ack, session.results_ack = session.results_ack, 0
                 want = min(session.credit, MAX_LEASE_BATCH) if self._may_lease(session) else 0
                 session.work_hint = False
             yield from outbox
-            if not want:
-                continue
-            leases = self._rt.store.lease(
-                info.worker_id, info.queues, names, want, self._rt.config.lease_s, time.time()
+            leases = (
+                self._rt.store.lease(
+                    info.worker_id, info.queues, names, want, self._rt.config.lease_s, time.time()
+                )
+                if want
+                else []
             )
-            if not leases:
-                continue
-            with session.cond:
-                session.credit -= len(leases)
-                session.running += len(leases)
-                if len(leases) == want:
-                    session.work_hint = True
-            yield convert.assignments_to_proto(leases)
+            if leases:
+                with session.cond:
+                    session.credit -= len(leases)
+                    session.running += len(leases)
+                    if len(leases) == want:
+                        session.work_hint = True
+                yield convert.assignments_to_proto(leases, results_ack)
+            elif results_ack:
+                yield worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results_ack))
 
     def _may_lease(self, session: WorkerSession) -> bool:
         return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()
@@ -194,7 +206,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         if retried:
             self._rt.sessions.hint_work()
             self._rt.metrics.retried(self._rt.store, outcomes)
-        session.send(worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results.seq)))
+        session.ack_results(results.seq, max(0, results.credit))
 
 
 def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:

@@ -53,6 +53,8 @@ EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the 
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
+GATHER_S = 0.005  # how long outcomes may gather into one batch while the pool is busy
+GATHER_MAX = 500  # ... and how many at most
 SILENCE_HEARTBEATS = 3  # heartbeat intervals without a word before the stream counts as dead
 
 
@@ -73,6 +75,7 @@ class Worker:
         self._prefetched: deque[Job] = deque()
         self._revoked: set[LeaseRef] = set()
         self._outcomes: list[Outcome] = []  # finished, not yet sent
+        self._gather_until = 0.0  # when the oldest of _outcomes must be sent
         self._unacked: dict[int, list[Outcome]] = {}  # sent, not yet acknowledged
         self._seq = 0
         # Moving averages that size the prefetch: how long a job holds its place
@@ -197,6 +200,7 @@ class Worker:
         with self._lock:
             hello = self._hello()
             resend = [self._results_message(seq, o) for seq, o in sorted(self._unacked.items())]
+            self._sent_at.clear()  # a resent batch's round trip would count the outage
         channel = open_channel(self.config.master, self.config.token, tls=self.config.tls)
         try:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -253,21 +257,30 @@ class Worker:
     def _apply(self, message: worker_pb2.MasterMessage) -> None:
         kind = message.WhichOneof("kind")
         if kind == "assignments":
-            self._accept([self._job(a) for a in message.assignments.assignments])
+            assignments = message.assignments
+            if assignments.results_ack:
+                self._ack(assignments.results_ack)
+            self._accept([self._job(a) for a in assignments.assignments])
         elif kind == "revoke":
             self._revoke([convert.ref_from_proto(r) for r in message.revoke.leases])
         elif kind == "results_ack":
-            with self._lock:
-                seq = message.results_ack.seq
-                self._unacked.pop(seq, None)
-                sent_at = self._sent_at.pop(seq, None)
-                if sent_at is not None:
-                    self._round_trip_s = _average(self._round_trip_s, time.monotonic() - sent_at)
-                if self.draining.is_set():
-                    # Only a drain waits for acks; waking the sender on every
-                    # ack would cost a thread hand-off per batch for nothing.
-                    # (drain sets the event before it takes the lock to wait.)
-                    self._lock.notify_all()
+            self._ack(message.results_ack.seq)
+
+    def _ack(self, seq: int) -> None:
+        """Forget the Results batches up to ``seq``: the master has recorded them."""
+        with self._lock:
+            sent_at = self._sent_at.pop(seq, None)
+            if sent_at is not None:
+                self._round_trip_s = _average(self._round_trip_s, time.monotonic() - sent_at)
+            while self._unacked and next(iter(self._unacked)) <= seq:
+                acked = next(iter(self._unacked))
+                del self._unacked[acked]
+                self._sent_at.pop(acked, None)
+            if not self._unacked and (
+                self._outcomes or self._credit_wanted() > 0 or self.draining.is_set()
+            ):
+                # The next batch waited for this ack; a drain waits for the last one.
+                self._lock.notify_all()
 
     def _job(self, assignment: worker_pb2.Assignment) -> Job:
         task = assignment.task
@@ -350,13 +363,13 @@ class Worker:
             if job is not None and result.ref not in self._revoked:
                 self._outcomes.append(_outcome(job, result))
                 if len(self._outcomes) == 1:
-                    # Wake the sender for the first outcome only: the ones that
-                    # finish before it runs go in the same batch.
-                    self._lock.notify_all()
-            elif not self._running:
-                self._lock.notify_all()  # a drain may be waiting for the last one
+                    self._gather_until = time.monotonic() + GATHER_S
             self._revoked.discard(result.ref)
             self._start_prefetched()
+            if not self._running or len(self._outcomes) in (1, GATHER_MAX):
+                # The sender learns of the first outcome (to time the gathering),
+                # a full batch, or an idle pool; a drain waits for the last job.
+                self._lock.notify_all()
         if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
             _log_result(job, result)  # outside the lock: logging may block on I/O
 
@@ -378,28 +391,34 @@ class Worker:
         next_heartbeat = time.monotonic()
         while not self.stopped.is_set():
             with self._lock:
-                self._lock.wait_for(
-                    lambda: (
-                        self.stopped.is_set() or (self._outbox is not None and self._has_news())
-                    ),
-                    timeout=max(0.0, next_heartbeat - time.monotonic()),
-                )
+                while not self.stopped.is_set():
+                    now = time.monotonic()
+                    if self._outbox is not None and self._ready_to_send(now):
+                        break
+                    wait_s = next_heartbeat - now
+                    if self._outcomes and not self._unacked:
+                        wait_s = min(wait_s, self._gather_until - now)
+                    if wait_s <= 0:
+                        break
+                    self._lock.wait(wait_s)
                 outbox = self._outbox
                 if outbox is None:  # between streams: the next Hello carries the leases
                     self._lock.wait(self._heartbeat_s)
                     continue
                 messages: list[worker_pb2.WorkerMessage] = []
-                batch: tuple[int, list[Outcome]] | None = None
-                if self._outcomes:
+                batch: tuple[int, list[Outcome], int] | None = None
+                now = time.monotonic()
+                want = self._credit_wanted()
+                if self._outcomes and self._ready_to_send(now):
                     self._seq += 1
                     self._unacked[self._seq] = self._outcomes
                     self._sent_at[self._seq] = time.monotonic()
                     # Converted after the lock is let go (the list is never
                     # changed in place), so the pool's on_done need not wait.
-                    batch = (self._seq, self._outcomes)
+                    batch = (self._seq, self._outcomes, max(0, want))
                     self._outcomes = []
-                want = self._credit_wanted()
-                if want > 0:
+                    self._requested += max(0, want)
+                elif want > 0 and not self._unacked:
                     self._requested += want
                     messages.append(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=want)))
                 if time.monotonic() >= next_heartbeat:
@@ -426,8 +445,25 @@ class Worker:
             self._stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
             self._stream = None
 
-    def _has_news(self) -> bool:
-        return bool(self._outcomes) or self._credit_wanted() > 0
+    def _ready_to_send(self, now: float) -> bool:
+        """Whether there is something to send now.
+
+        Outcomes and credit travel together in one Results batch, and only one
+        batch is unacknowledged at a time: the next waits for the ack. While
+        the pool is still busy, outcomes also gather for up to ``GATHER_S``
+        (more are about to come); an idle pool sends at once. So a busy worker
+        sends one large batch per round trip, and a lone task is not held back.
+        Called with the lock held."""
+        if self._unacked:
+            return False
+        if self._outcomes:
+            return (
+                now >= self._gather_until
+                or len(self._outcomes) >= GATHER_MAX
+                or not self._running
+                or self.draining.is_set()
+            )
+        return self._credit_wanted() > 0
 
     def _credit_wanted(self) -> int:
         if self.draining.is_set():
@@ -442,16 +478,24 @@ class Worker:
         waits behind them that another worker could run. Called with the lock held."""
         covering = 1
         if self._job_s and self._round_trip_s:
-            covering = math.ceil(self.pool.size * self._round_trip_s / self._job_s)
+            # Credit goes out with outcomes, which may gather for GATHER_S first.
+            waiting_s = self._round_trip_s + GATHER_S
+            covering = math.ceil(self.pool.size * waiting_s / self._job_s)
         return self.pool.size + min(self.config.prefetch, covering)
 
     @staticmethod
-    def _results_message(seq: int, outcomes: list[Outcome]) -> worker_pb2.WorkerMessage:
-        return worker_pb2.WorkerMessage(
-            results=worker_pb2.Results(
-                seq=seq, outcomes=[convert.outcome_to_proto(o) for o in outcomes]
-            )
-        )
+    def _results_message(
+        seq: int, outcomes: list[Outcome], credit: int = 0
+    ) -> worker_pb2.WorkerMessage:
+        message = worker_pb2.WorkerMessage()
+        results = message.results
+        results.seq = seq
+        if credit:
+            results.credit = credit
+        add = results.outcomes.add
+        for outcome in outcomes:
+            convert.fill_outcome(add(), outcome)
+        return message
 
 
 def _exit_forced() -> NoReturn:
