@@ -15,8 +15,12 @@ DIST ?= dist
 #     PYZ_PIP_ARGS='--platform manylinux2014_aarch64 --python-version 3.12 --only-binary=:all:'
 PYZ_PYTHON ?= /usr/bin/env python$(shell $(BIN)/python -c 'import sys; print(*sys.version_info[:2], sep=".")')
 PYZ_PIP_ARGS ?=
+# A separate venv for the peer systems `make bench-peers` compares against (Celery
+# with Redis), so that none of their packages reaches the project's own .venv.
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth clean dist
+.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-peers peers-deps clean dist
 
 install: $(STAMP)
 
@@ -83,7 +87,7 @@ dist: install
 		--output-file $(DIST)/taskfleet-worker.pyz --quiet $(PYZ_PIP_ARGS) $(DIST)/taskfleet-*.whl
 
 clean:
-	rm -rf $(VENV) $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 bench: install
@@ -91,3 +95,21 @@ bench: install
 
 bench-depth: install
 	$(BIN)/python bench/run.py --rounds 1 --depth 1000000
+
+# Celery 5 with a Redis broker and result backend, run in the same alternating
+# rounds as `make bench`. Debian's redis-server is installed only when missing
+# (as root); Celery and the redis client go into $(PEERS_VENV), pinned in
+# bench/peers-requirements.txt, and are reinstalled when that file changes.
+peers-deps: $(PEERS_STAMP)
+	@command -v redis-server >/dev/null 2>&1 || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
+$(PEERS_STAMP): bench/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: install peers-deps
+	$(BIN)/python bench/run.py --peers --peers-python $(PEERS_VENV)/bin/python

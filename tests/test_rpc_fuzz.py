@@ -303,8 +303,13 @@ def test_wait_with_random_ids_and_short_timeouts(
     )
 
     waited = status_of(lambda: list(stub.WaitTasks(request.message, timeout=CALL_TIMEOUT_S)))
+    batched = status_of(
+        lambda: list(stub.WaitTasksBatched(request.message, timeout=CALL_TIMEOUT_S))
+    )
 
     assert_acceptable("WaitTasks", waited)
+    assert_acceptable("WaitTasksBatched", batched)
+    assert batched[0] == waited[0]
 
 
 @FUZZ_SETTINGS

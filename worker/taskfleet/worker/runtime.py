@@ -366,9 +366,10 @@ class Worker:
                     self._gather_until = time.monotonic() + GATHER_S
             self._revoked.discard(result.ref)
             self._start_prefetched()
-            if not self._running or len(self._outcomes) in (1, GATHER_MAX):
-                # The sender learns of the first outcome (to time the gathering),
-                # a full batch, or an idle pool; a drain waits for the last job.
+            if not self._running or (not self._unacked and len(self._outcomes) in (1, GATHER_MAX)):
+                # The sender learns of an idle pool (a drain waits for the last job
+                # too), and, unless an ack will wake it anyway, of the first
+                # outcome (to time the gathering) and of a full batch.
                 self._lock.notify_all()
         if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
             _log_result(job, result)  # outside the lock: logging may block on I/O

@@ -1,0 +1,175 @@
+"""The batching parts of the wire protocol, driven message by message over real
+gRPC against a real master: acknowledgements that ride on assignments, credit
+carried with results, cumulative acks, and WaitTasksBatched."""
+
+from __future__ import annotations
+
+import queue
+import socket
+from collections.abc import Iterable, Iterator
+
+import grpc
+import pytest
+
+from taskfleet.common.client import Client, make_spec
+from taskfleet.common.model import TaskState
+from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from procs import MasterProc
+
+WAIT_S = 30.0
+
+
+class HandWorker:
+    """A worker stream whose every message the test writes and reads itself."""
+
+    def __init__(self, channel: grpc.Channel, queue_name: str) -> None:
+        self._requests: queue.SimpleQueue[worker_pb2.WorkerMessage | None] = queue.SimpleQueue()
+        hello = worker_pb2.Hello(
+            worker_id=f"hand-{queue_name}",
+            hostname=socket.gethostname(),
+            pid=1,
+            queues=[queue_name],
+            task_names=["square"],
+            concurrency=1,
+        )
+        self._requests.put(worker_pb2.WorkerMessage(hello=hello))
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        self._responses = stub.Connect(iter(self._requests.get, None), timeout=WAIT_S)
+        assert self.receive().WhichOneof("kind") == "welcome"
+
+    def send(self, message: worker_pb2.WorkerMessage) -> None:
+        self._requests.put(message)
+
+    def receive(self) -> worker_pb2.MasterMessage:
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._responses.cancel()  # type: ignore[attr-defined]
+
+    def results(self, seq: int, refs: list[worker_pb2.LeaseRef], credit: int = 0) -> None:
+        """Report every lease in ``refs`` as SUCCEEDED with result ``seq``."""
+        outcomes = [
+            worker_pb2.Outcome(
+                lease=ref, state=tasks_pb2.TASK_STATE_SUCCEEDED, result=str(seq).encode()
+            )
+            for ref in refs
+        ]
+        self.send(
+            worker_pb2.WorkerMessage(
+                results=worker_pb2.Results(seq=seq, outcomes=outcomes, credit=credit)
+            )
+        )
+
+
+@pytest.fixture
+def channel(master: MasterProc) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(master.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def hand(channel: grpc.Channel, queue_name: str) -> Iterator[HandWorker]:
+    worker = HandWorker(channel, queue_name)
+    yield worker
+    worker.close()
+
+
+def submit_squares(client: Client, numbers: Iterable[int], queue_name: str) -> list[str]:
+    return client.submit_many(make_spec("square", [n], queue=queue_name) for n in numbers)
+
+
+def leases(message: worker_pb2.MasterMessage) -> list[worker_pb2.LeaseRef]:
+    assert message.WhichOneof("kind") == "assignments", message
+    return [a.lease for a in message.assignments.assignments]
+
+
+def test_the_ack_of_a_batch_rides_on_the_assignments_its_credit_brings(
+    hand: HandWorker, client: Client, queue_name: str
+) -> None:
+    # Given five tasks, and a worker that asked for two
+    task_ids = submit_squares(client, range(5), queue_name)
+    hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=2)))
+    first = hand.receive()
+    assert first.assignments.results_ack == 0
+    taken = leases(first)
+    assert len(taken) == 2
+
+    # When it reports both, asking for three more in the same message
+    hand.results(1, taken, credit=3)
+
+    # Then one message answers both: three new tasks, and the ack of batch 1
+    answer = hand.receive()
+    assert answer.assignments.results_ack == 1
+    taken_next = leases(answer)
+    assert len(taken_next) == 3
+    assert {r.task_id for r in taken + taken_next} == set(task_ids)
+
+    # And the first two are recorded, with the result they were reported with
+    for ref in taken:
+        task = client.get(ref.task_id)
+        assert (task.state, task.result) == (TaskState.SUCCEEDED, b"1")
+
+
+def test_acks_are_cumulative_and_come_alone_when_no_task_is_ready(
+    hand: HandWorker, client: Client, queue_name: str
+) -> None:
+    # Given a worker holding two tasks
+    submit_squares(client, [1, 2], queue_name)
+    hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=2)))
+    taken = leases(hand.receive())
+
+    # When it sends two batches back to back, asking for more with the queue empty
+    hand.results(1, taken[:1], credit=1)
+    hand.results(2, taken[1:], credit=1)
+
+    # Then the acks come as ResultsAck, the last one covering batch 2
+    acked = 0
+    while acked < 2:
+        message = hand.receive()
+        assert message.WhichOneof("kind") == "results_ack", message
+        assert message.results_ack.seq > acked
+        acked = message.results_ack.seq
+    assert acked == 2
+    assert [t.state for t in client.wait([r.task_id for r in taken], WAIT_S)] == [
+        TaskState.SUCCEEDED
+    ] * 2
+
+    # And the credit it carried is kept: a task submitted now is handed over
+    late = client.submit("square", [3], queue=queue_name)
+    assert [r.task_id for r in leases(hand.receive())] == [late]
+
+
+def test_wait_tasks_batched_sends_what_wait_tasks_sends_in_few_messages(
+    hand: HandWorker, channel: grpc.Channel, client: Client, queue_name: str
+) -> None:
+    # Given 1,200 finished tasks (more than one message carries)
+    task_ids = submit_squares(client, range(1_200), queue_name)
+    hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=len(task_ids))))
+    taken: list[worker_pb2.LeaseRef] = []
+    while len(taken) < len(task_ids):
+        taken += leases(hand.receive())
+    hand.results(1, taken)
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    request = tasks_pb2.WaitTasksRequest(task_ids=task_ids)
+    assert len(list(client.wait(task_ids, WAIT_S))) == len(task_ids)
+
+    # When both RPCs are asked for them
+    one_by_one = list(stub.WaitTasks(request, timeout=WAIT_S))
+    batches = list(stub.WaitTasksBatched(request, timeout=WAIT_S))
+
+    # Then the batched one sends the same tasks, in the same order, in two messages
+    assert [len(b.tasks) for b in batches] == [1_000, 200]
+    batched = [task for batch in batches for task in batch.tasks]
+    assert batched == one_by_one
+    assert {t.id for t in batched} == set(task_ids)
+
+
+def test_wait_tasks_batched_refuses_bad_input_as_wait_tasks_does(channel: grpc.Channel) -> None:
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    for ids, field in (([], "task_ids"), (["ok", ""], "task_ids[1]")):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.WaitTasksBatched(tasks_pb2.WaitTasksRequest(task_ids=ids), timeout=WAIT_S))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in info.value.details()
