@@ -4,6 +4,10 @@ Real processes as a user runs them: a master and two workers with default
 pools on this machine, beside the classic manager with two worker processes.
 Each workload runs alternately on each system, ``--rounds`` times, and the
 median is reported with the machine's load. Results also go to a JSON file.
+
+With ``--peers`` (``make bench-peers``), Celery with Redis joins each round as one
+more system: bench/celery_side.py, run in .venv-peers' Python so that Celery stays
+out of taskfleet's own environment.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from classic import ClassicCluster
 from taskfleet.common.client import Client, make_spec
 
 PY = sys.executable
+BENCH = Path(__file__).resolve().parent
+# A backstop only: celery_side.py bounds each of its own waits.
+PEERS_TIMEOUT_S = 1800
 
 
 def free_port() -> int:
@@ -140,34 +147,91 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def measure_classic(args: argparse.Namespace) -> dict[str, float]:
+    """One round of the baseline; a fresh manager each round, like the others."""
+    classic = ClassicCluster(free_port())
+    try:
+        figures = {
+            "w1": args.w1 / classic.run_batch(["noop"] * args.w1),
+            "w2": args.w2 / classic.run_batch(list(range(args.w2))),
+        }
+        trips = [classic.round_trip(7) for _ in range(args.w3)]
+    finally:
+        classic.close()
+    return {**figures, **_trip_figures(trips)}
+
+
+def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
+    """One round of taskfleet on ``store``; only it has a submit-only figure, as
+    only it submits in batches."""
+    w1 = [("noop", ())] * args.w1
+    w2 = [("square", (n,)) for n in range(args.w2)]
+    cluster = TaskfleetCluster(store)
+    try:
+        figures = {
+            "w1": args.w1 / cluster.run_batch(w1),
+            "w2": args.w2 / cluster.run_batch(w2),
+        }
+        trips = [cluster.round_trip(("square", (7,))) for _ in range(args.w3)]
+        figures["submit"] = args.submit / cluster.submit_only(args.submit)
+    finally:
+        cluster.close()
+    return {**figures, **_trip_figures(trips)}
+
+
+def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
+    """One round of Celery + Redis: its figures (same names as ours) and its versions.
+
+    A subprocess in the peers' venv, which starts and stops its own Redis and
+    worker; a fresh one each round, as the other systems get.
+    """
+    command = [
+        args.peers_python,
+        str(BENCH / "celery_side.py"),
+        *("--w1", str(args.w1), "--w2", str(args.w2), "--w3", str(args.w3)),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=PEERS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # celery_side stops its worker and Redis on SIGTERM
+        try:
+            proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with status {proc.returncode}")
+    report = json.loads(out)
+    versions = report.pop("versions")
+    return report, versions
+
+
+def _trip_figures(trips: list[float]) -> dict[str, float]:
+    return {
+        "w3_p50_ms": _percentile(trips, 0.50) * 1000,
+        "w3_p99_ms": _percentile(trips, 0.99) * 1000,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = Figures()
     loads: list[float] = []
-    w1 = [("noop", ())] * args.w1
-    w2 = [("square", (n,)) for n in range(args.w2)]
+    peers: dict[str, dict[str, str]] = {}
+    systems = ("classic", *(["celery"] if args.peers else []), *args.stores)
     for round_no in range(1, args.rounds + 1):
-        for system in ("classic", *args.stores):
+        for system in systems:
             loads.append(os.getloadavg()[0])
             print(f"round {round_no}: {system} ...", file=sys.stderr, flush=True)
             if system == "classic":
-                classic = ClassicCluster(free_port())
-                try:
-                    figures.add("classic.w1", args.w1 / classic.run_batch(["noop"] * args.w1))
-                    figures.add("classic.w2", args.w2 / classic.run_batch(list(range(args.w2))))
-                    trips = [classic.round_trip(7) for _ in range(args.w3)]
-                finally:
-                    classic.close()
+                results = measure_classic(args)
+            elif system == "celery":
+                results, peers["celery"] = measure_celery(args)
             else:
-                cluster = TaskfleetCluster(system)
-                try:
-                    figures.add(f"{system}.w1", args.w1 / cluster.run_batch(w1))
-                    figures.add(f"{system}.w2", args.w2 / cluster.run_batch(w2))
-                    trips = [cluster.round_trip(("square", (7,))) for _ in range(args.w3)]
-                    figures.add(f"{system}.submit", args.submit / cluster.submit_only(args.submit))
-                finally:
-                    cluster.close()
-            figures.add(f"{system}.w3_p50_ms", _percentile(trips, 0.50) * 1000)
-            figures.add(f"{system}.w3_p99_ms", _percentile(trips, 0.99) * 1000)
+                results = measure_taskfleet(system, args)
+            for key, value in results.items():
+                figures.add(f"{system}.{key}", value)
     depth = (
         {store: measure_depth(store, args.depth, args.w1) for store in args.stores}
         if args.depth
@@ -185,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": figures.samples,
         "medians": {key: figures.median(key) for key in figures.samples},
         "depth": depth,
+        **({"peers": peers} if peers else {}),
     }
 
 
@@ -210,33 +275,41 @@ def measure_depth(store: str, depth: int, w1: int) -> dict[str, float]:
 
 def print_table(report: dict[str, Any]) -> None:
     med = report["medians"]
-    stores = report["params"]["stores"]
+    p = report["params"]
+    stores = p["stores"]
+    # What taskfleet is measured against: classic always, Celery too with --peers.
+    bases = ["classic", *(["celery"] if p.get("peers") else [])]
+    pairs = [(base, store) for base in bases for store in stores]
+
+    def ratio_header(base: str, store: str) -> str:
+        # One baseline keeps the header `make bench` has always printed.
+        return f"{store}/{base}" if len(bases) > 1 else f"ratio {store}"
+
     rows = [
         (
             "workload",
-            "classic",
+            *bases,
             *(f"taskfleet {s}" for s in stores),
-            *(f"ratio {s}" for s in stores),
+            *(ratio_header(b, s) for b, s in pairs),
         )
     ]
 
     def row(label: str, key: str, fmt: str, higher_is_better: bool = True) -> None:
-        base = med.get(f"classic.{key}", float("nan"))
-        values = [med.get(f"{s}.{key}", float("nan")) for s in stores]
-        ratios = [
-            (v / base if higher_is_better else base / v) if base == base and v else float("nan")
-            for v in values
-        ]
+        def value(system: str) -> float:
+            return float(med.get(f"{system}.{key}", float("nan")))
+
+        def ratio(base: str, store: str) -> float:
+            b, v = value(base), value(store)
+            return (v / b if higher_is_better else b / v) if b == b and v else float("nan")
+
         rows.append(
             (
                 label,
-                fmt.format(base),
-                *(fmt.format(v) for v in values),
-                *(f"{r:.2f}x" for r in ratios),
+                *(fmt.format(value(s)) for s in (*bases, *stores)),
+                *(f"{ratio(b, s):.2f}x" for b, s in pairs),
             )
         )
 
-    p = report["params"]
     row(f"W1 {p['w1']:,} no-op tasks/s", "w1", "{:,.0f}")
     row(f"W2 {p['w2']:,} n*n tasks/s", "w2", "{:,.0f}")
     row("W3 round trip p50 ms", "w3_p50_ms", "{:.2f}", higher_is_better=False)
@@ -244,9 +317,9 @@ def print_table(report: dict[str, Any]) -> None:
     rows.append(
         (
             f"submit {p['submit']:,} (batches of 1,000)/s",
-            "-",
+            *("-" for _ in bases),
             *(f"{med.get(f'{s}.submit', float('nan')):,.0f}" for s in stores),
-            *("" for _ in stores),
+            *("" for _ in pairs),
         )
     )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -262,6 +335,8 @@ def print_table(report: dict[str, Any]) -> None:
         f"\nmedians of {p['rounds']} alternating rounds; {report['machine']['cpus']} CPUs; "
         f"1-minute load during runs {min(loads):.2f}-{max(loads):.2f}"
     )
+    for peer, versions in report.get("peers", {}).items():
+        print(f"{peer}: " + ", ".join(f"{name} {v}" for name, v in versions.items()))
     for store, d in report["depth"].items():
         print(
             f"depth {store}: {d['queued']:,} queued, master RSS {d['master_rss_mb']:.0f} MB, "
@@ -282,7 +357,19 @@ def main() -> None:
     )
     parser.add_argument("--stores", default="memory,sqlite", type=lambda s: s.split(","))
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="add Celery + Redis to each round (needs `make peers-deps`)",
+    )
+    parser.add_argument(
+        "--peers-python",
+        default=str(BENCH.parent / ".venv-peers" / "bin" / "python"),
+        help="the Python of the venv that has Celery",
+    )
     args = parser.parse_args()
+    if args.peers and not Path(args.peers_python).exists():
+        parser.error(f"--peers: no {args.peers_python}; run `make peers-deps` first")
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_table(report)
