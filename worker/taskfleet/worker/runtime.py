@@ -366,11 +366,19 @@ class Worker:
                     self._gather_until = time.monotonic() + GATHER_S
             self._revoked.discard(result.ref)
             self._start_prefetched()
-            if not self._running or (not self._unacked and len(self._outcomes) in (1, GATHER_MAX)):
+            outbox = self._outbox
+            # A pool gone idle sends at once, from here: waking the sender
+            # thread would add a hand-off to a lone task's round trip.
+            batch = None if self._running or outbox is None else self._take_batch()
+            if batch is None and (
+                not self._running or (not self._unacked and len(self._outcomes) in (1, GATHER_MAX))
+            ):
                 # The sender learns of an idle pool (a drain waits for the last job
                 # too), and, unless an ack will wake it anyway, of the first
                 # outcome (to time the gathering) and of a full batch.
                 self._lock.notify_all()
+        if batch is not None and outbox is not None:
+            outbox.put(self._results_message(*batch))
         if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
             _log_result(job, result)  # outside the lock: logging may block on I/O
 
@@ -407,19 +415,9 @@ class Worker:
                     self._lock.wait(self._heartbeat_s)
                     continue
                 messages: list[worker_pb2.WorkerMessage] = []
-                batch: tuple[int, list[Outcome], int] | None = None
-                now = time.monotonic()
+                batch = self._take_batch()
                 want = self._credit_wanted()
-                if self._outcomes and self._ready_to_send(now):
-                    self._seq += 1
-                    self._unacked[self._seq] = self._outcomes
-                    self._sent_at[self._seq] = time.monotonic()
-                    # Converted after the lock is let go (the list is never
-                    # changed in place), so the pool's on_done need not wait.
-                    batch = (self._seq, self._outcomes, max(0, want))
-                    self._outcomes = []
-                    self._requested += max(0, want)
-                elif want > 0 and not self._unacked:
+                if batch is None and want > 0 and not self._unacked:
                     self._requested += want
                     messages.append(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=want)))
                 if time.monotonic() >= next_heartbeat:
@@ -436,6 +434,22 @@ class Worker:
                 outbox.put(self._results_message(*batch))
             for message in messages:
                 outbox.put(message)
+
+    def _take_batch(self) -> tuple[int, list[Outcome], int] | None:
+        """The next Results batch (seq, outcomes, credit), if one is due; it counts
+        as sent from here. Converted to protobuf by the caller after it lets go
+        of the lock (the list is never changed in place), so on_done need not
+        wait. Called with the lock held."""
+        now = time.monotonic()
+        if not (self._outcomes and self._ready_to_send(now)):
+            return None
+        credit = max(0, self._credit_wanted())
+        self._requested += credit
+        self._seq += 1
+        self._unacked[self._seq] = self._outcomes
+        self._sent_at[self._seq] = now
+        outcomes, self._outcomes = self._outcomes, []
+        return self._seq, outcomes, credit
 
     def _check_master_alive(self) -> None:
         """Cancel a stream the master has gone silent on (it answers every heartbeat),
