@@ -182,6 +182,25 @@ def test_results_and_errors_come_back_once_each(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_large_arguments_and_results_cross_whole(
+    kind: str, start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given jobs whose arguments and results span many pipe reads, several in
+    # flight at once, beside small ones
+    pool = start_pool(kind)
+    sizes = [700_000, 3, 250_000, 1, 65_536, 65_532, 900_000, 2]
+    jobs = [make_job("echo", str(i) * size) for i, size in enumerate(sizes)]
+
+    # When they run
+    results = run_all(pool, outcomes, jobs)
+
+    # Then each result is its own argument, byte for byte
+    for i, (job, size) in enumerate(zip(jobs, sizes, strict=True)):
+        assert value(results[job.ref]) == str(i) * size
+    assert pool.free_slots() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_current_task_is_each_jobs_own(
     kind: str, start_pool: Callable[..., Pool], outcomes: Outcomes
 ) -> None:

@@ -13,10 +13,12 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import pickle
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -48,6 +50,49 @@ JOB_S_WEIGHT = 0.1  # weight of the newest job in the moving average of run time
 _WireJob = tuple[str, int, str, str, int, bytes, str, float, dict[str, str]]
 _WireResult = tuple[bool, bytes, tuple[str, str, str] | None]
 _PICKLE = pickle.HIGHEST_PROTOCOL
+_HEADER = struct.Struct("!i")  # the frame header multiprocessing's Connection uses
+_READ_SIZE = 1 << 16
+
+
+def _frame(message: bytes) -> bytes:
+    """``message`` framed as ``Connection.send_bytes`` frames it, so both ends may
+    mix the two (the start-up handshake uses the Connection)."""
+    return _HEADER.pack(len(message)) + message
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Frames:
+    """Frames read from a pipe many at a time: one ``read`` takes whatever has
+    arrived, where ``Connection.recv_bytes`` costs two system calls per message."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+
+    def read(self) -> list[bytes]:
+        """The frames complete after one read (which blocks if nothing has arrived);
+        raises EOFError once the other end is gone and every frame is taken."""
+        chunk = os.read(self._fd, _READ_SIZE)
+        if not chunk:
+            raise EOFError
+        buffer = self._buffer
+        buffer += chunk
+        frames = []
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            end = start + _HEADER.size + size
+            if end > len(buffer):
+                break
+            frames.append(bytes(buffer[start + _HEADER.size : end]))
+            start = end
+        del buffer[:start]
+        return frames
 
 
 def _to_wire(job: Job) -> bytes:
@@ -99,8 +144,15 @@ def _child_main(conn: Connection[object, object], task_modules: Sequence[str]) -
         return
     try:
         conn.send_bytes(pickle.dumps(None, _PICKLE))
-        while (wire := pickle.loads(conn.recv_bytes())) is not None:
-            conn.send_bytes(_run_wire(wire))
+        fd = conn.fileno()
+        frames = _Frames(fd)
+        while True:
+            for frame in frames.read():
+                wire = pickle.loads(frame)
+                if wire is None:
+                    return
+                # One write per job, as it ends: the parent times the next job from it.
+                _write_all(fd, _frame(_run_wire(wire)))
     except (EOFError, OSError):
         pass  # the parent is gone
 
@@ -112,6 +164,7 @@ _STOP = pickle.dumps(None, _PICKLE)
 class _Child:
     process: SpawnProcess
     conn: Connection[object, object]
+    frames: _Frames
     ready: bool = False
     # Jobs sent to the process, in order: the first runs, the rest wait in the pipe.
     jobs: deque[Job] = field(default_factory=deque)
@@ -208,7 +261,7 @@ class ProcessPool(Pool):
         )
         process.start()
         child_end.close()
-        return _Child(process, parent_end)
+        return _Child(process, parent_end, _Frames(parent_end.fileno()))
 
     def _await_ready(self, child: _Child) -> None:
         try:
@@ -234,12 +287,13 @@ class ProcessPool(Pool):
             self._stop_children(graceful=not self._ledger.abandoned)
 
     def _dispatch(self) -> None:
-        """Send queued jobs to ready processes, idle ones first."""
+        """Send queued jobs to ready processes, idle ones first; one write per process."""
         depth = self._depth()
+        sending: dict[_Child, list[bytes]] = {}
         while self._queued:
             ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
             if not ready:
-                return
+                break
             child = min(ready, key=lambda c: len(c.jobs))
             job = self._queued.popleft()
             if not self._ledger.wants(job.ref):
@@ -247,8 +301,10 @@ class ProcessPool(Pool):
             child.jobs.append(job)
             if len(child.jobs) == 1:
                 child.start_next()
+            sending.setdefault(child, []).append(_frame(_to_wire(job)))
+        for child, frames in sending.items():
             with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
-                child.conn.send_bytes(_to_wire(job))
+                _write_all(child.conn.fileno(), b"".join(frames))
 
     def _wait_and_handle(self) -> None:
         children = tuple(self._children)
@@ -282,11 +338,14 @@ class ProcessPool(Pool):
 
     def _service(self, child: _Child, *, died: bool) -> None:
         try:
-            # A poll object, not conn.poll(): that builds a Python selector per call.
-            readable = select.poll()
-            readable.register(child.conn.fileno(), select.POLLIN)
-            while readable.poll(0):
-                self._on_message(child, pickle.loads(child.conn.recv_bytes()))
+            # Readable: one read takes every result that has arrived. A dead process's
+            # last results are all read before its death counts, but never with a
+            # read that could block (a process it forked may hold the pipe open).
+            while not died or _readable_now(child.conn.fileno()):
+                for frame in child.frames.read():
+                    self._on_message(child, pickle.loads(frame))
+                if not died:
+                    break
         except (EOFError, OSError):
             died = True
         if not died:
@@ -353,6 +412,12 @@ class ProcessPool(Pool):
             child.process.join(_STOP_TIMEOUT_S)
             _kill(child)
         self._children = []
+
+
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _kill(child: _Child) -> None:
