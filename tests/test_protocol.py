@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from taskfleet.common.client import Client, make_spec
+from taskfleet.common.codec import encode_args
+from taskfleet.common.errors import DeadlineExceeded, TaskFailed
 from taskfleet.common.model import TaskState
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -78,6 +82,10 @@ def hand(channel: grpc.Channel, queue_name: str) -> Iterator[HandWorker]:
 
 def submit_squares(client: Client, numbers: Iterable[int], queue_name: str) -> list[str]:
     return client.submit_many(make_spec("square", [n], queue=queue_name) for n in numbers)
+
+
+def raw_square(queue_name: str, n: int) -> tasks_pb2.TaskSpec:
+    return tasks_pb2.TaskSpec(name="square", queue=queue_name, payload=encode_args([n], {}))
 
 
 def leases(message: worker_pb2.MasterMessage) -> list[worker_pb2.LeaseRef]:
@@ -173,3 +181,85 @@ def test_wait_tasks_batched_refuses_bad_input_as_wait_tasks_does(channel: grpc.C
             list(stub.WaitTasksBatched(tasks_pb2.WaitTasksRequest(task_ids=ids), timeout=WAIT_S))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in info.value.details()
+
+
+def test_submit_and_wait_sends_the_ids_first_then_each_task_as_it_ends(
+    hand: HandWorker, channel: grpc.Channel, queue_name: str
+) -> None:
+    # Given two tasks submitted and waited for in one call
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    specs = [raw_square(queue_name, n) for n in (3, 4)]
+    stream = stub.SubmitAndWait(tasks_pb2.SubmitAndWaitRequest(tasks=specs), timeout=WAIT_S)
+
+    # Then the first message names both tasks, and carries none yet
+    first = next(stream)
+    task_ids = list(first.task_ids)
+    assert len(task_ids) == 2
+    assert not first.tasks
+
+    # When a worker finishes them
+    hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=2)))
+    taken = leases(hand.receive())
+    hand.results(1, taken)
+
+    # Then they come on the same stream, final, and the stream ends
+    finished = [task for response in stream for task in response.tasks]
+    assert sorted(t.id for t in finished) == sorted(task_ids)
+    assert {(t.state, t.result) for t in finished} == {(tasks_pb2.TASK_STATE_SUCCEEDED, b"1")}
+
+
+def test_submit_and_wait_refuses_bad_input_before_submitting_anything(
+    channel: grpc.Channel, client: Client, queue_name: str
+) -> None:
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    good = raw_square(queue_name, 1)
+    bad_name = tasks_pb2.TaskSpec(name="", queue=queue_name)
+    negative = Duration(seconds=-1)
+    cases = [
+        (tasks_pb2.SubmitAndWaitRequest(tasks=[good, bad_name]), "tasks[1].name"),
+        (tasks_pb2.SubmitAndWaitRequest(tasks=[good], timeout=negative), "timeout"),
+        (tasks_pb2.SubmitAndWaitRequest(), "tasks"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.SubmitAndWait(request, timeout=WAIT_S))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in info.value.details()
+    assert queue_name not in {q.queue for q in client.stats().queues}
+
+
+def test_client_run_returns_the_result_or_raises(
+    hand: HandWorker, client: Client, queue_name: str
+) -> None:
+    # Given a worker that reports its first task as done and its second as failed
+    def serve() -> None:
+        hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=1)))
+        hand.results(1, leases(hand.receive()), credit=1)
+        while (message := hand.receive()).WhichOneof("kind") == "results_ack":
+            pass  # the ack of batch 1 comes alone: the next task is not submitted yet
+        (ref,) = leases(message)
+        failure = worker_pb2.Outcome(
+            lease=ref,
+            state=tasks_pb2.TASK_STATE_FAILED,
+            error=tasks_pb2.TaskError(type="ValueError", message="no"),
+        )
+        hand.send(worker_pb2.WorkerMessage(results=worker_pb2.Results(seq=2, outcomes=[failure])))
+
+    server = threading.Thread(target=serve)
+    server.start()
+
+    # When tasks are run through the client
+    first = client.run("square", [4], queue=queue_name, timeout_s=WAIT_S)
+    with pytest.raises(TaskFailed) as failed:
+        client.run("square", [5], queue=queue_name, timeout_s=WAIT_S)
+    server.join(WAIT_S)
+
+    # Then the result comes back, and the failure is raised with its error
+    assert first == 1
+    assert "ValueError" in str(failed.value)
+
+    # And a task no worker takes in time raises DeadlineExceeded naming it; it stays queued
+    with pytest.raises(DeadlineExceeded) as late:
+        client.run("square", [6], queue=queue_name, timeout_s=0.2)
+    task_id = str(late.value).split()[1]
+    assert client.get(task_id).state == TaskState.PENDING

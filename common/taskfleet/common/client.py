@@ -163,6 +163,37 @@ class Client:
             return task_result(task)
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
+    def run(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """Submit ``name(*args, **kwargs)`` and return its decoded result: ``submit``
+        then ``result`` in one round trip (SubmitAndWait). ``options`` are
+        ``submit``'s keyword arguments.
+
+        Raises ``TaskFailed`` if it ended FAILED or CANCELLED, and
+        ``DeadlineExceeded`` if it is not final within ``timeout_s`` (it stays
+        queued; its id is in the message).
+        """
+        spec = make_spec(name, args, kwargs, **options)
+        request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        if timeout_s is not None:
+            request.timeout.CopyFrom(convert.duration(timeout_s))
+        task_id = ""
+        try:
+            for response in self._stub.SubmitAndWait(request):
+                task_id = task_id or response.task_ids[0]
+                for pb in response.tasks:
+                    return task_result(convert.task_from_proto(pb))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
+
     def cancel(self, task_id: str) -> Task:
         """Cancel a PENDING or RUNNING task; returns it as it is now."""
         pb = self._call(self._stub.CancelTask, tasks_pb2.CancelTaskRequest(task_id=task_id))

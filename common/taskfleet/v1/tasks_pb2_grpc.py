@@ -55,6 +55,11 @@ class TaskServiceStub:
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
                 response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.FromString,
                 _registered_method=True)
+        self.SubmitAndWait = channel.unary_stream(
+                '/taskfleet.v1.TaskService/SubmitAndWait',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitResponse.FromString,
+                _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/taskfleet.v1.TaskService/CancelTask',
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
@@ -101,6 +106,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitAndWait(self, request, context):
+        """Submit, then wait as WaitTasksBatched does, without a second round trip:
+        the first message carries the ids, the rest the tasks as they finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelTask(self, request, context):
         """Cancel a task: a PENDING one never runs, a RUNNING one is stopped.
         """
@@ -137,6 +150,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WaitTasksBatched,
                     request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.FromString,
                     response_serializer=taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.SerializeToString,
+            ),
+            'SubmitAndWait': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubmitAndWait,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
@@ -258,6 +276,33 @@ class TaskService:
             '/taskfleet.v1.TaskService/WaitTasksBatched',
             taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
             taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitAndWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/SubmitAndWait',
+            taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.SubmitAndWaitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class TaskServiceStub:
     """WaitTasks with many tasks per stream message: the same tasks, in the same
     order, with far less per-message cost when many tasks finish together.
     """
+    SubmitAndWait: _grpc.UnaryStreamMultiCallable[_tasks_pb2.SubmitAndWaitRequest, _tasks_pb2.SubmitAndWaitResponse]
+    """Submit, then wait as WaitTasksBatched does, without a second round trip:
+    the first message carries the ids, the rest the tasks as they finish.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetStatsRequest, _tasks_pb2.Stats]
@@ -68,6 +72,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WaitTasksBatched: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.TaskBatch]  # type: ignore[assignment]
     """WaitTasks with many tasks per stream message: the same tasks, in the same
     order, with far less per-message cost when many tasks finish together.
+    """
+    SubmitAndWait: _aio.UnaryStreamMultiCallable[_tasks_pb2.SubmitAndWaitRequest, _tasks_pb2.SubmitAndWaitResponse]  # type: ignore[assignment]
+    """Submit, then wait as WaitTasksBatched does, without a second round trip:
+    the first message carries the ids, the rest the tasks as they finish.
     """
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
@@ -111,6 +119,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.TaskBatch], _abc.AsyncIterator[_tasks_pb2.TaskBatch]]:
         """WaitTasks with many tasks per stream message: the same tasks, in the same
         order, with far less per-message cost when many tasks finish together.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitAndWait(
+        self,
+        request: _tasks_pb2.SubmitAndWaitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.SubmitAndWaitResponse], _abc.AsyncIterator[_tasks_pb2.SubmitAndWaitResponse]]:
+        """Submit, then wait as WaitTasksBatched does, without a second round trip:
+        the first message carries the ids, the rest the tasks as they finish.
         """
 
     @_abc_1.abstractmethod

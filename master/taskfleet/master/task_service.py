@@ -6,9 +6,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
@@ -31,13 +33,27 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def Submit(
         self, request: tasks_pb2.SubmitRequest, context: grpc.ServicerContext
     ) -> tasks_pb2.SubmitResponse:
-        specs = [convert.spec_from_proto(pb) for pb in request.tasks]
+        return tasks_pb2.SubmitResponse(task_ids=self._submit(request.tasks))
+
+    @streaming
+    def SubmitAndWait(
+        self, request: tasks_pb2.SubmitAndWaitRequest, context: grpc.ServicerContext
+    ) -> Iterator[tasks_pb2.SubmitAndWaitResponse]:
+        timeout_s = _timeout_s(request)
+        task_ids = self._submit(request.tasks)
+        yield tasks_pb2.SubmitAndWaitResponse(task_ids=task_ids)
+        yield from self._finished(
+            list(dict.fromkeys(task_ids)), timeout_s, context, tasks_pb2.SubmitAndWaitResponse
+        )
+
+    def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
+        specs = [convert.spec_from_proto(pb) for pb in tasks]
         validate_specs(specs, self._rt.config.max_payload_bytes)
         task_ids = self._rt.store.submit(specs, time.time())
         self._rt.metrics.submitted(specs)
         self._rt.sessions.hint_work()
         log.debug("submitted %d tasks", len(task_ids))
-        return tasks_pb2.SubmitResponse(task_ids=task_ids)
+        return task_ids
 
     @unary
     def GetTask(
@@ -50,39 +66,33 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def WaitTasks(
         self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
     ) -> Iterator[tasks_pb2.Task]:
-        for batch in self._finished(request, context):
+        task_ids, timeout_s = _wait_request(request)
+        for batch in self._finished(task_ids, timeout_s, context, tasks_pb2.TaskBatch):
             yield from batch.tasks
 
     @streaming
     def WaitTasksBatched(
         self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
     ) -> Iterator[tasks_pb2.TaskBatch]:
-        yield from self._finished(request, context)
+        task_ids, timeout_s = _wait_request(request)
+        yield from self._finished(task_ids, timeout_s, context, tasks_pb2.TaskBatch)
 
     def _finished(
-        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
-    ) -> Iterator[tasks_pb2.TaskBatch]:
-        """The requested tasks as they become final, in batches of those that
-        finished together (the ones final already come first)."""
-        task_ids = list(dict.fromkeys(request.task_ids))
-        if not task_ids:
-            raise InvalidArgument("task_ids: name at least one task")
-        if len(task_ids) > MAX_WAIT_IDS:
-            raise InvalidArgument(f"task_ids: at most {MAX_WAIT_IDS} per call")
-        for i, task_id in enumerate(task_ids):
-            _require_id(f"task_ids[{i}]", task_id)
-        timeout_s = (
-            convert.seconds_from_duration(request.timeout) if request.HasField("timeout") else None
-        )
-        if timeout_s is not None and timeout_s < 0:
-            raise InvalidArgument("timeout: must not be negative")
+        self,
+        task_ids: list[str],
+        timeout_s: float | None,
+        context: grpc.ServicerContext,
+        message: Callable[[], _Message],
+    ) -> Iterator[_Message]:
+        """The tasks as they become final, in ``message``s of those that finished
+        together (the ones final already come first)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         # Subscribe before reading, so a task finishing in between is not missed.
         subscription = self._rt.hub.subscribe(task_ids)
         context.add_callback(subscription.wake)
         try:
             waiting = set(task_ids)
-            batch = _Batch()
+            batch = _Batch(message)
             for task in self._rt.store.get_many(task_ids):
                 if task.state.is_final:
                     waiting.discard(task.id)
@@ -140,15 +150,24 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         return convert.stats_to_proto(stats)
 
 
-class _Batch:
+class _HasTasks(Protocol):
+    @property
+    def tasks(self) -> RepeatedCompositeFieldContainer[tasks_pb2.Task]: ...
+
+
+_Message = TypeVar("_Message", bound=_HasTasks)
+
+
+class _Batch(Generic[_Message]):
     """Tasks for one stream message, up to a count and a size (results can be
     large, and a message must stay well under the receiver's limit)."""
 
     MAX_TASKS = 1_000
     MAX_BYTES = 2 * 1024 * 1024
 
-    def __init__(self) -> None:
-        self._message = tasks_pb2.TaskBatch()
+    def __init__(self, message: Callable[[], _Message]) -> None:
+        self._new = message
+        self._message = message()
         self._bytes = 0
 
     def __bool__(self) -> bool:
@@ -160,9 +179,32 @@ class _Batch:
         self._bytes += len(task.spec.payload) + len(task.result)
         return len(self._message.tasks) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
 
-    def take(self) -> tasks_pb2.TaskBatch:
-        message, self._message, self._bytes = self._message, tasks_pb2.TaskBatch(), 0
+    def take(self) -> _Message:
+        message, self._message, self._bytes = self._message, self._new(), 0
         return message
+
+
+def _wait_request(request: tasks_pb2.WaitTasksRequest) -> tuple[list[str], float | None]:
+    """The distinct task ids and the timeout of a wait, checked."""
+    task_ids = list(dict.fromkeys(request.task_ids))
+    if not task_ids:
+        raise InvalidArgument("task_ids: name at least one task")
+    if len(task_ids) > MAX_WAIT_IDS:
+        raise InvalidArgument(f"task_ids: at most {MAX_WAIT_IDS} per call")
+    for i, task_id in enumerate(task_ids):
+        _require_id(f"task_ids[{i}]", task_id)
+    return task_ids, _timeout_s(request)
+
+
+def _timeout_s(
+    request: tasks_pb2.WaitTasksRequest | tasks_pb2.SubmitAndWaitRequest,
+) -> float | None:
+    if not request.HasField("timeout"):
+        return None
+    timeout_s = convert.seconds_from_duration(request.timeout)
+    if timeout_s < 0:
+        raise InvalidArgument("timeout: must not be negative")
+    return timeout_s
 
 
 def _require_id(field: str, task_id: str) -> None:
