@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,21 @@ def submit_one(store: Store, **options: Any) -> str:
 
 
 # submit and get
+
+
+def test_ids_are_hex_and_grow_with_time(store: Store) -> None:
+    # Given tasks submitted in one millisecond and then in a later one
+    first = store.submit([spec(), spec()], NOW)
+    started_ms = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == started_ms:
+        pass  # the clock must move on: ids order by their creation millisecond
+    later = store.submit([spec()], NOW)
+
+    # Then every id is 32 lowercase hex digits, distinct, and the later one sorts last
+    ids = [*first, *later]
+    assert all(len(i) == 32 and i == i.lower() and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == 3
+    assert max(first) < later[0]
 
 
 def test_submit_returns_ids_in_order_and_tasks_are_pending(store: Store) -> None:

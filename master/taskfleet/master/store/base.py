@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import abc
 import os
+import time
 from collections.abc import Collection, Sequence
 
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec
 
 
 def new_task_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex but without building a UUID.
-    return os.urandom(16).hex()
+    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits.
+
+    Time first, as in UUIDv7, so ids sort by creation and an index on them
+    grows at its end: with random ids, every insert into a deep SQLite queue
+    dirtied a page of its own somewhere in the id index, and submit slowed
+    four times over at a million tasks."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 class Store(abc.ABC):
