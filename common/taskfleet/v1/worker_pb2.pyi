@@ -214,7 +214,9 @@ class Results(_message.Message):
     OUTCOMES_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Increases by one per batch on one worker, across reconnects."""
+    """Increases by one per batch on one worker, across reconnects, from 1 (acks
+    use 0 for "none").
+    """
     credit: _builtins.int
     """More tasks wanted, as a Credit message would ask; carried here so a busy
     worker sends one message per batch instead of two.
