@@ -160,12 +160,12 @@ def test_wait_tasks_batched_sends_what_wait_tasks_sends_in_few_messages(
         taken += leases(hand.receive())
     hand.results(1, taken)
     stub = tasks_pb2_grpc.TaskServiceStub(channel)
-    request = tasks_pb2.WaitTasksRequest(task_ids=task_ids)
     assert len(list(client.wait(task_ids, WAIT_S))) == len(task_ids)
 
     # When both RPCs are asked for them
-    one_by_one = list(stub.WaitTasks(request, timeout=WAIT_S))
-    batches = list(stub.WaitTasksBatched(request, timeout=WAIT_S))
+    one_by_one = list(stub.WaitTasks(tasks_pb2.WaitTasksRequest(task_ids=task_ids), timeout=WAIT_S))
+    batched_request = tasks_pb2.WaitTasksBatchedRequest(task_ids=task_ids)
+    batches = list(stub.WaitTasksBatched(batched_request, timeout=WAIT_S))
 
     # Then the batched one sends the same tasks, in the same order, in two messages
     assert [len(b.tasks) for b in batches] == [1_000, 200]
@@ -178,7 +178,11 @@ def test_wait_tasks_batched_refuses_bad_input_as_wait_tasks_does(channel: grpc.C
     stub = tasks_pb2_grpc.TaskServiceStub(channel)
     for ids, field in (([], "task_ids"), (["ok", ""], "task_ids[1]")):
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.WaitTasksBatched(tasks_pb2.WaitTasksRequest(task_ids=ids), timeout=WAIT_S))
+            list(
+                stub.WaitTasksBatched(
+                    tasks_pb2.WaitTasksBatchedRequest(task_ids=ids), timeout=WAIT_S
+                )
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in info.value.details()
 

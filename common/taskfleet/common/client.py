@@ -143,7 +143,7 @@ class Client:
     def wait(self, task_ids: Sequence[str], timeout_s: float | None = None) -> Iterator[Task]:
         """Yield each task as it reaches a final state; stops when all are final or
         ``timeout_s`` passes (then fewer tasks than asked come back)."""
-        request = tasks_pb2.WaitTasksRequest(task_ids=task_ids)
+        request = tasks_pb2.WaitTasksBatchedRequest(task_ids=task_ids)
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
         try:

@@ -418,6 +418,36 @@ class WaitTasksRequest(_message.Message):
 Global___WaitTasksRequest: _TypeAlias = WaitTasksRequest  # noqa: Y015
 
 @_typing.final
+class WaitTasksBatchedRequest(_message.Message):
+    """WaitTasksRequest for WaitTasksBatched: the same fields, the same meaning."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids returned by Submit; each must exist."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait at most; unset waits until all are final."""
+
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_ids", b"task_ids", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitTasksBatchedRequest: _TypeAlias = WaitTasksBatchedRequest  # noqa: Y015
+
+@_typing.final
 class TaskBatch(_message.Message):
     """Tasks that reached a final state, sent together."""
 

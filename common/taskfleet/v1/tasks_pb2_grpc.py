@@ -52,7 +52,7 @@ class TaskServiceStub:
                 _registered_method=True)
         self.WaitTasksBatched = channel.unary_stream(
                 '/taskfleet.v1.TaskService/WaitTasksBatched',
-                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksBatchedRequest.SerializeToString,
                 response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.FromString,
                 _registered_method=True)
         self.SubmitAndWait = channel.unary_stream(
@@ -148,7 +148,7 @@ def add_TaskServiceServicer_to_server(servicer, server):
             ),
             'WaitTasksBatched': grpc.unary_stream_rpc_method_handler(
                     servicer.WaitTasksBatched,
-                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.FromString,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.WaitTasksBatchedRequest.FromString,
                     response_serializer=taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.SerializeToString,
             ),
             'SubmitAndWait': grpc.unary_stream_rpc_method_handler(
@@ -274,7 +274,7 @@ class TaskService:
             request,
             target,
             '/taskfleet.v1.TaskService/WaitTasksBatched',
-            taskfleet_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.WaitTasksBatchedRequest.SerializeToString,
             taskfleet_dot_v1_dot_tasks__pb2.TaskBatch.FromString,
             options,
             channel_credentials,

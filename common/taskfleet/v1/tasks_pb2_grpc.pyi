@@ -43,7 +43,7 @@ class TaskServiceStub:
     """Stream each task as it reaches a final state (those already final come
     at once); the stream ends when all are final or the timeout passes.
     """
-    WaitTasksBatched: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.TaskBatch]
+    WaitTasksBatched: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksBatchedRequest, _tasks_pb2.TaskBatch]
     """WaitTasks with many tasks per stream message: the same tasks, in the same
     order, with far less per-message cost when many tasks finish together.
     """
@@ -69,7 +69,7 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Stream each task as it reaches a final state (those already final come
     at once); the stream ends when all are final or the timeout passes.
     """
-    WaitTasksBatched: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.TaskBatch]  # type: ignore[assignment]
+    WaitTasksBatched: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksBatchedRequest, _tasks_pb2.TaskBatch]  # type: ignore[assignment]
     """WaitTasks with many tasks per stream message: the same tasks, in the same
     order, with far less per-message cost when many tasks finish together.
     """
@@ -114,7 +114,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def WaitTasksBatched(
         self,
-        request: _tasks_pb2.WaitTasksRequest,
+        request: _tasks_pb2.WaitTasksBatchedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.TaskBatch], _abc.AsyncIterator[_tasks_pb2.TaskBatch]]:
         """WaitTasks with many tasks per stream message: the same tasks, in the same

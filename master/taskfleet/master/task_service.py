@@ -72,7 +72,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     @streaming
     def WaitTasksBatched(
-        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
+        self, request: tasks_pb2.WaitTasksBatchedRequest, context: grpc.ServicerContext
     ) -> Iterator[tasks_pb2.TaskBatch]:
         task_ids, timeout_s = _wait_request(request)
         yield from self._finished(task_ids, timeout_s, context, tasks_pb2.TaskBatch)
@@ -184,7 +184,9 @@ class _Batch(Generic[_Message]):
         return message
 
 
-def _wait_request(request: tasks_pb2.WaitTasksRequest) -> tuple[list[str], float | None]:
+def _wait_request(
+    request: tasks_pb2.WaitTasksRequest | tasks_pb2.WaitTasksBatchedRequest,
+) -> tuple[list[str], float | None]:
     """The distinct task ids and the timeout of a wait, checked."""
     task_ids = list(dict.fromkeys(request.task_ids))
     if not task_ids:
@@ -197,7 +199,9 @@ def _wait_request(request: tasks_pb2.WaitTasksRequest) -> tuple[list[str], float
 
 
 def _timeout_s(
-    request: tasks_pb2.WaitTasksRequest | tasks_pb2.SubmitAndWaitRequest,
+    request: tasks_pb2.WaitTasksRequest
+    | tasks_pb2.WaitTasksBatchedRequest
+    | tasks_pb2.SubmitAndWaitRequest,
 ) -> float | None:
     if not request.HasField("timeout"):
         return None
