@@ -91,8 +91,11 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.not_before.FromNanoseconds(round(spec.not_before * 1e9))
 
 
-def error_to_proto(error: TaskError) -> tasks_pb2.TaskError:
-    return tasks_pb2.TaskError(type=error.type, message=error.message, traceback=error.traceback)
+def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:
+    pb.SetInParent()  # present even if every field is empty
+    pb.type = error.type
+    pb.message = error.message
+    pb.traceback = error.traceback
 
 
 def error_from_proto(pb: tasks_pb2.TaskError) -> TaskError:
@@ -119,11 +122,7 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
     if task.worker_id:
         pb.worker_id = task.worker_id
     if task.error is not None:
-        error = task.error
-        pb.error.SetInParent()  # present even if every field is empty
-        pb.error.type = error.type
-        pb.error.message = error.message
-        pb.error.traceback = error.traceback
+        _fill_error(pb.error, task.error)
     if task.created_at:
         pb.created_at.FromNanoseconds(round(task.created_at * 1e9))
     if task.started_at:
@@ -185,11 +184,7 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
     if outcome.result_content_type:
         pb.result_content_type = outcome.result_content_type
     if outcome.error is not None:
-        error = outcome.error
-        pb.error.SetInParent()  # present even if every field is empty
-        pb.error.type = error.type
-        pb.error.message = error.message
-        pb.error.traceback = error.traceback
+        _fill_error(pb.error, outcome.error)
     if outcome.retry_delay_s is not None:
         pb.retry_after.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
 
