@@ -3,7 +3,8 @@ alive across reconnects, feeding the local pool and reporting outcomes.
 
 Threads: ``connection`` holds the stream and applies what the master sends;
 ``sender`` batches outcomes, asks for credit and heartbeats; the pool calls
-``_on_done`` from its own thread. The main thread only waits for signals.
+``_on_done`` from its own thread, which sends the batch itself when the pool has
+gone idle. The main thread only waits for signals.
 """
 
 from __future__ import annotations
