@@ -16,12 +16,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,29 +28,11 @@ import celery
 import kombu
 import redis
 from celery import Task
+from measuring import free_port, poll, trip_figures
 
 BENCH = Path(__file__).resolve().parent
 REDIS_URL_ENV = "TASKFLEET_BENCH_REDIS_URL"  # as in celery_tasks.py, read before importing it
 RESULT_TIMEOUT_S = 120  # per result: a lost task fails the round, not hangs the bench
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _poll(
-    check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
-) -> None:
-    """Wait for ``check``, failing at once if ``proc`` has died rather than at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -66,12 +46,6 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest rank, exactly as run.py's, so the W3 columns compare like with like."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class CeleryCluster:
@@ -110,7 +84,7 @@ class CeleryCluster:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
         self.procs.append(proc)
         client = redis.Redis(host="127.0.0.1", port=port)
-        _poll(lambda: _answers(client), "redis-server", proc)
+        poll(lambda: _answers(client), "redis-server", proc=proc)
         self.redis_server_version = str(client.info("server")["redis_version"])
         client.close()
         return f"redis://127.0.0.1:{port}/0"
@@ -137,7 +111,7 @@ class CeleryCluster:
         )
         self.procs.append(proc)
         control = self.tasks.app.control
-        _poll(lambda: bool(control.ping(timeout=0.5)), "celery worker", proc)
+        poll(lambda: bool(control.ping(timeout=0.5)), "celery worker", proc=proc)
 
     def run_batch(self, task: Task, args: list[tuple[Any, ...]]) -> float:
         """Submit every task and wait for every result; returns seconds taken.
@@ -187,9 +161,7 @@ def measure(cluster: CeleryCluster, w1: int, w2: int, w3: int) -> dict[str, floa
         "w2": w2 / cluster.run_batch(tasks.square, [(n,) for n in range(w2)]),
     }
     trips = [cluster.round_trip(7) for _ in range(w3)]
-    figures["w3_p50_ms"] = _percentile(trips, 0.50) * 1000
-    figures["w3_p99_ms"] = _percentile(trips, 0.99) * 1000
-    return figures
+    return {**figures, **trip_figures(trips)}
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -17,18 +17,17 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from classic import ClassicCluster
+from measuring import free_port, percentile, poll, trip_figures
 
 from taskfleet.common.client import Client, make_spec
 
@@ -36,12 +35,6 @@ PY = sys.executable
 BENCH = Path(__file__).resolve().parent
 # A backstop only: celery_side.py bounds each of its own waits.
 PEERS_TIMEOUT_S = 1800
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class TaskfleetCluster:
@@ -57,7 +50,7 @@ class TaskfleetCluster:
             stdout=subprocess.DEVNULL,
         )
         self.client = Client(self.address)
-        _poll(lambda: self._serving(), "master")
+        poll(lambda: self._serving(), "master")
         self.workers = [
             subprocess.Popen(
                 [
@@ -74,7 +67,7 @@ class TaskfleetCluster:
             )
             for _ in range(workers)
         ]
-        _poll(lambda: len(self.client.stats().workers) == workers, "workers")
+        poll(lambda: len(self.client.stats().workers) == workers, "workers")
         self.run_batch([("noop", ())] * 200)  # warm up: pools started, code paths hot
 
     def _serving(self) -> bool:
@@ -129,14 +122,6 @@ class TaskfleetCluster:
         self.tmp.cleanup()
 
 
-def _poll(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @dataclass
 class Figures:
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -147,11 +132,6 @@ class Figures:
     def median(self, key: str) -> float:
         values = self.samples.get(key)
         return statistics.median(values) if values else float("nan")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure_classic(args: argparse.Namespace) -> dict[str, float]:
@@ -165,7 +145,7 @@ def measure_classic(args: argparse.Namespace) -> dict[str, float]:
         trips = [classic.round_trip(7) for _ in range(args.w3)]
     finally:
         classic.close()
-    return {**figures, **_trip_figures(trips)}
+    return {**figures, **trip_figures(trips)}
 
 
 def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
@@ -181,11 +161,11 @@ def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
         }
         trips = [cluster.round_trip(("square", (7,))) for _ in range(args.w3)]
         two_calls = [cluster.round_trip_two_calls(("square", (7,))) for _ in range(args.w3)]
-        figures["w3_two_calls_p50_ms"] = _percentile(two_calls, 0.50) * 1000
+        figures["w3_two_calls_p50_ms"] = percentile(two_calls, 0.50) * 1000
         figures["submit"] = args.submit / cluster.submit_only(args.submit)
     finally:
         cluster.close()
-    return {**figures, **_trip_figures(trips)}
+    return {**figures, **trip_figures(trips)}
 
 
 def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
@@ -215,13 +195,6 @@ def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str
     report = json.loads(out)
     versions = report.pop("versions")
     return report, versions
-
-
-def _trip_figures(trips: list[float]) -> dict[str, float]:
-    return {
-        "w3_p50_ms": _percentile(trips, 0.50) * 1000,
-        "w3_p99_ms": _percentile(trips, 0.99) * 1000,
-    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
