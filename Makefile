@@ -36,16 +36,23 @@ run-master: install
 run-worker: install
 	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
 
-# iproute2's `ip`, for the test that puts master and workers in network
-# namespaces. Installed only when missing and possible; otherwise that test skips.
+# Debian packages the tests use: iproute2's `ip` (master and workers in network
+# namespaces) and node/npm (the Node.js example). Each is installed only when
+# missing and possible; otherwise its tests skip, except in CI, where
+# TASKFLEET_REQUIRE_SYSTEM=1 (set by .ci/run) makes them fail instead.
+SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm
+
 system-deps:
-	@if command -v ip >/dev/null 2>&1; then \
+	@missing=""; for pair in $(SYSTEM_DEPS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) \
-			|| echo "system-deps: could not install iproute2; the network-namespace test will skip"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+			|| echo "system-deps: could not install$$missing; their tests will skip"; \
 	else \
-		echo "system-deps: no ip and no apt-get as root; the network-namespace test will skip"; \
+		echo "system-deps: missing$$missing and no apt-get as root; their tests will skip"; \
 	fi
 
 test: install system-deps

@@ -34,6 +34,7 @@ from taskfleet.common.errors import TaskfleetError
 from taskfleet.common.model import Stats, Task, TaskSpec, TaskState, WorkerInfo
 
 from procs import Proc, poll
+from system import missing
 
 WAIT_S = 30.0
 LEASE_S = 2.0
@@ -66,14 +67,14 @@ class Hosts:
     def create(self) -> None:
         """Make the namespaces (skipping the test if that is not possible), then link them."""
         if shutil.which("ip") is None:
-            pytest.skip("no `ip` command: install iproute2 (make system-deps)")
+            missing("no `ip` command: install iproute2 (make system-deps)")
         if os.geteuid() != 0:
-            pytest.skip("making network namespaces needs root")
+            missing("making network namespaces needs root")
         _delete_leftovers()
         for ns in self.ns.values():
             done = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
             if done.returncode != 0:
-                pytest.skip(f"cannot make a network namespace: {done.stderr.strip()}")
+                missing(f"cannot make a network namespace: {done.stderr.strip()}")
             self.made.append(ns)
             ip("-n", ns, "link", "set", "dev", "lo", "up")
         m = self.ns["m"]
