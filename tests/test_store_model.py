@@ -9,6 +9,7 @@ sleeping; the SQLite machine also closes and reopens its file between steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import tempfile
 from collections import Counter
@@ -22,7 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from taskfleet.common.errors import FailedPrecondition, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
-from taskfleet.master.store import MemoryStore, SqliteStore, Store
+from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy
+from taskfleet.master.store.base import worker_lost_error
 
 START = 1_000_000.0
 QUEUES = ("q1", "q2", "q3")
@@ -40,6 +42,8 @@ RETRY_DELAYS = st.sampled_from([0.0, 0.5, 5.0, 30.0])
 LEASE_QUEUES = st.sampled_from([QUEUES, QUEUES, QUEUES, ("q1",), ("q3", "q2"), ("q2", "q2"), ()])
 LEASE_NAMES = st.sampled_from([None, None, None, ("add",), ("sub", "mul"), ("add", "add"), ()])
 CLOCK_STEPS = st.sampled_from([1.0, 0.5, 0.0, 2.0, 5.0, 31.0]) | st.floats(0.0, 10.0)
+# Small limits, so that runs reach lost-lease failures and pruning often.
+POLICY = StorePolicy(result_ttl_s=40.0, max_lost_leases=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Expected:
     index: int  # submission order: FIFO among equal priorities
     ready_at: float = 0.0  # PENDING: not leased before this
     deadline: float = 0.0  # RUNNING: the lease lapses at this time
+    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
 
     def valid(self, ref: LeaseRef) -> bool:
         return self.task.state is TaskState.RUNNING and self.task.lease == ref.lease
@@ -137,6 +142,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.finals: dict[str, Task] = {}  # each task as first seen final
         self.last_seen: dict[str, tuple[int, int]] = {}  # attempts, lease
         self.released: set[str] = set()  # released in the latest step
+        self.submitted = itertools.count()  # submission order, unlike len(expected) after prunes
 
     def open_store(self) -> Store:
         raise NotImplementedError
@@ -165,6 +171,12 @@ class StoreMachine(RuleBasedStateMachine):
         refs = st.sampled_from([ref for ref, _ in self.refs])
         return [data.draw(refs) for _ in range(count)]
 
+    def finish(self, entry: Expected, state: TaskState) -> None:
+        task = entry.task
+        task.state = state
+        task.finished_at = self.now
+        task.expires_at = self.now + POLICY.result_ttl_s
+
     def apply_outcome(self, outcome: Outcome) -> Task | None:
         """Apply ``outcome`` to the model; the task if it became final, else None."""
         entry = self.expected.get(outcome.ref.task_id)
@@ -172,19 +184,16 @@ class StoreMachine(RuleBasedStateMachine):
             return None
         task = entry.task
         if outcome.state is TaskState.SUCCEEDED:
-            task.state = TaskState.SUCCEEDED
             task.result = outcome.result
             task.result_content_type = outcome.result_content_type
             task.error = None
-            task.finished_at = self.now
+            self.finish(entry, TaskState.SUCCEEDED)
         elif outcome.state is TaskState.CANCELLED:
-            task.state = TaskState.CANCELLED
-            task.finished_at = self.now
+            self.finish(entry, TaskState.CANCELLED)
         else:
             task.error = outcome.error
             if outcome.retry_delay_s is None:
-                task.state = TaskState.FAILED
-                task.finished_at = self.now
+                self.finish(entry, TaskState.FAILED)
             else:
                 task.state = TaskState.PENDING
                 entry.ready_at = self.now + outcome.retry_delay_s
@@ -209,7 +218,7 @@ class StoreMachine(RuleBasedStateMachine):
                 self.keys[spec.idempotency_key] = task_id
             self.expected[task_id] = Expected(
                 Task(task_id, spec, created_at=self.now),
-                index=len(self.expected),
+                index=next(self.submitted),
                 ready_at=max(spec.not_before, self.now),
             )
 
@@ -347,8 +356,7 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(FailedPrecondition, match=task_id):
                 self.store.cancel(task_id, self.now)
             return
-        entry.task.state = TaskState.CANCELLED
-        entry.task.finished_at = self.now
+        self.finish(entry, TaskState.CANCELLED)
 
         cancelled = self.store.cancel(task_id, self.now)
 
@@ -388,12 +396,40 @@ class StoreMachine(RuleBasedStateMachine):
             key=lambda entry: (entry.deadline, entry.index),
         )
         for entry in lapsed:
-            entry.task.state = TaskState.PENDING
-            entry.ready_at = self.now
+            task = entry.task
+            entry.lost_by.append(task.worker_id)
+            task.lost_leases += 1
+            if task.lost_leases > POLICY.max_lost_leases:
+                task.error = worker_lost_error(entry.lost_by)
+                self.finish(entry, TaskState.FAILED)
+            else:
+                task.state = TaskState.PENDING
+                entry.ready_at = self.now
 
         expired = self.store.expire(self.now)
 
         assert expired == [entry.task for entry in lapsed]
+
+    @rule(limit=st.sampled_from([1, 2, 100]))
+    def prune(self, limit: int) -> None:
+        due = sorted(
+            (entry for entry in self.expected.values() if 0 < entry.task.expires_at <= self.now),
+            key=lambda entry: (entry.task.expires_at, entry.index),
+        )[:limit]
+        gone = {entry.task.id for entry in due}
+        for task_id in gone:
+            del self.expected[task_id]
+            self.finals.pop(task_id, None)
+            self.last_seen.pop(task_id, None)
+        self.keys = {key: i for key, i in self.keys.items() if i not in gone}
+        self.refs = [(ref, w) for ref, w in self.refs if ref.task_id not in gone]
+
+        pruned = self.store.prune(self.now, limit)
+
+        assert pruned == len(gone)
+        for task_id in gone:
+            with pytest.raises(NotFound):
+                self.store.get(task_id)
 
     @precondition(lambda self: self.durable)
     @rule()
@@ -455,8 +491,8 @@ def store_machine(kind: str) -> type[StoreMachine]:
 
         def open_store(self) -> Store:
             if kind == "memory":
-                return MemoryStore()
-            return SqliteStore(str(self.tmp_dir / "tasks.db"))
+                return MemoryStore(POLICY)
+            return SqliteStore(str(self.tmp_dir / "tasks.db"), POLICY)
 
     Machine.__name__ = Machine.__qualname__ = f"{kind.capitalize()}StoreMachine"
     return Machine

@@ -60,6 +60,7 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         unix_from_timestamp(pb.not_before) if pb.HasField("not_before") else 0.0,
         pb.idempotency_key,
         dict(pb.metadata) if pb.metadata else {},
+        seconds_from_duration(pb.result_ttl) if pb.HasField("result_ttl") else 0.0,
     )
 
 
@@ -89,6 +90,8 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.timeout.FromNanoseconds(round(spec.timeout_s * 1e9))
     if spec.not_before:
         pb.not_before.FromNanoseconds(round(spec.not_before * 1e9))
+    if spec.result_ttl_s:
+        pb.result_ttl.FromNanoseconds(round(spec.result_ttl_s * 1e9))
 
 
 def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:
@@ -129,6 +132,10 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
         pb.started_at.FromNanoseconds(round(task.started_at * 1e9))
     if task.finished_at:
         pb.finished_at.FromNanoseconds(round(task.finished_at * 1e9))
+    if task.lost_leases:
+        pb.lost_leases = task.lost_leases
+    if task.expires_at:
+        pb.expires_at.FromNanoseconds(round(task.expires_at * 1e9))
 
 
 def assignments_to_proto(leases: Sequence[Lease], results_ack: int = 0) -> worker_pb2.MasterMessage:
@@ -162,6 +169,8 @@ def task_from_proto(pb: tasks_pb2.Task, lease: int = 0) -> Task:
         unix_from_timestamp(pb.created_at) if pb.HasField("created_at") else 0.0,
         unix_from_timestamp(pb.started_at) if pb.HasField("started_at") else 0.0,
         unix_from_timestamp(pb.finished_at) if pb.HasField("finished_at") else 0.0,
+        pb.lost_leases,
+        unix_from_timestamp(pb.expires_at) if pb.HasField("expires_at") else 0.0,
     )
 
 

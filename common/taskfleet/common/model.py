@@ -42,6 +42,7 @@ class TaskSpec:
     not_before: float = 0.0  # unix time; 0: at once
     idempotency_key: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    result_ttl_s: float = 0.0  # kept this long after it ends; 0: the master's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,8 @@ class Task:
     created_at: float = 0.0
     started_at: float = 0.0
     finished_at: float = 0.0
+    lost_leases: int = 0  # leases that lapsed (worker died, hung or was cut off)
+    expires_at: float = 0.0  # when a finished task is deleted; 0: not finished, or never
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskfleet/v1/tasks.proto\x12\x0ctaskfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x02\n\x08TaskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nnot_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.taskfleet.v1.TaskSpec.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xeb\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.taskfleet.v1.TaskSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.taskfleet.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12\x1b\n\x13result_content_type\x18\x06 \x01(\t\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.taskfleet.v1.TaskError\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\rSubmitRequest\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.TaskSpec\"\"\n\x0eSubmitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"i\n\x14SubmitAndWaitRequest\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.TaskSpec\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x15SubmitAndWaitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12!\n\x05tasks\x18\x02 \x03(\x0b\x32\x12.taskfleet.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"P\n\x10WaitTasksRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"W\n\x17WaitTasksBatchedRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\".\n\tTaskBatch\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.taskfleet.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"s\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x11\n\tsucceeded\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\"\xc8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x05Stats\x12(\n\x06queues\x18\x01 \x03(\x0b\x32\x18.taskfleet.v1.QueueStats\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.taskfleet.v1.WorkerInfo*\xa2\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\x87\x04\n\x0bTaskService\x12\x43\n\x06Submit\x12\x1b.taskfleet.v1.SubmitRequest\x1a\x1c.taskfleet.v1.SubmitResponse\x12;\n\x07GetTask\x12\x1c.taskfleet.v1.GetTaskRequest\x1a\x12.taskfleet.v1.Task\x12\x41\n\tWaitTasks\x12\x1e.taskfleet.v1.WaitTasksRequest\x1a\x12.taskfleet.v1.Task0\x01\x12T\n\x10WaitTasksBatched\x12%.taskfleet.v1.WaitTasksBatchedRequest\x1a\x17.taskfleet.v1.TaskBatch0\x01\x12Z\n\rSubmitAndWait\x12\".taskfleet.v1.SubmitAndWaitRequest\x1a#.taskfleet.v1.SubmitAndWaitResponse0\x01\x12\x41\n\nCancelTask\x12\x1f.taskfleet.v1.CancelTaskRequest\x1a\x12.taskfleet.v1.Task\x12>\n\x08GetStats\x12\x1d.taskfleet.v1.GetStatsRequest\x1a\x13.taskfleet.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskfleet/v1/tasks.proto\x12\x0ctaskfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x03\n\x08TaskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nnot_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.taskfleet.v1.TaskSpec.MetadataEntry\x12-\n\nresult_ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xb0\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.taskfleet.v1.TaskSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.taskfleet.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12\x1b\n\x13result_content_type\x18\x06 \x01(\t\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.taskfleet.v1.TaskError\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blost_leases\x18\x0c \x01(\x05\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\rSubmitRequest\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.TaskSpec\"\"\n\x0eSubmitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"i\n\x14SubmitAndWaitRequest\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.TaskSpec\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x15SubmitAndWaitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12!\n\x05tasks\x18\x02 \x03(\x0b\x32\x12.taskfleet.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"P\n\x10WaitTasksRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"W\n\x17WaitTasksBatchedRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\".\n\tTaskBatch\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.taskfleet.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\x7f\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.taskfleet.v1.TaskState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x11ListTasksResponse\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.taskfleet.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x11PurgeTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\'\n\x06states\x18\x02 \x03(\x0e\x32\x17.taskfleet.v1.TaskState\"#\n\x12PurgeTasksResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"s\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x11\n\tsucceeded\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\"\xc8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x05Stats\x12(\n\x06queues\x18\x01 \x03(\x0b\x32\x18.taskfleet.v1.QueueStats\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.taskfleet.v1.WorkerInfo*\xa2\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xa6\x05\n\x0bTaskService\x12\x43\n\x06Submit\x12\x1b.taskfleet.v1.SubmitRequest\x1a\x1c.taskfleet.v1.SubmitResponse\x12;\n\x07GetTask\x12\x1c.taskfleet.v1.GetTaskRequest\x1a\x12.taskfleet.v1.Task\x12\x41\n\tWaitTasks\x12\x1e.taskfleet.v1.WaitTasksRequest\x1a\x12.taskfleet.v1.Task0\x01\x12T\n\x10WaitTasksBatched\x12%.taskfleet.v1.WaitTasksBatchedRequest\x1a\x17.taskfleet.v1.TaskBatch0\x01\x12Z\n\rSubmitAndWait\x12\".taskfleet.v1.SubmitAndWaitRequest\x1a#.taskfleet.v1.SubmitAndWaitResponse0\x01\x12\x41\n\nCancelTask\x12\x1f.taskfleet.v1.CancelTaskRequest\x1a\x12.taskfleet.v1.Task\x12>\n\x08GetStats\x12\x1d.taskfleet.v1.GetStatsRequest\x1a\x13.taskfleet.v1.Stats\x12L\n\tListTasks\x12\x1e.taskfleet.v1.ListTasksRequest\x1a\x1f.taskfleet.v1.ListTasksResponse\x12O\n\nPurgeTasks\x12\x1f.taskfleet.v1.PurgeTasksRequest\x1a .taskfleet.v1.PurgeTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSPEC_METADATAENTRY']._loaded_options = None
   _globals['_TASKSPEC_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=1882
-  _globals['_TASKSTATE']._serialized_end=2044
+  _globals['_TASKSTATE']._serialized_start=2322
+  _globals['_TASKSTATE']._serialized_end=2484
   _globals['_TASKSPEC']._serialized_start=108
-  _globals['_TASKSPEC']._serialized_end=448
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=401
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=448
-  _globals['_TASKERROR']._serialized_start=450
-  _globals['_TASKERROR']._serialized_end=511
-  _globals['_TASK']._serialized_start=514
-  _globals['_TASK']._serialized_end=877
-  _globals['_SUBMITREQUEST']._serialized_start=879
-  _globals['_SUBMITREQUEST']._serialized_end=933
-  _globals['_SUBMITRESPONSE']._serialized_start=935
-  _globals['_SUBMITRESPONSE']._serialized_end=969
-  _globals['_SUBMITANDWAITREQUEST']._serialized_start=971
-  _globals['_SUBMITANDWAITREQUEST']._serialized_end=1076
-  _globals['_SUBMITANDWAITRESPONSE']._serialized_start=1078
-  _globals['_SUBMITANDWAITRESPONSE']._serialized_end=1154
-  _globals['_GETTASKREQUEST']._serialized_start=1156
-  _globals['_GETTASKREQUEST']._serialized_end=1189
-  _globals['_WAITTASKSREQUEST']._serialized_start=1191
-  _globals['_WAITTASKSREQUEST']._serialized_end=1271
-  _globals['_WAITTASKSBATCHEDREQUEST']._serialized_start=1273
-  _globals['_WAITTASKSBATCHEDREQUEST']._serialized_end=1360
-  _globals['_TASKBATCH']._serialized_start=1362
-  _globals['_TASKBATCH']._serialized_end=1408
-  _globals['_CANCELTASKREQUEST']._serialized_start=1410
-  _globals['_CANCELTASKREQUEST']._serialized_end=1446
-  _globals['_GETSTATSREQUEST']._serialized_start=1448
-  _globals['_GETSTATSREQUEST']._serialized_end=1465
-  _globals['_QUEUESTATS']._serialized_start=1467
-  _globals['_QUEUESTATS']._serialized_end=1582
-  _globals['_WORKERINFO']._serialized_start=1585
-  _globals['_WORKERINFO']._serialized_end=1785
-  _globals['_STATS']._serialized_start=1787
-  _globals['_STATS']._serialized_end=1879
-  _globals['_TASKSERVICE']._serialized_start=2047
-  _globals['_TASKSERVICE']._serialized_end=2566
+  _globals['_TASKSPEC']._serialized_end=495
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=448
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=495
+  _globals['_TASKERROR']._serialized_start=497
+  _globals['_TASKERROR']._serialized_end=558
+  _globals['_TASK']._serialized_start=561
+  _globals['_TASK']._serialized_end=993
+  _globals['_SUBMITREQUEST']._serialized_start=995
+  _globals['_SUBMITREQUEST']._serialized_end=1049
+  _globals['_SUBMITRESPONSE']._serialized_start=1051
+  _globals['_SUBMITRESPONSE']._serialized_end=1085
+  _globals['_SUBMITANDWAITREQUEST']._serialized_start=1087
+  _globals['_SUBMITANDWAITREQUEST']._serialized_end=1192
+  _globals['_SUBMITANDWAITRESPONSE']._serialized_start=1194
+  _globals['_SUBMITANDWAITRESPONSE']._serialized_end=1270
+  _globals['_GETTASKREQUEST']._serialized_start=1272
+  _globals['_GETTASKREQUEST']._serialized_end=1305
+  _globals['_WAITTASKSREQUEST']._serialized_start=1307
+  _globals['_WAITTASKSREQUEST']._serialized_end=1387
+  _globals['_WAITTASKSBATCHEDREQUEST']._serialized_start=1389
+  _globals['_WAITTASKSBATCHEDREQUEST']._serialized_end=1476
+  _globals['_TASKBATCH']._serialized_start=1478
+  _globals['_TASKBATCH']._serialized_end=1524
+  _globals['_CANCELTASKREQUEST']._serialized_start=1526
+  _globals['_CANCELTASKREQUEST']._serialized_end=1562
+  _globals['_GETSTATSREQUEST']._serialized_start=1564
+  _globals['_GETSTATSREQUEST']._serialized_end=1581
+  _globals['_LISTTASKSREQUEST']._serialized_start=1583
+  _globals['_LISTTASKSREQUEST']._serialized_end=1710
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1712
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1791
+  _globals['_PURGETASKSREQUEST']._serialized_start=1793
+  _globals['_PURGETASKSREQUEST']._serialized_end=1868
+  _globals['_PURGETASKSRESPONSE']._serialized_start=1870
+  _globals['_PURGETASKSRESPONSE']._serialized_end=1905
+  _globals['_QUEUESTATS']._serialized_start=1907
+  _globals['_QUEUESTATS']._serialized_end=2022
+  _globals['_WORKERINFO']._serialized_start=2025
+  _globals['_WORKERINFO']._serialized_end=2225
+  _globals['_STATS']._serialized_start=2227
+  _globals['_STATS']._serialized_end=2319
+  _globals['_TASKSERVICE']._serialized_start=2487
+  _globals['_TASKSERVICE']._serialized_end=3165
 # @@protoc_insertion_point(module_scope)

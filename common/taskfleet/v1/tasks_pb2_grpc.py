@@ -70,6 +70,16 @@ class TaskServiceStub:
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.Stats.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/taskfleet.v1.TaskService/ListTasks',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.PurgeTasks = channel.unary_unary(
+                '/taskfleet.v1.TaskService/PurgeTasks',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -128,6 +138,20 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Tasks newest first, filtered by queue, name and state, with keyset paging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeTasks(self, request, context):
+        """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +189,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.GetStatsRequest.FromString,
                     response_serializer=taskfleet_dot_v1_dot_tasks__pb2.Stats.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'PurgeTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeTasks,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +391,60 @@ class TaskService:
             '/taskfleet.v1.TaskService/GetStats',
             taskfleet_dot_v1_dot_tasks__pb2.GetStatsRequest.SerializeToString,
             taskfleet_dot_v1_dot_tasks__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/ListTasks',
+            taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/PurgeTasks',
+            taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class TaskServiceStub:
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetStatsRequest, _tasks_pb2.Stats]
     """Counts per queue and state, and the connected workers."""
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
+    """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+    PurgeTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]
+    """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -81,6 +85,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
     GetStats: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetStatsRequest, _tasks_pb2.Stats]  # type: ignore[assignment]
     """Counts per queue and state, and the connected workers."""
+    ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+    PurgeTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]  # type: ignore[assignment]
+    """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """For producers: submit tasks and read their outcome."""
@@ -146,5 +154,21 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.Stats, _abc.Awaitable[_tasks_pb2.Stats]]:
         """Counts per queue and state, and the connected workers."""
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _tasks_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListTasksResponse, _abc.Awaitable[_tasks_pb2.ListTasksResponse]]:
+        """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+
+    @_abc_1.abstractmethod
+    def PurgeTasks(
+        self,
+        request: _tasks_pb2.PurgeTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.PurgeTasksResponse, _abc.Awaitable[_tasks_pb2.PurgeTasksResponse]]:
+        """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -50,6 +50,10 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise InvalidArgument(f"{field}.timeout: must not be negative")
     if spec.timeout_s > MAX_DURATION_S:
         raise InvalidArgument(f"{field}.timeout: longer than {MAX_DURATION_S} s")
+    if spec.result_ttl_s < 0:
+        raise InvalidArgument(f"{field}.result_ttl: must not be negative")
+    if spec.result_ttl_s > MAX_DURATION_S:
+        raise InvalidArgument(f"{field}.result_ttl: longer than {MAX_DURATION_S} s")
     if spec.not_before < 0:
         raise InvalidArgument(f"{field}.not_before: must not be before 1970")
     if spec.not_before > MAX_UNIX_S:

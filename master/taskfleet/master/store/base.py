@@ -13,6 +13,12 @@ Fencing: each lease of a task gets the next lease number (``Task.lease``). A
 longer RUNNING, is stale: ``extend`` reports it, ``record`` and ``release``
 ignore it. So a worker presumed dead that comes back can never overwrite
 anything, and a task's final state is written exactly once.
+
+Lifecycle limits (``StorePolicy``): a lease that lapses puts its task back, but
+only ``max_lost_leases`` times; the next lapse ends it FAILED ``WorkerLost``, so a
+task that kills every worker it runs on cannot circulate forever. A task that
+ended is kept for its result TTL and then deleted by ``prune`` (with its
+idempotency key), so a store under a steady load stops growing.
 """
 
 from __future__ import annotations
@@ -21,8 +27,77 @@ import abc
 import os
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
-from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec
+from taskfleet.common.errors import NotFound
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    QueueCounts,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
+
+WORKER_LOST = "WorkerLost"
+FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+MAX_PAGE_SIZE = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class StorePolicy:
+    """The lifecycle limits a store enforces itself, since it alone sees every lapse
+    and every end."""
+
+    # Seconds a finished task is kept when its spec names no TTL; 0 keeps it forever.
+    result_ttl_s: float = 86_400.0
+    # Lapsed leases a task survives; the next one ends it FAILED WorkerLost.
+    max_lost_leases: int = 3
+
+
+DEFAULT_POLICY = StorePolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """Which tasks ``list_tasks`` returns; an empty field matches everything."""
+
+    queue: str = ""
+    name: str = ""
+    states: frozenset[TaskState] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of ``list_tasks``, newest first; ``next_cursor`` is None on the last."""
+
+    tasks: list[Task]
+    next_cursor: int | None
+
+
+def worker_lost_error(lost_by: Sequence[str]) -> TaskError:
+    """The error of a task whose lease lapsed once more than the policy allows."""
+    workers = ", ".join(dict.fromkeys(lost_by)) or "unknown"
+    return TaskError(
+        WORKER_LOST,
+        f"the task's worker was lost {len(lost_by)} times (workers: {workers}); "
+        "the task may crash or exhaust the worker that runs it",
+    )
+
+
+def not_found(task_id: str) -> NotFound:
+    """The error for an unknown id, which may be one that expired."""
+    return NotFound(
+        f"task {task_id} not found (finished tasks are deleted when their result TTL runs out)"
+    )
+
+
+def expires_at(spec: TaskSpec, finished_at: float, policy: StorePolicy) -> float:
+    """When a task that finished at ``finished_at`` is deleted; 0 for never."""
+    ttl_s = spec.result_ttl_s or policy.result_ttl_s
+    return finished_at + ttl_s if ttl_s > 0 else 0.0
 
 
 def new_task_id() -> str:
@@ -112,7 +187,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def expire(self, now: float) -> list[Task]:
         """Return every RUNNING task whose lease deadline has passed to PENDING, ready
-        at once (the lapsed attempt stays counted). Returns those tasks."""
+        at once (the lapsed attempt stays counted), and count the lost lease.
+
+        A task that has already lost ``policy.max_lost_leases`` leases ends FAILED
+        with ``worker_lost_error`` instead. Returns the lapsed tasks as they are
+        now, in the order their leases lapsed.
+        """
+
+    @abc.abstractmethod
+    def prune(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` finished tasks whose TTL has run out, with their
+        idempotency keys; returns how many. Bounded, so a caller deletes a large
+        backlog in short steps that never hold up submit or lease."""
+
+    @abc.abstractmethod
+    def purge(self, query: TaskQuery, limit: int) -> int:
+        """Delete up to ``limit`` finished tasks that ``query`` matches (its states
+        must all be final; empty means every final state); returns how many."""
+
+    @abc.abstractmethod
+    def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
+        """Up to ``limit`` tasks that ``query`` matches, newest first, from just past
+        ``cursor`` (a page's ``next_cursor``). Keyset paging: a task submitted while
+        a caller pages is never seen twice and never makes another one skipped."""
 
     @abc.abstractmethod
     def next_ready_at(self, now: float) -> float | None:
@@ -121,7 +218,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> list[QueueCounts]:
-        """Task counts per queue and state, sorted by queue name; every state present."""
+        """Task counts per queue and state, sorted by queue name; every state present.
+        A queue is listed while it holds a task."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources; the store is unusable afterwards."""

@@ -8,13 +8,14 @@ O(log n) without searching a heap.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import itertools
 import threading
 from collections.abc import Collection, Iterator, Sequence
 
-from taskfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -24,7 +25,18 @@ from taskfleet.common.model import (
     TaskSpec,
     TaskState,
 )
-from taskfleet.master.store.base import Store, new_task_id
+from taskfleet.master.store.base import (
+    DEFAULT_POLICY,
+    FINAL_STATES,
+    Store,
+    StorePolicy,
+    TaskPage,
+    TaskQuery,
+    expires_at,
+    new_task_id,
+    not_found,
+    worker_lost_error,
+)
 
 # (-priority, seq, task_id): the heap top is the next task to hand out.
 _ReadyEntry = tuple[int, int, str]
@@ -38,12 +50,14 @@ class _Slot:
     seq: int
     delayed: bool = False  # PENDING but waiting in the delayed heap
     deadline: float = 0.0  # RUNNING: when the lease lapses
+    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
 
 
 class MemoryStore(Store):
     """Fast and volatile: a restart of the master loses every task."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: StorePolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._slots: dict[str, _Slot] = {}
@@ -52,6 +66,11 @@ class MemoryStore(Store):
         self._delayed: list[tuple[float, int, str]] = []
         self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
         self._counts: dict[str, dict[TaskState, int]] = {}
+        self._expiring: list[tuple[float, int, str]] = []  # expires_at, seq, id
+        # Ids in submission order with their seqs, for list_tasks' keyset paging;
+        # pruned ids leave holes that _compact_order closes now and then.
+        self._order: list[str] = []
+        self._order_seq: list[int] = []
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         ids = []
@@ -64,6 +83,8 @@ class MemoryStore(Store):
                 spec = _own(spec)
                 slot = _Slot(Task(new_task_id(), spec, created_at=now), next(self._seq))
                 self._slots[slot.task.id] = slot
+                self._order.append(slot.task.id)
+                self._order_seq.append(slot.seq)
                 if spec.idempotency_key:
                     self._by_key[spec.idempotency_key] = slot.task.id
                 counts = self._counts.get(spec.queue)
@@ -168,15 +189,47 @@ class MemoryStore(Store):
         with self._lock:
             while self._running and self._running[0][0] <= now:
                 deadline, _, task_id, lease = heapq.heappop(self._running)
-                slot = self._slots[task_id]
+                slot = self._slots.get(task_id)
+                if slot is None:
+                    continue
                 task = slot.task
                 # Entries left by extend (older deadline) or by an earlier lease are stale.
                 current = task.lease == lease and slot.deadline == deadline
                 if task.state is TaskState.RUNNING and current:
-                    self._set_state(slot, TaskState.PENDING)
-                    self._enqueue(slot, now, now)
+                    self._lose_lease(slot, now)
                     expired.append(_copy(task))
         return expired
+
+    def prune(self, now: float, limit: int) -> int:
+        pruned = 0
+        with self._lock:
+            while self._expiring and self._expiring[0][0] <= now and pruned < limit:
+                at, _, task_id = heapq.heappop(self._expiring)
+                slot = self._slots.get(task_id)
+                # A task retried since it was queued here has another expiry, or none.
+                if slot is not None and slot.task.expires_at == at:
+                    self._delete(slot)
+                    pruned += 1
+            self._compact_order()
+        return pruned
+
+    def purge(self, query: TaskQuery, limit: int) -> int:
+        states = query.states or FINAL_STATES
+        if not states <= FINAL_STATES:
+            raise InvalidArgument("states: only finished tasks can be purged")
+        with self._lock:
+            doomed = list(itertools.islice(self._matching(query, states, None), limit))
+            for slot in doomed:
+                self._delete(slot)
+            self._compact_order()
+        return len(doomed)
+
+    def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
+        with self._lock:
+            found = list(itertools.islice(self._matching(query, query.states, cursor), limit + 1))
+            tasks = [_copy(slot.task) for slot in found[:limit]]
+        more = len(found) > limit
+        return TaskPage(tasks, found[limit - 1].seq if more and limit else None)
 
     def next_ready_at(self, now: float) -> float | None:
         with self._lock:
@@ -187,10 +240,64 @@ class MemoryStore(Store):
         with self._lock:
             return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
 
+    def _matching(
+        self, query: TaskQuery, states: frozenset[TaskState], cursor: int | None
+    ) -> Iterator[_Slot]:
+        """Slots ``query`` matches (in ``states`` unless empty), newest first, older
+        than ``cursor``."""
+        end = len(self._order) if cursor is None else bisect.bisect_left(self._order_seq, cursor)
+        for i in range(end - 1, -1, -1):
+            slot = self._slots.get(self._order[i])
+            if slot is None:
+                continue
+            task = slot.task
+            if query.queue and task.spec.queue != query.queue:
+                continue
+            if query.name and task.spec.name != query.name:
+                continue
+            if states and task.state not in states:
+                continue
+            yield slot
+
+    def _delete(self, slot: _Slot) -> None:
+        task = slot.task
+        del self._slots[task.id]
+        if task.spec.idempotency_key and self._by_key.get(task.spec.idempotency_key) == task.id:
+            del self._by_key[task.spec.idempotency_key]
+        counts = self._counts[task.spec.queue]
+        counts[task.state] -= 1
+        if not any(counts.values()):  # its last task: the queue leaves stats, heaps and all
+            del self._counts[task.spec.queue]
+            self._ready.pop(task.spec.queue, None)
+
+    def _compact_order(self) -> None:
+        """Drop deleted ids from the paging order once they are most of it."""
+        if len(self._order) < 2 * len(self._slots) + 1024:
+            return
+        kept = [
+            (seq, i)
+            for seq, i in zip(self._order_seq, self._order, strict=True)
+            if i in self._slots
+        ]
+        self._order_seq = [seq for seq, _ in kept]
+        self._order = [i for _, i in kept]
+
+    def _lose_lease(self, slot: _Slot, now: float) -> None:
+        """A lease lapsed: put the task back, or end it once it has lost too many."""
+        task = slot.task
+        slot.lost_by.append(task.worker_id)
+        task.lost_leases += 1
+        if task.lost_leases > self.policy.max_lost_leases:
+            task.error = worker_lost_error(slot.lost_by)
+            self._finish(slot, TaskState.FAILED, now)
+            return
+        self._set_state(slot, TaskState.PENDING)
+        self._enqueue(slot, now, now)
+
     def _slot(self, task_id: str) -> _Slot:
         slot = self._slots.get(task_id)
         if slot is None:
-            raise NotFound(f"task {task_id} not found")
+            raise not_found(task_id)
         return slot
 
     def _valid(self, ref: LeaseRef) -> _Slot | None:
@@ -220,12 +327,13 @@ class MemoryStore(Store):
         """Move due delayed tasks to the ready heaps and drop cancelled ones from the top."""
         while self._delayed:
             ready_at, _, task_id = self._delayed[0]
-            slot = self._slots[task_id]
-            waiting = slot.delayed and slot.task.state is TaskState.PENDING
+            slot = self._slots.get(task_id)
+            waiting = slot is not None and slot.delayed and slot.task.state is TaskState.PENDING
             if waiting and ready_at > now:
                 return
             heapq.heappop(self._delayed)
             if waiting:
+                assert slot is not None
                 self._enqueue(slot, now, now)
 
     def _heaps(
@@ -242,8 +350,12 @@ class MemoryStore(Store):
                     yield by_name[name]
 
     def _drop_stale(self, heap: list[_ReadyEntry]) -> None:
-        # A ready entry outlives its task only when the task was cancelled.
-        while heap and self._slots[heap[0][2]].task.state is not TaskState.PENDING:
+        # A ready entry outlives its task only when the task was cancelled (and maybe
+        # pruned since).
+        while heap:
+            slot = self._slots.get(heap[0][2])
+            if slot is not None and slot.task.state is TaskState.PENDING:
+                return
             heapq.heappop(heap)
 
     def _start(self, slot: _Slot, worker_id: str, lease_s: float, now: float) -> Lease:
@@ -276,7 +388,11 @@ class MemoryStore(Store):
 
     def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)
-        slot.task.finished_at = now
+        task = slot.task
+        task.finished_at = now
+        task.expires_at = expires_at(task.spec, now, self.policy)
+        if task.expires_at:
+            heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
 
 
 def _own(spec: TaskSpec) -> TaskSpec:
@@ -293,6 +409,7 @@ def _own(spec: TaskSpec) -> TaskSpec:
         spec.not_before,
         spec.idempotency_key,
         dict(spec.metadata),
+        spec.result_ttl_s,
     )
 
 
@@ -312,6 +429,8 @@ def _copy(task: Task) -> Task:
         task.created_at,
         task.started_at,
         task.finished_at,
+        task.lost_leases,
+        task.expires_at,
     )
 
 

@@ -5,6 +5,10 @@ acknowledged call is on disk and survives a ``kill -9`` of the master, and a
 batch is applied whole or not at all. Partial indexes hold only the rows a hot
 query needs (ready tasks, delayed tasks, running leases), so leasing stays
 O(log n) with millions of finished or queued tasks in the file.
+
+Space: pruned rows' pages go to SQLite's free list and are reused by the next
+inserts, so under a steady load with a result TTL the file stops growing; the
+WAL is cut back to ``_WAL_LIMIT_BYTES`` after each checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
-from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
+from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -29,9 +33,20 @@ from taskfleet.common.model import (
     TaskSpec,
     TaskState,
 )
-from taskfleet.master.store.base import Store, new_task_id
+from taskfleet.master.store.base import (
+    DEFAULT_POLICY,
+    FINAL_STATES,
+    Store,
+    StorePolicy,
+    TaskPage,
+    TaskQuery,
+    new_task_id,
+    not_found,
+    worker_lost_error,
+)
 
-_SCHEMA_VERSION = 1
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+_LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 
 # States as stored; they are literals in the SQL so partial indexes can match.
 PENDING, RUNNING = TaskState.PENDING.value, TaskState.RUNNING.value
@@ -109,14 +124,40 @@ _SCHEMA = (
     """,
 )
 
+# Each schema version's statements, applied in order inside one transaction;
+# PRAGMA user_version records the last one applied.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _SCHEMA,
+    2: (
+        "ALTER TABLE tasks ADD COLUMN result_ttl_s REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN lost_by TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE tasks ADD COLUMN expires_at REAL NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_expiring ON tasks (expires_at) WHERE expires_at > 0",
+        """
+        CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks BEGIN
+            UPDATE counts SET n = n - 1 WHERE queue = old.queue AND state = old.state;
+            -- A queue whose last task is gone leaves stats, so names come and go freely.
+            DELETE FROM counts WHERE queue = old.queue
+                AND (SELECT sum(n) FROM counts WHERE queue = old.queue) = 0;
+        END
+        """,
+    ),
+}
+_SCHEMA_VERSION = max(_MIGRATIONS)
+
 _COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-    not_before, idempotency_key, metadata, state, attempts, lease, worker_id, result,
-    result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at"""
+    not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
+    result, result_content_type, error_type, error_message, error_traceback,
+    created_at, started_at, finished_at, lost_leases, expires_at"""
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
-    timeout_s, not_before, idempotency_key, metadata, state, ready, ready_at, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
+    created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+# A finished task's deletion time: its own TTL, else the policy's (passed in as
+# the second parameter, already added to now; 0 for never).
+_EXPIRES = "expires_at = CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END"
 
 # INDEXED BY makes a plan that cannot use the intended index an error, not a table scan.
 _CANDIDATES_BY_NAME = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready_by_name
@@ -131,12 +172,14 @@ _FENCE = f"id = ? AND state = {RUNNING} AND lease = ?"
 class SqliteStore(Store):
     """Durable store in the SQLite file at ``path``, created on first use."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             self._migrate(path)
         except BaseException:
             self._db.close()
@@ -145,15 +188,14 @@ class SqliteStore(Store):
     def _migrate(self, path: str) -> None:
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == _SCHEMA_VERSION:
-                return
-            if version != 0:
+            if version > _SCHEMA_VERSION:
                 raise ConfigError(
                     f"{path} has taskfleet schema version {version}; "
-                    f"this taskfleet reads version {_SCHEMA_VERSION}"
+                    f"this taskfleet reads versions up to {_SCHEMA_VERSION}"
                 )
-            for statement in _SCHEMA:
-                db.execute(statement)
+            for number in range(version + 1, _SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[number]:
+                    db.execute(statement)
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
@@ -196,6 +238,7 @@ class SqliteStore(Store):
                         spec.not_before,
                         key,
                         json.dumps(spec.metadata) if spec.metadata else "{}",
+                        spec.result_ttl_s,
                         PENDING,
                         int(ready_at <= now),
                         ready_at,
@@ -211,7 +254,7 @@ class SqliteStore(Store):
             row = self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
             found = row.fetchone()
         if found is None:
-            raise NotFound(f"task {task_id} not found")
+            raise not_found(task_id)
         return _task(found)
 
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
@@ -223,7 +266,7 @@ class SqliteStore(Store):
         by_id = {task.id: task for task in map(_task, rows)}
         for task_id in task_ids:
             if task_id not in by_id:
-                raise NotFound(f"task {task_id} not found")
+                raise not_found(task_id)
         return [by_id[task_id] for task_id in task_ids]
 
     def lease(
@@ -278,9 +321,10 @@ class SqliteStore(Store):
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         finished = []
+        expiry = (now, self._default_expiry(now))
         with self._write() as db:
             for outcome in outcomes:
-                changes, params = _outcome_update(outcome, now)
+                changes, params = _outcome_update(outcome, now, expiry)
                 row = db.execute(
                     f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {_COLUMNS}",
                     (*params, outcome.ref.task_id, outcome.ref.lease),
@@ -302,27 +346,78 @@ class SqliteStore(Store):
     def cancel(self, task_id: str, now: float) -> Task:
         with self._write() as db:
             row = db.execute(
-                f"""UPDATE tasks SET state = {CANCELLED}, finished_at = ?
+                f"""UPDATE tasks SET state = {CANCELLED}, finished_at = ?, {_EXPIRES}
                 WHERE id = ? AND state IN ({PENDING}, {RUNNING}) RETURNING {_COLUMNS}""",
-                (now, task_id),
+                (now, now, self._default_expiry(now), task_id),
             ).fetchone()
             if row is None:
                 state = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
                 if state is None:
-                    raise NotFound(f"task {task_id} not found")
+                    raise not_found(task_id)
                 raise FailedPrecondition(f"task {task_id} is already {TaskState(state[0]).name}")
         return _task(row)
 
     def expire(self, now: float) -> list[Task]:
+        expired = []
         with self._write() as db:
-            rows = db.execute(
-                f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?
-                WHERE state = {RUNNING} AND lease_deadline <= ?
-                RETURNING lease_deadline, seq, {_COLUMNS}""",
-                (now, now),
+            lapsed = db.execute(
+                f"""SELECT seq, worker_id, lost_leases, lost_by FROM tasks
+                WHERE state = {RUNNING} AND lease_deadline <= ? ORDER BY lease_deadline, seq""",
+                (now,),
             ).fetchall()
-        rows.sort(key=lambda row: (row[0], row[1]))  # lapsed first, like the memory store
-        return [_task(row[2:]) for row in rows]
+            for seq, worker_id, lost_leases, lost_by_json in lapsed:
+                lost_by = [*json.loads(lost_by_json), worker_id][-_LOST_BY_KEPT:]
+                changes = "lost_leases = lost_leases + 1, lost_by = ?"
+                params: tuple[Any, ...] = (json.dumps(lost_by),)
+                if lost_leases + 1 > self.policy.max_lost_leases:
+                    error = worker_lost_error(lost_by)
+                    changes += f""", state = {FAILED}, error_type = ?, error_message = ?,
+                        error_traceback = '', finished_at = ?, {_EXPIRES}"""
+                    params += (error.type, error.message, now, now, self._default_expiry(now))
+                else:
+                    changes += f", state = {PENDING}, ready = 1, ready_at = ?"
+                    params += (now,)
+                row = db.execute(
+                    f"UPDATE tasks SET {changes} WHERE seq = ? RETURNING {_COLUMNS}",
+                    (*params, seq),
+                ).fetchone()
+                expired.append(_task(row))
+        return expired
+
+    def prune(self, now: float, limit: int) -> int:
+        with self._write() as db:
+            return db.execute(
+                """DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_expiring
+                WHERE expires_at > 0 AND expires_at <= ? LIMIT ?)""",
+                (now, limit),
+            ).rowcount
+
+    def purge(self, query: TaskQuery, limit: int) -> int:
+        states = query.states or FINAL_STATES
+        if not states <= FINAL_STATES:
+            raise InvalidArgument("states: only finished tasks can be purged")
+        where, params = _where(query, states, None)
+        with self._write() as db:
+            return db.execute(
+                f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where} LIMIT ?)",
+                (*params, limit),
+            ).rowcount
+
+    def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
+        where, params = _where(query, query.states, cursor)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?",
+                (*params, limit + 1),
+            ).fetchall()
+        more = len(rows) > limit
+        return TaskPage(
+            [_task(row[1:]) for row in rows[:limit]], rows[limit - 1][0] if more and limit else None
+        )
+
+    def _default_expiry(self, now: float) -> float:
+        ttl_s = self.policy.result_ttl_s
+        return now + ttl_s if ttl_s > 0 else 0.0
 
     def next_ready_at(self, now: float) -> float | None:
         # Read-only: due delayed tasks are promoted by the next lease(), and
@@ -354,16 +449,40 @@ def _known_id(db: sqlite3.Connection, key: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _outcome_update(outcome: Outcome, now: float) -> tuple[str, tuple[Any, ...]]:
-    """The SET clause and its parameters that apply ``outcome`` to its task's row."""
+def _where(
+    query: TaskQuery, states: frozenset[TaskState], cursor: int | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (and its parameters) of the tasks ``query`` matches, in
+    ``states`` unless empty, older than ``cursor``."""
+    terms: list[str] = ["1"]
+    params: list[Any] = []
+    if query.queue:
+        terms.append("queue = ?")
+        params.append(query.queue)
+    if query.name:
+        terms.append("name = ?")
+        params.append(query.name)
+    if states:
+        terms.append(f"state IN ({', '.join(str(int(s)) for s in sorted(states))})")
+    if cursor is not None:
+        terms.append("seq < ?")
+        params.append(cursor)
+    return " AND ".join(terms), tuple(params)
+
+
+def _outcome_update(
+    outcome: Outcome, now: float, expiry: tuple[float, float]
+) -> tuple[str, tuple[Any, ...]]:
+    """The SET clause and its parameters that apply ``outcome`` to its task's row;
+    ``expiry`` holds the parameters of ``_EXPIRES``."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
-            error_message = NULL, error_traceback = NULL, finished_at = ?""",
-            (outcome.result, outcome.result_content_type, now),
+            error_message = NULL, error_traceback = NULL, finished_at = ?, {_EXPIRES}""",
+            (outcome.result, outcome.result_content_type, now, *expiry),
         )
     if outcome.state is TaskState.CANCELLED:
-        return f"state = {CANCELLED}, finished_at = ?", (now,)
+        return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
     if outcome.state is not TaskState.FAILED:
         # Raised inside the transaction, so the whole batch rolls back.
         raise InvalidArgument(
@@ -376,7 +495,10 @@ def _outcome_update(outcome: Outcome, now: float) -> tuple[str, tuple[Any, ...]]
     )
     error_set = "error_type = ?, error_message = ?, error_traceback = ?"
     if outcome.retry_delay_s is None:
-        return f"state = {FAILED}, {error_set}, finished_at = ?", (*error_params, now)
+        return (
+            f"state = {FAILED}, {error_set}, finished_at = ?, {_EXPIRES}",
+            (*error_params, now, *expiry),
+        )
     ready_at = now + outcome.retry_delay_s
     return (
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
@@ -398,6 +520,7 @@ def _task(row: Sequence[Any]) -> Task:
         not_before,
         idempotency_key,
         metadata,
+        result_ttl_s,
         state,
         attempts,
         lease,
@@ -410,6 +533,8 @@ def _task(row: Sequence[Any]) -> Task:
         created_at,
         started_at,
         finished_at,
+        lost_leases,
+        expires_at,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -424,6 +549,7 @@ def _task(row: Sequence[Any]) -> Task:
         not_before,
         idempotency_key,
         json.loads(metadata) if metadata != "{}" else {},
+        result_ttl_s,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(
@@ -439,6 +565,8 @@ def _task(row: Sequence[Any]) -> Task:
         created_at,
         started_at,
         finished_at,
+        lost_leases,
+        expires_at,
     )
 
 
