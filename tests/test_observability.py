@@ -253,7 +253,7 @@ def test_lease_expiries_are_counted(
     # Then the master counts the expiry, by queue and task
     def expiries() -> float | None:
         labels = {"queue": queue_name, "task": "block_until"}
-        return sample(scrape(address), "taskfleet_lease_expiries_total", **labels)
+        return sample(scrape(address), "taskfleet_lost_leases_total", **labels)
 
     assert poll(expiries, WAIT_S, "the lease expiry to be counted") == 1
 

@@ -22,17 +22,19 @@ from taskfleet.common.model import (
     TaskSpec,
     TaskState,
 )
-from taskfleet.master.store import MemoryStore, SqliteStore, Store, open_store
+from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, open_store
 
 NOW = 1_000_000.0
 LEASE_S = 30.0
 BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
+# Retries wait 10 s per attempt used: exact, so tests can name the moment.
+POLICY = StorePolicy(retry_backoff_s=lambda used: 10.0 * used)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     url = "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'tasks.db'}"
-    opened = open_store(url)
+    opened = open_store(url, POLICY)
     yield opened
     opened.close()
 
@@ -61,8 +63,8 @@ def succeeded(ref: LeaseRef, result: bytes = b"3") -> Outcome:
     return Outcome(ref, TaskState.SUCCEEDED, result=result)
 
 
-def failed(ref: LeaseRef, retry_delay_s: float | None = None) -> Outcome:
-    return Outcome(ref, TaskState.FAILED, error=BOOM, retry_delay_s=retry_delay_s)
+def failed(ref: LeaseRef, max_attempts: int = 1) -> Outcome:
+    return Outcome(ref, TaskState.FAILED, error=BOOM, max_attempts=max_attempts)
 
 
 def counts(store: Store) -> dict[str, dict[TaskState, int]]:
@@ -276,19 +278,70 @@ def test_record_succeeded_stores_the_result_and_returns_the_final_task(store: St
     assert task.result_content_type == "application/json"
 
 
-def test_failed_with_retry_delay_comes_back_after_the_delay(store: Store) -> None:
+def test_a_failed_attempt_with_attempts_left_comes_back_after_the_backoff(store: Store) -> None:
     task_id = submit_one(store)
     (first,) = lease(store)
 
-    finished = store.record([failed(first.ref, retry_delay_s=10)], NOW)
+    changed = store.record([failed(first.ref, max_attempts=2)], NOW)
 
     task = store.get(task_id)
-    assert finished == []
+    assert changed == [task]
     assert (task.state, task.error) == (TaskState.PENDING, BOOM)
     assert lease(store, now=NOW + 9) == []
     assert store.next_ready_at(NOW + 9) == NOW + 10
     (second,) = lease(store, now=NOW + 10)
     assert (second.task.attempts, second.task.lease) == (2, 2)
+    (finished,) = store.record([failed(second.ref, max_attempts=2)], NOW + 11)
+    assert (finished.state, finished.attempts) == (TaskState.FAILED, 2)
+
+
+def test_lost_leases_do_not_use_attempts(store: Store) -> None:
+    # Given a task with two attempts whose first lease lapsed
+    task_id = submit_one(store)
+    lease(store)
+    store.expire(NOW + LEASE_S)
+    (second,) = lease(store, now=NOW + LEASE_S)
+
+    # When the second start fails
+    store.record([failed(second.ref, max_attempts=2)], NOW + LEASE_S)
+
+    # Then it has one attempt left: only one start counted against the budget
+    task = store.get(task_id)
+    assert (task.state, task.attempts, task.lost_leases) == (TaskState.PENDING, 2, 1)
+
+
+def test_retry_gives_a_finished_task_a_fresh_budget(store: Store) -> None:
+    # Given a task that failed for good, after a lost lease
+    task_id = submit_one(store)
+    lease(store)
+    store.expire(NOW + LEASE_S)
+    (leased,) = lease(store, now=NOW + LEASE_S)
+    store.record([failed(leased.ref, max_attempts=1)], NOW + LEASE_S)
+
+    # When an operator retries it
+    retried = store.retry(task_id, NOW + 100)
+
+    # Then it is ready at once, attempts keep counting, lost leases start again
+    assert retried == store.get(task_id)
+    assert (retried.state, retried.attempts, retried.lost_leases) == (TaskState.PENDING, 2, 0)
+    assert (retried.finished_at, retried.expires_at) == (0, 0)
+    (again,) = lease(store, now=NOW + 100)
+    assert again.task.attempts == 3
+    changed = store.record([failed(again.ref, max_attempts=2)], NOW + 100)
+    assert changed[0].state is TaskState.PENDING  # one of two fresh attempts used
+
+
+def test_retry_refuses_tasks_that_have_not_ended_badly(store: Store) -> None:
+    pending, running, done = store.submit([spec(), spec(), spec()], NOW)
+    leases = {one.task.id: one for one in lease(store, limit=3)}
+    store.release([leases[pending].ref], NOW)
+    store.record([succeeded(leases[done].ref)], NOW)
+
+    for task_id, state in ((pending, "PENDING"), (running, "RUNNING"), (done, "SUCCEEDED")):
+        with pytest.raises(FailedPrecondition, match=f"{task_id} is {state}"):
+            store.retry(task_id, NOW)
+    with pytest.raises(NotFound, match="nope"):
+        store.retry("nope", NOW)
 
 
 def test_failed_without_retry_ends_the_task_with_its_error(store: Store) -> None:
@@ -439,7 +492,7 @@ def test_stats_count_every_state_per_queue(store: Store) -> None:
     a1, a2, a3, a4, a5, b1 = store.submit([*[spec(queue="a") for _ in range(5)], spec("b")], NOW)
     leases = {one.task.id: one.ref for one in lease(store, queues=("a",), limit=4)}
     store.record([succeeded(leases[a1]), failed(leases[a2])], NOW)
-    store.record([failed(leases[a3], retry_delay_s=5)], NOW)
+    store.record([failed(leases[a3], max_attempts=2)], NOW)
     store.cancel(a5, NOW)
 
     stats = store.stats()

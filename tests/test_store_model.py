@@ -37,13 +37,15 @@ BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
 # Delays relative to the machine's clock: None means no not_before at all.
 NOT_BEFORE_DELAYS = st.sampled_from([None, None, -5.0, 0.0, 0.5, 10.0, 60.0])
 LEASE_S = st.sampled_from([30.0, 5.0, 1.0])
-RETRY_DELAYS = st.sampled_from([0.0, 0.5, 5.0, 30.0])
 # Mostly every queue and any name, so most leases find work; some narrow or repeat.
 LEASE_QUEUES = st.sampled_from([QUEUES, QUEUES, QUEUES, ("q1",), ("q3", "q2"), ("q2", "q2"), ()])
 LEASE_NAMES = st.sampled_from([None, None, None, ("add",), ("sub", "mul"), ("add", "add"), ()])
 CLOCK_STEPS = st.sampled_from([1.0, 0.5, 0.0, 2.0, 5.0, 31.0]) | st.floats(0.0, 10.0)
 # Small limits, so that runs reach lost-lease failures and pruning often.
-POLICY = StorePolicy(result_ttl_s=40.0, max_lost_leases=1)
+# Retry delays exact (0, 5, 10, ... s by attempts used), so the model can predict them.
+POLICY = StorePolicy(
+    result_ttl_s=40.0, max_lost_leases=1, retry_backoff_s=lambda used: 5.0 * (used - 1)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +87,7 @@ class OutcomeDraw:
     """How an attempt ends, before a lease ref is attached."""
 
     state: TaskState
-    retry_delay_s: float | None = None
+    max_attempts: int = 1
     result: bytes = b""
     error: TaskError | None = None
 
@@ -95,7 +97,7 @@ class OutcomeDraw:
             self.state,
             result=self.result,
             error=self.error,
-            retry_delay_s=self.retry_delay_s,
+            max_attempts=self.max_attempts,
         )
 
 
@@ -104,7 +106,7 @@ OUTCOMES = st.one_of(
     st.builds(
         OutcomeDraw,
         st.just(TaskState.FAILED),
-        retry_delay_s=RETRY_DELAYS,
+        max_attempts=st.integers(1, 4),
         error=st.sampled_from([BOOM, None]),
     ),
     st.builds(OutcomeDraw, st.just(TaskState.FAILED), error=st.sampled_from([BOOM, None])),
@@ -121,6 +123,7 @@ class Expected:
     ready_at: float = 0.0  # PENDING: not leased before this
     deadline: float = 0.0  # RUNNING: the lease lapses at this time
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
+    attempt_base: int = 0  # attempts at the last retry
 
     def valid(self, ref: LeaseRef) -> bool:
         return self.task.state is TaskState.RUNNING and self.task.lease == ref.lease
@@ -192,12 +195,13 @@ class StoreMachine(RuleBasedStateMachine):
             self.finish(entry, TaskState.CANCELLED)
         else:
             task.error = outcome.error
-            if outcome.retry_delay_s is None:
+            used = task.attempts - entry.attempt_base - task.lost_leases
+            if used >= outcome.max_attempts:
                 self.finish(entry, TaskState.FAILED)
             else:
                 task.state = TaskState.PENDING
-                entry.ready_at = self.now + outcome.retry_delay_s
-        return dataclasses.replace(task) if task.state.is_final else None
+                entry.ready_at = self.now + POLICY.retry_backoff_s(used)
+        return dataclasses.replace(task)
 
     # rules
 
@@ -291,11 +295,11 @@ class StoreMachine(RuleBasedStateMachine):
         # The first outcome is for a held lease; the others for any lease, maybe stale.
         refs = [self.draw_held(data)[0], *self.draw_refs(data, len(outcomes) - 1)]
         batch = [draw.outcome(ref) for draw, ref in zip(outcomes, refs, strict=True)]
-        expected_finished = [task for o in batch if (task := self.apply_outcome(o)) is not None]
+        expected_changed = [task for o in batch if (task := self.apply_outcome(o)) is not None]
 
-        finished = self.store.record(batch, self.now)
+        changed = self.store.record(batch, self.now)
 
-        assert finished == expected_finished
+        assert changed == expected_changed
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data(), outcome=OUTCOMES)
@@ -409,6 +413,37 @@ class StoreMachine(RuleBasedStateMachine):
         expired = self.store.expire(self.now)
 
         assert expired == [entry.task for entry in lapsed]
+
+    # Failed and cancelled tasks as often as others, so retries do happen.
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data(), which=st.sampled_from(["ended badly", "other"]))
+    def retry(self, data: Any, which: str) -> None:
+        bad = [
+            i
+            for i, entry in self.expected.items()
+            if entry.task.state in (TaskState.FAILED, TaskState.CANCELLED)
+        ]
+        others = [i for i in self.expected if i not in bad]
+        task_id = data.draw(
+            st.sampled_from({"ended badly": bad, "other": others}[which] or bad or others)
+        )
+        entry = self.expected[task_id]
+        task = entry.task
+        if task_id not in bad:
+            with pytest.raises(FailedPrecondition, match=task_id):
+                self.store.retry(task_id, self.now)
+            return
+        task.state = TaskState.PENDING
+        entry.ready_at = self.now
+        entry.attempt_base = task.attempts
+        entry.lost_by.clear()
+        task.lost_leases = 0
+        task.finished_at = task.expires_at = 0.0
+        self.finals.pop(task_id, None)  # a retried task may end again, differently
+
+        retried = self.store.retry(task_id, self.now)
+
+        assert retried == task
 
     @rule(limit=st.sampled_from([1, 2, 100]))
     def prune(self, limit: int) -> None:

@@ -53,6 +53,12 @@ class MasterConfig:
     manager_task: str = ""  # the task that objects put by manager clients become
     manager_queue: str = "default"
     manager_lease_s: float = 60.0  # how long a manager client may hold a task it took
+    # A finished task (and its idempotency key) is deleted this long after it
+    # ended, unless its spec names its own TTL; 0 keeps finished tasks forever.
+    result_ttl_s: float = 86_400.0
+    # How many times a task's lease may lapse before the next lapse ends it
+    # FAILED WorkerLost: a task that kills its worker must not run forever.
+    max_lost_leases: int = 3
 
     def __repr__(self) -> str:  # never show the token
         return f"MasterConfig(listen={self.listen!r}, store={self.store!r})"
@@ -168,6 +174,18 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
     )
     parser.add_flag("--grace-s", default=d.grace_s, type=positive_float, help="shutdown grace")
     parser.add_flag(
+        "--result-ttl-s",
+        default=d.result_ttl_s,
+        type=non_negative_float,
+        help="delete a finished task this long after it ended (0: keep forever)",
+    )
+    parser.add_flag(
+        "--max-lost-leases",
+        default=d.max_lost_leases,
+        type=non_negative_int,
+        help="lapsed leases a task survives; the next ends it FAILED WorkerLost",
+    )
+    parser.add_flag(
         "--drain-s",
         default=d.drain_s,
         type=non_negative_float,
@@ -206,6 +224,8 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         heartbeat_s=args.heartbeat_s,
         grace_s=args.grace_s,
         drain_s=args.drain_s,
+        result_ttl_s=args.result_ttl_s,
+        max_lost_leases=args.max_lost_leases,
         metrics_listen=_metrics_listen(args, listen),
         insecure=args.insecure,
         log_level=args.log_level,

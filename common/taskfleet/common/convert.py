@@ -194,8 +194,8 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
         pb.result_content_type = outcome.result_content_type
     if outcome.error is not None:
         _fill_error(pb.error, outcome.error)
-    if outcome.retry_delay_s is not None:
-        pb.retry_after.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
+    if outcome.max_attempts != 1:
+        pb.max_attempts = outcome.max_attempts
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
@@ -206,7 +206,7 @@ def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
         pb.result,
         pb.result_content_type or JSON,
         error_from_proto(pb.error) if pb.HasField("error") else None,
-        seconds_from_duration(pb.retry_after) if pb.HasField("retry_after") else None,
+        pb.max_attempts or 1,
     )
 
 

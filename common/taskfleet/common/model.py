@@ -98,10 +98,10 @@ class Lease:
 class Outcome:
     """How one attempt ended, as a worker reports it.
 
-    ``state`` is SUCCEEDED, FAILED or CANCELLED. The worker resolves the
-    task's retry policy (spec or ``@task`` default), so a FAILED outcome with
-    ``retry_delay_s`` set goes back to PENDING after that delay, and one
-    without it is final.
+    ``state`` is SUCCEEDED, FAILED or CANCELLED. What a FAILED attempt leads to
+    is the master's decision: another attempt after a backoff while the task
+    has attempts left of ``max_attempts`` (which the worker resolves from the
+    spec or its ``@task`` default), else the end.
     """
 
     ref: LeaseRef
@@ -109,7 +109,7 @@ class Outcome:
     result: bytes = b""
     result_content_type: str = JSON
     error: TaskError | None = None
-    retry_delay_s: float | None = None
+    max_attempts: int = 1
 
 
 @dataclass(frozen=True, slots=True)

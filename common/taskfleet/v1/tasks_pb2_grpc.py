@@ -75,6 +75,11 @@ class TaskServiceStub:
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/taskfleet.v1.TaskService/RetryTask',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
         self.PurgeTasks = channel.unary_unary(
                 '/taskfleet.v1.TaskService/PurgeTasks',
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.SerializeToString,
@@ -145,6 +150,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryTask(self, request, context):
+        """A FAILED or CANCELLED task back to PENDING, ready at once, with a fresh
+        attempt budget and lost-lease count (attempts keeps counting up);
+        FAILED_PRECONDITION for a task in any other state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PurgeTasks(self, request, context):
         """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final.
         """
@@ -194,6 +208,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.FromString,
                     response_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.RetryTaskRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.Task.SerializeToString,
             ),
             'PurgeTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.PurgeTasks,
@@ -418,6 +437,33 @@ class TaskService:
             '/taskfleet.v1.TaskService/ListTasks',
             taskfleet_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
             taskfleet_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/RetryTask',
+            taskfleet_dot_v1_dot_tasks__pb2.RetryTaskRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class TaskServiceStub:
     """Counts per queue and state, and the connected workers."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
     """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RetryTaskRequest, _tasks_pb2.Task]
+    """A FAILED or CANCELLED task back to PENDING, ready at once, with a fresh
+    attempt budget and lost-lease count (attempts keeps counting up);
+    FAILED_PRECONDITION for a task in any other state.
+    """
     PurgeTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]
     """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
 
@@ -87,6 +92,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Counts per queue and state, and the connected workers."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+    RetryTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RetryTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
+    """A FAILED or CANCELLED task back to PENDING, ready at once, with a fresh
+    attempt budget and lost-lease count (attempts keeps counting up);
+    FAILED_PRECONDITION for a task in any other state.
+    """
     PurgeTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]  # type: ignore[assignment]
     """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
 
@@ -162,6 +172,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.ListTasksResponse, _abc.Awaitable[_tasks_pb2.ListTasksResponse]]:
         """Tasks newest first, filtered by queue, name and state, with keyset paging."""
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _tasks_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Task, _abc.Awaitable[_tasks_pb2.Task]]:
+        """A FAILED or CANCELLED task back to PENDING, ready at once, with a fresh
+        attempt budget and lost-lease count (attempts keeps counting up);
+        FAILED_PRECONDITION for a task in any other state.
+        """
 
     @_abc_1.abstractmethod
     def PurgeTasks(

@@ -162,13 +162,18 @@ class Outcome(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     RESULT_CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     state: _tasks_pb2.TaskState.ValueType
     """SUCCEEDED or FAILED; CANCELLED when the worker stopped it on request."""
     result: _builtins.bytes
     """Return value when SUCCEEDED."""
     result_content_type: _builtins.str
     """Media type of result."""
+    max_attempts: _builtins.int
+    """When FAILED: how many attempts the task may have, as the worker resolves
+    it (the spec's max_attempts, else its @task default); 0 means 1. The
+    master decides whether the task runs again: lost leases do not count.
+    """
     @_builtins.property
     def lease(self) -> Global___LeaseRef:
         """Which lease the outcome belongs to."""
@@ -176,12 +181,6 @@ class Outcome(_message.Message):
     @_builtins.property
     def error(self) -> _tasks_pb2.TaskError:
         """Failure when FAILED."""
-
-    @_builtins.property
-    def retry_after(self) -> _duration_pb2.Duration:
-        """When FAILED: set if the task has attempts left, to the backoff before it
-        becomes PENDING again; unset makes the failure final.
-        """
 
     def __init__(
         self,
@@ -191,11 +190,11 @@ class Outcome(_message.Message):
         result: _builtins.bytes = ...,
         result_content_type: _builtins.str = ...,
         error: _tasks_pb2.TaskError | None = ...,
-        retry_after: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "retry_after", b"retry_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "result", b"result", "result_content_type", b"result_content_type", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "max_attempts", b"max_attempts", "result", b"result", "result_content_type", b"result_content_type", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from taskfleet.common.model import Task
+from taskfleet.master.lifecycle import LifecycleListener
 
 
 class Subscription:
@@ -37,7 +38,7 @@ class Subscription:
         self._hub.unsubscribe(self)
 
 
-class CompletionHub:
+class CompletionHub(LifecycleListener):
     """Routes each final task to the subscriptions that wait for it."""
 
     def __init__(self) -> None:
@@ -62,6 +63,9 @@ class CompletionHub:
                 waiters.remove(subscription)
                 if not waiters:
                     del self._by_task[task_id]
+
+    def finished(self, tasks: Sequence[Task]) -> None:
+        self.publish(tasks)
 
     def publish(self, tasks: Iterable[Task]) -> None:
         with self._lock:

@@ -45,7 +45,6 @@ from taskfleet.common.model import (
 from taskfleet.master.manager_results import ResultFeed
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
-from taskfleet.master.validation import validate_specs
 
 log = logging.getLogger("taskfleet.master.manager")
 
@@ -175,9 +174,8 @@ class ManagerBridge:
         if session is not None:
             self._rt.sessions.remove(session)
         if refs:
-            released = self._rt.store.release(refs, time.time())
+            released = self._rt.lifecycle.release(refs)
             log.info("manager client %s left: %d task(s) back to the queue", client.peer, released)
-            self._rt.sessions.hint_work()
 
     def _check_alive(self, client: ClientConnection) -> None:
         if self._rt.stopping.is_set():
@@ -205,13 +203,10 @@ class ManagerBridge:
             metadata={"manager_peer": client.peer},
         )
         try:
-            validate_specs([spec], self._rt.config.max_payload_bytes)
+            (task_id,) = self._rt.lifecycle.submit([spec])
         except TaskfleetError as exc:
             raise ValueError(f"taskfleet: {exc}") from None
-        (task_id,) = self._rt.store.submit([spec], time.time())
-        self._rt.metrics.submitted([spec])
         self.results.watch(task_id)
-        self._rt.sessions.hint_work()
         return task_id
 
     def take(self, block: bool, timeout: float | None) -> Any:
@@ -258,8 +253,8 @@ class ManagerBridge:
 
     def _lease_one(self, client: ClientConnection) -> Any:
         while not self._rt.stopping.is_set():
-            leases = self._rt.store.lease(
-                client.worker_id, [self.queue], [self.task_name], 1, self.lease_s, time.time()
+            leases = self._rt.lifecycle.lease(
+                client.worker_id, [self.queue], [self.task_name], 1, self.lease_s
             )
             if not leases:
                 return _NOTHING
@@ -315,9 +310,7 @@ class ManagerBridge:
             self._check_alive(client)
 
     def _finish(self, outcome: Outcome) -> None:
-        finals = self._rt.store.record([outcome], time.time())
-        self._rt.hub.publish(finals)
-        self._rt.metrics.finished(finals)
+        self._rt.lifecycle.record([outcome])
 
     def _count_running(self, client: ClientConnection) -> None:
         session = client.session

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from taskfleet.common.errors import NotFound
 from taskfleet.common.metrics_http import MetricsEndpoint
-from taskfleet.common.model import Outcome, QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
-from taskfleet.master.store.base import Store
+from taskfleet.common.model import QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
+from taskfleet.master.lifecycle import LifecycleListener
 
 log = logging.getLogger("taskfleet.master.metrics")
 
@@ -31,7 +30,7 @@ _FINAL_STATES = {
 RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600)
 
 
-class MasterMetrics(MetricsEndpoint):
+class MasterMetrics(MetricsEndpoint, LifecycleListener):
     """Counters, histograms and the queue-depth collector of one master."""
 
     def __init__(self, enabled: bool = False) -> None:
@@ -54,10 +53,16 @@ class MasterMetrics(MetricsEndpoint):
             labels,
             registry=r,
         )
-        self._expired = Counter(
-            "taskfleet_lease_expiries",
-            "Leases that lapsed without a heartbeat; their tasks went back to PENDING.",
+        self._lost = Counter(
+            "taskfleet_lost_leases",
+            "Leases that lapsed without a heartbeat (their tasks went back to PENDING, "
+            "or ended FAILED WorkerLost past --max-lost-leases).",
             labels,
+            registry=r,
+        )
+        self._pruned = Counter(
+            "taskfleet_tasks_pruned",
+            "Finished tasks deleted when their result TTL ran out, or by PurgeTasks.",
             registry=r,
         )
         self._rpc_seconds = Histogram(
@@ -77,11 +82,11 @@ class MasterMetrics(MetricsEndpoint):
 
     # -- counting ------------------------------------------------------------
 
-    def submitted(self, specs: Iterable[TaskSpec]) -> None:
+    def submitted(self, specs: Sequence[TaskSpec]) -> None:
         if self.enabled:
             _add(self._submitted, Tally((s.queue, s.name) for s in specs))
 
-    def finished(self, tasks: Iterable[Task]) -> None:
+    def finished(self, tasks: Sequence[Task]) -> None:
         """Count tasks that reached a final state (each exactly once: stores report
         a task's final state only to the call that wrote it)."""
         if not self.enabled:
@@ -92,24 +97,17 @@ class MasterMetrics(MetricsEndpoint):
             if counter is not None:
                 counter.labels(queue, name).inc(n)
 
-    def retried(self, store: Store, outcomes: Sequence[Outcome]) -> None:
-        """Count the failed attempts among ``outcomes`` that go back for another try.
-
-        Outcomes carry no task name, so this reads the tasks back: only on the
-        (rare) retry path, and only while metrics are on.
-        """
-        if not self.enabled:
-            return
-        task_ids = [o.ref.task_id for o in outcomes if o.retry_delay_s is not None]
-        try:
-            tasks = store.get_many(task_ids)
-        except NotFound:  # not in this store (a stale report); nothing to count
-            return
-        _add(self._retried, Tally((t.spec.queue, t.spec.name) for t in tasks))
-
-    def expired(self, tasks: Iterable[Task]) -> None:
+    def retried(self, tasks: Sequence[Task]) -> None:
         if self.enabled:
-            _add(self._expired, Tally((t.spec.queue, t.spec.name) for t in tasks))
+            _add(self._retried, Tally((t.spec.queue, t.spec.name) for t in tasks))
+
+    def lost(self, tasks: Sequence[Task]) -> None:
+        if self.enabled:
+            _add(self._lost, Tally((t.spec.queue, t.spec.name) for t in tasks))
+
+    def pruned(self, count: int) -> None:
+        if self.enabled:
+            self._pruned.inc(count)
 
     def rpc(self, method: str, code: str, seconds: float) -> None:
         if self.enabled:

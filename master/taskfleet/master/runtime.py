@@ -1,15 +1,16 @@
-"""The master's shared state, wired explicitly: config, store, completion hub,
-worker sessions, and the reaper that returns lapsed leases to their queues."""
+"""The master's shared state, wired explicitly: config, store, the lifecycle
+and its listeners (completion hub, worker sessions, metrics), and the reaper
+that returns lapsed leases and prunes expired tasks."""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
 from taskfleet.master.events import CompletionHub
+from taskfleet.master.lifecycle import Lifecycle
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
@@ -27,25 +28,26 @@ class MasterRuntime:
     sessions: Sessions = field(default_factory=Sessions)
     stopping: threading.Event = field(default_factory=threading.Event)
     metrics: MasterMetrics = field(default_factory=MasterMetrics)  # off unless enabled
+    lifecycle: Lifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = Lifecycle(
+            self.store,
+            max_payload_bytes=self.config.max_payload_bytes,
+            listeners=[self.hub, self.sessions, self.metrics],
+        )
 
     def reap_expired_leases(self) -> int:
         """Return lapsed leases to PENDING and wake workers to take them."""
-        expired = self.store.expire(time.time())
-        if expired:
-            self.metrics.expired(expired)
-            log.warning(
-                "%d leases lapsed, tasks back to PENDING: %s",
-                len(expired),
-                ", ".join(f"{t.id} (worker {t.worker_id})" for t in expired[:5]),
-            )
-            self.sessions.hint_work()
-        return len(expired)
+        return len(self.lifecycle.expire())
 
     def run_reaper(self) -> None:
-        """Check for lapsed leases several times per lease period until stopping."""
+        """Until stopping, several times per lease period: return lapsed leases and
+        delete finished tasks whose result TTL ran out (a bounded number per tick)."""
         interval_s = min(1.0, self.config.lease_s / 4)
         while not self.stopping.wait(interval_s):
             try:
-                self.reap_expired_leases()
+                self.lifecycle.expire()
+                self.lifecycle.prune()
             except Exception:
                 log.exception("lease reaper failed; retrying")

@@ -23,7 +23,7 @@ from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.rpc import DecodeRequests
 from taskfleet.master.runtime import MasterRuntime
-from taskfleet.master.store import open_store
+from taskfleet.master.store import StorePolicy, open_store
 from taskfleet.master.task_service import TaskService
 from taskfleet.master.worker_service import WorkerService
 from taskfleet.v1 import tasks_pb2_grpc, worker_pb2_grpc
@@ -41,7 +41,9 @@ class Master:
     def __init__(self, config: MasterConfig) -> None:
         self.config = config
         self.runtime = MasterRuntime(
-            config, open_store(config.store), metrics=MasterMetrics(bool(config.metrics_listen))
+            config,
+            open_store(config.store, StorePolicy(config.result_ttl_s, config.max_lost_leases)),
+            metrics=MasterMetrics(bool(config.metrics_listen)),
         )
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
             [TokenInterceptor(config.token, config.worker_token)]

@@ -8,7 +8,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from taskfleet.common.model import LeaseRef, WorkerInfo
+from taskfleet.common.model import LeaseRef, Task, WorkerInfo
+from taskfleet.master.lifecycle import LifecycleListener
 from taskfleet.v1 import worker_pb2
 
 
@@ -72,7 +73,7 @@ class WorkerSession:
         )
 
 
-class Sessions:
+class Sessions(LifecycleListener):
     """All live worker sessions, by worker id."""
 
     def __init__(self) -> None:
@@ -95,6 +96,16 @@ class Sessions:
     def get(self, worker_id: str) -> WorkerSession | None:
         with self._lock:
             return self._by_worker.get(worker_id)
+
+    def work_available(self) -> None:
+        self.hint_work()
+
+    def cancelled(self, task: Task) -> None:
+        # If it was running, its worker stops it now rather than at the next
+        # heartbeat; a worker that no longer holds that lease ignores this.
+        session = self.get(task.worker_id) if task.worker_id else None
+        if session is not None:
+            session.revoke([LeaseRef(task.id, task.lease)])
 
     def hint_work(self) -> None:
         """Tell every worker with free slots that new work may be ready."""

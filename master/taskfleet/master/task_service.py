@@ -14,10 +14,11 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import LeaseRef, Stats, Task
+from taskfleet.common.model import Stats, Task
+from taskfleet.master import queries
 from taskfleet.master.rpc import streaming, unary
 from taskfleet.master.runtime import MasterRuntime
-from taskfleet.master.validation import validate_specs
+from taskfleet.master.store.base import TaskQuery
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("taskfleet.master.tasks")
@@ -47,11 +48,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
 
     def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
-        specs = [convert.spec_from_proto(pb) for pb in tasks]
-        validate_specs(specs, self._rt.config.max_payload_bytes)
-        task_ids = self._rt.store.submit(specs, time.time())
-        self._rt.metrics.submitted(specs)
-        self._rt.sessions.hint_work()
+        task_ids = self._rt.lifecycle.submit([convert.spec_from_proto(pb) for pb in tasks])
         log.debug("submitted %d tasks", len(task_ids))
         return task_ids
 
@@ -132,15 +129,36 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.ServicerContext
     ) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        task = self._rt.store.cancel(request.task_id, time.time())
-        # If it was running, its worker stops it now rather than at the next
-        # heartbeat; a worker that no longer holds that lease ignores this.
-        session = self._rt.sessions.get(task.worker_id) if task.worker_id else None
-        if session is not None:
-            session.revoke([LeaseRef(task.id, task.lease)])
-        self._rt.hub.publish([task])
-        self._rt.metrics.finished([task])
-        return convert.task_to_proto(task)
+        return convert.task_to_proto(self._rt.lifecycle.cancel(request.task_id))
+
+    @unary
+    def RetryTask(
+        self, request: tasks_pb2.RetryTaskRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.Task:
+        _require_id("task_id", request.task_id)
+        return convert.task_to_proto(self._rt.lifecycle.retry(request.task_id))
+
+    @unary
+    def ListTasks(
+        self, request: tasks_pb2.ListTasksRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.ListTasksResponse:
+        query = _task_query(request)
+        page_size = queries.page_size(request.page_size)
+        cursor = queries.cursor_from_token(request.page_token)
+        page = self._rt.store.list_tasks(query, page_size, cursor)
+        response = tasks_pb2.ListTasksResponse(
+            next_page_token=queries.token_from_cursor(page.next_cursor)
+        )
+        for task in page.tasks:
+            convert.fill_task(response.tasks.add(), task)
+        return response
+
+    @unary
+    def PurgeTasks(
+        self, request: tasks_pb2.PurgeTasksRequest, context: grpc.ServicerContext
+    ) -> tasks_pb2.PurgeTasksResponse:
+        count = self._rt.lifecycle.purge(_task_query(request))
+        return tasks_pb2.PurgeTasksResponse(count=count)
 
     @unary
     def GetStats(
@@ -209,6 +227,11 @@ def _timeout_s(
     if timeout_s < 0:
         raise InvalidArgument("timeout: must not be negative")
     return timeout_s
+
+
+def _task_query(request: tasks_pb2.ListTasksRequest | tasks_pb2.PurgeTasksRequest) -> TaskQuery:
+    name = request.name if isinstance(request, tasks_pb2.ListTasksRequest) else ""
+    return queries.task_query(request.queue, name, request.states)
 
 
 def _require_id(field: str, task_id: str) -> None:

@@ -110,8 +110,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 session.work_hint = False
             yield from outbox
             leases = (
-                self._rt.store.lease(
-                    info.worker_id, info.queues, names, want, self._rt.config.lease_s, time.time()
+                self._rt.lifecycle.lease(
+                    info.worker_id, info.queues, names, want, self._rt.config.lease_s
                 )
                 if want
                 else []
@@ -168,22 +168,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             self._record(session, message.results)
         elif kind == "release":
             refs = [convert.ref_from_proto(r) for r in message.release.leases]
-            released = self._rt.store.release(refs, time.time())
+            released = self._rt.lifecycle.release(refs)
             with session.cond:
                 session.running = max(0, session.running - released)
-            self._rt.sessions.hint_work()
         else:
             log.warning("ignoring unexpected %s message from worker", kind)
 
     def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> int:
         """Extend the worker's valid leases, revoke the rest; returns how many hold."""
-        stale = (
-            self._rt.store.extend(
-                session.info.worker_id, held, self._rt.config.lease_s, time.time()
-            )
-            if held
-            else []
-        )
+        stale = self._rt.lifecycle.extend(session.info.worker_id, held, self._rt.config.lease_s)
         with session.cond:
             session.running = len(held) - len(stale)
         if stale:
@@ -197,15 +190,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 log.warning("ignoring outcome of %s with state %d", pb.lease.task_id, pb.state)
                 continue
             outcomes.append(convert.outcome_from_proto(pb))
-        finals = self._rt.store.record(outcomes, time.time()) if outcomes else []
-        retried = sum(1 for o in outcomes if o.retry_delay_s is not None)
+        self._rt.lifecycle.record(outcomes)
         with session.cond:
             session.running = max(0, session.running - len(results.outcomes))
-        self._rt.hub.publish(finals)
-        self._rt.metrics.finished(finals)
-        if retried:
-            self._rt.sessions.hint_work()
-            self._rt.metrics.retried(self._rt.store, outcomes)
         session.ack_results(results.seq, max(0, results.credit))
 
 

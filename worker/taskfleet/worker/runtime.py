@@ -538,14 +538,13 @@ def _requests(
 
 
 def _outcome(job: Job, result: JobResult) -> Outcome:
-    """The outcome to report, with the retry decision for a failed attempt."""
+    """The outcome to report; for a failed attempt, the master decides on a retry."""
     if result.ok:
         return Outcome(job.ref, TaskState.SUCCEEDED, result=result.result)
     error = result.error or TaskError("Unknown", "no error recorded")
     if result.cancelled:
         return Outcome(job.ref, TaskState.CANCELLED, error=error)
-    retry_delay_s = backoff_s(job.attempt) if job.attempt < job.max_attempts else None
-    return Outcome(job.ref, TaskState.FAILED, error=error, retry_delay_s=retry_delay_s)
+    return Outcome(job.ref, TaskState.FAILED, error=error, max_attempts=job.max_attempts)
 
 
 def _outcome_label(job: Job, result: JobResult) -> str:

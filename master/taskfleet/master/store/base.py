@@ -26,9 +26,10 @@ from __future__ import annotations
 import abc
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import NotFound
 from taskfleet.common.model import (
     Lease,
@@ -55,6 +56,8 @@ class StorePolicy:
     result_ttl_s: float = 86_400.0
     # Lapsed leases a task survives; the next one ends it FAILED WorkerLost.
     max_lost_leases: int = 3
+    # Delay before a failed task runs again, by the number of attempts it used.
+    retry_backoff_s: Callable[[int], float] = backoff_s
 
 
 DEFAULT_POLICY = StorePolicy()
@@ -92,6 +95,12 @@ def not_found(task_id: str) -> NotFound:
     return NotFound(
         f"task {task_id} not found (finished tasks are deleted when their result TTL runs out)"
     )
+
+
+def attempts_used(attempts: int, attempt_base: int, lost_leases: int) -> int:
+    """Attempts that count against ``max_attempts``: starts since the last RetryTask
+    (``attempt_base`` is the count then), less those whose lease lapsed."""
+    return attempts - attempt_base - lost_leases
 
 
 def expires_at(spec: TaskSpec, finished_at: float, policy: StorePolicy) -> float:
@@ -165,9 +174,18 @@ class Store(abc.ABC):
         """Apply the outcomes of valid leases in one transaction; ignore stale ones.
 
         SUCCEEDED stores the result; CANCELLED ends the task; FAILED stores the
-        error and, when ``retry_delay_s`` is set, makes the task PENDING again,
-        ready after that delay, else ends it FAILED. Returns the tasks that
-        reached a final state, as they are now.
+        error and, while the task has used fewer than the outcome's
+        ``max_attempts`` (see ``attempts_used``), makes it PENDING again, ready
+        after ``policy.retry_backoff_s``; else it ends FAILED. Returns the tasks
+        the outcomes changed, as they are now.
+        """
+
+    @abc.abstractmethod
+    def retry(self, task_id: str, now: float) -> Task:
+        """Make a FAILED or CANCELLED task PENDING again, ready at once, with a fresh
+        attempt budget and lost-lease count (``attempts`` keeps counting starts).
+
+        Raises ``NotFound``, or ``FailedPrecondition`` naming any other state.
         """
 
     @abc.abstractmethod

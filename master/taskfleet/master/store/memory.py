@@ -32,6 +32,7 @@ from taskfleet.master.store.base import (
     StorePolicy,
     TaskPage,
     TaskQuery,
+    attempts_used,
     expires_at,
     new_task_id,
     not_found,
@@ -51,6 +52,7 @@ class _Slot:
     delayed: bool = False  # PENDING but waiting in the delayed heap
     deadline: float = 0.0  # RUNNING: when the lease lapses
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
+    attempt_base: int = 0  # attempts when RetryTask last gave a fresh budget
 
 
 class MemoryStore(Store):
@@ -152,16 +154,32 @@ class MemoryStore(Store):
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         _check_outcomes(outcomes)
-        finished = []
+        changed = []
         with self._lock:
             for outcome in outcomes:
                 slot = self._valid(outcome.ref)
                 if slot is None:
                     continue
                 self._apply(slot, outcome, now)
-                if slot.task.state.is_final:
-                    finished.append(_copy(slot.task))
-        return finished
+                changed.append(_copy(slot.task))
+        return changed
+
+    def retry(self, task_id: str, now: float) -> Task:
+        with self._lock:
+            slot = self._slot(task_id)
+            task = slot.task
+            if task.state not in (TaskState.FAILED, TaskState.CANCELLED):
+                raise FailedPrecondition(
+                    f"task {task_id} is {task.state.name}: only FAILED or CANCELLED tasks "
+                    "can be retried"
+                )
+            slot.attempt_base = task.attempts
+            slot.lost_by.clear()
+            task.lost_leases = 0
+            task.finished_at = task.expires_at = 0.0
+            self._set_state(slot, TaskState.PENDING)
+            self._enqueue(slot, now, now)
+            return _copy(task)
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         released = 0
@@ -380,11 +398,12 @@ class MemoryStore(Store):
             self._finish(slot, TaskState.CANCELLED, now)
         else:
             task.error = outcome.error
-            if outcome.retry_delay_s is None:
+            used = attempts_used(task.attempts, slot.attempt_base, task.lost_leases)
+            if used >= outcome.max_attempts:
                 self._finish(slot, TaskState.FAILED, now)
             else:
                 self._set_state(slot, TaskState.PENDING)
-                self._enqueue(slot, now + outcome.retry_delay_s, now)
+                self._enqueue(slot, now + self.policy.retry_backoff_s(used), now)
 
     def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)

@@ -40,6 +40,7 @@ from taskfleet.master.store.base import (
     StorePolicy,
     TaskPage,
     TaskQuery,
+    attempts_used,
     new_task_id,
     not_found,
     worker_lost_error,
@@ -132,6 +133,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN result_ttl_s REAL NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN lost_by TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE tasks ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN expires_at REAL NOT NULL DEFAULT 0",
         "CREATE INDEX tasks_expiring ON tasks (expires_at) WHERE expires_at > 0",
         """
@@ -320,19 +322,50 @@ class SqliteStore(Store):
         return stale
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
-        finished = []
+        changed = []
         expiry = (now, self._default_expiry(now))
         with self._write() as db:
             for outcome in outcomes:
-                changes, params = _outcome_update(outcome, now, expiry)
+                fence = (outcome.ref.task_id, outcome.ref.lease)
+                retry_delay_s = None
+                if outcome.state is TaskState.FAILED:
+                    # Whether it runs again depends on what the task has used up.
+                    counts = db.execute(
+                        f"SELECT attempts, attempt_base, lost_leases FROM tasks WHERE {_FENCE}",
+                        fence,
+                    ).fetchone()
+                    if counts is None:
+                        continue  # stale
+                    used = attempts_used(*counts)
+                    if used < outcome.max_attempts:
+                        retry_delay_s = self.policy.retry_backoff_s(used)
+                changes, params = _outcome_update(outcome, now, expiry, retry_delay_s)
                 row = db.execute(
                     f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {_COLUMNS}",
-                    (*params, outcome.ref.task_id, outcome.ref.lease),
+                    (*params, *fence),
                 ).fetchone()
-                task = None if row is None else _task(row)
-                if task is not None and task.state.is_final:
-                    finished.append(task)
-        return finished
+                if row is not None:
+                    changed.append(_task(row))
+        return changed
+
+    def retry(self, task_id: str, now: float) -> Task:
+        with self._write() as db:
+            row = db.execute(
+                f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?,
+                attempt_base = attempts, lost_leases = 0, lost_by = '[]', finished_at = 0,
+                expires_at = 0 WHERE id = ? AND state IN ({FAILED}, {CANCELLED})
+                RETURNING {_COLUMNS}""",
+                (now, task_id),
+            ).fetchone()
+            if row is None:
+                state = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+                if state is None:
+                    raise not_found(task_id)
+                raise FailedPrecondition(
+                    f"task {task_id} is {TaskState(state[0]).name}: only FAILED or CANCELLED "
+                    "tasks can be retried"
+                )
+        return _task(row)
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         with self._write() as db:
@@ -471,10 +504,11 @@ def _where(
 
 
 def _outcome_update(
-    outcome: Outcome, now: float, expiry: tuple[float, float]
+    outcome: Outcome, now: float, expiry: tuple[float, float], retry_delay_s: float | None
 ) -> tuple[str, tuple[Any, ...]]:
     """The SET clause and its parameters that apply ``outcome`` to its task's row;
-    ``expiry`` holds the parameters of ``_EXPIRES``."""
+    ``expiry`` holds the parameters of ``_EXPIRES``; a FAILED outcome runs again
+    after ``retry_delay_s`` unless it is None."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
@@ -494,12 +528,12 @@ def _outcome_update(
         (None, None, None) if error is None else (error.type, error.message, error.traceback)
     )
     error_set = "error_type = ?, error_message = ?, error_traceback = ?"
-    if outcome.retry_delay_s is None:
+    if retry_delay_s is None:
         return (
             f"state = {FAILED}, {error_set}, finished_at = ?, {_EXPIRES}",
             (*error_params, now, *expiry),
         )
-    ready_at = now + outcome.retry_delay_s
+    ready_at = now + retry_delay_s
     return (
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
         (int(ready_at <= now), ready_at, *error_params),

@@ -1,0 +1,191 @@
+"""The one front door for task state changes in the master.
+
+Every change (submit, lease, extend, record, release, cancel, expire, retry,
+purge, prune) goes through ``Lifecycle``: it applies the change to the store,
+then tells each registered ``LifecycleListener`` what happened. The servicers,
+the manager bridge and the reaper are thin callers; what follows a change
+(WaitTasks events, metrics, wake-ups of idle workers, a revoke to the worker
+of a cancelled task) is written once, as a listener. A change made by another
+master on a shared store enters through the same listener calls.
+
+Calls block on the store, so an asyncio caller runs them on an executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Sequence
+
+from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
+from taskfleet.master.store.base import FINAL_STATES, Store, TaskQuery
+from taskfleet.master.validation import validate_specs
+
+log = logging.getLogger("taskfleet.master.lifecycle")
+
+# Rows deleted per store transaction by prune and purge: small enough that a
+# submit or lease waiting for the store lock is held up by milliseconds.
+DELETE_BATCH = 500
+# Transactions one prune() call runs at most, so a reaper tick stays short
+# however large the backlog; the next tick goes on where it stopped.
+MAX_PRUNE_BATCHES = 20
+
+
+class LifecycleListener:
+    """What follows a state change; override the hooks you need (each is a no-op).
+
+    Hooks run on the caller's thread right after the store committed, so they
+    must be quick and must not raise; one that raises is logged and skipped.
+    """
+
+    def submitted(self, tasks: Sequence[TaskSpec]) -> None:
+        """New tasks were accepted (repeats of an idempotency key included)."""
+
+    def finished(self, tasks: Sequence[Task]) -> None:
+        """Tasks reached a final state; each is reported exactly once."""
+
+    def retried(self, tasks: Sequence[Task]) -> None:
+        """Failed attempts whose tasks go back to PENDING after a backoff."""
+
+    def lost(self, tasks: Sequence[Task]) -> None:
+        """Leases lapsed: their workers died, hung or were cut off."""
+
+    def cancelled(self, task: Task) -> None:
+        """A task was cancelled; if it was RUNNING, ``task.worker_id`` must stop it."""
+
+    def pruned(self, count: int) -> None:
+        """Finished tasks were deleted (their result TTL ran out, or a purge)."""
+
+    def work_available(self) -> None:
+        """Tasks may be ready to lease: idle workers should look."""
+
+
+class Lifecycle:
+    """Applies state changes to ``store`` and reports them to the listeners."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_payload_bytes: int,
+        listeners: Sequence[LifecycleListener] = (),
+    ) -> None:
+        self.store = store
+        self.max_payload_bytes = max_payload_bytes
+        self._listeners = list(listeners)
+
+    def add_listener(self, listener: LifecycleListener) -> None:
+        self._listeners.append(listener)
+
+    # -- producers -------------------------------------------------------------
+
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Validate and enqueue ``specs``; their ids in order."""
+        validate_specs(specs, self.max_payload_bytes)
+        task_ids = self.store.submit(specs, time.time())
+        self._emit("submitted", specs)
+        self._emit("work_available")
+        return task_ids
+
+    def cancel(self, task_id: str) -> Task:
+        task = self.store.cancel(task_id, time.time())
+        self._emit("cancelled", task)
+        self._emit("finished", [task])
+        return task
+
+    def retry(self, task_id: str) -> Task:
+        task = self.store.retry(task_id, time.time())
+        self._emit("work_available")
+        return task
+
+    def purge(self, query: TaskQuery) -> int:
+        """Delete every finished task ``query`` matches, in short transactions."""
+        if not (query.states or FINAL_STATES) <= FINAL_STATES:
+            raise InvalidArgument(
+                "states: only finished tasks (SUCCEEDED, FAILED, CANCELLED) can be purged"
+            )
+        total = 0
+        while True:
+            deleted = self.store.purge(query, DELETE_BATCH)
+            total += deleted
+            if deleted < DELETE_BATCH:
+                break
+        if total:
+            self._emit("pruned", total)
+        return total
+
+    # -- workers ---------------------------------------------------------------
+
+    def lease(
+        self,
+        worker_id: str,
+        queues: Collection[str],
+        names: Collection[str] | None,
+        limit: int,
+        lease_s: float,
+    ) -> list[Lease]:
+        return self.store.lease(worker_id, queues, names, limit, lease_s, time.time())
+
+    def extend(self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float) -> list[LeaseRef]:
+        """Renew ``refs``; the stale ones, which the worker must stop."""
+        return self.store.extend(worker_id, refs, lease_s, time.time()) if refs else []
+
+    def record(self, outcomes: Sequence[Outcome]) -> list[Task]:
+        """Apply attempt outcomes; the tasks they changed."""
+        changed = self.store.record(outcomes, time.time()) if outcomes else []
+        finals = [t for t in changed if t.state.is_final]
+        retried = [t for t in changed if t.state is TaskState.PENDING]
+        if finals:
+            self._emit("finished", finals)
+        if retried:
+            self._emit("retried", retried)
+            self._emit("work_available")
+        return changed
+
+    def release(self, refs: Sequence[LeaseRef]) -> int:
+        """Give back leases of tasks that never started; how many were valid."""
+        released = self.store.release(refs, time.time()) if refs else 0
+        if released:
+            self._emit("work_available")
+        return released
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def expire(self) -> list[Task]:
+        """Return lapsed leases to PENDING (or end tasks that lost too many)."""
+        lapsed = self.store.expire(time.time())
+        if not lapsed:
+            return lapsed
+        finals = [t for t in lapsed if t.state.is_final]
+        log.warning(
+            "%d leases lapsed: %s%s",
+            len(lapsed),
+            ", ".join(f"{t.id} (worker {t.worker_id})" for t in lapsed[:5]),
+            f"; {len(finals)} tasks FAILED WorkerLost" if finals else "",
+        )
+        self._emit("lost", lapsed)
+        if finals:
+            self._emit("finished", finals)
+        if len(finals) < len(lapsed):
+            self._emit("work_available")
+        return lapsed
+
+    def prune(self) -> int:
+        """Delete finished tasks whose TTL ran out, a bounded number per call."""
+        total = 0
+        for _ in range(MAX_PRUNE_BATCHES):
+            deleted = self.store.prune(time.time(), DELETE_BATCH)
+            total += deleted
+            if deleted < DELETE_BATCH:
+                break
+        if total:
+            self._emit("pruned", total)
+        return total
+
+    def _emit(self, hook: str, *args: object) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, hook)(*args)
+            except Exception:
+                log.exception("lifecycle listener %s.%s failed", type(listener).__name__, hook)
