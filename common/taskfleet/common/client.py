@@ -204,6 +204,43 @@ class Client:
         pb = _retry_unavailable()(self._call, self._stub.GetStats, tasks_pb2.GetStatsRequest())
         return convert.stats_from_proto(pb)
 
+    # -- operating -----------------------------------------------------------
+
+    def list_tasks(
+        self,
+        *,
+        queue: str = "",
+        name: str = "",
+        states: Iterable[TaskState] = (),
+        page_size: int = 0,
+    ) -> Iterator[Task]:
+        """Tasks newest first, filtered (an empty filter matches all), fetched a page
+        at a time as the iteration goes on."""
+        request = tasks_pb2.ListTasksRequest(
+            queue=queue,
+            name=name,
+            states=[int(s) for s in states],  # type: ignore[misc]
+            page_size=page_size,
+        )
+        while True:
+            page = _retry_unavailable()(self._call, self._stub.ListTasks, request)
+            for pb in page.tasks:
+                yield convert.task_from_proto(pb)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def retry(self, task_id: str) -> Task:
+        """Run a FAILED or CANCELLED task again, with a fresh attempt budget."""
+        pb = self._call(self._stub.RetryTask, tasks_pb2.RetryTaskRequest(task_id=task_id))
+        return convert.task_from_proto(pb)
+
+    def purge(self, *, queue: str = "", states: Iterable[TaskState] = ()) -> int:
+        """Delete finished tasks of ``queue`` (every queue when empty) in ``states``
+        (every final state when empty); returns how many."""
+        request = tasks_pb2.PurgeTasksRequest(queue=queue, states=[int(s) for s in states])  # type: ignore[misc]
+        return int(self._call(self._stub.PurgeTasks, request).count)
+
     @staticmethod
     def _call(method: Any, request: Any) -> Any:
         try:
