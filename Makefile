@@ -20,7 +20,7 @@ PYZ_PIP_ARGS ?=
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-peers peers-deps clean dist
+.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-retention bench-peers peers-deps clean dist
 
 install: $(STAMP)
 
@@ -97,8 +97,13 @@ clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+# BENCH_ARGS passes options through, e.g. BENCH_ARGS='--result-ttl-s 1' to run
+# every workload while the master prunes what finished a second before.
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-retention: install
+	$(BIN)/python bench/retention.py
 
 bench-depth: install
 	$(BIN)/python bench/run.py --rounds 1 --depth 1000000

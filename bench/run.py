@@ -40,13 +40,24 @@ PEERS_TIMEOUT_S = 1800
 class TaskfleetCluster:
     """A master on ``store`` plus two workers with default (process) pools."""
 
-    def __init__(self, store: str, workers: int = 2) -> None:
+    def __init__(self, store: str, workers: int = 2, result_ttl_s: float | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="taskfleet-bench-")
         store_url = "memory" if store == "memory" else f"sqlite:{self.tmp.name}/bench.db"
         self.address = f"127.0.0.1:{free_port()}"
         quiet = ["--log-level", "WARNING"]
+        ttl = [] if result_ttl_s is None else ["--result-ttl-s", str(result_ttl_s)]
         self.master = subprocess.Popen(
-            [PY, "-m", "taskfleet.master", "--listen", self.address, "--store", store_url, *quiet],
+            [
+                PY,
+                "-m",
+                "taskfleet.master",
+                "--listen",
+                self.address,
+                "--store",
+                store_url,
+                *ttl,
+                *quiet,
+            ],
             stdout=subprocess.DEVNULL,
         )
         self.client = Client(self.address)
@@ -153,7 +164,7 @@ def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
     only it submits in batches."""
     w1 = [("noop", ())] * args.w1
     w2 = [("square", (n,)) for n in range(args.w2)]
-    cluster = TaskfleetCluster(store)
+    cluster = TaskfleetCluster(store, result_ttl_s=args.result_ttl_s)
     try:
         figures = {
             "w1": args.w1 / cluster.run_batch(w1),
@@ -344,6 +355,12 @@ def main() -> None:
     )
     parser.add_argument("--stores", default="memory,sqlite", type=lambda s: s.split(","))
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument(
+        "--result-ttl-s",
+        type=float,
+        default=None,
+        help="the masters' --result-ttl-s (a short one keeps pruning busy during the run)",
+    )
     parser.add_argument(
         "--peers",
         action="store_true",
