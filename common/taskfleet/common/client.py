@@ -33,8 +33,9 @@ CALL_TIMEOUT_S = 30.0
 # The master refuses a wait for more ids than this in one call (WaitTasks and
 # WaitTasksBatched), so ``wait`` asks in chunks of this size.
 WAIT_CHUNK = 100_000
-# How long ``wait`` keeps resuming while the master is unreachable (a restart),
-# within the wait's own deadline, before it raises Unavailable.
+# How long ``wait`` keeps resuming while a master it has reached before is
+# unreachable (a restart), within the wait's own deadline, before it raises
+# Unavailable. A master never reached gets RETRY_UNAVAILABLE_S, as other calls do.
 RESUME_WAIT_S = 30.0
 # What a wait stream ends with when the master stops or restarts, or the
 # connection drops: the wait is asked again rather than reported short.
@@ -77,6 +78,9 @@ class Client:
         tls = client_tls(tls_ca, tls_cert, tls_key)
         self._channel = open_channel(master, token, tls=tls)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        # Whether the master has ever answered: a wait then resumes for longer,
+        # since the master is more likely restarting than at a wrong address.
+        self._reached = False
 
     def __enter__(self) -> Client:
         return self
@@ -185,7 +189,7 @@ class Client:
             stream = self._stub.WaitTasksBatched(request)
             try:
                 for batch in stream:
-                    outage_started, attempt = None, 0
+                    outage_started, attempt, self._reached = None, 0, True
                     for pb in batch.tasks:
                         task = convert.task_from_proto(pb)
                         if task.id in waiting:
@@ -193,18 +197,22 @@ class Client:
                             yield task
                 if not waiting or (deadline is not None and time.monotonic() >= deadline):
                     return  # all final, or the master's timeout (it starts after ours)
-                cause = "the master ended the wait early"
+                cause, self._reached = "the master ended the wait early", True
             except grpc.RpcError as exc:
                 if exc.code() not in _RESUMABLE:
                     raise from_rpc_error(exc) from None
                 cause = str(from_rpc_error(exc))
+                # A call cut off, not one that never connected (gRPC's words for that).
+                self._reached |= not cause.startswith("failed to connect")
             finally:
                 stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
             now = time.monotonic()
             outage_started = outage_started or now
-            give_up = outage_started + RESUME_WAIT_S
+            give_up = outage_started + (RESUME_WAIT_S if self._reached else RETRY_UNAVAILABLE_S)
             if deadline is not None:
                 give_up = min(give_up, deadline)
+            if now >= give_up and not self._reached:
+                raise Unavailable(cause)
             if now >= give_up:
                 raise Unavailable(
                     f"lost the master while waiting for {len(waiting)} task(s) and it did not "
@@ -270,12 +278,13 @@ class Client:
         pb = _retry_unavailable()(self._call, self._stub.GetStats, tasks_pb2.GetStatsRequest())
         return convert.stats_from_proto(pb)
 
-    @staticmethod
-    def _call(method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=CALL_TIMEOUT_S)
+            response = method(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        self._reached = True
+        return response
 
 
 def make_spec(
