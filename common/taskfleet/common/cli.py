@@ -238,12 +238,12 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
                 max_attempts=args.max_attempts,
                 timeout_s=args.timeout_s or 0.0,
                 not_before=not_before,
-                idempotency_key=f"{args.idempotency_key}:{call.line}"
+                idempotency_key=f"{args.idempotency_key}:{n}"
                 if args.idempotency_key and args.from_stdin
                 else args.idempotency_key,
                 metadata=metadata,
             )
-            for call in calls
+            for n, call in enumerate(calls, start=1)
         ]
     except RecursionError:
         raise ConfigError("arguments: JSON nested too deeply") from None
