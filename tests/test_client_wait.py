@@ -19,7 +19,7 @@ from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import TaskFailed, TaskfleetError, Unavailable
 from taskfleet.common.model import Task, TaskState
 
-from procs import MasterProc
+from procs import MasterProc, poll
 
 StartMaster = Callable[..., MasterProc]
 END = "end"  # what a waiting thread puts once the wait returned
@@ -105,6 +105,31 @@ def test_result_resumes_across_a_master_restart(
             other.cancel(task_id)
 
         # then the caller learns how it ended, not that it timed out
+        outcome = waiter.next()
+        assert isinstance(outcome, TaskFailed), outcome
+        assert (outcome.task_id, outcome.state) == (task_id, "CANCELLED")
+
+
+def test_run_resumes_across_a_master_restart(
+    durable_master: MasterProc, start_master: StartMaster, tmp_path: Path, queue_name: str
+) -> None:
+    # Given a caller in Client.run on a task no worker takes, the task stored
+    key = f"run-{queue_name}"
+    with durable_master.client() as client:
+
+        def run() -> Iterator[object]:
+            yield client.run("square", [3], queue=queue_name, idempotency_key=key, timeout_s=120)
+
+        waiter = Waiter(run)
+        poll(lambda: queue_name in [q.queue for q in client.stats().queues], what="the submit")
+
+        # when the master restarts and the task then ends
+        restarted = restart(durable_master, start_master, tmp_path)
+        with restarted.client() as other:
+            task_id = other.submit("square", [3], queue=queue_name, idempotency_key=key)
+            other.cancel(task_id)
+
+        # then the caller learns how it ended
         outcome = waiter.next()
         assert isinstance(outcome, TaskFailed), outcome
         assert (outcome.task_id, outcome.state) == (task_id, "CANCELLED")
