@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from taskfleet.common.client import Client
-from taskfleet.common.errors import ConfigError, TaskFailed, TaskfleetError
+from taskfleet.common.errors import ConfigError, TaskfleetError
 from taskfleet.common.model import TaskSpec
 
 _TASK_FIELD = re.compile(r"\btasks\[(\d+)\]\.?")
@@ -98,11 +98,13 @@ def submit_in_batches(
         for batch_ids in client.submit_batches(specs):
             task_ids += batch_ids
             on_created(batch_ids)
-    except TaskFailed:
-        raise
     except TaskfleetError as exc:
         # The batch that failed starts after the tasks created so far.
-        message = _TASK_FIELD.sub(lambda m: _where(calls[len(task_ids) + int(m[1])].line), str(exc))
+        def line_of(match: re.Match[str]) -> str:
+            index = len(task_ids) + int(match[1])
+            return _where(calls[index].line) if index < len(calls) else match[0]
+
+        message = _TASK_FIELD.sub(line_of, str(exc))
         if task_ids:
             message += (
                 f" ({len(task_ids)} task(s) were created before this, their ids printed; "

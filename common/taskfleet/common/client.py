@@ -211,9 +211,9 @@ class Client:
             give_up = outage_started + (RESUME_WAIT_S if self._reached else RETRY_UNAVAILABLE_S)
             if deadline is not None:
                 give_up = min(give_up, deadline)
-            if now >= give_up and not self._reached:
-                raise Unavailable(cause)
             if now >= give_up:
+                if not self._reached:
+                    raise Unavailable(cause)
                 raise Unavailable(
                     f"lost the master while waiting for {len(waiting)} task(s) and it did not "
                     f"come back within {now - outage_started:.1f} s: {cause}"
