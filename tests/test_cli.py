@@ -19,11 +19,13 @@ import sys
 import termios
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from taskfleet.common.client import make_spec
 
 from procs import TESTS_DIR, MasterProc, WorkerProc, free_port, poll
 
@@ -368,6 +370,112 @@ def test_submit_from_stdin_empty_and_bad_lines(addr: str) -> None:
     refused(proc, "--from-stdin", "line 1", "args", code=EXIT_USAGE)
 
 
+def test_submit_from_stdin_checks_every_line_before_creating_any(
+    addr: str, idle_queue: str
+) -> None:
+    # Given 2,500 lines of which the last is over the master's default payload limit
+    lines = "".join(f"{n}\n" for n in range(2_499)) + json.dumps("x" * (1024 * 1024)) + "\n"
+
+    # when they are submitted, the command is refused naming that line
+    proc = run("submit", "square", "--from-stdin", "--queue", idle_queue, "--master", addr,
+               stdin=lines)  # fmt: skip
+    refused(proc, "line 2500", "payload", "--max-payload-bytes", code=EXIT_USAGE)
+
+    # and no task was created
+    assert proc.stdout == ""
+    stats = json.loads(ok(run("stats", "--json", "--master", addr)))
+    assert idle_queue not in [q["queue"] for q in stats["queues"]]
+
+
+def test_a_line_the_master_refuses_is_named_and_the_ids_before_it_are_printed(
+    start_master: Callable[..., MasterProc], idle_queue: str
+) -> None:
+    # Given a master with a lower payload limit than the client knows, and 2,500
+    # lines of which the last is over that limit
+    master = start_master(extra=["--max-payload-bytes", "100"])
+    lines = "".join(f"{n}\n" for n in range(2_499)) + json.dumps("x" * 200) + "\n"
+
+    # when they are submitted
+    proc = run("submit", "square", "--from-stdin", "--queue", idle_queue,
+               "--master", master.address, stdin=lines)  # fmt: skip
+
+    # then the error names the input line and says what was created
+    line = refused(proc, "line 2500", "payload", code=EXIT_TASK_FAILED)
+    assert "2000 task(s) were created" in line
+    assert "tasks[" not in line
+    # and the ids of the batches created before it were printed, and exist
+    task_ids = proc.stdout.split()
+    assert len(set(task_ids)) == 2_000
+    stats = json.loads(ok(run("stats", "--json", "--master", master.address)))
+    (q,) = [q for q in stats["queues"] if q["queue"] == idle_queue]
+    assert q["pending"] == 2_000
+    for task_id in (task_ids[0], task_ids[-1]):
+        assert get_json(master.address, task_id)["queue"] == idle_queue
+
+
+def test_submit_wait_prints_the_ids_on_stderr_as_they_are_created(addr: str) -> None:
+    proc = run("submit", "square", "--from-stdin", "--wait", "--master", addr, stdin="3\n4\n")
+    assert ok(proc) == "9\n16\n"  # stdout stays the results
+    task_ids = [line.split()[-1] for line in proc.stderr.splitlines()]
+    assert [line.split()[:-1] for line in proc.stderr.splitlines()] == [
+        ["taskfleet:", "submitted"]
+    ] * 2
+    assert [get_json(addr, t)["result"] for t in task_ids] == [9, 16]
+
+
+def test_wait_resumes_across_a_master_restart(
+    start_master: Callable[..., MasterProc], tmp_path: Path, idle_queue: str
+) -> None:
+    # Given `taskfleet wait` on a final task and a pending one, the final one printed
+    store = f"sqlite:{tmp_path / 'tasks.db'}"
+    master = start_master(store=store)
+    with master.client() as client:
+        done, pending = client.submit_many(
+            make_spec("square", [n], queue=idle_queue) for n in (1, 2)
+        )
+        client.cancel(done)
+    wait = subprocess.Popen(
+        [TASKFLEET, "wait", done, pending, "--timeout-s", "120", "--master", master.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=TESTS_DIR,
+    )
+    try:
+        assert wait.stdout is not None
+        first = read_line(wait.stdout.fileno())
+        assert first.split()[:2] == [done, "CANCELLED"]
+
+        # when the master restarts on the same port and store, and the task then ends
+        assert master.stop() == 0
+        restarted = start_master(store=store, port=master.port)
+        with restarted.client() as client:
+            client.cancel(pending)
+
+        # then the same command reports it, and nothing timed out
+        out, err = wait.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if wait.poll() is None:
+            wait.kill()
+            wait.wait()
+    assert err.decode() == ""
+    assert out.decode().split()[:2] == [pending, "CANCELLED"]
+    assert wait.returncode == EXIT_TASK_FAILED  # cancelled tasks count as not succeeded
+
+
+def read_line(fd: int, timeout_s: float = CLI_TIMEOUT_S) -> str:
+    """One line from ``fd``, read byte by byte so nothing after it is consumed."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no line within {timeout_s} s (got {data!r})"
+        byte = os.read(fd, 1)
+        assert byte, f"EOF before a line (got {data!r})"
+        data += byte
+    return data.decode()
+
+
 def test_wait_for_many_off_a_terminal_prints_only_plain_lines(addr: str) -> None:
     task_ids = ok(run("submit", "square", "--from-stdin", "--master", addr, stdin="1\n2\n3\n"))
     proc = run("wait", *task_ids.split(), "--timeout-s", "20", "--master", addr)
@@ -561,6 +669,77 @@ def test_meta_without_equals(addr: str) -> None:
 )
 def test_bad_submit_option_values(flag: str, value: str) -> None:
     refused(run("submit", "square", "1", flag, value, "--master", "127.0.0.1:1"), flag, code=2)
+
+
+INT32 = "from -2147483648 to 2147483647"
+SECONDS = "more than 0 and at most 315576000000"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "allowed"),
+    [
+        (["submit", "square", "--priority", "99999999999"], "--priority", INT32),
+        (["submit", "square", "--priority", "-2147483649"], "--priority", INT32),
+        (["submit", "square", "--max-attempts", "2147483648"], "--max-attempts", "from 0 to"),
+        (["submit", "square", "--timeout-s", "inf"], "--timeout-s", SECONDS),
+        (["submit", "square", "--timeout-s", "nan"], "--timeout-s", SECONDS),
+        (["submit", "square", "--timeout-s", "1e300"], "--timeout-s", SECONDS),
+        (["submit", "square", "--delay-s", "inf"], "--delay-s", "more than 0 and at most"),
+        (["submit", "square", "--delay-s", "nan"], "--delay-s", "more than 0 and at most"),
+        (["submit", "square", "--delay-s", "1e300"], "--delay-s", "more than 0 and at most"),
+        (["submit", "square", "--wait", "--wait-timeout-s", "nan"], "--wait-timeout-s", SECONDS),
+        (["wait", "some-id", "--timeout-s", "inf"], "--timeout-s", SECONDS),
+        (["submit", "square", "--meta", "k=\udcff"], "--meta", "UTF-8"),
+        (["submit", "sq\udcff"], "name", "UTF-8"),
+        (["get", "id-\udcff"], "ID", "UTF-8"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_naming_the_range(
+    addr: str, args: list[str], flag: str, allowed: str
+) -> None:
+    # A live master: the value must be refused before anything is sent to it.
+    refused(run(*args, "--master", addr), flag, allowed, code=EXIT_USAGE)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats"],
+        ["get", "ID"],
+        ["submit", "square", "--from-stdin"],
+        ["submit", "square", "--from-stdin", "--wait"],
+    ],
+)
+def test_output_into_a_closed_pipe_exits_quietly(
+    addr: str, idle_queue: str, args: list[str]
+) -> None:
+    # Given a command whose stdout is a pipe nobody reads any more (`| head -1`)
+    task_id = submit(addr, "square", "2")
+    wait_final(addr, task_id)
+    args = [task_id if a == "ID" else a for a in args]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [TASKFLEET, *args, "--master", addr],
+            input="".join(f"{n}\n" for n in range(5)).encode(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=_env(),
+            cwd=TESTS_DIR,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    # then it stops at once, with SIGPIPE's status and nothing on stderr
+    # (with --wait, the ids it created go to stderr before the results fail to print)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 141, stderr
+    assert "Traceback" not in stderr
+    assert "Error" not in stderr
+    assert all(line.startswith("taskfleet: submitted ") for line in stderr.splitlines())
 
 
 @pytest.mark.parametrize("command", ["get", "cancel", "wait"])

@@ -24,6 +24,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
+    # gRPC waits longer after each failed connect (up to 120 s by default); a
+    # client that resumes a wait across a restart of the master should see it
+    # back within seconds of its return.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [

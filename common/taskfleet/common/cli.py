@@ -6,19 +6,27 @@ while pipes and files get the same plain lines as always. Bad input (a bad flag,
 request the master refuses as INVALID_ARGUMENT, an unknown task id) is one line
 on stderr and exit status 2; a task that ends FAILED or CANCELLED under
 ``--wait``/``wait``, an unreachable master and other errors give exit status 1;
-never a traceback.
+never a traceback. Output into a pipe that closes early (``| head -1``) ends
+the command quietly with status 141, as SIGPIPE ends a Unix tool.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
 from taskfleet.common import config as cfg
+from taskfleet.common.cli_submit import (
+    Call,
+    check_specs,
+    read_calls,
+    submit_in_batches,
+)
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.codec import decode_result
 from taskfleet.common.context import setup_logging
@@ -31,10 +39,11 @@ from taskfleet.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskfleet.common.model import Stats, Task, TaskState
+from taskfleet.common.model import INT32_MAX, INT32_MIN, Stats, Task, TaskState
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool cut off by `head`
 
 
 def build_parser() -> cfg.EnvDefaultsParser:
@@ -55,25 +64,33 @@ def build_parser() -> cfg.EnvDefaultsParser:
         description="Submit a task. With --from-stdin, submit one task per line of stdin.",
     )
     cfg.add_client_flags(submit)
-    submit.add_argument("name", help="registered task name")
+    text = cfg.utf8_text
+    submit.add_argument("name", type=text, help="registered task name")
     submit.add_argument(
         "args",
         nargs="*",
+        type=text,
         metavar="JSON-ARG",
         help="positional arguments, each JSON (a bare word is taken as a string)",
     )
     submit.add_argument(
         "--kwarg",
         action="append",
+        type=text,
         default=[],
         metavar="KEY=JSON",
         help="keyword argument (repeatable)",
     )
-    submit.add_argument("--queue", default="default", help="queue name")
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first")
+    submit.add_argument("--queue", type=text, default="default", help="queue name")
+    submit.add_argument(
+        "--priority",
+        type=cfg.int_in_range(INT32_MIN, INT32_MAX),
+        default=0,
+        help="higher runs first",
+    )
     submit.add_argument(
         "--max-attempts",
-        type=cfg.non_negative_int,
+        type=cfg.int_in_range(0, INT32_MAX),
         default=0,
         help="attempts before FAILED (0: the task's default)",
     )
@@ -82,17 +99,25 @@ def build_parser() -> cfg.EnvDefaultsParser:
     )
     submit.add_argument(
         "--delay-s",
-        type=cfg.positive_float,
+        type=cfg.delay_float,
         default=None,
         help="do not start before this many seconds from now",
     )
-    submit.add_argument("--idempotency-key", default="", help="dedupe repeated submits")
+    submit.add_argument("--idempotency-key", type=text, default="", help="dedupe repeated submits")
     submit.add_argument(
         "--meta",
         action="append",
+        type=text,
         default=[],
         metavar="KEY=VALUE",
         help="metadata label (repeatable)",
+    )
+    submit.add_flag(
+        "--max-payload-bytes",
+        default=cfg.MasterConfig().max_payload_bytes,
+        type=cfg.non_negative_int,
+        help="refuse, before creating any task, payloads larger than this (the master's "
+        "own limit, which has the same flag and environment variable, still applies)",
     )
     submit.add_argument(
         "--from-stdin",
@@ -100,13 +125,15 @@ def build_parser() -> cfg.EnvDefaultsParser:
         help="submit one task per non-blank stdin line, each a JSON array of positional "
         'arguments, an object {"args": [...], "kwargs": {...}}, or any other JSON value as '
         "the one argument; JSON-ARGs and --kwarg given here are shared by all (line "
-        "arguments come after them). Prints one id per line, in input order; with "
+        "arguments come after them). Every line is checked before any task is created. "
+        "Prints one id per line, in input order, as each batch is created; with "
         "--idempotency-key K, line N gets the key K:N",
     )
     submit.add_argument(
         "--wait",
         action="store_true",
-        help="wait for the results and print them (in input order; failures on stderr)",
+        help="wait for the results and print them (in input order; failures on stderr); "
+        "the ids go to stderr as they are created",
     )
     submit.add_argument(
         "--wait-timeout-s",
@@ -117,18 +144,18 @@ def build_parser() -> cfg.EnvDefaultsParser:
 
     get = commands.add_parser("get", help="show a task")
     cfg.add_client_flags(get)
-    get.add_argument("task_id", metavar="ID")
+    get.add_argument("task_id", type=cfg.utf8_text, metavar="ID")
 
     wait = commands.add_parser("wait", help="wait for tasks to finish")
     cfg.add_client_flags(wait)
-    wait.add_argument("task_ids", nargs="+", metavar="ID")
+    wait.add_argument("task_ids", nargs="+", type=cfg.utf8_text, metavar="ID")
     wait.add_argument(
         "--timeout-s", type=cfg.positive_float, default=None, help="give up after this long"
     )
 
     cancel = commands.add_parser("cancel", help="cancel a task")
     cfg.add_client_flags(cancel)
-    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("task_id", type=cfg.utf8_text, metavar="ID")
 
     stats = commands.add_parser("stats", help="show queues and workers")
     cfg.add_client_flags(stats)
@@ -138,7 +165,14 @@ def build_parser() -> cfg.EnvDefaultsParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        status = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit
+        return status
+    except BrokenPipeError:
+        # The reader has gone: stop quietly, and keep the interpreter's last
+        # flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Unavailable as exc:
         where = getattr(args, "master", "")
         print(
@@ -190,56 +224,43 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 
     shared_args = [_json_or_word(a) for a in args.args]
     shared_kwargs = dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg)
-    calls = _stdin_calls() if args.from_stdin else [([], {})]
+    calls = read_calls(sys.stdin.buffer) if args.from_stdin else [Call(0, [], {})]
     not_before = time.time() + args.delay_s if args.delay_s else None
     metadata = dict(_key_value(kv, "--meta", str) for kv in args.meta)
-    specs = [
-        make_spec(
-            args.name,
-            [*shared_args, *line_args],
-            {**shared_kwargs, **line_kwargs},
-            queue=args.queue,
-            priority=args.priority,
-            max_attempts=args.max_attempts,
-            timeout_s=args.timeout_s or 0.0,
-            not_before=not_before,
-            idempotency_key=f"{args.idempotency_key}:{n}"
-            if args.idempotency_key and args.from_stdin
-            else args.idempotency_key,
-            metadata=metadata,
-        )
-        for n, (line_args, line_kwargs) in enumerate(calls, start=1)
-    ]
-    task_ids = client.submit_many(specs) if specs else []
+    try:
+        specs = [
+            make_spec(
+                args.name,
+                [*shared_args, *call.args],
+                {**shared_kwargs, **call.kwargs},
+                queue=args.queue,
+                priority=args.priority,
+                max_attempts=args.max_attempts,
+                timeout_s=args.timeout_s or 0.0,
+                not_before=not_before,
+                idempotency_key=f"{args.idempotency_key}:{n}"
+                if args.idempotency_key and args.from_stdin
+                else args.idempotency_key,
+                metadata=metadata,
+            )
+            for n, call in enumerate(calls, start=1)
+        ]
+    except RecursionError:
+        raise ConfigError("arguments: JSON nested too deeply") from None
+    check_specs(specs, calls, args.max_payload_bytes)
+
+    def created(task_ids: list[str]) -> None:
+        if args.wait:  # stdout is for the results; the ids must still outlive a failed wait
+            print("\n".join(f"taskfleet: submitted {t}" for t in task_ids), file=sys.stderr)
+        elif args.json:
+            print("\n".join(json.dumps({"id": t}) for t in task_ids), flush=True)
+        else:
+            print("\n".join(task_ids), flush=True)
+
+    task_ids = submit_in_batches(client, specs, calls, created)
     if not args.wait or not task_ids:
-        for task_id in task_ids:
-            print(json.dumps({"id": task_id}) if args.json else task_id)
         return 0
     return _wait(client, task_ids, args.wait_timeout_s, args.json, result_only=True)
-
-
-def _stdin_calls() -> list[tuple[list[Any], dict[str, Any]]]:
-    """The (args, kwargs) of each non-blank stdin line, for ``submit --from-stdin``."""
-    calls: list[tuple[list[Any], dict[str, Any]]] = []
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"--from-stdin: line {number} is not JSON: {exc}") from None
-        if isinstance(value, list):
-            calls.append((value, {}))
-        elif isinstance(value, dict) and value and set(value) <= {"args", "kwargs"}:
-            line_args, line_kwargs = value.get("args", []), value.get("kwargs", {})
-            if not isinstance(line_args, list) or not isinstance(line_kwargs, dict):
-                raise ConfigError(
-                    f"--from-stdin: line {number}: args must be an array, kwargs an object"
-                )
-            calls.append((line_args, line_kwargs))
-        else:
-            calls.append(([value], {}))
-    return calls
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
@@ -421,6 +442,8 @@ def _json_or_word(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise ConfigError(f"{text[:20]}...: JSON nested too deeply") from None
 
 
 def _key_value(text: str, flag: str, parse: Any) -> tuple[str, Any]:

@@ -11,6 +11,7 @@ Failures come back as taskfleet's own exceptions (``NotFound``,
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,18 @@ from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 SUBMIT_BATCH = 1_000
 CALL_TIMEOUT_S = 30.0
+# The master refuses a wait for more ids than this in one call (WaitTasks and
+# WaitTasksBatched), so ``wait`` asks in chunks of this size.
+WAIT_CHUNK = 100_000
+# How long ``wait`` keeps resuming while a master it has reached before is
+# unreachable (a restart), within the wait's own deadline, before it raises
+# Unavailable. A master never reached gets RETRY_UNAVAILABLE_S, as other calls do.
+RESUME_WAIT_S = 30.0
+# What a wait stream ends with when the master stops or restarts, or the
+# connection drops: the wait is asked again rather than reported short.
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+)
 # How long a call is retried on UNAVAILABLE. By time, not by count: after a
 # failed connect gRPC waits about 1 s (then 1.6 s, ...) before it dials again,
 # and fails calls at once meanwhile, so a few quick retries would all fail
@@ -65,6 +78,9 @@ class Client:
         tls = client_tls(tls_ca, tls_cert, tls_key)
         self._channel = open_channel(master, token, tls=tls)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        # Whether the master has ever answered: a wait then resumes for longer,
+        # since the master is more likely restarting than at a wrong address.
+        self._reached = False
 
     def __enter__(self) -> Client:
         return self
@@ -112,16 +128,21 @@ class Client:
         A batch is retried on UNAVAILABLE only when every task in it has an
         idempotency key, so a retry can never create duplicates.
         """
-        task_ids: list[str] = []
+        return [task_id for batch_ids in self.submit_batches(specs) for task_id in batch_ids]
+
+    def submit_batches(self, specs: Iterable[TaskSpec]) -> Iterator[list[str]]:
+        """``submit_many`` one batch at a time: yields the ids of each batch as soon
+        as the master has stored it, so a caller can record them before the next
+        batch (which may fail) is sent. Batches are consecutive: an error names
+        ``tasks[i]`` counted from the first task not yet yielded."""
         batch: list[TaskSpec] = []
         for spec in specs:
             batch.append(spec)
             if len(batch) == SUBMIT_BATCH:
-                task_ids += self._submit_batch(batch)
+                yield self._submit_batch(batch)
                 batch = []
         if batch:
-            task_ids += self._submit_batch(batch)
-        return task_ids
+            yield self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:
         request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
@@ -142,22 +163,70 @@ class Client:
 
     def wait(self, task_ids: Sequence[str], timeout_s: float | None = None) -> Iterator[Task]:
         """Yield each task as it reaches a final state; stops when all are final or
-        ``timeout_s`` passes (then fewer tasks than asked come back)."""
-        request = tasks_pb2.WaitTasksBatchedRequest(task_ids=task_ids)
-        if timeout_s is not None:
-            request.timeout.CopyFrom(convert.duration(timeout_s))
-        try:
-            for batch in self._stub.WaitTasksBatched(request):
-                for pb in batch.tasks:
-                    yield convert.task_from_proto(pb)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        ``timeout_s`` passes (then only the tasks final by then come back).
+
+        The wait survives a restart of the master: it is asked again, with
+        backoff, for the tasks not yet final. Raises ``Unavailable`` if the
+        master stays unreachable for ``RESUME_WAIT_S`` or up to the deadline, so
+        a short answer always means the timeout passed. More than ``WAIT_CHUNK``
+        ids are waited for in chunks, one after the other.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        distinct = list(dict.fromkeys(task_ids))
+        for start in range(0, len(distinct), WAIT_CHUNK):
+            yield from self._wait_chunk(distinct[start : start + WAIT_CHUNK], deadline)
+
+    def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> Iterator[Task]:
+        """Wait for at most WAIT_CHUNK tasks, resuming after a lost stream."""
+        waiting = dict.fromkeys(task_ids)  # ordered, for the request
+        outage_started: float | None = None
+        attempt = 0
+        while waiting:
+            request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
+            if deadline is not None:
+                # Past the deadline, a zero timeout still reports the tasks final by then.
+                request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
+            stream = self._stub.WaitTasksBatched(request)
+            try:
+                for batch in stream:
+                    outage_started, attempt, self._reached = None, 0, True
+                    for pb in batch.tasks:
+                        task = convert.task_from_proto(pb)
+                        if task.id in waiting:
+                            del waiting[task.id]
+                            yield task
+                if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                    return  # all final, or the master's timeout (it starts after ours)
+                cause, self._reached = "the master ended the wait early", True
+            except grpc.RpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise from_rpc_error(exc) from None
+                cause = str(from_rpc_error(exc))
+                # A call cut off, not one that never connected (gRPC's words for that).
+                self._reached |= not cause.startswith("failed to connect")
+            finally:
+                stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+            now = time.monotonic()
+            outage_started = outage_started or now
+            give_up = outage_started + (RESUME_WAIT_S if self._reached else RETRY_UNAVAILABLE_S)
+            if deadline is not None:
+                give_up = min(give_up, deadline)
+            if now >= give_up:
+                if not self._reached:
+                    raise Unavailable(cause)
+                raise Unavailable(
+                    f"lost the master while waiting for {len(waiting)} task(s) and it did not "
+                    f"come back within {now - outage_started:.1f} s: {cause}"
+                )
+            attempt += 1
+            time.sleep(min(backoff_s(attempt, base_s=0.1, cap_s=2.0), give_up - now))
 
     def result(self, task_id: str, timeout_s: float | None = None) -> Any:
         """Wait for one task and return its decoded result.
 
-        Raises ``TaskFailed`` if it ended FAILED or CANCELLED, and
-        ``DeadlineExceeded`` if it is not final within ``timeout_s``.
+        Raises ``TaskFailed`` if it ended FAILED or CANCELLED, ``DeadlineExceeded``
+        if it is not final within ``timeout_s``, and ``Unavailable`` if the master
+        could not be reached for long enough to tell (see ``wait``).
         """
         for task in self.wait([task_id], timeout_s):
             return task_result(task)
@@ -182,6 +251,7 @@ class Client:
         """
         spec = make_spec(name, args, kwargs, **options)
         request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
         task_id = ""
@@ -191,7 +261,11 @@ class Client:
                 for pb in response.tasks:
                     return task_result(convert.task_from_proto(pb))
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            if not task_id or exc.code() not in _RESUMABLE:
+                raise from_rpc_error(exc) from None
+        if task_id and (deadline is None or time.monotonic() < deadline):
+            # Submitted, but the stream ended early (a restart): wait for it instead.
+            return self.result(task_id, None if deadline is None else deadline - time.monotonic())
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
     def cancel(self, task_id: str) -> Task:
@@ -241,12 +315,13 @@ class Client:
         request = tasks_pb2.PurgeTasksRequest(queue=queue, states=[int(s) for s in states])  # type: ignore[misc]
         return int(self._call(self._stub.PurgeTasks, request).count)
 
-    @staticmethod
-    def _call(method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=CALL_TIMEOUT_S)
+            response = method(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        self._reached = True
+        return response
 
 
 def make_spec(

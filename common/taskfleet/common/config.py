@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.model import MAX_DURATION_S, MAX_UNIX_S
 from taskfleet.common.tls import ClientTls, ServerTls, client_tls, server_tls
 
 DEFAULT_MASTER = "127.0.0.1:50051"
@@ -118,10 +122,49 @@ class EnvDefaultsParser(argparse.ArgumentParser):
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    """Seconds above 0 that a protobuf Duration can hold (no inf, no nan)."""
+    return _seconds(text, high=MAX_DURATION_S, allow_zero=False)
+
+
+def non_negative_float(text: str) -> float:
+    """Seconds from 0 that a protobuf Duration can hold (no inf, no nan)."""
+    return _seconds(text, high=MAX_DURATION_S, allow_zero=True)
+
+
+def delay_float(text: str) -> float:
+    """Seconds above 0 from now until at most 9999-12-31, the end of a protobuf Timestamp."""
+    return _seconds(text, high=MAX_UNIX_S - time.time(), allow_zero=False)
+
+
+def _seconds(text: str, *, high: float, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # nan compares false with everything, so it fails both checks.
+    if not ((value >= 0 if allow_zero else value > 0) and value <= high):
+        low = "from 0" if allow_zero else "more than 0"
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds {low} and at most {high:.0f}, got {text!r}"
+        )
     return value
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """A flag type for integers from ``low`` to ``high`` (a protobuf field's range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {low} to {high}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def non_negative_int(text: str) -> int:
@@ -131,11 +174,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
+def utf8_text(text: str) -> str:
+    """Text that can travel in a protobuf string: the command line and the
+    environment can carry bytes that are not UTF-8 (Python keeps them as
+    surrogates), and protobuf refuses those with an exception."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"must be UTF-8 text, got {text!r}") from None
+    return text
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -396,8 +443,10 @@ def _manager_transport_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_client_flags(parser: EnvDefaultsParser) -> None:
-    parser.add_flag("--master", default=DEFAULT_MASTER, help="HOST:PORT of the master")
-    parser.add_flag("--token", default="", help="bearer token for the master")
+    parser.add_flag(
+        "--master", default=DEFAULT_MASTER, type=utf8_text, help="HOST:PORT of the master"
+    )
+    parser.add_flag("--token", default="", type=utf8_text, help="bearer token for the master")
     _add_client_tls_flags(parser)
     parser.add_flag("--json", action="store_true", help="print JSON for scripts")
 

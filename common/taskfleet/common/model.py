@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 JSON = "application/json"
 DEFAULT_QUEUE = "default"
 
+# The ranges of the protobuf types the model crosses (int32, Duration,
+# Timestamp): a value outside them cannot be sent, so clients refuse it first.
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+MAX_DURATION_S = 315_576_000_000  # 10,000 years
+MAX_UNIX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+
 
 class TaskState(enum.IntEnum):
     """Lifecycle of a task; values match ``taskfleet.v1.TaskState``."""

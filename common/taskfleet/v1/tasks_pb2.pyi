@@ -419,7 +419,9 @@ class WaitTasksRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids returned by Submit; each must exist."""
+        """Ids returned by Submit; each must exist. At most 100,000 distinct ids per
+        call (INVALID_ARGUMENT beyond): wait for more in several calls.
+        """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -449,7 +451,9 @@ class WaitTasksBatchedRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids returned by Submit; each must exist."""
+        """Ids returned by Submit; each must exist. At most 100,000 distinct ids per
+        call (INVALID_ARGUMENT beyond): wait for more in several calls.
+        """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
