@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from system import missing
 
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.errors import TaskfleetError
 from taskfleet.common.model import Stats, Task, TaskSpec, TaskState, WorkerInfo
 
 from procs import Proc, poll
+from system import missing
 
 WAIT_S = 30.0
 LEASE_S = 2.0

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from system import missing
 
 from taskfleet.common.model import TaskState
 
 from procs import MasterProc, WorkerProc
+from system import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"

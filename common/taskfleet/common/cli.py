@@ -1,4 +1,5 @@
-"""The ``taskfleet`` command: master, worker, submit, get, wait, cancel, stats.
+"""The ``taskfleet`` command: master, worker, submit, get, wait, cancel, stats,
+and the operator's list, retry and purge (in cli_operate).
 
 Readable output by default, ``--json`` for scripts; on a terminal, waiting for
 several tasks shows a progress bar (on stderr) and ``stats`` shows rich tables,
@@ -20,7 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
+from taskfleet.common import cli_operate
 from taskfleet.common import config as cfg
+from taskfleet.common.cli_output import outcome_text, print_table, show, stats_json, task_json
 from taskfleet.common.cli_submit import (
     Call,
     check_specs,
@@ -28,7 +31,6 @@ from taskfleet.common.cli_submit import (
     submit_in_batches,
 )
 from taskfleet.common.client import Client, make_spec, task_result
-from taskfleet.common.codec import decode_result
 from taskfleet.common.context import setup_logging
 from taskfleet.common.errors import (
     ConfigError,
@@ -39,7 +41,7 @@ from taskfleet.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskfleet.common.model import INT32_MAX, INT32_MIN, Stats, Task, TaskState
+from taskfleet.common.model import INT32_MAX, INT32_MIN, Task, TaskState
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -159,6 +161,7 @@ def build_parser() -> cfg.EnvDefaultsParser:
 
     stats = commands.add_parser("stats", help="show queues and workers")
     cfg.add_client_flags(stats)
+    cli_operate.add_commands(commands)
     return parser
 
 
@@ -309,7 +312,7 @@ def _wait(
                     _print_result(held.pop(next_id))
                     next_id = next(in_order, None)
             else:
-                print(f"{task.id} {task.state.name} {_outcome_text(task)}".rstrip(), flush=True)
+                print(f"{task.id} {task.state.name} {outcome_text(task)}".rstrip(), flush=True)
     for task_id in [] if next_id is None else [next_id, *in_order]:
         if task_id in held:  # finished after one that timed out
             _print_result(held.pop(task_id))
@@ -325,7 +328,7 @@ def _wait(
 
 def _print_result(task: Task) -> None:
     try:
-        print(_show(task_result(task)), flush=True)
+        print(show(task_result(task)), flush=True)
     except TaskFailed as exc:
         print(f"taskfleet: {exc}", file=sys.stderr, flush=True)
 
@@ -349,14 +352,14 @@ def _stats(client: Client, args: argparse.Namespace) -> int:
     states = list(TaskState)
     rows = [["QUEUE", *(s.name for s in states)]]
     rows += [[q.queue, *(str(q.counts.get(s, 0)) for s in states)] for q in stats.queues]
-    _print_table(rows)
+    print_table(rows)
     print()
     rows = [["WORKER", "HOST", "QUEUES", "SLOTS", "RUNNING"]]
     rows += [
         [w.worker_id, w.hostname, ",".join(w.queues), str(w.concurrency), str(w.running)]
         for w in stats.workers
     ]
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -366,75 +369,8 @@ COMMANDS = {
     "wait": _wait_command,
     "cancel": _cancel,
     "stats": _stats,
+    **cli_operate.COMMANDS,
 }
-
-
-def task_json(task: Task) -> dict[str, Any]:
-    """A task as plain JSON for ``--json`` output (the result decoded)."""
-    result: Any = None
-    if task.state == TaskState.SUCCEEDED:
-        result = decode_result(task.result, task.result_content_type)
-        if isinstance(result, bytes):
-            result = result.decode(errors="replace")
-    return {
-        "id": task.id,
-        "name": task.spec.name,
-        "queue": task.spec.queue,
-        "state": task.state.name,
-        "attempts": task.attempts,
-        "result": result,
-        "error": None
-        if task.error is None
-        else {
-            "type": task.error.type,
-            "message": task.error.message,
-            "traceback": task.error.traceback,
-        },
-        "worker_id": task.worker_id,
-        "metadata": task.spec.metadata,
-        "priority": task.spec.priority,
-        "max_attempts": task.spec.max_attempts,
-        "timeout_s": task.spec.timeout_s,
-        "not_before": task.spec.not_before,
-        "idempotency_key": task.spec.idempotency_key,
-        "created_at": task.created_at,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
-    }
-
-
-def stats_json(stats: Stats) -> dict[str, Any]:
-    return {
-        "queues": [
-            {"queue": q.queue, **{s.name.lower(): q.counts.get(s, 0) for s in TaskState}}
-            for q in stats.queues
-        ],
-        "workers": [
-            {
-                "worker_id": w.worker_id,
-                "hostname": w.hostname,
-                "pid": w.pid,
-                "queues": list(w.queues),
-                "task_names": list(w.task_names),
-                "concurrency": w.concurrency,
-                "running": w.running,
-                "peer": w.peer,
-            }
-            for w in stats.workers
-        ],
-    }
-
-
-def _outcome_text(task: Task) -> str:
-    if task.state == TaskState.SUCCEEDED:
-        return _show(decode_result(task.result, task.result_content_type))
-    if task.error is not None:
-        return f"{task.error.type}: {task.error.message}"
-    return ""
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _json_or_word(text: str) -> Any:
@@ -451,11 +387,3 @@ def _key_value(text: str, flag: str, parse: Any) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"{flag}: expected KEY=VALUE, got {text!r}")
     return key, parse(value)
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )

@@ -1,0 +1,88 @@
+"""What the CLI prints: tasks and stats as JSON for ``--json``, tasks' outcomes
+and plain tables for pipes and files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from taskfleet.common.codec import decode_result
+from taskfleet.common.model import Stats, Task, TaskState
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    """A task as plain JSON for ``--json`` output (the result decoded)."""
+    result: Any = None
+    if task.state == TaskState.SUCCEEDED:
+        result = decode_result(task.result, task.result_content_type)
+        if isinstance(result, bytes):
+            result = result.decode(errors="replace")
+    return {
+        "id": task.id,
+        "name": task.spec.name,
+        "queue": task.spec.queue,
+        "state": task.state.name,
+        "attempts": task.attempts,
+        "result": result,
+        "error": None
+        if task.error is None
+        else {
+            "type": task.error.type,
+            "message": task.error.message,
+            "traceback": task.error.traceback,
+        },
+        "worker_id": task.worker_id,
+        "metadata": task.spec.metadata,
+        "priority": task.spec.priority,
+        "max_attempts": task.spec.max_attempts,
+        "timeout_s": task.spec.timeout_s,
+        "not_before": task.spec.not_before,
+        "idempotency_key": task.spec.idempotency_key,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "lost_leases": task.lost_leases,
+        "expires_at": task.expires_at,
+    }
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    return {
+        "queues": [
+            {"queue": q.queue, **{s.name.lower(): q.counts.get(s, 0) for s in TaskState}}
+            for q in stats.queues
+        ],
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "hostname": w.hostname,
+                "pid": w.pid,
+                "queues": list(w.queues),
+                "task_names": list(w.task_names),
+                "concurrency": w.concurrency,
+                "running": w.running,
+                "peer": w.peer,
+            }
+            for w in stats.workers
+        ],
+    }
+
+
+def outcome_text(task: Task) -> str:
+    if task.state == TaskState.SUCCEEDED:
+        return show(decode_result(task.result, task.result_content_type))
+    if task.error is not None:
+        return f"{task.error.type}: {task.error.message}"
+    return ""
+
+
+def show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
