@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from test_protocol import HandWorker, leases
 
 from taskfleet.common.client import Client
 from taskfleet.common.errors import InvalidArgument
@@ -22,7 +23,6 @@ from taskfleet.common.model import Task, TaskState
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2
 
 from procs import TESTS_DIR, MasterProc, WorkerProc, poll
-from test_protocol import HandWorker, leases
 
 WAIT_S = 30.0
 TASKFLEET = str(Path(sys.executable).parent / "taskfleet")
@@ -266,7 +266,7 @@ def test_a_huge_exception_message_is_cut_in_the_log_but_kept_in_the_task(
 
     # And the worker logged one line for it, cut to a few KB with a marker
     def failure_line() -> str | None:
-        lines = [l for l in worker.output().splitlines() if "task raise_long failed" in l]
+        lines = [x for x in worker.output().splitlines() if "task raise_long failed" in x]
         return lines[0] if lines else None
 
     line = poll(failure_line, WAIT_S, "the failure's log line")

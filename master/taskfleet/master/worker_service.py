@@ -17,7 +17,7 @@ import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context, current_context
-from taskfleet.common.errors import InvalidArgument, Unavailable
+from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
 from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.master.rpc import streaming
 from taskfleet.master.runtime import MasterRuntime
@@ -151,6 +151,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     self._apply(session, message)
             except grpc.RpcError:
                 pass  # the stream ended: cancelled by the worker or cut off
+            except StoreUnusable:
+                pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("worker stream failed")
             finally:
