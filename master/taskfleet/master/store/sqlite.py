@@ -172,9 +172,10 @@ class SqliteStore(Store):
         self._unusable: StoreUnusable | None = None
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            with self._read() as db:
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = FULL")
+            # Outside _read: a file that is not a database at all is more likely a
+            # wrong --store than damage, and open_store says so.
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
             self._migrate(path)
             self._check()
         except BaseException:
