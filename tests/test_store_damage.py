@@ -11,6 +11,7 @@ import random
 import signal
 import sqlite3
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,7 +154,8 @@ def test_damage_found_while_running_makes_calls_fail_clearly_and_health_not_serv
     first = start_master(store=f"sqlite:{path}")
     task_ids = fill(first, 20_000, payload_chars=900)
     stopped(first)
-    master = start_master(store=f"sqlite:{path}")
+    metrics_address = f"127.0.0.1:{free_port()}"
+    master = start_master(store=f"sqlite:{path}", extra=["--metrics-listen", metrics_address])
     assert health_status(master.address) == health_pb2.HealthCheckResponse.SERVING
 
     # When pages in the middle of the file are overwritten under it
@@ -175,6 +177,12 @@ def test_damage_found_while_running_makes_calls_fail_clearly_and_health_not_serv
 
     # And health says NOT_SERVING, so load balancers stop sending calls
     assert health_status(master.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    # And metrics are still served, without the queue depths it can no longer read
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=WAIT_S) as reply:
+        scraped = reply.read().decode()
+    assert "taskfleet_workers_connected 0.0" in scraped
+    assert "taskfleet_queue_depth{" not in scraped
 
     # And the log says it once, without a traceback
     output = master.output()

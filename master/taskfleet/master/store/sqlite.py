@@ -172,7 +172,7 @@ class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self._path = path
         self._lock = threading.Lock()
-        self._unusable: StoreUnusable | None = None
+        self._unusable = ""  # why the store is unusable, once it is
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             # Outside _read: a file that is not a database at all is more likely a
@@ -230,8 +230,10 @@ class SqliteStore(Store):
         """The connection, under the lock; an error that shows the file damaged
         makes this store unusable for good."""
         with self._lock:
-            if self._unusable is not None:
-                raise self._unusable
+            if self._unusable:
+                raise StoreUnusable(
+                    self._unusable
+                )  # a new one: raising one again grows its traceback
             try:
                 yield self._db
             except sqlite3.Error as exc:
@@ -241,9 +243,9 @@ class SqliteStore(Store):
 
     def _give_up(self, problem: str) -> StoreUnusable:
         """Mark the store unusable (logged and reported once) and return the error."""
-        if self._unusable is None:
+        if not self._unusable:
             path = self._path
-            self._unusable = StoreUnusable(
+            self._unusable = (
                 f"store file {path} is damaged or unreadable ({problem}); stop the master, "
                 f"then restore {path} from a backup, or salvage what it holds with "
                 f"sqlite3 {path} .recover | sqlite3 NEW.db (README: 'A damaged store file')"
@@ -251,7 +253,7 @@ class SqliteStore(Store):
             if self.on_unusable is not None:  # set once the master serves
                 log.error("%s", self._unusable)
                 self.on_unusable()
-        return self._unusable
+        return StoreUnusable(self._unusable)
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         ids: list[str] = []
