@@ -230,10 +230,8 @@ class SqliteStore(Store):
         """The connection, under the lock; an error that shows the file damaged
         makes this store unusable for good."""
         with self._lock:
-            if self._unusable:
-                raise StoreUnusable(
-                    self._unusable
-                )  # a new one: raising one again grows its traceback
+            if self._unusable:  # a new error each time: one raised again grows its traceback
+                raise StoreUnusable(self._unusable)
             try:
                 yield self._db
             except sqlite3.Error as exc:
