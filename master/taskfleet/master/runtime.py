@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
+from taskfleet.common.errors import StoreUnusable
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.sessions import Sessions
@@ -47,5 +48,7 @@ class MasterRuntime:
         while not self.stopping.wait(interval_s):
             try:
                 self.reap_expired_leases()
+            except StoreUnusable:
+                pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("lease reaper failed; retrying")

@@ -47,7 +47,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
 
     def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
-        specs = [convert.spec_from_proto(pb) for pb in tasks]
+        specs = convert.specs_from_proto(tasks)
         validate_specs(specs, self._rt.config.max_payload_bytes)
         task_ids = self._rt.store.submit(specs, time.time())
         self._rt.metrics.submitted(specs)
@@ -205,7 +205,7 @@ def _timeout_s(
 ) -> float | None:
     if not request.HasField("timeout"):
         return None
-    timeout_s = convert.seconds_from_duration(request.timeout)
+    timeout_s = convert.seconds_from_duration(request.timeout, "timeout")
     if timeout_s < 0:
         raise InvalidArgument("timeout: must not be negative")
     return timeout_s

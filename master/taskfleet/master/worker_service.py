@@ -17,11 +17,12 @@ import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context, current_context
-from taskfleet.common.errors import InvalidArgument, Unavailable
+from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
 from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.master.rpc import streaming
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
+from taskfleet.master.validation import checked_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("taskfleet.master.workers")
@@ -150,6 +151,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     self._apply(session, message)
             except grpc.RpcError:
                 pass  # the stream ended: cancelled by the worker or cut off
+            except StoreUnusable:
+                pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("worker stream failed")
             finally:
@@ -196,7 +199,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if pb.state not in _OUTCOME_STATES:
                 log.warning("ignoring outcome of %s with state %d", pb.lease.task_id, pb.state)
                 continue
-            outcomes.append(convert.outcome_from_proto(pb))
+            try:
+                outcomes.append(checked_outcome(convert.outcome_from_proto(pb)))
+            except InvalidArgument as exc:
+                log.warning("ignoring outcome of %s: %s", pb.lease.task_id, exc)
         finals = self._rt.store.record(outcomes, time.time()) if outcomes else []
         retried = sum(1 for o in outcomes if o.retry_delay_s is not None)
         with session.cond:
