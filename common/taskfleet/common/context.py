@@ -35,6 +35,17 @@ def bound_context(**fields: str) -> Iterator[dict[str, str]]:
         _local.context = previous
 
 
+LOG_TEXT_MAX_CHARS = 4096  # a log line stays readable; the task record keeps the whole text
+
+
+def clipped(text: str, max_chars: int = LOG_TEXT_MAX_CHARS) -> str:
+    """``text`` cut to ``max_chars`` for a log line, with a marker saying how much
+    was cut: a task that raises with a multi-megabyte message must not flood the log."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}... [{len(text) - max_chars} more characters cut from this line]"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
 

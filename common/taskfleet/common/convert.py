@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import (
     DEFAULT_QUEUE,
     JSON,
@@ -24,9 +25,22 @@ from taskfleet.common.model import (
 )
 from taskfleet.v1 import tasks_pb2, worker_pb2
 
+_NANOS_PER_S = 1_000_000_000
 
-def seconds_from_duration(d: Duration) -> float:
-    return d.seconds + d.nanos / 1e9
+
+def seconds_from_duration(d: Duration, field: str = "duration") -> float:
+    """The seconds ``d`` holds. A Duration whose nanos are out of range or of the
+    other sign than its seconds is refused with InvalidArgument naming ``field``:
+    normalising it would guess what the sender meant."""
+    seconds, nanos = d.seconds, d.nanos
+    if not -_NANOS_PER_S < nanos < _NANOS_PER_S or (
+        nanos and seconds and (nanos < 0) != (seconds < 0)
+    ):
+        raise InvalidArgument(
+            f"{field}: nanos must be within ±999999999 and have the sign of seconds, "
+            f"got seconds={seconds} nanos={nanos}"
+        )
+    return seconds + nanos / 1e9
 
 
 def duration(seconds: float) -> Duration:
@@ -35,7 +49,11 @@ def duration(seconds: float) -> Duration:
     return d
 
 
-def unix_from_timestamp(t: Timestamp) -> float:
+def unix_from_timestamp(t: Timestamp, field: str = "timestamp") -> float:
+    """The unix time ``t`` holds; InvalidArgument naming ``field`` when its nanos
+    are outside 0..999999999, as for Durations."""
+    if not 0 <= t.nanos < _NANOS_PER_S:
+        raise InvalidArgument(f"{field}: nanos must be within 0..999999999, got {t.nanos}")
     return t.seconds + t.nanos / 1e9
 
 
@@ -56,12 +74,23 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         pb.content_type or JSON,
         pb.priority,
         pb.max_attempts,
-        seconds_from_duration(pb.timeout) if pb.HasField("timeout") else 0.0,
-        unix_from_timestamp(pb.not_before) if pb.HasField("not_before") else 0.0,
+        seconds_from_duration(pb.timeout, "timeout") if pb.HasField("timeout") else 0.0,
+        unix_from_timestamp(pb.not_before, "not_before") if pb.HasField("not_before") else 0.0,
         pb.idempotency_key,
         dict(pb.metadata) if pb.metadata else {},
-        seconds_from_duration(pb.result_ttl) if pb.HasField("result_ttl") else 0.0,
+        seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
     )
+
+
+def specs_from_proto(pbs: Sequence[tasks_pb2.TaskSpec]) -> list[TaskSpec]:
+    """The specs of a Submit; InvalidArgument names the field as ``tasks[i].timeout``."""
+    specs = []
+    for i, pb in enumerate(pbs):
+        try:
+            specs.append(spec_from_proto(pb))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"tasks[{i}].{exc}") from None
+    return specs
 
 
 def spec_to_proto(spec: TaskSpec) -> tasks_pb2.TaskSpec:

@@ -59,6 +59,12 @@ class DeadlineExceeded(TaskfleetError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class StoreUnusable(TaskfleetError):
+    """The master's store file is damaged or unreadable; an operator must restore it."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class ConfigError(TaskfleetError):
     """A flag, environment variable or store URL is invalid."""
 
@@ -86,6 +92,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TaskfleetError]] = {
         Unauthenticated,
         Unavailable,
         DeadlineExceeded,
+        StoreUnusable,
     )
 }
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from taskfleet.common.errors import StoreUnusable
 from taskfleet.common.metrics_http import MetricsEndpoint
 from taskfleet.common.model import QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
 from taskfleet.master.lifecycle import LifecycleListener
@@ -132,7 +133,11 @@ class _StateCollector(Collector):
         depth = GaugeMetricFamily(
             "taskfleet_queue_depth", "Tasks per queue and state.", labels=["queue", "state"]
         )
-        for counts in self._queue_counts():
+        try:
+            queue_counts = self._queue_counts()
+        except StoreUnusable:
+            queue_counts = []  # the store has said so once; the other gauges still count
+        for counts in queue_counts:
             for state in TaskState:
                 depth.add_metric([counts.queue, state.name.lower()], counts.counts.get(state, 0))
         yield depth

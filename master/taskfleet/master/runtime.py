@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
+from taskfleet.common.errors import StoreUnusable
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import Lifecycle
 from taskfleet.master.metrics import MasterMetrics
@@ -49,5 +50,7 @@ class MasterRuntime:
             try:
                 self.lifecycle.expire()
                 self.lifecycle.prune()
+            except StoreUnusable:
+                pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("lease reaper failed; retrying")

@@ -15,7 +15,7 @@ import grpc
 
 from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
-from taskfleet.common.errors import ConfigError
+from taskfleet.common.errors import ConfigError, StoreUnusable
 from taskfleet.common.model import TaskState
 from taskfleet.master.auth import TokenInterceptor
 from taskfleet.master.health import Health
@@ -61,6 +61,8 @@ class Master:
             WorkerService(self.runtime), self._server
         )
         self._health = Health(self._server)
+        # A damaged store file: NOT_SERVING for good, as when draining.
+        self.runtime.store.on_unusable = self._health.draining
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
         self.port = 0
@@ -118,8 +120,11 @@ class Master:
         reaper has stopped, so lapsed leases are returned here."""
         if not self.runtime.sessions.infos():
             return False
-        self.runtime.reap_expired_leases()
-        return any(q.counts.get(TaskState.RUNNING, 0) for q in self.runtime.store.stats())
+        try:
+            self.runtime.reap_expired_leases()
+            return any(q.counts.get(TaskState.RUNNING, 0) for q in self.runtime.store.stats())
+        except StoreUnusable:
+            return False  # nothing to wait for: no result could be recorded
 
     def _serve_metrics(self) -> None:
         metrics = self.runtime.metrics

@@ -48,7 +48,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
 
     def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
-        task_ids = self._rt.lifecycle.submit([convert.spec_from_proto(pb) for pb in tasks])
+        task_ids = self._rt.lifecycle.submit(convert.specs_from_proto(tasks))
         log.debug("submitted %d tasks", len(task_ids))
         return task_ids
 
@@ -223,7 +223,7 @@ def _timeout_s(
 ) -> float | None:
     if not request.HasField("timeout"):
         return None
-    timeout_s = convert.seconds_from_duration(request.timeout)
+    timeout_s = convert.seconds_from_duration(request.timeout, "timeout")
     if timeout_s < 0:
         raise InvalidArgument("timeout: must not be negative")
     return timeout_s

@@ -1,13 +1,14 @@
 """Checks on what producers submit, so bad input is refused with a message
-naming the field before it reaches the store."""
+naming the field before it reaches the store, and on the results workers send,
+so the master never stores bytes it would later hand out as broken JSON."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from taskfleet.common.codec import decode_args
+from taskfleet.common.codec import decode_args, loads
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
-from taskfleet.common.model import JSON, TaskSpec
+from taskfleet.common.model import JSON, Outcome, TaskError, TaskSpec, TaskState
 
 MAX_NAME_CHARS = 200
 MAX_BATCH = 10_000
@@ -58,3 +59,22 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise InvalidArgument(f"{field}.not_before: must not be before 1970")
     if spec.not_before > MAX_UNIX_S:
         raise InvalidArgument(f"{field}.not_before: must not be after 9999-12-31")
+
+
+def checked_outcome(outcome: Outcome) -> Outcome:
+    """``outcome``, or a final ``ResultNotSerializable`` failure in its place when
+    its JSON result is not standard JSON (NaN or Infinity from a worker not
+    written in Python, say): Python's own workers refuse such a result the same
+    way, and running the task again would give the same bytes."""
+    if outcome.state is not TaskState.SUCCEEDED or outcome.result_content_type != JSON:
+        return outcome
+    if not outcome.result:
+        return outcome  # an empty result reads as null
+    try:
+        loads(outcome.result, "result")
+    except InvalidArgument as exc:
+        error = TaskError(
+            "ResultNotSerializable", f"the master refused the result the worker sent: {exc}"
+        )
+        return Outcome(outcome.ref, TaskState.FAILED, error=error)
+    return outcome

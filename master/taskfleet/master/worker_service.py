@@ -17,11 +17,12 @@ import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context, current_context
-from taskfleet.common.errors import InvalidArgument, Unavailable
+from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
 from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.master.rpc import streaming
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
+from taskfleet.master.validation import checked_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("taskfleet.master.workers")
@@ -150,6 +151,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     self._apply(session, message)
             except grpc.RpcError:
                 pass  # the stream ended: cancelled by the worker or cut off
+            except StoreUnusable:
+                pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("worker stream failed")
             finally:
@@ -189,7 +192,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if pb.state not in _OUTCOME_STATES:
                 log.warning("ignoring outcome of %s with state %d", pb.lease.task_id, pb.state)
                 continue
-            outcomes.append(convert.outcome_from_proto(pb))
+            try:
+                outcomes.append(checked_outcome(convert.outcome_from_proto(pb)))
+            except InvalidArgument as exc:
+                log.warning("ignoring outcome of %s: %s", pb.lease.task_id, exc)
         self._rt.lifecycle.record(outcomes)
         with session.cond:
             session.running = max(0, session.running - len(results.outcomes))

@@ -33,7 +33,7 @@ from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
-from taskfleet.common.context import bound_context
+from taskfleet.common.context import bound_context, clipped
 from taskfleet.common.errors import (
     ConfigError,
     InvalidArgument,
@@ -568,7 +568,7 @@ def _log_result(job: Job, result: JobResult) -> None:
         if result.ok:
             log.debug("task %s succeeded", job.name)
         elif result.cancelled:
-            log.info("task %s stopped: %s", job.name, error.message)
+            log.info("task %s stopped: %s", job.name, clipped(error.message))
         elif job.attempt < job.max_attempts:
             log.warning(
                 "task %s failed on attempt %d of %d, will retry: %s: %s",
@@ -576,7 +576,7 @@ def _log_result(job: Job, result: JobResult) -> None:
                 job.attempt,
                 job.max_attempts,
                 error.type,
-                error.message,
+                clipped(error.message),
             )
         else:
             log.warning(
@@ -584,7 +584,7 @@ def _log_result(job: Job, result: JobResult) -> None:
                 job.name,
                 job.attempt,
                 error.type,
-                error.message,
+                clipped(error.message),
             )
 
 

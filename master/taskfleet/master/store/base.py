@@ -122,6 +122,10 @@ def new_task_id() -> str:
 class Store(abc.ABC):
     """Durable or volatile home of all tasks; see the module docstring."""
 
+    # Called once (from the failing call's thread) when the store finds it can no
+    # longer be used, e.g. a damaged file: the master then reports NOT_SERVING.
+    on_unusable: Callable[[], None] | None = None
+
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         """Enqueue ``specs`` atomically as PENDING; return their ids in order.
