@@ -170,24 +170,6 @@ def test_the_master_refuses_a_non_standard_result_from_a_worker(
     assert task.result == b""
 
 
-def test_a_retry_after_with_nanos_out_of_range_is_refused(
-    master: MasterProc, hand: HandWorker, client: Client, queue_name: str
-) -> None:
-    # Given a worker holding a task
-    ref = lease_one(hand, client, queue_name)
-
-    # When it reports a failure to retry after 1 s and 2,000,000,000 ns
-    retry_after = Duration(seconds=1, nanos=2_000_000_000)
-    failed = worker_pb2.Outcome(
-        lease=ref, state=tasks_pb2.TASK_STATE_FAILED, retry_after=retry_after
-    )
-    report(hand, failed)
-
-    # Then the master ignores that outcome, saying why, and does not guess a delay
-    assert client.get(ref.task_id).state == TaskState.RUNNING
-    poll(lambda: "retry_after: nanos must be within" in master.output(), WAIT_S, "the warning")
-
-
 def bad_duration(seconds: int, nanos: int) -> Duration:
     return Duration(seconds=seconds, nanos=nanos)
 
