@@ -22,9 +22,8 @@ def limit_outcome(outcome: Outcome, max_result_bytes: int) -> Outcome:
 
     A result over the limit ends the task FAILED with ``ResultTooLarge``, for
     good: the same call would return as much again. An error over the limit
-    keeps its type and is cut short instead, the start of its message and the
-    end of its traceback (where the exception was raised) kept: the failure
-    matters more than its full text."""
+    keeps its type and is cut short instead, in the middle of its message and
+    of its traceback: the failure matters more than its full text."""
     result_bytes = len(outcome.result)
     if result_bytes > max_result_bytes:
         too_large = TaskError(
@@ -38,31 +37,24 @@ def limit_outcome(outcome: Outcome, max_result_bytes: int) -> Outcome:
     if error is None:
         return outcome
     message, traceback = error.message.encode(), error.traceback.encode()
-    over = len(message) + len(traceback) - max_result_bytes
-    if over <= 0:
+    if len(message) + len(traceback) <= max_result_bytes:
         return outcome
     budget = max(0, max_result_bytes - 2 * _NOTE_BYTES)
     message_keep = min(len(message), budget // 2)
     traceback_keep = budget - message_keep
-    return dataclasses.replace(
-        outcome,
-        error=TaskError(
-            error.type,
-            _head(message, message_keep, max_result_bytes),
-            _tail(traceback, traceback_keep, max_result_bytes),
-        ),
+    shortened = TaskError(
+        error.type,
+        _shorten(message, message_keep, max_result_bytes),
+        _shorten(traceback, traceback_keep, max_result_bytes),
     )
+    return dataclasses.replace(outcome, error=shortened)
 
 
-def _head(text: bytes, keep: int, limit: int) -> str:
+def _shorten(text: bytes, keep: int, limit: int) -> str:
+    """``text`` cut to ``keep`` bytes (plus a note) from its middle: a traceback
+    starts with where it was called and ends with what was raised."""
     if len(text) <= keep:
         return text.decode()
-    note = _TRUNCATED.format(len(text) - keep, limit)
-    return text[:keep].decode(errors="ignore") + note.rstrip()
-
-
-def _tail(text: bytes, keep: int, limit: int) -> str:
-    if len(text) <= keep:
-        return text.decode()
-    note = _TRUNCATED.format(len(text) - keep, limit)
-    return note.lstrip() + text[len(text) - keep :].decode(errors="ignore")
+    head = text[: keep // 2].decode(errors="ignore")
+    tail = text[len(text) - (keep - keep // 2) :].decode(errors="ignore")
+    return head + _TRUNCATED.format(len(text) - keep, limit) + tail
