@@ -164,9 +164,7 @@ def test_the_master_refuses_a_result_over_its_own_limit(
 
             # When it reports 5000 bytes for one task, and a small result for the other
             outcomes = [
-                worker_pb2.Outcome(
-                    lease=ref, state=tasks_pb2.TASK_STATE_SUCCEEDED, result=result
-                )
+                worker_pb2.Outcome(lease=ref, state=tasks_pb2.TASK_STATE_SUCCEEDED, result=result)
                 for ref, result in zip(refs, [b'"' + b"x" * 4998 + b'"', b"4"], strict=True)
             ]
             hand.send(
