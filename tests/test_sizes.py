@@ -119,12 +119,9 @@ def test_a_result_over_the_limit_fails_its_task_naming_the_size(
     # Then it fails for good with ResultTooLarge naming the size and the limit
     done = final(client, [task_id, small_id])
     task = done[task_id]
-    assert task.state == TaskState.FAILED
-    assert task.attempts == 1
-    assert task.error is not None
-    assert task.error.type == "ResultTooLarge"
-    assert "200002 bytes" in task.error.message
-    assert "100000" in task.error.message
+    assert (task.state, task.attempts) == (TaskState.FAILED, 1)
+    assert task.error is not None and task.error.type == "ResultTooLarge"
+    assert "200002 bytes" in task.error.message and "100000" in task.error.message
     # ...and a result under the limit is not affected
     assert task_result(done[small_id]) == "x" * 1000
 
