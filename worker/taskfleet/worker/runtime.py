@@ -358,14 +358,15 @@ class Worker:
         with self._lock:
             job = self._running.pop(result.ref, None)
             submitted_at = self._submitted_at.pop(result.ref, None)
+            outcome = None
+            if job is not None:
+                outcome = limit_outcome(_outcome(job, result), self.config.max_result_bytes)
             if submitted_at is not None:
                 run_s = time.monotonic() - submitted_at
                 self._job_s = _average(self._job_s, run_s)
-                if self.metrics is not None and job is not None:
-                    self.metrics.task_done(job.name, _outcome_label(job, result), run_s)
-            outcome = None
-            if job is not None and result.ref not in self._revoked:
-                outcome = limit_outcome(_outcome(job, result), self.config.max_result_bytes)
+                if self.metrics is not None and job is not None and outcome is not None:
+                    self.metrics.task_done(job.name, _outcome_label(outcome), run_s)
+            if outcome is not None and result.ref not in self._revoked:
                 self._outcomes.append(outcome)
                 if len(self._outcomes) == 1:
                     self._gather_until = time.monotonic() + GATHER_S
@@ -558,13 +559,11 @@ def _outcome(job: Job, result: JobResult) -> Outcome:
     return Outcome(job.ref, TaskState.FAILED, error=error, retry_delay_s=retry_delay_s)
 
 
-def _outcome_label(job: Job, result: JobResult) -> str:
-    """The outcome ``_outcome`` reports, as the metrics name it."""
-    if result.ok:
-        return "succeeded"
-    if result.cancelled:
-        return "cancelled"
-    return "retried" if job.attempt < job.max_attempts else "failed"
+def _outcome_label(outcome: Outcome) -> str:
+    """How ``outcome`` ended, as the metrics name it."""
+    if outcome.state is TaskState.FAILED and outcome.retry_delay_s is not None:
+        return "retried"
+    return outcome.state.name.lower()
 
 
 def _log_context(job: Job) -> AbstractContextManager[dict[str, str]]:
