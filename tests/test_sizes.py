@@ -14,7 +14,8 @@ from taskfleet.common.channel import MAX_MESSAGE_BYTES
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.config import DEFAULT_MAX_RESULT_BYTES
 from taskfleet.common.errors import ResourceExhausted
-from taskfleet.common.model import Task, TaskState
+from taskfleet.common.model import LeaseRef, Outcome, Task, TaskError, TaskState
+from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import tasks_pb2, worker_pb2
 
 from procs import Gates, MasterProc, WorkerProc, free_port, poll
@@ -53,6 +54,20 @@ def test_cut_splits_by_count_and_by_bytes_and_sends_a_large_item_alone() -> None
     batches = list(cut(sizes, lambda n: n, max_count=3, max_bytes=5))
 
     assert batches == [[1, 2], [3], [10], [1, 1, 1], [1]]
+
+
+def test_a_cut_error_is_within_the_limit_and_is_not_cut_again() -> None:
+    error = TaskError("ValueError", "é" * 5000, "Traceback\n" + "frame\n" * 3000 + "ValueError")
+    failed = Outcome(LeaseRef("t", 1), TaskState.FAILED, error=error, retry_delay_s=1.0)
+
+    once = limit_outcome(failed, 4000)
+    twice = limit_outcome(once, 4000)
+
+    assert once.error is not None and once.error.type == "ValueError"
+    assert len(once.error.message.encode()) + len(once.error.traceback.encode()) <= 4000
+    assert once.error.traceback.startswith("Traceback") and once.error.traceback.endswith("Error")
+    assert once.retry_delay_s == 1.0  # the failure is the task's own: retried as it was
+    assert twice == once
 
 
 # -- results ---------------------------------------------------------------------
