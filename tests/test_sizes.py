@@ -267,7 +267,10 @@ def test_an_assignment_that_never_went_out_gives_its_attempt_back(
     start_worker(proxy.address, queues=queue_name, concurrency=1, wait_connected=False)
     try:
         with master.client() as client:
-            poll(lambda: client.stats().workers, WAIT_S, "the worker to connect")
+            # (a first task done there: the worker has asked for more, and the
+            # master has that credit before anything is stalled)
+            first = client.submit("square", [2], queue=queue_name)
+            assert task_result(final(client, [first])[first]) == 4
             proxy.stall()
 
             # When a 20 MB task is leased to that worker
