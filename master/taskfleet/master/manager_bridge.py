@@ -42,6 +42,7 @@ from taskfleet.common.model import (
     TaskState,
     WorkerInfo,
 )
+from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.manager_results import ResultFeed
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
@@ -315,6 +316,7 @@ class ManagerBridge:
             self._check_alive(client)
 
     def _finish(self, outcome: Outcome) -> None:
+        outcome = limit_outcome(outcome, self._rt.config.max_result_bytes)
         finals = self._rt.store.record([outcome], time.time())
         self._rt.hub.publish(finals)
         self._rt.metrics.finished(finals)
