@@ -136,3 +136,20 @@ def block_under_default_limit(path: str) -> str:
 def exit_with(code: int) -> None:
     """End the process running it at once, skipping every cleanup."""
     os._exit(code)
+
+
+@task
+def blob_after(path: str, n_bytes: int) -> str:
+    """``block_until(path)``, then return ``n_bytes`` of "x" (as JSON, two bytes more)."""
+    block_until(path)
+    return "x" * n_bytes
+
+
+@task
+def length(text: str) -> int:
+    return len(text)
+
+
+@task
+def blob(n_bytes: int) -> str:
+    return "x" * n_bytes

@@ -15,7 +15,6 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from test_protocol import HandWorker, leases
 
 from taskfleet.common.client import Client
 from taskfleet.common.errors import InvalidArgument
@@ -23,6 +22,7 @@ from taskfleet.common.model import Task, TaskState
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2
 
 from procs import TESTS_DIR, MasterProc, WorkerProc, poll
+from test_protocol import HandWorker, leases
 
 WAIT_S = 30.0
 TASKFLEET = str(Path(sys.executable).parent / "taskfleet")

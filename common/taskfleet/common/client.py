@@ -20,10 +20,17 @@ import tenacity
 
 from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
+from taskfleet.common.batching import MAX_ITEM_BYTES, cut, spec_bytes
 from taskfleet.common.channel import open_channel
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import DEFAULT_MASTER
-from taskfleet.common.errors import DeadlineExceeded, TaskFailed, Unavailable, from_rpc_error
+from taskfleet.common.errors import (
+    DeadlineExceeded,
+    ResourceExhausted,
+    TaskFailed,
+    Unavailable,
+    from_rpc_error,
+)
 from taskfleet.common.model import DEFAULT_QUEUE, JSON, Stats, Task, TaskSpec, TaskState
 from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
@@ -123,7 +130,8 @@ class Client:
         return self.submit_many([spec])[0]
 
     def submit_many(self, specs: Iterable[TaskSpec]) -> list[str]:
-        """Enqueue many tasks, in batches; returns their ids in order.
+        """Enqueue many tasks, in batches cut by count and bytes; returns their ids
+        in order. A failed batch raises; the batches before it stay submitted.
 
         A batch is retried on UNAVAILABLE only when every task in it has an
         idempotency key, so a retry can never create duplicates.
@@ -133,15 +141,18 @@ class Client:
     def submit_batches(self, specs: Iterable[TaskSpec]) -> Iterator[list[str]]:
         """``submit_many`` one batch at a time: yields the ids of each batch as soon
         as the master has stored it, so a caller can record them before the next
-        batch (which may fail) is sent. Batches are consecutive: an error names
-        ``tasks[i]`` counted from the first task not yet yielded."""
-        batch: list[TaskSpec] = []
-        for spec in specs:
-            batch.append(spec)
-            if len(batch) == SUBMIT_BATCH:
-                yield self._submit_batch(batch)
-                batch = []
-        if batch:
+        batch (which may fail) is sent. Batches are consecutive, cut by count and
+        by bytes: an error names ``tasks[i]`` counted from the first task not yet
+        yielded. A spec no master would take is refused before any batch is sent."""
+        specs = list(specs)
+        for i, spec in enumerate(specs):
+            if spec_bytes(spec) > MAX_ITEM_BYTES:
+                raise ResourceExhausted(
+                    f"specs[{i}].payload: {spec_bytes(spec)} bytes with its metadata, over "
+                    f"any master's limit of {MAX_ITEM_BYTES}; put large data on shared "
+                    "storage and pass its path or URL instead"
+                )
+        for batch in cut(specs, spec_bytes, max_count=SUBMIT_BATCH):
             yield self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:

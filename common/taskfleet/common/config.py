@@ -16,12 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.common.batching import MAX_ITEM_BYTES
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import MAX_DURATION_S, MAX_UNIX_S
 from taskfleet.common.tls import ClientTls, ServerTls, client_tls, server_tls
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 MiB = 1024 * 1024
+# A task's result is stored by the master and sent whole to whoever waits on
+# it; 16 MiB is a quarter of the gRPC message limit, so a result, its task's
+# payload and the rest of the Task message always fit in one message. Larger
+# results belong on shared storage, passed by path or URL like large payloads.
+DEFAULT_MAX_RESULT_BYTES = 16 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +46,10 @@ class MasterConfig:
     # so a producer cannot pose as a worker.
     worker_token: str = ""
     tls: ServerTls | None = None  # None: plaintext
-    max_payload_bytes: int = MiB
+    max_payload_bytes: int = MiB  # payload plus metadata keys and values
+    # Results (or error message plus traceback) from workers that do not keep
+    # to this limit themselves end their task FAILED with ResultTooLarge.
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     lease_s: float = 6.0
     heartbeat_s: float = 2.0
     grace_s: float = 10.0  # how long a stopping master lets open calls finish
@@ -83,6 +92,9 @@ class WorkerConfig:
     token: str = ""  # the master's worker token when it has one, else its token
     tls: ClientTls | None = None  # None: plaintext
     grace_s: float = 30.0  # how long a draining worker lets running tasks finish
+    # A larger result ends its task FAILED with ResultTooLarge; a longer error
+    # message plus traceback is cut short.
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
     log_level: str = "INFO"
     log_format: str = "text"
@@ -185,6 +197,14 @@ def utf8_text(text: str) -> str:
     return text
 
 
+def item_bytes(text: str) -> int:
+    """A size limit on one payload or result: one must fit in a gRPC message."""
+    value = int(text)
+    if not 0 <= value <= MAX_ITEM_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_ITEM_BYTES}, got {text}")
+    return value
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -209,9 +229,10 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
     parser.add_flag(
         "--max-payload-bytes",
         default=d.max_payload_bytes,
-        type=non_negative_int,
-        help="refuse task payloads larger than this",
+        type=item_bytes,
+        help="refuse tasks whose payload plus metadata is larger than this",
     )
+    _add_max_result_flag(parser, d.max_result_bytes)
     parser.add_flag("--lease-s", default=d.lease_s, type=positive_float, help="lease length")
     parser.add_flag(
         "--heartbeat-s",
@@ -267,6 +288,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         worker_token=args.worker_token,
         tls=tls,
         max_payload_bytes=args.max_payload_bytes,
+        max_result_bytes=args.max_result_bytes,
         lease_s=args.lease_s,
         heartbeat_s=args.heartbeat_s,
         grace_s=args.grace_s,
@@ -326,6 +348,7 @@ def add_worker_flags(parser: EnvDefaultsParser) -> None:
         type=positive_float,
         help="how long a draining worker waits for running tasks",
     )
+    _add_max_result_flag(parser, d.max_result_bytes)
     _add_metrics_flag(parser)
     _add_manager_transport_flags(parser)
     _add_log_flags(parser)
@@ -344,6 +367,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         token=args.token,
         tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
         grace_s=args.grace_s,
+        max_result_bytes=args.max_result_bytes,
         metrics_listen=_metrics_listen(args, ""),
         log_level=args.log_level,
         log_format=args.log_format,
@@ -459,6 +483,16 @@ def _add_client_tls_flags(parser: EnvDefaultsParser) -> None:
         "--tls-cert", default="", help="client certificate (PEM) for a master that requires one"
     )
     parser.add_flag("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+
+
+def _add_max_result_flag(parser: EnvDefaultsParser, default: int) -> None:
+    parser.add_flag(
+        "--max-result-bytes",
+        default=default,
+        type=item_bytes,
+        help="fail a task (ResultTooLarge) whose result is larger than this; "
+        "cut error text longer than this",
+    )
 
 
 def _add_metrics_flag(parser: EnvDefaultsParser) -> None:

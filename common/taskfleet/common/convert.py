@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskfleet.common.batching import cut, spec_bytes
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import (
     DEFAULT_QUEUE,
@@ -167,20 +168,30 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
         pb.expires_at.FromNanoseconds(round(task.expires_at * 1e9))
 
 
-def assignments_to_proto(leases: Sequence[Lease], results_ack: int = 0) -> worker_pb2.MasterMessage:
-    """One message handing ``leases`` to a worker, acknowledging its Results batches
-    up to ``results_ack`` (0: none)."""
-    message = worker_pb2.MasterMessage()
-    if results_ack:
-        message.assignments.results_ack = results_ack
-    add = message.assignments.assignments.add
-    for lease in leases:
-        task = lease.task
-        assignment = add()
-        assignment.lease.task_id = task.id
-        assignment.lease.lease = task.lease
-        fill_task(assignment.task, task)
-    return message
+def assignments_to_proto(
+    leases: Sequence[Lease], results_ack: int = 0
+) -> list[worker_pb2.MasterMessage]:
+    """The messages handing ``leases`` to a worker, cut by count and bytes; the
+    first acknowledges its Results batches up to ``results_ack`` (0: none)."""
+    messages: list[worker_pb2.MasterMessage] = []
+    # The count is the caller's to limit (it leases no more than it may send).
+    for batch in cut(leases, _lease_bytes, max_count=len(leases)):
+        message = worker_pb2.MasterMessage()
+        if results_ack and not messages:
+            message.assignments.results_ack = results_ack
+        add = message.assignments.assignments.add
+        for lease in batch:
+            task = lease.task
+            assignment = add()
+            assignment.lease.task_id = task.id
+            assignment.lease.lease = task.lease
+            fill_task(assignment.task, task)
+        messages.append(message)
+    return messages
+
+
+def _lease_bytes(lease: Lease) -> int:
+    return spec_bytes(lease.task.spec)
 
 
 def task_from_proto(pb: tasks_pb2.Task, lease: int = 0) -> Task:

@@ -42,6 +42,7 @@ from taskfleet.common.model import (
     TaskState,
     WorkerInfo,
 )
+from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.manager_results import ResultFeed
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
@@ -310,7 +311,7 @@ class ManagerBridge:
             self._check_alive(client)
 
     def _finish(self, outcome: Outcome) -> None:
-        self._rt.lifecycle.record([outcome])
+        self._rt.lifecycle.record([limit_outcome(outcome, self._rt.config.max_result_bytes)])
 
     def _count_running(self, client: ClientConnection) -> None:
         session = client.session

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from taskfleet.common.batching import metadata_bytes
 from taskfleet.common.codec import decode_args, loads
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
 from taskfleet.common.model import JSON, Outcome, TaskError, TaskSpec, TaskState
@@ -39,6 +40,13 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise ResourceExhausted(
             f"{field}.payload: {len(spec.payload)} bytes is over the limit of {max_payload_bytes}; "
             "put large data on shared storage and pass its path or URL instead"
+        )
+    # Metadata travels with the payload in every message that carries the task.
+    total_bytes = len(spec.payload) + metadata_bytes(spec.metadata)
+    if total_bytes > max_payload_bytes:
+        raise ResourceExhausted(
+            f"{field}.metadata: payload plus metadata keys and values are {total_bytes} bytes, "
+            f"over the limit of {max_payload_bytes}; keep metadata to small tags"
         )
     if spec.content_type == JSON:
         try:

@@ -18,7 +18,8 @@ import grpc
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context, current_context
 from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
-from taskfleet.common.model import LeaseRef, Outcome, TaskState, WorkerInfo
+from taskfleet.common.model import Lease, LeaseRef, Outcome, TaskState, WorkerInfo
+from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.rpc import streaming
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
@@ -123,9 +124,37 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     session.running += len(leases)
                     if len(leases) == want:
                         session.work_hint = True
-                yield convert.assignments_to_proto(leases, results_ack)
+                yield from self._deliver(leases, results_ack)
             elif results_ack:
                 yield worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results_ack))
+
+    def _deliver(self, leases: list[Lease], results_ack: int) -> Iterator[worker_pb2.MasterMessage]:
+        """The messages handing ``leases`` over, cut by bytes. gRPC resumes this
+        generator only once a message went out; the tasks of messages that did
+        not (the stream broke first) never reached the worker, so they go back
+        at once with their attempts not counted, instead of when the lease lapses."""
+        messages = convert.assignments_to_proto(leases, results_ack)
+        sent = 0
+        try:
+            for message in messages:
+                yield message
+                sent += 1
+        finally:
+            if sent < len(messages):
+                unsent = [
+                    convert.ref_from_proto(a.lease)
+                    for m in messages[sent:]
+                    for a in m.assignments.assignments
+                ]
+                self._give_back(unsent)
+
+    def _give_back(self, refs: list[LeaseRef]) -> None:
+        try:
+            released = self._rt.lifecycle.release(refs)
+        except Exception:  # runs when gRPC drops the stream, maybe as the store closes
+            log.exception("could not give back %d undelivered leases", len(refs))
+            return
+        log.info("%d of %d undelivered leases given back", released, len(refs))
 
     def _may_lease(self, session: WorkerSession) -> bool:
         return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()
@@ -193,9 +222,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 log.warning("ignoring outcome of %s with state %d", pb.lease.task_id, pb.state)
                 continue
             try:
-                outcomes.append(checked_outcome(convert.outcome_from_proto(pb)))
+                outcome = checked_outcome(convert.outcome_from_proto(pb))
             except InvalidArgument as exc:
                 log.warning("ignoring outcome of %s: %s", pb.lease.task_id, exc)
+                continue
+            outcomes.append(limit_outcome(outcome, self._rt.config.max_result_bytes))
         self._rt.lifecycle.record(outcomes)
         with session.cond:
             session.running = max(0, session.running - len(results.outcomes))

@@ -31,6 +31,7 @@ import tenacity
 
 from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
+from taskfleet.common.batching import cut, outcome_bytes
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.context import bound_context, clipped
@@ -42,6 +43,7 @@ from taskfleet.common.errors import (
     from_rpc_error,
 )
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
+from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.metrics import WorkerMetrics
@@ -55,7 +57,7 @@ EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the g
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
 GATHER_S = 0.005  # how long outcomes may gather into one batch while the pool is busy
-GATHER_MAX = 500  # ... and how many at most
+GATHER_MAX = 500  # ... and how many at most (and batching.BATCH_BYTES at most)
 SILENCE_HEARTBEATS = 3  # heartbeat intervals without a word before the stream counts as dead
 
 
@@ -356,13 +358,16 @@ class Worker:
         with self._lock:
             job = self._running.pop(result.ref, None)
             submitted_at = self._submitted_at.pop(result.ref, None)
+            outcome = None
+            if job is not None:
+                outcome = limit_outcome(_outcome(job, result), self.config.max_result_bytes)
             if submitted_at is not None:
                 run_s = time.monotonic() - submitted_at
                 self._job_s = _average(self._job_s, run_s)
-                if self.metrics is not None and job is not None:
-                    self.metrics.task_done(job.name, _outcome_label(job, result), run_s)
-            if job is not None and result.ref not in self._revoked:
-                self._outcomes.append(_outcome(job, result))
+                if self.metrics is not None and job is not None and outcome is not None:
+                    self.metrics.task_done(job.name, _outcome_label(outcome), run_s)
+            if outcome is not None and result.ref not in self._revoked:
+                self._outcomes.append(outcome)
                 if len(self._outcomes) == 1:
                     self._gather_until = time.monotonic() + GATHER_S
             self._revoked.discard(result.ref)
@@ -382,6 +387,10 @@ class Worker:
             outbox.put(self._results_message(*batch))
         if job is not None and (not result.ok or log.isEnabledFor(logging.DEBUG)):
             _log_result(job, result)  # outside the lock: logging may block on I/O
+        elif job is not None and outcome is not None and outcome.error is not None:
+            with _log_context(job):  # a result over --max-result-bytes
+                error = outcome.error
+                log.warning("task %s failed: %s: %s", job.name, error.type, error.message)
 
     def _busy_slots(self) -> int:
         """Slots running a task: jobs handed to the pool, or threads still busy with a
@@ -440,16 +449,18 @@ class Worker:
         """The next Results batch (seq, outcomes, credit), if one is due; it counts
         as sent from here. Converted to protobuf by the caller after it lets go
         of the lock (the list is never changed in place), so on_done need not
-        wait. Called with the lock held."""
+        wait. Cut by count and bytes: what is left waits for this batch's ack.
+        Called with the lock held."""
         now = time.monotonic()
         if not (self._outcomes and self._ready_to_send(now)):
             return None
         credit = max(0, self._credit_wanted())
         self._requested += credit
         self._seq += 1
-        self._unacked[self._seq] = self._outcomes
+        outcomes = next(cut(self._outcomes, outcome_bytes, max_count=GATHER_MAX))
+        self._outcomes = self._outcomes[len(outcomes) :]
+        self._unacked[self._seq] = outcomes
         self._sent_at[self._seq] = now
-        outcomes, self._outcomes = self._outcomes, []
         return self._seq, outcomes, credit
 
     def _check_master_alive(self) -> None:
@@ -547,13 +558,11 @@ def _outcome(job: Job, result: JobResult) -> Outcome:
     return Outcome(job.ref, TaskState.FAILED, error=error, max_attempts=job.max_attempts)
 
 
-def _outcome_label(job: Job, result: JobResult) -> str:
-    """The outcome ``_outcome`` reports, as the metrics name it."""
-    if result.ok:
-        return "succeeded"
-    if result.cancelled:
-        return "cancelled"
-    return "retried" if job.attempt < job.max_attempts else "failed"
+def _outcome_label(outcome: Outcome) -> str:
+    """How ``outcome`` ended, as the metrics name it."""
+    if outcome.state is TaskState.FAILED and outcome.retry_delay_s is not None:
+        return "retried"
+    return outcome.state.name.lower()
 
 
 def _log_context(job: Job) -> AbstractContextManager[dict[str, str]]:
