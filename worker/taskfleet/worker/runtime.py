@@ -365,7 +365,7 @@ class Worker:
                 run_s = time.monotonic() - submitted_at
                 self._job_s = _average(self._job_s, run_s)
                 if self.metrics is not None and job is not None and outcome is not None:
-                    self.metrics.task_done(job.name, _outcome_label(outcome), run_s)
+                    self.metrics.task_done(job.name, _outcome_label(job, outcome), run_s)
             if outcome is not None and result.ref not in self._revoked:
                 self._outcomes.append(outcome)
                 if len(self._outcomes) == 1:
@@ -558,9 +558,11 @@ def _outcome(job: Job, result: JobResult) -> Outcome:
     return Outcome(job.ref, TaskState.FAILED, error=error, max_attempts=job.max_attempts)
 
 
-def _outcome_label(outcome: Outcome) -> str:
-    """How ``outcome`` ended, as the metrics name it."""
-    if outcome.state is TaskState.FAILED and outcome.retry_delay_s is not None:
+def _outcome_label(job: Job, outcome: Outcome) -> str:
+    """How ``outcome`` ended, as the metrics name it: a failure with attempts left
+    by this attempt's number is "retried" (the master decides, and also gives
+    back the attempts of lost leases, so it may retry more)."""
+    if outcome.state is TaskState.FAILED and job.attempt < outcome.max_attempts:
         return "retried"
     return outcome.state.name.lower()
 
