@@ -58,7 +58,7 @@ def test_cut_splits_by_count_and_by_bytes_and_sends_a_large_item_alone() -> None
 
 def test_a_cut_error_is_within_the_limit_and_is_not_cut_again() -> None:
     error = TaskError("ValueError", "é" * 5000, "Traceback\n" + "frame\n" * 3000 + "ValueError")
-    failed = Outcome(LeaseRef("t", 1), TaskState.FAILED, error=error, retry_delay_s=1.0)
+    failed = Outcome(LeaseRef("t", 1), TaskState.FAILED, error=error, max_attempts=3)
 
     once = limit_outcome(failed, 4000)
     twice = limit_outcome(once, 4000)
@@ -66,7 +66,7 @@ def test_a_cut_error_is_within_the_limit_and_is_not_cut_again() -> None:
     assert once.error is not None and once.error.type == "ValueError"
     assert len(once.error.message.encode()) + len(once.error.traceback.encode()) <= 4000
     assert once.error.traceback.startswith("Traceback") and once.error.traceback.endswith("Error")
-    assert once.retry_delay_s == 1.0  # the failure is the task's own: retried as it was
+    assert once.max_attempts == 3  # the failure is the task's own: retried as it would be
     assert twice == once
 
 
