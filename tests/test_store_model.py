@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from taskfleet.common.errors import FailedPrecondition, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
-from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy
+from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, TaskQuery
 from taskfleet.master.store.base import worker_lost_error
 
 START = 1_000_000.0
@@ -445,6 +445,70 @@ class StoreMachine(RuleBasedStateMachine):
 
         assert retried == task
 
+    @rule(
+        queue=st.sampled_from(["", *QUEUES]),
+        name=st.sampled_from(["", *NAMES]),
+        states=st.frozensets(st.sampled_from(list(TaskState)), max_size=2),
+        page_size=st.sampled_from([1, 2, 3, 50]),
+    )
+    def list_tasks(
+        self, queue: str, name: str, states: frozenset[TaskState], page_size: int
+    ) -> None:
+        query = TaskQuery(queue, name, states)
+        expected = [
+            entry.task
+            for entry in sorted(self.expected.values(), key=lambda e: -e.index)
+            if (not queue or entry.task.spec.queue == queue)
+            and (not name or entry.task.spec.name == name)
+            and (not states or entry.task.state in states)
+        ]
+
+        listed: list[Task] = []
+        cursor = None
+        while True:
+            page = self.store.list_tasks(query, page_size, cursor)
+            assert len(page.tasks) <= page_size
+            listed += page.tasks
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+
+        assert listed == expected
+
+    @rule(
+        queue=st.sampled_from(["", *QUEUES]),
+        states=st.frozensets(
+            st.sampled_from([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
+        ),
+        limit=st.sampled_from([1, 100]),
+    )
+    def purge(self, queue: str, states: frozenset[TaskState], limit: int) -> None:
+        wanted = states or frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+        matching = [
+            task_id
+            for task_id, entry in self.expected.items()
+            if (not queue or entry.task.spec.queue == queue) and entry.task.state in wanted
+        ]
+
+        purged = self.store.purge(TaskQuery(queue=queue, states=states), limit)
+
+        # Which ones a limited purge takes is the store's choice; how many, and
+        # that it takes nothing else, is not.
+        present = {t.id for t in self.store.list_tasks(TaskQuery(), 10_000).tasks}
+        gone = set(self.expected) - present
+        assert purged == min(limit, len(matching)) == len(gone)
+        assert gone <= set(matching)
+        self.forget(gone)
+
+    def forget(self, gone: set[str]) -> None:
+        """Drop deleted tasks from the model."""
+        for task_id in gone:
+            del self.expected[task_id]
+            self.finals.pop(task_id, None)
+            self.last_seen.pop(task_id, None)
+        self.keys = {key: i for key, i in self.keys.items() if i not in gone}
+        self.refs = [(ref, w) for ref, w in self.refs if ref.task_id not in gone]
+
     @rule(limit=st.sampled_from([1, 2, 100]))
     def prune(self, limit: int) -> None:
         due = sorted(
@@ -452,12 +516,7 @@ class StoreMachine(RuleBasedStateMachine):
             key=lambda entry: (entry.task.expires_at, entry.index),
         )[:limit]
         gone = {entry.task.id for entry in due}
-        for task_id in gone:
-            del self.expected[task_id]
-            self.finals.pop(task_id, None)
-            self.last_seen.pop(task_id, None)
-        self.keys = {key: i for key, i in self.keys.items() if i not in gone}
-        self.refs = [(ref, w) for ref, w in self.refs if ref.task_id not in gone]
+        self.forget(gone)
 
         pruned = self.store.prune(self.now, limit)
 
