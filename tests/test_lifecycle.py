@@ -3,7 +3,7 @@ reaches the listeners once, with what it changed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pytest
 
@@ -41,8 +41,10 @@ class Recorder(LifecycleListener):
     def pruned(self, count: int) -> None:
         self.calls.append(("pruned", count))
 
-    def work_available(self) -> None:
-        self.calls.append(("work_available", None))
+    def work_available(
+        self, queues: Collection[str] | None, names: Collection[str] | None, tasks: int | None
+    ) -> None:
+        self.calls.append(("work_available", (queues, names, tasks)))
 
     def take(self) -> list[tuple[str, object]]:
         calls, self.calls = self.calls, []
@@ -65,7 +67,10 @@ def test_submit_reports_the_specs_and_wakes_workers() -> None:
 
     lifecycle.submit([TaskSpec("a"), TaskSpec("b")])
 
-    assert recorder.take() == [("submitted", ["a", "b"]), ("work_available", None)]
+    assert recorder.take() == [
+        ("submitted", ["a", "b"]),
+        ("work_available", ({"default"}, {"a", "b"}, 2)),
+    ]
 
 
 def test_bad_specs_change_nothing_and_report_nothing() -> None:
@@ -96,7 +101,7 @@ def test_outcomes_report_finals_and_retries_apart() -> None:
     assert recorder.take() == [
         ("finished", [(done, TaskState.SUCCEEDED)]),
         ("retried", [again]),
-        ("work_available", None),
+        ("work_available", ({"default"}, {"b"}, 1)),
     ]
 
 
@@ -125,7 +130,7 @@ def test_lapsed_leases_are_reported_lost_and_the_last_one_ends_the_task() -> Non
 
     assert recorder.take() == [
         ("lost", [task_id]),
-        ("work_available", None),
+        ("work_available", ({"default"}, {"a"}, 1)),
         ("lost", [task_id]),
         ("finished", [(task_id, TaskState.FAILED)]),
     ]

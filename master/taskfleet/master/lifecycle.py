@@ -57,8 +57,12 @@ class LifecycleListener:
     def pruned(self, count: int) -> None:
         """Finished tasks were deleted (their result TTL ran out, or a purge)."""
 
-    def work_available(self) -> None:
-        """Tasks may be ready to lease: idle workers should look."""
+    def work_available(
+        self, queues: Collection[str] | None, names: Collection[str] | None, tasks: int | None
+    ) -> None:
+        """``tasks`` tasks named one of ``names`` may be ready in ``queues``: idle
+        workers that serve them should look. None for any of them means unknown
+        (any queue, any name, any number)."""
 
 
 class Lifecycle:
@@ -85,7 +89,7 @@ class Lifecycle:
         validate_specs(specs, self.max_payload_bytes)
         task_ids = self.store.submit(specs, time.time())
         self._emit("submitted", specs)
-        self._emit("work_available")
+        self._work_available(specs)
         return task_ids
 
     def cancel(self, task_id: str) -> Task:
@@ -96,7 +100,7 @@ class Lifecycle:
 
     def retry(self, task_id: str) -> Task:
         task = self.store.retry(task_id, time.time())
-        self._emit("work_available")
+        self._work_available([task.spec])
         return task
 
     def purge(self, query: TaskQuery) -> int:
@@ -140,14 +144,14 @@ class Lifecycle:
             self._emit("finished", finals)
         if retried:
             self._emit("retried", retried)
-            self._emit("work_available")
+            self._work_available([t.spec for t in retried])
         return changed
 
     def release(self, refs: Sequence[LeaseRef]) -> int:
         """Give back leases of tasks that never started; how many were valid."""
         released = self.store.release(refs, time.time()) if refs else 0
         if released:
-            self._emit("work_available")
+            self._emit("work_available", None, None, released)
         return released
 
     # -- housekeeping ----------------------------------------------------------
@@ -168,7 +172,7 @@ class Lifecycle:
         if finals:
             self._emit("finished", finals)
         if len(finals) < len(lapsed):
-            self._emit("work_available")
+            self._work_available([t.spec for t in lapsed if not t.state.is_final])
         return lapsed
 
     def prune(self) -> int:
@@ -182,6 +186,9 @@ class Lifecycle:
         if total:
             self._emit("pruned", total)
         return total
+
+    def _work_available(self, specs: Sequence[TaskSpec]) -> None:
+        self._emit("work_available", {s.queue for s in specs}, {s.name for s in specs}, len(specs))
 
     def _emit(self, hook: str, *args: object) -> None:
         for listener in self._listeners:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from taskfleet.common.model import LeaseRef, Task, WorkerInfo
 from taskfleet.master.lifecycle import LifecycleListener
@@ -97,7 +97,9 @@ class Sessions(LifecycleListener):
         with self._lock:
             return self._by_worker.get(worker_id)
 
-    def work_available(self) -> None:
+    def work_available(
+        self, queues: Collection[str] | None, names: Collection[str] | None, tasks: int | None
+    ) -> None:
         self.hint_work()
 
     def cancelled(self, task: Task) -> None:
