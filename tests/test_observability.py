@@ -258,6 +258,32 @@ def test_lease_expiries_are_counted(
     assert poll(expiries, WAIT_S, "the lease expiry to be counted") == 1
 
 
+def test_lost_leases_past_the_cap_count_as_failed_and_pruned_tasks_are_counted(
+    start_master: StartMaster, start_worker: StartWorker, queue_name: str, gates: Gates
+) -> None:
+    # Given a master that fails a task at its first lost lease and keeps results briefly
+    address, flags = metrics_flag()
+    master = start_master(extra=[*flags, "--max-lost-leases", "0", "--result-ttl-s", "0.5"])
+    worker = start_worker(master, queues=queue_name)
+    gate = gates.new("lost")
+    with master.client() as client:
+        task_id = client.submit("block_until", [gate], queue=queue_name)
+        poll(lambda: Gates.started(gate, 1), WAIT_S, "the task to start")
+
+        # When its worker is killed
+        worker.kill()
+
+        # Then the task ends FAILED WorkerLost, counted as failed, and is pruned later
+        (task,) = client.wait([task_id], timeout_s=WAIT_S)
+        assert task.error is not None and task.error.type == "WorkerLost"
+    labels = {"queue": queue_name, "task": "block_until"}
+    assert sample(scrape(address), "taskfleet_tasks_failed_total", **labels) == 1
+    assert (
+        poll(lambda: sample(scrape(address), "taskfleet_tasks_pruned_total"), WAIT_S, "the prune")
+        == 1
+    )
+
+
 # -- logs ----------------------------------------------------------------------
 
 
