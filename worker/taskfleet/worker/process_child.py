@@ -121,7 +121,7 @@ def check_result(message: object) -> WireResult:
                 )
             )
         ):
-            return message  # type: ignore[return-value]  # checked just above
+            return message
     raise Malformed(f"a message of type {type(message).__name__} where a result was due")
 
 

@@ -359,6 +359,7 @@ def _exit_fd(process: SpawnProcess) -> int:
     has them. The fallback, the process's sentinel, a task can make readable by
     writing junk to it or closing it (_service then waits a little for the exit,
     and kills), or hold open in a process of its own, hiding the exit."""
+    assert process.pid is not None  # started
     try:
         return os.pidfd_open(process.pid)
     except (AttributeError, OSError):
