@@ -177,3 +177,10 @@ def raise_unprintable() -> None:
 @task(name="pooltasks.raise_unpicklable")
 def raise_unpicklable() -> None:
     raise UnpicklableError("holds a lock")
+
+
+@task(name="pooltasks.close_all_and_hang")
+def close_all_and_hang(highest_fd: int) -> None:
+    """Close every descriptor from 3 to ``highest_fd``, then never return."""
+    os.closerange(3, highest_fd + 1)
+    time.sleep(3600)

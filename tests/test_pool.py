@@ -477,6 +477,24 @@ def test_junk_on_the_pools_own_channel_costs_only_that_process(
     assert pool.failure is None
 
 
+def test_a_process_that_closes_the_pools_channel_and_runs_on_is_killed(
+    start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a process pool of one
+    pool = start_pool("process", size=1)
+
+    # When a task closes every descriptor it has, the pool's channel too, and runs on
+    highest_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    result = run_one(pool, outcomes, make_job("close_all_and_hang", highest_fd))
+
+    # Then its attempt fails naming what happened, and a fresh process runs the next job
+    kind_, message = _error(result)
+    assert kind_ == "WorkerLost"
+    assert "closed its channel to the pool without exiting" in message
+    assert value(run_one(pool, outcomes, make_job("echo", "next"))) == "next"
+    assert pool.failure is None
+
+
 # -- on real workers ------------------------------------------------------------------
 
 

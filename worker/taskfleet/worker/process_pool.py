@@ -292,13 +292,11 @@ class ProcessPool(Pool):
 
     def _lose(self, child: _Child, reason: str) -> None:
         """Replace ``child``, killing it if need be; its job fails naming ``reason``."""
-        ready = child.ready
         job = self._replace(child)
         if job is not None:
             self._ledger.finish(failed(job.ref, "WorkerLost", f"pool process {reason}"))
         else:
-            when = "while idle" if ready else "before it was ready"
-            log.warning("a pool process %s %s; starting another", reason, when)
+            log.warning("a pool process with no job %s; starting another", reason)
 
     def _cancel(self, ref: LeaseRef) -> None:
         for child in self._children:
