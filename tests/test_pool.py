@@ -14,6 +14,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,11 @@ from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import JSON, LeaseRef, TaskState
 from taskfleet.worker.execute import Job, JobResult
-from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.pool import EXIT_POOL_BROKEN, Pool, make_pool
 from taskfleet.worker.registry import REGISTRY
-from taskfleet.worker.runtime import EXIT_POOL_BROKEN
 
 import pooltasks
-from procs import MasterProc, WorkerProc, poll
+from procs import MasterProc, WorkerProc, free_port, poll
 
 WAIT_S = 10.0
 KINDS = ["process", "thread"]
@@ -561,6 +561,39 @@ def test_a_worker_whose_pool_breaks_exits_and_its_leases_lapse(
         # And the task's lease lapses on the master: the task is handed out again
         poll(lambda: client.get(broken).state == TaskState.PENDING, 30, "the lease to lapse")
         assert client.get(broken).attempts == 1
+
+
+def test_a_manager_worker_whose_pool_breaks_exits(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    # Given a worker serving a master's classic queues, whose pool's own code
+    # raises on a break_pool job
+    port = free_port()
+    flags = ["--authkey", "abc", "--manager-task"]
+    start_master(extra=["--manager-listen", f"127.0.0.1:{port}", *flags, "square"])
+    worker = start_worker(
+        f"127.0.0.1:{port}",
+        tasks="e2etasks,poolsaboteur",
+        extra=["--transport", "manager", *flags, "break_pool"],
+        wait_connected=False,
+    )
+
+    # When a classic client puts an item on the task queue
+    manager = _ClassicClient(address=("127.0.0.1", port), authkey=b"abc")
+    manager.connect()
+    manager.get_task_queue().put(3)  # type: ignore[attr-defined]
+
+    # Then the worker says why and exits with its own code, rather than running on
+    assert worker.wait(timeout_s=30) == EXIT_POOL_BROKEN
+    assert "the pool is broken" in worker.output()
+
+
+class _ClassicClient(BaseManager):
+    pass
+
+
+_ClassicClient.register("get_task_queue")
 
 
 def _error(result: JobResult) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from taskfleet.worker.execute import Job, JobResult, failed, safe_str
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[JobResult], None]
+EXIT_POOL_BROKEN = 70  # a worker whose pool broke (sysexits' EX_SOFTWARE)
 
 
 class Pool(abc.ABC):
@@ -161,6 +162,17 @@ class JobLedger:
                 self._reporting -= 1
                 if self.closed:  # only wait_drained waits, and only once closed
                     self._changed.notify_all()
+
+
+def abandon_broken(pool: Pool) -> int:
+    """Close a broken pool at once and return the worker's exit code: the pool will
+    never report the tasks it holds, and a worker that ran on would hold them for
+    good. Once it exits, they are handed out again (their leases lapse)."""
+    log.critical(
+        "stopping: the pool is broken (%s); its tasks will be handed out again", pool.failure
+    )
+    pool.close(wait=False)
+    return EXIT_POOL_BROKEN
 
 
 def timed_out(job: Job) -> JobResult:

@@ -47,14 +47,13 @@ from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.metrics import WorkerMetrics
-from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken, make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker")
 
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
-EXIT_POOL_BROKEN = 70  # a pool thread died of a bug (sysexits' EX_SOFTWARE); leases lapse
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
 GATHER_S = 0.005  # how long outcomes may gather into one batch while the pool is busy
@@ -140,18 +139,10 @@ class Worker:
                 self.pool.close(wait=False)
                 raise self._refused
             if self.pool.failure is not None:
-                return self._abandon_broken_pool(self.pool.failure)
+                self.stopped.set()
+                self._send(None)  # the stream closes; the master lets the leases lapse
+                return abandon_broken(self.pool)
         return self.drain()
-
-    def _abandon_broken_pool(self, failure: str) -> int:
-        """Exit at once: the pool will never report its tasks, and a worker that kept
-        heartbeating would hold their leases for good. The stream closes and the
-        leases lapse on the master, which hands the tasks out again."""
-        log.critical("stopping: the pool is broken (%s); its tasks' leases will lapse", failure)
-        self.stopped.set()
-        self._send(None)
-        self.pool.close(wait=False)
-        return EXIT_POOL_BROKEN
 
     def drain(self) -> int:
         """Take no new tasks, hand back prefetched ones, let running ones finish and
