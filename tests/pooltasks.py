@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,10 @@ def _mark(marker: str) -> None:
 def fork(child_raises: bool = False) -> dict[str, Any]:
     """Fork; the child leaves the task as the parent does (returns or raises) and
     the parent reports how the child ended (None: still running after 10 s)."""
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking a process with threads (a thread pool's).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:
         if child_raises:
             raise RuntimeError("raised in the forked child")
