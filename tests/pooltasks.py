@@ -6,11 +6,13 @@ example tasks registered in the same process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,89 @@ def _mark(marker: str) -> None:
         partial = Path(f"{marker}.partial")
         partial.write_text(str(os.getpid()))
         partial.replace(marker)
+
+
+# -- tasks that attack the pool's own code ----------------------------------------
+
+
+@task(name="pooltasks.fork")
+def fork(child_raises: bool = False) -> dict[str, Any]:
+    """Fork; the child leaves the task as the parent does (returns or raises) and
+    the parent reports how the child ended (None: still running after 10 s)."""
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking a process with threads (a thread pool's).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        if child_raises:
+            raise RuntimeError("raised in the forked child")
+        return {"who": "child"}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"who": "parent", "child_exit": os.waitstatus_to_exitcode(status)}
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return {"who": "parent", "child_exit": None}
+
+
+@task(name="pooltasks.scribble")
+def scribble(highest_fd: int) -> str:
+    """Write junk to every descriptor from 3 to ``highest_fd`` that takes it."""
+    for fd in range(3, highest_fd + 1):
+        with contextlib.suppress(OSError):
+            os.write(fd, b"junk")
+    return "scribbled"
+
+
+@task(name="pooltasks.nested")
+def nested(depth: int) -> list[Any]:
+    """A return value nested too deeply for the JSON encoder."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class _ItemsFail(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise LookupError("items() refused")
+
+
+@task(name="pooltasks.unencodable")
+def unencodable() -> dict[str, int]:
+    """A return value whose encoding raises something other than TypeError."""
+    return _ItemsFail(a=1)
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ refused")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ refused")
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+@task(name="pooltasks.raise_unprintable")
+def raise_unprintable() -> None:
+    raise UnprintableError()
+
+
+@task(name="pooltasks.raise_unpicklable")
+def raise_unpicklable() -> None:
+    raise UnpicklableError("holds a lock")
+
+
+@task(name="pooltasks.close_all_and_hang")
+def close_all_and_hang(highest_fd: int) -> None:
+    """Close every descriptor from 3 to ``highest_fd``, then never return."""
+    os.closerange(3, highest_fd + 1)
+    time.sleep(3600)

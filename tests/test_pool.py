@@ -1,6 +1,7 @@
 """The worker's local pools: every job is reported through on_done exactly once,
-and a task that raises, crashes, hangs or is cancelled costs its job, never the
-pool."""
+and a task that raises, crashes, hangs, forks, scribbles on descriptors or is
+cancelled costs its job, never the pool; a pool broken by a bug of its own
+makes its worker exit."""
 
 from __future__ import annotations
 
@@ -9,22 +10,26 @@ import importlib
 import itertools
 import os
 import queue
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from taskfleet.common.client import task_result
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import JSON, LeaseRef
+from taskfleet.common.model import JSON, LeaseRef, TaskState
 from taskfleet.worker.execute import Job, JobResult
-from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.pool import EXIT_POOL_BROKEN, Pool, make_pool
 from taskfleet.worker.registry import REGISTRY
 
 import pooltasks
+from procs import MasterProc, WorkerProc, free_port, poll
 
 WAIT_S = 10.0
 KINDS = ["process", "thread"]
@@ -373,6 +378,222 @@ def test_a_task_module_that_cannot_be_imported_fails_start(kind: str, outcomes: 
 def test_make_pool_refuses_an_unknown_kind(outcomes: Outcomes) -> None:
     with pytest.raises(ConfigError, match="--pool"):
         make_pool("fiber", 1, [], outcomes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_the_pools_own_code_cannot_encode_fails_the_attempt_with_its_cause(
+    kind: str, start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a pool of two
+    pool = start_pool(kind)
+
+    # When tasks return values the encoder chokes on, or raise exceptions that
+    # cannot be printed or pickled
+    too_deep, refuses = make_job("nested", 100_000), make_job("unencodable")
+    unprintable, unpicklable = make_job("raise_unprintable"), make_job("raise_unpicklable")
+    results = run_all(pool, outcomes, [too_deep, refuses, unprintable, unpicklable])
+
+    # Then each attempt fails with the real cause, and every slot is free again
+    kind_, message = _error(results[too_deep.ref])
+    assert kind_ == "ResultNotSerializable"
+    assert "recursion" in message
+    kind_, message = _error(results[refuses.ref])
+    assert kind_ == "ResultNotSerializable"
+    assert "LookupError" in message
+    kind_, message = _error(results[unprintable.ref])
+    assert kind_ == "UnprintableError"
+    assert "__str__ raised RuntimeError" in message
+    assert _error(results[unpicklable.ref]) == ("UnpicklableError", "holds a lock")
+    assert pool.free_slots() == 2
+    # And the pool runs jobs as before
+    jobs = [make_job("echo", i) for i in range(4)]
+    results = run_all(pool, outcomes, jobs)
+    assert [value(results[job.ref]) for job in jobs] == [0, 1, 2, 3]
+    pool.close(wait=True)
+    outcomes.assert_none()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_forked_child_leaving_the_task_exits_at_once(
+    kind: str, start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a pool of one
+    pool = start_pool(kind, size=1)
+
+    # When tasks fork, and the child leaves the task by returning or by raising
+    returns, raises = make_job("fork"), make_job("fork", True)
+    results = run_all(pool, outcomes, [returns, raises])
+
+    # Then only the parent reports, and each child ended in the pool's own exit
+    # (0 after a return, 1 after a raise) without running any pool code
+    assert value(results[returns.ref]) == {"who": "parent", "child_exit": 0}
+    assert value(results[raises.ref]) == {"who": "parent", "child_exit": 1}
+    # And the pool runs jobs as before, with nothing reported twice
+    jobs = [make_job("echo", i) for i in range(3)]
+    results = run_all(pool, outcomes, jobs)
+    assert [value(results[job.ref]) for job in jobs] == [0, 1, 2]
+    assert pool.free_slots() == 1
+    pool.close(wait=True)
+    outcomes.assert_none()
+    assert pool.failure is None
+
+
+def test_junk_on_low_descriptors_never_reaches_the_pool(
+    start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a process pool of one and the pid of its process
+    pool = start_pool("process", size=1)
+    before = value(run_one(pool, outcomes, make_job("whoami")))["pid"]
+
+    # When a task writes junk to every descriptor from 3 to 63
+    result = run_one(pool, outcomes, make_job("scribble", 63))
+
+    # Then the task succeeds, and the same process runs the next job
+    assert value(result) == "scribbled"
+    assert value(run_one(pool, outcomes, make_job("whoami")))["pid"] == before
+    assert pool.failure is None
+
+
+def test_junk_on_the_pools_own_channel_costs_only_that_process(
+    start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a process pool of two
+    pool = start_pool("process")
+
+    # When a task writes junk to every descriptor it may have, the pool's channel too
+    highest_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    scribbler = make_job("scribble", highest_fd)
+    results = run_all(pool, outcomes, [scribbler, make_job("echo", "beside")])
+
+    # Then its attempt fails naming what happened
+    kind_, message = _error(results[scribbler.ref])
+    assert kind_ == "WorkerLost"
+    assert "malformed" in message
+    # And the pool runs jobs as before, in fresh processes where need be
+    jobs = [make_job("echo", i) for i in range(4)]
+    results = run_all(pool, outcomes, jobs)
+    assert [value(results[job.ref]) for job in jobs] == [0, 1, 2, 3]
+    assert pool.free_slots() == 2
+    assert pool.failure is None
+
+
+def test_a_process_that_closes_the_pools_channel_and_runs_on_is_killed(
+    start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a process pool of one
+    pool = start_pool("process", size=1)
+
+    # When a task closes every descriptor it has, the pool's channel too, and runs on
+    highest_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    result = run_one(pool, outcomes, make_job("close_all_and_hang", highest_fd))
+
+    # Then its attempt fails naming what happened, and a fresh process runs the next job
+    kind_, message = _error(result)
+    assert kind_ == "WorkerLost"
+    assert "closed its channel to the pool without exiting" in message
+    assert value(run_one(pool, outcomes, make_job("echo", "next"))) == "next"
+    assert pool.failure is None
+
+
+# -- on real workers ------------------------------------------------------------------
+
+
+def test_tasks_that_fork_or_scribble_cost_a_real_worker_only_their_attempt(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    queue_name: str,
+) -> None:
+    # Given a worker with a process pool of one
+    master = start_master()
+    start_worker(
+        master, tasks="e2etasks,pooltasks", queues=queue_name, pool="process", concurrency=1
+    )
+    highest_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1  # the worker's limit too
+
+    with master.client() as client:
+        # When a task that writes junk to every descriptor runs twice (a poison
+        # pill, tried again), beside tasks that fork and that scribble on low ones
+        def submit(name: str, *args: Any, **options: Any) -> str:
+            return client.submit(name, args, queue=queue_name, **options)
+
+        scribbler = submit("pooltasks.scribble", highest_fd, max_attempts=2)
+        forker = submit("pooltasks.fork")
+        low = submit("pooltasks.scribble", 63)
+        squares = [submit("square", n) for n in range(5)]
+        task_ids = [scribbler, forker, low, *squares]
+        done = {t.id: t for t in client.wait(task_ids, timeout_s=60)}
+
+    # Then the scribbler fails both attempts naming what happened, and every other
+    # task completes on the same worker
+    assert set(done) == set(task_ids)
+    failed = done[scribbler]
+    assert (failed.state, failed.attempts) == (TaskState.FAILED, 2)
+    assert failed.error is not None
+    assert failed.error.type == "WorkerLost"
+    assert "malformed" in failed.error.message
+    assert task_result(done[forker]) == {"who": "parent", "child_exit": 0}
+    assert task_result(done[low]) == "scribbled"
+    assert [task_result(done[i]) for i in squares] == [n * n for n in range(5)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_worker_whose_pool_breaks_exits_and_its_leases_lapse(
+    kind: str,
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    queue_name: str,
+) -> None:
+    # Given a worker serving, whose pool's own code raises on a break_pool job
+    master = start_master()
+    worker = start_worker(
+        master, tasks="e2etasks,poolsaboteur", queues=queue_name, pool=kind, concurrency=1
+    )
+    with master.client() as client:
+        assert client.run("square", [3], queue=queue_name, timeout_s=WAIT_S) == 9
+
+        # When it is handed a break_pool job
+        broken = client.submit("break_pool", queue=queue_name)
+
+        # Then it says why and exits with its own code, rather than heartbeating on
+        assert worker.wait(timeout_s=30) == EXIT_POOL_BROKEN
+        assert "the pool is broken" in worker.output()
+        assert "sabotaged by poolsaboteur" in worker.output()
+        # And the task's lease lapses on the master: the task is handed out again
+        poll(lambda: client.get(broken).state == TaskState.PENDING, 30, "the lease to lapse")
+        assert client.get(broken).attempts == 1
+
+
+def test_a_manager_worker_whose_pool_breaks_exits(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    # Given a worker serving a master's classic queues, whose pool's own code
+    # raises on a break_pool job
+    port = free_port()
+    flags = ["--authkey", "abc", "--manager-task"]
+    start_master(extra=["--manager-listen", f"127.0.0.1:{port}", *flags, "square"])
+    worker = start_worker(
+        f"127.0.0.1:{port}",
+        tasks="e2etasks,poolsaboteur",
+        extra=["--transport", "manager", *flags, "break_pool"],
+        wait_connected=False,
+    )
+
+    # When a classic client puts an item on the task queue
+    manager = _ClassicClient(address=("127.0.0.1", port), authkey=b"abc")
+    manager.connect()
+    manager.get_task_queue().put(3)  # type: ignore[attr-defined]
+
+    # Then the worker says why and exits with its own code, rather than running on
+    assert worker.wait(timeout_s=30) == EXIT_POOL_BROKEN
+    assert "the pool is broken" in worker.output()
+
+
+class _ClassicClient(BaseManager):
+    pass
+
+
+_ClassicClient.register("get_task_queue")
 
 
 def _error(result: JobResult) -> tuple[str, str]:

@@ -2,11 +2,14 @@
 
 Both pools call ``run_job``: the process pool inside its children, the thread
 pool in its threads. It never raises, so a task can break neither the loop of a
-pool process nor a pool thread.
+pool process nor a pool thread: not by what it raises, nor by a return value or
+an exception that the encoding here chokes on. A child the task forked never
+leaves it: it ends in ``os._exit`` before any pool code runs in it.
 """
 
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -69,27 +72,53 @@ def run_job(job: Job) -> JobResult:
         deadline=job.deadline,
         metadata=job.metadata,
     )
+    pid = os.getpid()
     try:
         with task_context(context):
             value = definition.func(*args, **kwargs)
     # BaseException too: a task calling sys.exit() must fail, not end the pool.
     except BaseException as exc:
+        _exit_if_forked(pid, 1)
         return _raised(job.ref, exc)
+    _exit_if_forked(pid, 0)
     return _encoded(job.ref, value)
+
+
+def _exit_if_forked(pid: int, code: int) -> None:
+    """End a child the task forked and left running the task's caller: run on, it
+    would report the job a second time and take the pool's next jobs. No cleanup:
+    its buffers and exit handlers are copies of the pool's."""
+    if os.getpid() != pid:
+        os._exit(code)
 
 
 def _encoded(ref: LeaseRef, value: Any) -> JobResult:
     try:
         return JobResult(ref, ok=True, result=codec.encode_result(value))
-    except (TypeError, ValueError) as exc:
-        return failed(ref, "ResultNotSerializable", f"the return value is not JSON: {exc}")
+    except (TypeError, ValueError, RecursionError) as exc:
+        message = f"the return value is not JSON: {safe_str(exc)}"
+    # Anything else the value's own methods raise while it is encoded.
+    except BaseException as exc:
+        message = f"encoding the return value raised {type(exc).__name__}: {safe_str(exc)}"
+    return failed(ref, "ResultNotSerializable", message)
 
 
 def _raised(ref: LeaseRef, exc: BaseException) -> JobResult:
     # Skip run_job's own frame: the traceback should start in the user's code.
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return JobResult(ref, ok=False, error=TaskError(type(exc).__qualname__, str(exc), text))
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:  # a chain deeper than the recursion limit, say
+        text = ""
+    return JobResult(ref, ok=False, error=TaskError(type(exc).__qualname__, safe_str(exc), text))
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder naming the failure when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException as error:
+        return f"<{type(exc).__qualname__}.__str__ raised {type(error).__qualname__}>"
 
 
 def _registered() -> str:

@@ -39,7 +39,7 @@ from taskfleet.common.errors import ConfigError, InvalidArgument
 from taskfleet.common.model import JSON, LeaseRef
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
-from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken, make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker.manager")
@@ -50,6 +50,7 @@ EXIT_REFUSED = 2  # the manager refused the authkey or does not serve the two qu
 FETCH_WAIT_S = 1.0  # how long one get waits on the manager; bounds how long a drain waits
 PUT_WAIT_S = 10.0  # how long one put waits for room in a bounded result queue
 SLOT_RECHECK_S = 1.0  # a thread pool may free a slot without calling on_done
+POOL_CHECK_S = 0.5  # how soon a broken pool is noticed
 MANAGER_QUEUE = "manager"  # what current_task().queue says for items from a manager
 
 
@@ -102,7 +103,10 @@ class ManagerTransport:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(f"taskfleet worker {self.worker_id} serving manager {self.config.master}", flush=True)
-        self._stop_requested.wait()
+        while not self._stop_requested.wait(POOL_CHECK_S):
+            if self.pool.failure is not None:
+                self.stopped.set()
+                return abandon_broken(self.pool)
         return self.drain()
 
     def drain(self) -> int:

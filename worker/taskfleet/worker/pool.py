@@ -5,6 +5,10 @@ The connection side asks ``free_slots()``, leases that many tasks, ``submit``s
 them and gets every outcome back through ``on_done``, which the pool calls
 exactly once per job (unless closed with ``wait=False``) from a pool-internal
 thread. ``on_done`` must be cheap: the caller batches results itself.
+
+A pool whose own thread dies of a bug cannot keep that promise; it says so in
+``failure``, and the caller must stop (a worker exits, and the master's leases
+on its tasks lapse) rather than hold tasks that will never be reported.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Callable, Sequence
 
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import LeaseRef
-from taskfleet.worker.execute import Job, JobResult, failed
+from taskfleet.worker.execute import Job, JobResult, failed, safe_str
 
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[JobResult], None]
+EXIT_POOL_BROKEN = 70  # a worker whose pool broke (sysexits' EX_SOFTWARE)
 
 
 class Pool(abc.ABC):
@@ -34,6 +39,19 @@ class Pool(abc.ABC):
         self.size = size
         self.task_modules = tuple(task_modules)
         self.on_done = on_done
+        self.failure: str | None = None  # why a pool thread died, once one has
+
+    def _thread(self, body: Callable[[], None], name: str) -> threading.Thread:
+        """A daemon thread running ``body``; should ``body`` raise, the pool is broken."""
+
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:
+                log.critical("the pool is broken: its thread %s died", name, exc_info=True)
+                self.failure = f"pool thread {name} died: {type(exc).__name__}: {safe_str(exc)}"
+
+        return threading.Thread(target=run, name=name, daemon=True)
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -144,6 +162,17 @@ class JobLedger:
                 self._reporting -= 1
                 if self.closed:  # only wait_drained waits, and only once closed
                     self._changed.notify_all()
+
+
+def abandon_broken(pool: Pool) -> int:
+    """Close a broken pool at once and return the worker's exit code: the pool will
+    never report the tasks it holds, and a worker that ran on would hold them for
+    good. Once it exits, they are handed out again (their leases lapse)."""
+    log.critical(
+        "stopping: the pool is broken (%s); its tasks will be handed out again", pool.failure
+    )
+    pool.close(wait=False)
+    return EXIT_POOL_BROKEN
 
 
 def timed_out(job: Job) -> JobResult:

@@ -3,8 +3,10 @@
 Not ``multiprocessing.Pool`` (it hangs forever when a child dies) nor
 ``ProcessPoolExecutor`` (it breaks for good): here a process that dies, runs
 past its job's deadline or runs a cancelled job is killed if need be and
-replaced, its job is reported failed, and the pool lives on. Processes are
-spawned, not forked, because the parent holds gRPC threads.
+replaced, its job is reported failed, and the pool lives on. So is a process
+that writes junk on its channel or closes it without exiting (task code that
+scribbles on descriptors it does not own). Processes are spawned, not forked,
+because the parent holds gRPC threads.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import logging
 import math
 import multiprocessing
 import os
-import pickle
 import select
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -29,147 +29,43 @@ from multiprocessing.context import SpawnProcess
 
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import LeaseRef, TaskError
-from taskfleet.worker.execute import Job, JobResult, failed, run_job
+from taskfleet.worker.execute import Job, JobResult, failed
 from taskfleet.worker.pool import JobLedger, OnDone, Pool, cancelled, timed_out
-from taskfleet.worker.registry import import_task_modules
+from taskfleet.worker.process_child import (
+    STOP,
+    Frames,
+    Malformed,
+    check_result,
+    child_main,
+    frame,
+    loads,
+    to_wire,
+    write_all,
+)
 
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 5.0
+# How long a process that closed its channel may take to exit before it is killed:
+# a dying process closes its descriptors a moment before it counts as exited.
+_HANGUP_GRACE_S = 2.0
 PIPELINE_DEPTH = 2  # jobs a process holds when tasks are short: one running, one next
 SHORT_JOB_S = 0.005  # tasks shorter than this on average are pipelined
 JOB_S_WEIGHT = 0.1  # weight of the newest job in the moving average of run time
-
-# A child's first message is None once it is ready, or why it could not start;
-# then one _WireResult per _WireJob it receives. None asks it to exit. Both travel
-# as plain tuples pickled by hand: a slots dataclass pickles through Python-level
-# __getstate__/__setstate__, several times dearer than a tuple, on every task.
-# A _WireJob is (task_id, lease, name, queue, attempt, payload, content_type,
-# timeout_s, metadata); a _WireResult is (ok, result, error) with error None or
-# (type, message, traceback). Results come back in job order, so they carry no ref.
-_WireJob = tuple[str, int, str, str, int, bytes, str, float, dict[str, str]]
-_WireResult = tuple[bool, bytes, tuple[str, str, str] | None]
-_PICKLE = pickle.HIGHEST_PROTOCOL
-_HEADER = struct.Struct("!i")  # the frame header multiprocessing's Connection uses
-_READ_SIZE = 1 << 16
-
-
-def _frame(message: bytes) -> bytes:
-    """``message`` framed as ``Connection.send_bytes`` frames it, so both ends may
-    mix the two (the start-up handshake uses the Connection)."""
-    return _HEADER.pack(len(message)) + message
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _Frames:
-    """Frames read from a pipe many at a time: one ``read`` takes whatever has
-    arrived, where ``Connection.recv_bytes`` costs two system calls per message."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = bytearray()
-
-    def read(self) -> list[bytes]:
-        """The frames complete after one read (which blocks if nothing has arrived);
-        raises EOFError once the other end is gone and every frame is taken."""
-        chunk = os.read(self._fd, _READ_SIZE)
-        if not chunk:
-            raise EOFError
-        buffer = self._buffer
-        buffer += chunk
-        frames = []
-        start = 0
-        while len(buffer) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            end = start + _HEADER.size + size
-            if end > len(buffer):
-                break
-            frames.append(bytes(buffer[start + _HEADER.size : end]))
-            start = end
-        del buffer[:start]
-        return frames
-
-
-def _to_wire(job: Job) -> bytes:
-    return pickle.dumps(
-        (
-            job.ref.task_id,
-            job.ref.lease,
-            job.name,
-            job.queue,
-            job.attempt,
-            job.payload,
-            job.content_type,
-            job.timeout_s,
-            job.metadata,
-        ),
-        _PICKLE,
-    )
-
-
-def _run_wire(wire: _WireJob) -> bytes:
-    task_id, lease, name, queue, attempt, payload, content_type, timeout_s, metadata = wire
-    # The time limit counts from now: the job may have waited in the pipe behind another.
-    deadline = time.time() + timeout_s if timeout_s else None
-    job = Job(
-        LeaseRef(task_id, lease), name, queue, attempt, payload, content_type, timeout_s,
-        deadline, metadata,
-    )  # fmt: skip
-    result = run_job(job)
-    error = result.error
-    return pickle.dumps(
-        (
-            result.ok,
-            result.result,
-            None if error is None else (error.type, error.message, error.traceback),
-        ),
-        _PICKLE,
-    )
-
-
-def _child_main(conn: Connection[object, object], task_modules: Sequence[str]) -> None:
-    """A pool process: import the tasks, say ready, run jobs until told to stop."""
-    # Shutdown signals are the parent's to handle: it drains, then stops its children.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import_task_modules(task_modules)
-    except Exception as exc:
-        conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}", _PICKLE))
-        return
-    try:
-        conn.send_bytes(pickle.dumps(None, _PICKLE))
-        fd = conn.fileno()
-        frames = _Frames(fd)
-        while True:
-            for frame in frames.read():
-                wire = pickle.loads(frame)
-                if wire is None:
-                    return
-                # One write per job, as it ends: the parent times the next job from it.
-                _write_all(fd, _frame(_run_wire(wire)))
-    except (EOFError, OSError):
-        pass  # the parent is gone
-
-
-_STOP = pickle.dumps(None, _PICKLE)
 
 
 @dataclass(eq=False, slots=True)
 class _Child:
     process: SpawnProcess
     conn: Connection[object, object]
-    frames: _Frames
+    frames: Frames
+    exit_fd: int  # readable once the process has exited: see _exit_fd
     ready: bool = False
     # Jobs sent to the process, in order: the first runs, the rest wait in the pipe.
     jobs: deque[Job] = field(default_factory=deque)
     started_at: float = 0.0  # when the first of ``jobs`` started
     deadline: float | None = None  # when the first of ``jobs`` runs out of time
+    hangup_deadline: float | None = None  # closed its channel: killed if alive by then
 
     def start_next(self) -> None:
         """Note that the first job starts now: its time limit counts from here."""
@@ -196,13 +92,11 @@ class ProcessPool(Pool):
         self._job_s = SHORT_JOB_S * 10  # moving average of run time; no pipelining at first
         self._polled: tuple[_Child, ...] | None = None  # the processes _poller watches
         self._poller = select.poll()
-        self._poll_fds: dict[int, tuple[_Child, bool]] = {}  # fd -> (process, is sentinel)
+        self._poll_fds: dict[int, tuple[_Child, bool]] = {}  # fd -> (process, is exit_fd)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="taskfleet-process-pool", daemon=True
-        )
+        self._supervisor = self._thread(self._supervise, "taskfleet-process-pool")
 
     def start(self) -> None:
         self._children = [self._spawn() for _ in range(self.size)]
@@ -254,21 +148,26 @@ class ProcessPool(Pool):
     def _spawn(self) -> _Child:
         parent_end, child_end = self._mp.Pipe()
         process = self._mp.Process(
-            target=_child_main,
+            target=child_main,
             args=(child_end, self.task_modules),
             name="taskfleet-pool",
             daemon=True,
         )
         process.start()
         child_end.close()
-        return _Child(process, parent_end, _Frames(parent_end.fileno()))
+        return _Child(process, parent_end, Frames(parent_end.fileno()), _exit_fd(process))
 
     def _await_ready(self, child: _Child) -> None:
+        message: object
         try:
-            message = pickle.loads(child.conn.recv_bytes())
-        except EOFError:
+            while not (bodies := child.frames.read()):
+                pass
+            message = loads(bodies[0])
+        except (EOFError, OSError):
             child.process.join()
             message = f"it {_death(child.process.exitcode)}"
+        except Malformed as exc:
+            message = f"it sent a malformed message ({exc})"
         if message is not None:
             raise ConfigError(f"--tasks: a pool process could not start: {message}")
         child.ready = True
@@ -283,8 +182,10 @@ class ProcessPool(Pool):
                 self._dispatch()
                 self._wait_and_handle()
                 self._enforce_deadlines()
-        finally:
-            self._stop_children(graceful=not self._ledger.abandoned)
+        except BaseException:
+            self._stop_children(graceful=False)  # broken: its jobs will never be reported
+            raise
+        self._stop_children(graceful=not self._ledger.abandoned)
 
     def _dispatch(self) -> None:
         """Send queued jobs to ready processes, idle ones first; one write per process."""
@@ -301,10 +202,10 @@ class ProcessPool(Pool):
             child.jobs.append(job)
             if len(child.jobs) == 1:
                 child.start_next()
-            sending.setdefault(child, []).append(_frame(_to_wire(job)))
+            sending.setdefault(child, []).append(to_wire(job))
         for child, frames in sending.items():
-            with contextlib.suppress(OSError):  # it just died: its sentinel reports the job lost
-                _write_all(child.conn.fileno(), b"".join(frames))
+            with contextlib.suppress(OSError):  # it just died: its exit reports the job lost
+                write_all(child.conn.fileno(), b"".join(frames))
 
     def _wait_and_handle(self) -> None:
         children = tuple(self._children)
@@ -315,9 +216,13 @@ class ProcessPool(Pool):
             self._poll_fds = {}
             self._poller.register(self._wake_r.fileno(), select.POLLIN)
             for child in children:
-                for fd, died in ((child.conn.fileno(), False), (child.process.sentinel, True)):
+                watched = [(child.exit_fd, True), (child.conn.fileno(), False)]
+                if child.hangup_deadline is not None:
+                    # It closed the channel; only a pidfd still has news (its exit).
+                    watched = [] if child.exit_fd == child.process.sentinel else watched[:1]
+                for fd, exited in watched:
                     self._poller.register(fd, select.POLLIN)
-                    self._poll_fds[fd] = (child, died)
+                    self._poll_fds[fd] = (child, exited)
             self._polled = children
         timeout_s = self._until_next_deadline()
         events = self._poller.poll(None if timeout_s is None else math.ceil(timeout_s * 1000))
@@ -327,53 +232,71 @@ class ProcessPool(Pool):
             if handle is None:
                 self._wake_r.recv(4096)
             else:
-                child, died = handle
-                touched[child] = touched.get(child, False) or died
-        for child, died in touched.items():
-            self._service(child, died=died)
+                child, exited = handle
+                touched[child] = touched.get(child, False) or exited
+        for child, exited in touched.items():
+            if child in self._children:  # not replaced while servicing another
+                self._service(child, exited=exited)
 
     def _until_next_deadline(self) -> float | None:
-        deadlines = [d for c in self._children if (d := c.deadline) is not None]
+        deadlines = [d for c in self._children for d in (c.deadline, c.hangup_deadline) if d]
         return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
-    def _service(self, child: _Child, *, died: bool) -> None:
+    def _service(self, child: _Child, *, exited: bool) -> None:
         try:
-            # Readable: one read takes every result that has arrived. A dead process's
-            # last results are all read before its death counts, but never with a
-            # read that could block (a process it forked may hold the pipe open).
-            while not died or _readable_now(child.conn.fileno()):
-                for frame in child.frames.read():
-                    self._on_message(child, pickle.loads(frame))
-                if not died:
-                    break
+            # Readable: one read takes every result that has arrived. An exited process's
+            # last results are all read before its exit counts, but never with a read
+            # that could block (a process it started may hold the channel open).
+            while not exited or _readable_now(child.conn.fileno()):
+                for body in child.frames.read():
+                    self._on_message(child, loads(body))
+                if not exited:
+                    return
         except (EOFError, OSError):
-            died = True
-        if not died:
+            pass  # it closed the channel: exiting, or its task closed what it does not own
+        except Malformed as exc:
+            self._lose(
+                child,
+                f"sent a malformed message ({exc}), so it was killed: "
+                "did the task write to file descriptors it does not own?",
+            )
             return
-        child.process.join()
-        reason = _death(child.process.exitcode)
-        job = self._replace(child)
-        if job is not None:
-            self._ledger.finish(failed(job.ref, "WorkerLost", f"pool process {reason}"))
-        elif not child.ready:
-            log.warning("a pool process %s before it was ready; starting another", reason)
+        exitcode = child.process.exitcode
+        if exitcode is not None:
+            self._lose(child, _death(exitcode))
+        elif child.hangup_deadline is None:
+            # Not exited yet (or an exit_fd that can be fooled): wait for the exit,
+            # a little, hearing no more from it.
+            child.hangup_deadline = time.time() + _HANGUP_GRACE_S
+            child.ready = False
+            self._polled = None
 
-    def _on_message(self, child: _Child, message: _WireResult | str | None) -> None:
-        if type(message) is tuple:
+    def _on_message(self, child: _Child, message: object) -> None:
+        if message is None:
+            child.ready = True
+        elif type(message) is str:
+            log.error("a pool process could not start: %s", message)
+        elif not child.jobs:
+            raise Malformed("a result with no job running")
+        else:
+            ok, result, error = check_result(message)
             job = child.jobs.popleft()
             self._job_s += JOB_S_WEIGHT * (time.time() - child.started_at - self._job_s)
             if child.jobs:
                 child.start_next()
             else:
                 child.deadline = None
-            ok, result, error = message
             self._ledger.finish(
                 JobResult(job.ref, ok, result, None if error is None else TaskError(*error))
             )
-        elif message is None:
-            child.ready = True
+
+    def _lose(self, child: _Child, reason: str) -> None:
+        """Replace ``child``, killing it if need be; its job fails naming ``reason``."""
+        job = self._replace(child)
+        if job is not None:
+            self._ledger.finish(failed(job.ref, "WorkerLost", f"pool process {reason}"))
         else:
-            log.error("a pool process could not start: %s", message)
+            log.warning("a pool process with no job %s; starting another", reason)
 
     def _cancel(self, ref: LeaseRef) -> None:
         for child in self._children:
@@ -387,7 +310,16 @@ class ProcessPool(Pool):
         now = time.time()
         for child in list(self._children):
             deadline = child.deadline
-            if deadline is not None and deadline <= now:
+            if child.hangup_deadline is not None and child.hangup_deadline <= now:
+                exitcode = child.process.exitcode
+                self._lose(
+                    child,
+                    _death(exitcode)
+                    if exitcode is not None
+                    else "closed its channel to the pool without exiting, so it was killed: "
+                    "did the task close file descriptors it does not own?",
+                )
+            elif deadline is not None and deadline <= now:
                 job = self._replace(child)
                 assert job is not None
                 self._ledger.finish(timed_out(job))
@@ -405,7 +337,7 @@ class ProcessPool(Pool):
         for child in self._children:
             if graceful and child.ready:
                 with contextlib.suppress(OSError):
-                    child.conn.send_bytes(_STOP)
+                    write_all(child.conn.fileno(), frame(STOP))
             else:
                 child.process.kill()
         for child in self._children:
@@ -420,10 +352,24 @@ def _readable_now(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _exit_fd(process: SpawnProcess) -> int:
+    """A descriptor readable once ``process`` has exited: a pidfd where the system
+    has them. The fallback, the process's sentinel, a task can make readable by
+    writing junk to it or closing it (_service then waits a little for the exit,
+    and kills), or hold open in a process of its own, hiding the exit."""
+    assert process.pid is not None  # started
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.sentinel
+
+
 def _kill(child: _Child) -> None:
     if child.process.exitcode is None:
         child.process.kill()
     child.process.join()
+    if child.exit_fd != child.process.sentinel:
+        os.close(child.exit_fd)
     child.process.close()
     child.conn.close()
 

@@ -47,7 +47,7 @@ from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.metrics import WorkerMetrics
-from taskfleet.worker.pool import Pool, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken, make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker")
@@ -138,6 +138,10 @@ class Worker:
                 self.stopped.set()
                 self.pool.close(wait=False)
                 raise self._refused
+            if self.pool.failure is not None:
+                self.stopped.set()
+                self._send(None)  # the stream closes; the master lets the leases lapse
+                return abandon_broken(self.pool)
         return self.drain()
 
     def drain(self) -> int:

@@ -7,7 +7,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from taskfleet.common.model import LeaseRef
 from taskfleet.worker.execute import Job, run_job
@@ -35,10 +35,9 @@ class ThreadPool(Pool):
         self._busy = 0  # jobs whose function has not returned yet
         self._exited = 0  # threads that have left their loop
         self._threads = [
-            threading.Thread(target=self._work, name=f"taskfleet-thread-pool-{i}", daemon=True)
-            for i in range(size)
+            self._thread(self._work, f"taskfleet-thread-pool-{i}") for i in range(size)
         ]
-        self._watchdog = _Watchdog(self._ledger)
+        self._watchdog = _Watchdog(self._ledger, self._thread)
 
     def start(self) -> None:
         import_task_modules(self.task_modules)
@@ -78,33 +77,39 @@ class ThreadPool(Pool):
                 self._slots.wait_for(lambda: self._exited + self._busy >= started)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            # Skip what was cancelled or abandoned while queued.
-            result = run_job(job) if self._ledger.wants(job.ref) else None
+        # The counts stay true even if this thread dies of a bug (the pool is then
+        # broken), so that close() does not wait for it.
+        try:
+            while (job := self._jobs.get()) is not None:
+                try:
+                    # Skip what was cancelled or abandoned while queued.
+                    result = run_job(job) if self._ledger.wants(job.ref) else None
+                finally:
+                    with self._slots:
+                        self._busy -= 1
+                        self._slots.notify_all()
+                if result is not None:
+                    self._ledger.finish(result)
+        finally:
             with self._slots:
-                self._busy -= 1
+                self._exited += 1
                 self._slots.notify_all()
-            if result is not None:
-                self._ledger.finish(result)
-        with self._slots:
-            self._exited += 1
-            self._slots.notify_all()
 
 
 class _Watchdog:
     """Reports jobs past their deadline, and cancelled ones, without waiting for
     the threads that run them."""
 
-    def __init__(self, ledger: JobLedger) -> None:
+    def __init__(
+        self, ledger: JobLedger, thread: Callable[[Callable[[], None], str], threading.Thread]
+    ) -> None:
         self._ledger = ledger
         self._changed = threading.Condition()
         self._deadlines: list[tuple[float, int, Job]] = []  # a heap
         self._order = itertools.count()  # breaks ties: jobs do not compare
         self._poked = False
         self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name="taskfleet-thread-pool-watchdog", daemon=True
-        )
+        self._thread = thread(self._run, "taskfleet-thread-pool-watchdog")
 
     def start(self) -> None:
         self._thread.start()
