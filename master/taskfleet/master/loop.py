@@ -1,0 +1,77 @@
+"""The master's event loop as the rest of the master sees it.
+
+The gRPC server runs on one asyncio loop, so an open stream costs a few
+objects, not a thread. Two things cross that boundary, both through
+``LoopBridge``:
+
+- store calls, which block (sqlite waits on its lock and on fsync), run on a
+  small thread pool of their own, one call per batch as before;
+- wake-ups from other threads (the manager endpoint and the lease reaper run
+  in threads) are handed to the loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# sqlite serialises on one lock, so more threads would only queue there; a few
+# let a slow call (a large lease, a stats scan) overlap the quick ones.
+STORE_THREADS = 4
+
+
+class LoopBridge:
+    """The loop the master's RPCs run on and the pool its store calls run on.
+
+    Built inside the running loop, so it knows the loop's thread."""
+
+    def __init__(self, store_threads: int = STORE_THREADS) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
+        self._pool = ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="store")
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._thread_id
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the loop: now when called there, soon otherwise."""
+        if self.in_loop():
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the store pool, with this task's log context."""
+        context = contextvars.copy_context()
+        return await self.loop.run_in_executor(
+            self._pool, functools.partial(context.run, fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class LoopQueue(Generic[T]):
+    """A queue that any thread puts to and one task on the loop gets from."""
+
+    def __init__(self, bridge: LoopBridge) -> None:
+        self._bridge = bridge
+        self._queue: asyncio.Queue[T] = asyncio.Queue()
+
+    def put(self, item: T) -> None:
+        self._bridge.call(self._queue.put_nowait, item)
+
+    async def get(self) -> T:
+        return await self._queue.get()
+
+    def get_nowait(self) -> T:
+        """The next item; raises ``asyncio.QueueEmpty`` when there is none."""
+        return self._queue.get_nowait()
