@@ -25,18 +25,42 @@ T = TypeVar("T")
 
 # sqlite serialises on one lock, so more threads would only queue there; a few
 # let a slow call (a large lease, a stats scan) overlap the quick ones.
-STORE_THREADS = 4
+PRODUCER_THREADS = 2
+WORKER_THREADS = 4
+
+
+class StoreLane:
+    """A thread pool for store calls: calls on one lane never wait in line behind
+    another lane's."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, threads: int) -> None:
+        self._loop = loop
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
+        context = contextvars.copy_context()
+        return await self._loop.run_in_executor(
+            self._pool, functools.partial(context.run, fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class LoopBridge:
-    """The loop the master's RPCs run on and the pool its store calls run on.
+    """The loop the master's RPCs run on and the lanes its store calls run on.
 
-    Built inside the running loop, so it knows the loop's thread."""
+    Built inside the running loop, so it knows the loop's thread. Producers'
+    calls and worker streams' calls take separate lanes: hundreds of workers
+    woken by one Submit each ask the store for work, and a GetStats must not
+    queue behind all of them."""
 
-    def __init__(self, store_threads: int = STORE_THREADS) -> None:
+    def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self._pool = ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="store")
+        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS)
+        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS)
 
     def in_loop(self) -> bool:
         return threading.get_ident() == self._thread_id
@@ -48,15 +72,9 @@ class LoopBridge:
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn(*args, **kwargs)`` on the store pool, with this task's log context."""
-        context = contextvars.copy_context()
-        return await self.loop.run_in_executor(
-            self._pool, functools.partial(context.run, fn, *args, **kwargs)
-        )
-
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self.producers.close()
+        self.workers.close()
 
 
 class LoopQueue(Generic[T]):

@@ -177,7 +177,7 @@ class ManagerBridge:
         if refs:
             released = self._rt.store.release(refs, time.time())
             log.info("manager client %s left: %d task(s) back to the queue", client.peer, released)
-            self._rt.sessions.hint_work()
+            self._rt.sessions.hint_work([self.queue])
 
     def _check_alive(self, client: ClientConnection) -> None:
         if self._rt.stopping.is_set():
@@ -211,7 +211,7 @@ class ManagerBridge:
         (task_id,) = self._rt.store.submit([spec], time.time())
         self._rt.metrics.submitted([spec])
         self.results.watch(task_id)
-        self._rt.sessions.hint_work()
+        self._rt.sessions.hint_work([self.queue])
         return task_id
 
     def take(self, block: bool, timeout: float | None) -> Any:

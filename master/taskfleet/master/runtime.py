@@ -59,7 +59,7 @@ class MasterRuntime:
                 len(expired),
                 ", ".join(f"{t.id} (worker {t.worker_id})" for t in expired[:5]),
             )
-            self.sessions.hint_work()
+            self.sessions.hint_work({t.spec.queue for t in expired})
         return len(expired)
 
     def run_reaper(self) -> None:

@@ -29,6 +29,10 @@ log = logging.getLogger("taskfleet.master")
 
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: stop at once
 DRAIN_POLL_S = 0.1
+# gRPC core queues calls that arrive faster than the loop takes them and, past
+# 1,000 queued (its default), cancels some: a burst of reconnecting workers or
+# of new waits would lose calls. --max-streams is the limit that counts.
+PENDING_CALLS = 20_000
 
 
 class Master:
@@ -48,7 +52,12 @@ class Master:
             else []
         )
         interceptors.append(DecodeRequests())  # innermost: after the token check
-        self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        options = [
+            *SERVER_OPTIONS,
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+        ]
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.runtime), self._server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(self.runtime), self._server
@@ -109,7 +118,7 @@ class Master:
         work is handed out, let connected workers finish and report what runs."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_s
-        while loop.time() < deadline and await self.runtime.bridge.run(self._work_running):
+        while loop.time() < deadline and await self.runtime.bridge.producers.run(self._work_running):
             await asyncio.sleep(DRAIN_POLL_S)
 
     def _work_running(self) -> bool:

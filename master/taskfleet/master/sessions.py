@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from taskfleet.common.model import LeaseRef, WorkerInfo
 from taskfleet.master.loop import LoopBridge
@@ -98,15 +98,18 @@ class Sessions:
         with self._lock:
             return self._by_worker.get(worker_id)
 
-    def hint_work(self) -> None:
-        """Tell every worker with free slots that new work may be ready."""
+    def hint_work(self, queues: Collection[str]) -> None:
+        """Tell every worker with free slots that serves one of ``queues`` that new
+        work may be ready. Only those: each one woken costs a store call."""
         if not self._bridge.in_loop():
-            self._bridge.call(self.hint_work)  # one hand-off, not one per session
+            self._bridge.call(self.hint_work, frozenset(queues))  # one hand-off in all
             return
+        wanted = frozenset(queues)
         with self._lock:
             sessions = list(self._by_worker.values())
         for session in sessions:
-            session.hint_work()
+            if any(q in wanted for q in session.info.queues):
+                session.hint_work()
 
     def close_all(self) -> None:
         with self._lock:

@@ -49,16 +49,16 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
         specs = [convert.spec_from_proto(pb) for pb in tasks]
         validate_specs(specs, self._rt.config.max_payload_bytes)
-        task_ids = await self._rt.bridge.run(self._rt.store.submit, specs, time.time())
+        task_ids = await self._rt.bridge.producers.run(self._rt.store.submit, specs, time.time())
         self._rt.metrics.submitted(specs)
-        self._rt.sessions.hint_work()
+        self._rt.sessions.hint_work({spec.queue for spec in specs})
         log.debug("submitted %d tasks", len(task_ids))
         return task_ids
 
     @unary
     async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        task = await self._rt.bridge.run(self._rt.store.get, request.task_id)
+        task = await self._rt.bridge.producers.run(self._rt.store.get, request.task_id)
         return convert.task_to_proto(task)
 
     @streaming
@@ -91,7 +91,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         try:
             waiting = set(task_ids)
             batch = _Batch(message)
-            for task in await self._rt.bridge.run(self._rt.store.get_many, task_ids):
+            for task in await self._rt.bridge.producers.run(self._rt.store.get_many, task_ids):
                 if task.state.is_final:
                     waiting.discard(task.id)
                     if batch.add(task):
@@ -126,7 +126,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.CancelTaskRequest, context: Context
     ) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        task = await self._rt.bridge.run(self._rt.store.cancel, request.task_id, time.time())
+        task = await self._rt.bridge.producers.run(self._rt.store.cancel, request.task_id, time.time())
         # If it was running, its worker stops it now rather than at the next
         # heartbeat; a worker that no longer holds that lease ignores this.
         session = self._rt.sessions.get(task.worker_id) if task.worker_id else None
@@ -140,7 +140,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def GetStats(
         self, request: tasks_pb2.GetStatsRequest, context: Context
     ) -> tasks_pb2.Stats:
-        counts = await self._rt.bridge.run(self._rt.store.stats)
+        counts = await self._rt.bridge.producers.run(self._rt.store.stats)
         return convert.stats_to_proto(Stats(counts, self._rt.sessions.infos()))
 
 

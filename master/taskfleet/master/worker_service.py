@@ -94,7 +94,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             for message in outbox:
                 yield message
             leases = (
-                await self._rt.bridge.run(
+                await self._rt.bridge.workers.run(
                     self._rt.store.lease,
                     info.worker_id,
                     info.queues,
@@ -142,7 +142,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         if session.credit <= 0:
             return min(IDLE_RECHECK_S * 5, self._rt.config.lease_s / 2)
         now = time.time()
-        ready_at = await self._rt.bridge.run(self._rt.store.next_ready_at, now)
+        ready_at = await self._rt.bridge.workers.run(self._rt.store.next_ready_at, now)
         if ready_at is None:
             return IDLE_RECHECK_S
         return max(0.001, min(IDLE_RECHECK_S, ready_at - now))
@@ -175,16 +175,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             await self._record(session, message.results)
         elif kind == "release":
             refs = [convert.ref_from_proto(r) for r in message.release.leases]
-            released = await self._rt.bridge.run(self._rt.store.release, refs, time.time())
+            released = await self._rt.bridge.workers.run(self._rt.store.release, refs, time.time())
             session.running = max(0, session.running - released)
-            self._rt.sessions.hint_work()
+            self._rt.sessions.hint_work(session.info.queues)
         else:
             log.warning("ignoring unexpected %s message from worker", kind)
 
     async def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> int:
         """Extend the worker's valid leases, revoke the rest; returns how many hold."""
         stale = (
-            await self._rt.bridge.run(
+            await self._rt.bridge.workers.run(
                 self._rt.store.extend,
                 session.info.worker_id,
                 held,
@@ -207,7 +207,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 continue
             outcomes.append(convert.outcome_from_proto(pb))
         finals = (
-            await self._rt.bridge.run(self._rt.store.record, outcomes, time.time())
+            await self._rt.bridge.workers.run(self._rt.store.record, outcomes, time.time())
             if outcomes
             else []
         )
@@ -216,9 +216,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._rt.hub.publish(finals)
         self._rt.metrics.finished(finals)
         if retried:
-            self._rt.sessions.hint_work()
+            self._rt.sessions.hint_work(session.info.queues)
             if self._rt.metrics.enabled:  # reads the tasks back from the store
-                await self._rt.bridge.run(self._rt.metrics.retried, self._rt.store, outcomes)
+                await self._rt.bridge.workers.run(self._rt.metrics.retried, self._rt.store, outcomes)
         session.ack_results(results.seq, max(0, results.credit))
 
 
