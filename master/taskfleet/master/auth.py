@@ -8,13 +8,15 @@ from typing import Any
 
 import grpc
 
+from taskfleet.master.rpc import ServerInterceptor
+
 # Only taskfleet's own services are guarded: the standard health and reflection
 # services stay open so load balancers and grpcurl work without a token.
 GUARDED_PREFIX = "/taskfleet.v1."
 WORKER_PREFIX = "/taskfleet.v1.WorkerService/"
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
+class TokenInterceptor(ServerInterceptor):
     """Refuses taskfleet calls without the right ``authorization: Bearer <token>``
     with UNAUTHENTICATED.
 

@@ -21,7 +21,7 @@ class Health:
     NOT_SERVING for good once ``draining`` is."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
-        self._servicer = health.aio.HealthServicer()
+        self._servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
         reflection.enable_server_reflection(
             (*TASKFLEET_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -14,13 +14,18 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from taskfleet.common.context import bound_context, new_request_id
 from taskfleet.common.errors import InvalidArgument, TaskfleetError, status_for
+
+if TYPE_CHECKING:  # the stubs' generic does not exist at run time
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 log = logging.getLogger("taskfleet.master.rpc")
 
@@ -28,7 +33,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryHandler = Callable[[Any, Req, Context], Awaitable[Resp]]
-StreamHandler = Callable[[Any, Req, Context], AsyncIterator[Resp]]
+StreamHandler = Callable[[Any, Req, Context], AsyncGenerator[Resp, None]]
 
 
 async def _abort(context: Context, exc: BaseException, method: str) -> None:
@@ -68,7 +73,7 @@ def streaming(method: StreamHandler[Req, Resp]) -> StreamHandler[Req, Resp]:
     stream counts against ``--max-streams``."""
 
     @functools.wraps(method)
-    async def handler(self: Any, request: Req, context: Context) -> AsyncIterator[Resp]:
+    async def handler(self: Any, request: Req, context: Context) -> AsyncGenerator[Resp, None]:
         started = time.perf_counter()
         code = "OK"
         counted = False
@@ -93,16 +98,14 @@ def streaming(method: StreamHandler[Req, Resp]) -> StreamHandler[Req, Resp]:
     return handler
 
 
-class DecodeRequests(grpc.aio.ServerInterceptor):
+class DecodeRequests(ServerInterceptor):
     """Parses requests inside the handler, so one that is not a valid message is
     refused with INVALID_ARGUMENT; gRPC's own parsing would answer INTERNAL."""
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler: Any = await continuation(handler_call_details)
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         return _decoding(handler, handler_call_details.method)

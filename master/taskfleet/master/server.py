@@ -18,7 +18,7 @@ from taskfleet.master.auth import TokenInterceptor
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
-from taskfleet.master.rpc import DecodeRequests
+from taskfleet.master.rpc import DecodeRequests, ServerInterceptor
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.store import open_store
 from taskfleet.master.task_service import TaskService
@@ -46,7 +46,7 @@ class Master:
         self.runtime = MasterRuntime(
             config, open_store(config.store), metrics=MasterMetrics(bool(config.metrics_listen))
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = (
+        interceptors: list[ServerInterceptor] = (
             [TokenInterceptor(config.token, config.worker_token)]
             if config.token or config.worker_token
             else []
@@ -118,7 +118,9 @@ class Master:
         work is handed out, let connected workers finish and report what runs."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_s
-        while loop.time() < deadline and await self.runtime.bridge.producers.run(self._work_running):
+        while loop.time() < deadline and await self.runtime.bridge.producers.run(
+            self._work_running
+        ):
             await asyncio.sleep(DRAIN_POLL_S)
 
     def _work_running(self) -> bool:

@@ -98,18 +98,33 @@ class Sessions:
         with self._lock:
             return self._by_worker.get(worker_id)
 
-    def hint_work(self, queues: Collection[str]) -> None:
-        """Tell every worker with free slots that serves one of ``queues`` that new
-        work may be ready. Only those: each one woken costs a store call."""
-        if not self._bridge.in_loop():
-            self._bridge.call(self.hint_work, frozenset(queues))  # one hand-off in all
+    def hint_work(
+        self,
+        queues: Collection[str],
+        names: Collection[str] | None = None,
+        tasks: int | None = None,
+    ) -> None:
+        """Tell the workers with free slots that serve ``queues`` (and run one of
+        ``names``, when given) that new work may be ready.
+
+        Each worker woken asks the store for work, so with ``tasks`` (how many
+        are new) only enough wake to take them, by their free slots; the others
+        see the work at their next look (at most ``IDLE_RECHECK_S`` away)."""
+        if not self._bridge.in_loop():  # one hand-off in all
+            self._bridge.call(self.hint_work, frozenset(queues), names and frozenset(names), tasks)
             return
-        wanted = frozenset(queues)
+        wanted_queues = frozenset(queues)
+        wanted_names = None if names is None else frozenset(names)
         with self._lock:
             sessions = list(self._by_worker.values())
         for session in sessions:
-            if any(q in wanted for q in session.info.queues):
+            if not _serves(session.info, wanted_queues, wanted_names):
+                continue
+            if tasks is None:
                 session.hint_work()
+            elif tasks > 0 and session.credit > 0:
+                session.hint_work()
+                tasks -= session.credit
 
     def close_all(self) -> None:
         with self._lock:
@@ -122,3 +137,10 @@ class Sessions:
             sessions = list(self._by_worker.values())
         infos = [dataclasses.replace(s.info, running=s.running) for s in sessions]
         return sorted(infos, key=lambda i: i.worker_id)
+
+
+def _serves(info: WorkerInfo, queues: frozenset[str], names: frozenset[str] | None) -> bool:
+    """Whether a worker takes tasks of one of ``queues`` named one of ``names``."""
+    if not any(q in queues for q in info.queues):
+        return False
+    return names is None or not info.task_names or not names.isdisjoint(info.task_names)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -37,7 +37,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     @streaming
     async def SubmitAndWait(
         self, request: tasks_pb2.SubmitAndWaitRequest, context: Context
-    ) -> AsyncIterator[tasks_pb2.SubmitAndWaitResponse]:
+    ) -> AsyncGenerator[tasks_pb2.SubmitAndWaitResponse, None]:
         timeout_s = _timeout_s(request)
         task_ids = await self._submit(request.tasks)
         yield tasks_pb2.SubmitAndWaitResponse(task_ids=task_ids)
@@ -51,7 +51,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         validate_specs(specs, self._rt.config.max_payload_bytes)
         task_ids = await self._rt.bridge.producers.run(self._rt.store.submit, specs, time.time())
         self._rt.metrics.submitted(specs)
-        self._rt.sessions.hint_work({spec.queue for spec in specs})
+        self._rt.sessions.hint_work(
+            {spec.queue for spec in specs}, {spec.name for spec in specs}, len(specs)
+        )
         log.debug("submitted %d tasks", len(task_ids))
         return task_ids
 
@@ -64,7 +66,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     @streaming
     async def WaitTasks(
         self, request: tasks_pb2.WaitTasksRequest, context: Context
-    ) -> AsyncIterator[tasks_pb2.Task]:
+    ) -> AsyncGenerator[tasks_pb2.Task, None]:
         task_ids, timeout_s = _wait_request(request)
         async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
             for task in batch.tasks:
@@ -73,14 +75,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     @streaming
     async def WaitTasksBatched(
         self, request: tasks_pb2.WaitTasksBatchedRequest, context: Context
-    ) -> AsyncIterator[tasks_pb2.TaskBatch]:
+    ) -> AsyncGenerator[tasks_pb2.TaskBatch, None]:
         task_ids, timeout_s = _wait_request(request)
         async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
             yield batch
 
     async def _finished(
         self, task_ids: list[str], timeout_s: float | None, message: Callable[[], _Message]
-    ) -> AsyncIterator[_Message]:
+    ) -> AsyncGenerator[_Message, None]:
         """The tasks as they become final, in ``message``s of those that finished
         together (the ones final already come first). Ends early when the master
         stops (the hub wakes every waiter with None)."""
@@ -126,7 +128,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.CancelTaskRequest, context: Context
     ) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        task = await self._rt.bridge.producers.run(self._rt.store.cancel, request.task_id, time.time())
+        task = await self._rt.bridge.producers.run(
+            self._rt.store.cancel, request.task_id, time.time()
+        )
         # If it was running, its worker stops it now rather than at the next
         # heartbeat; a worker that no longer holds that lease ignores this.
         session = self._rt.sessions.get(task.worker_id) if task.worker_id else None

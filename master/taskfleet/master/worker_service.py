@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context
@@ -37,7 +37,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     @streaming
     async def Connect(
         self, request_iterator: AsyncIterator[worker_pb2.WorkerMessage], context: Context
-    ) -> AsyncIterator[worker_pb2.MasterMessage]:
+    ) -> AsyncGenerator[worker_pb2.MasterMessage, None]:
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "hello":
             raise InvalidArgument("hello: the first message of a worker stream must be Hello")
@@ -76,7 +76,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             self._rt.sessions.remove(session)
             log.info("worker %s disconnected", session.info.worker_id)
 
-    async def _dispatch(self, session: WorkerSession) -> AsyncIterator[worker_pb2.MasterMessage]:
+    async def _dispatch(
+        self, session: WorkerSession
+    ) -> AsyncGenerator[worker_pb2.MasterMessage, None]:
         """Yield outbox messages and lease batches until the session closes.
 
         An acknowledgement of results rides on the assignments that answer the
@@ -218,7 +220,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         if retried:
             self._rt.sessions.hint_work(session.info.queues)
             if self._rt.metrics.enabled:  # reads the tasks back from the store
-                await self._rt.bridge.workers.run(self._rt.metrics.retried, self._rt.store, outcomes)
+                await self._rt.bridge.workers.run(
+                    self._rt.metrics.retried, self._rt.store, outcomes
+                )
         session.ack_results(results.seq, max(0, results.credit))
 
 
