@@ -31,21 +31,26 @@ WORKER_THREADS = 4
 
 class StoreLane:
     """A thread pool for store calls: calls on one lane never wait in line behind
-    another lane's."""
+    another lane's. With no threads, calls run at once on the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, threads: int) -> None:
         self._loop = loop
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) if threads else None
+        )
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
+        if self._pool is None:
+            return fn(*args, **kwargs)
         context = contextvars.copy_context()
         return await self._loop.run_in_executor(
             self._pool, functools.partial(context.run, fn, *args, **kwargs)
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class LoopBridge:
@@ -54,13 +59,14 @@ class LoopBridge:
     Built inside the running loop, so it knows the loop's thread. Producers'
     calls and worker streams' calls take separate lanes: hundreds of workers
     woken by one Submit each ask the store for work, and a GetStats must not
-    queue behind all of them."""
+    queue behind all of them. A store whose calls never block (``offload``
+    False) is called on the loop itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS)
-        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS)
+        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS * offload)
+        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS * offload)
 
     def in_loop(self) -> bool:
         return threading.get_ident() == self._thread_id

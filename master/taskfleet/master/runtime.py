@@ -26,7 +26,7 @@ class MasterRuntime:
 
     config: MasterConfig
     store: Store
-    bridge: LoopBridge = field(default_factory=LoopBridge)
+    bridge: LoopBridge = field(init=False)
     hub: CompletionHub = field(default_factory=CompletionHub)
     sessions: Sessions = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -34,6 +34,7 @@ class MasterRuntime:
     open_streams: int = 0  # changed on the loop only
 
     def __post_init__(self) -> None:
+        self.bridge = LoopBridge(offload=self.store.blocks)
         self.sessions = Sessions(self.bridge)
 
     def open_stream(self) -> None:

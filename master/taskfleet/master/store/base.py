@@ -21,6 +21,7 @@ import abc
 import os
 import time
 from collections.abc import Collection, Sequence
+from typing import ClassVar
 
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec
 
@@ -37,6 +38,10 @@ def new_task_id() -> str:
 
 class Store(abc.ABC):
     """Durable or volatile home of all tasks; see the module docstring."""
+
+    # Whether calls wait on a disk, a lock or a network, so that the master's event
+    # loop must hand them to a thread; a store that only computes says False.
+    blocks: ClassVar[bool] = True
 
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
