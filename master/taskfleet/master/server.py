@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import threading
 
@@ -33,6 +34,7 @@ DRAIN_POLL_S = 0.1
 # 1,000 queued (its default), cancels some: a burst of reconnecting workers or
 # of new waits would lose calls. --max-streams is the limit that counts.
 PENDING_CALLS = 20_000
+OPEN_FILES = 65_536  # the soft limit asked for when the hard one is unlimited
 
 
 class Master:
@@ -149,6 +151,7 @@ def run_master(config: MasterConfig) -> int:
 
 
 async def _serve(config: MasterConfig) -> int:
+    _raise_open_files_limit()
     master = Master(config)
     await master.start()
     stop_requested = asyncio.Event()
@@ -167,6 +170,19 @@ async def _serve(config: MasterConfig) -> int:
     await stop_requested.wait()
     await master.stop()
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Every worker and every client connection holds a file descriptor, and the
+    usual soft limit of 1,024 would stop a master that holds streams cheaply
+    well short of ``--max-streams``; the hard limit is the operator's word."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 def _security_text(config: MasterConfig) -> str:
