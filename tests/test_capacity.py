@@ -157,11 +157,14 @@ async def _many_streams(address: str) -> None:
         stats = await tasks.GetStats(tasks_pb2.GetStatsRequest(), timeout=CALL_DEADLINE_S)
         assert sum(1 for w in stats.workers if w.worker_id.startswith("capacity-")) == WORKERS
 
-        # Then Submit, GetStats and health checks still answer within their deadline
+        # Then Submit, GetStats and health checks still answer within their deadline,
+        # with the tasks submitted to the workers' queue, so that each Submit wakes them
         during = await unary_latencies_ms(control, worker_queue)
         print(f"\nopened {WAITS} waits and {WORKERS} worker streams in {opened_s:.1f} s")
         report("idle master:", before)
         report(f"with {WAITS} waits and {WORKERS} worker streams open:", during)
+        # And the worker streams took those tasks
+        await _until_running(tasks, worker_queue, len(during["Submit"]))
 
         # And every wait is still live: cancelling the pending task ends all of them
         await tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=pending_id), timeout=5)
@@ -170,6 +173,17 @@ async def _many_streams(address: str) -> None:
         assert all([t.id for t in last.tasks] == [pending_id] for last in lasts)
         for worker in workers:
             worker.cancel()
+
+
+async def _until_running(
+    tasks: tasks_pb2_grpc.TaskServiceStub, queue_name: str, count: int
+) -> None:
+    async with asyncio.timeout(OPEN_DEADLINE_S):
+        while True:
+            stats = await tasks.GetStats(tasks_pb2.GetStatsRequest(), timeout=CALL_DEADLINE_S)
+            if any(q.queue == queue_name and q.running == count for q in stats.queues):
+                return
+            await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("limit", [4])
