@@ -4,8 +4,9 @@ The gRPC server runs on one asyncio loop, so an open stream costs a few
 objects, not a thread. Two things cross that boundary, both through
 ``LoopBridge``:
 
-- store calls, which block (sqlite waits on its lock and on fsync), run on a
-  small thread pool of their own, one call per batch as before;
+- store calls, which block (sqlite waits on its lock and on fsync), run on
+  two small thread pools ("lanes"), one call per batch as before; a store
+  whose calls never block (memory) is called on the loop itself;
 - wake-ups from other threads (the manager endpoint and the lease reaper run
   in threads) are handed to the loop with ``call_soon_threadsafe``.
 """

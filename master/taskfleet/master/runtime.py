@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ResourceExhausted
+from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.loop import LoopBridge
 from taskfleet.master.metrics import MasterMetrics
@@ -29,6 +30,7 @@ class MasterRuntime:
     bridge: LoopBridge = field(init=False)
     hub: CompletionHub = field(default_factory=CompletionHub)
     sessions: Sessions = field(init=False)
+    due: DueTimer = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
     metrics: MasterMetrics = field(default_factory=MasterMetrics)  # off unless enabled
     open_streams: int = 0  # changed on the loop only
@@ -36,6 +38,7 @@ class MasterRuntime:
     def __post_init__(self) -> None:
         self.bridge = LoopBridge(offload=self.store.blocks)
         self.sessions = Sessions(self.bridge)
+        self.due = DueTimer(self.store, self.bridge, self.sessions)
 
     def open_stream(self) -> None:
         """Count a new streaming call, or refuse it past ``--max-streams``: a

@@ -67,6 +67,7 @@ class Master:
         self._health = Health(self._server)
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
+        self._due: asyncio.Task[None] | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -88,6 +89,7 @@ class Master:
         await self._health.serving()
         await self._server.start()
         self._reaper.start()
+        self._due = asyncio.create_task(self.runtime.due.run(), name="due-timer")
         log.info(
             "master listening on %s (store %s, %s)",
             self.config.listen,
@@ -107,6 +109,8 @@ class Master:
         rt.sessions.close_all()
         rt.hub.wake_all()
         await self._server.stop(self.config.grace_s)
+        if self._due is not None:
+            self._due.cancel()
         await asyncio.to_thread(self._reaper.join)
         if self._manager is not None:
             await asyncio.to_thread(self._manager.stop)

@@ -100,20 +100,20 @@ class Sessions:
 
     def hint_work(
         self,
-        queues: Collection[str],
+        queues: Collection[str] | None,
         names: Collection[str] | None = None,
         tasks: int | None = None,
     ) -> None:
-        """Tell the workers with free slots that serve ``queues`` (and run one of
-        ``names``, when given) that new work may be ready.
+        """Tell the workers with free slots that serve ``queues`` (all workers for
+        None), and run one of ``names`` when given, that new work may be ready.
 
         Each worker woken asks the store for work, so with ``tasks`` (how many
         are new) only enough wake to take them, by their free slots; the others
-        see the work at their next look (at most ``IDLE_RECHECK_S`` away)."""
+        see the work at their next look (within ``IDLE_RECHECK_S``)."""
         if not self._bridge.in_loop():  # one hand-off in all
-            self._bridge.call(self.hint_work, frozenset(queues), names and frozenset(names), tasks)
+            self._bridge.call(self.hint_work, queues, names, tasks)
             return
-        wanted_queues = frozenset(queues)
+        wanted_queues = None if queues is None else frozenset(queues)
         wanted_names = None if names is None else frozenset(names)
         with self._lock:
             sessions = list(self._by_worker.values())
@@ -139,8 +139,8 @@ class Sessions:
         return sorted(infos, key=lambda i: i.worker_id)
 
 
-def _serves(info: WorkerInfo, queues: frozenset[str], names: frozenset[str] | None) -> bool:
+def _serves(info: WorkerInfo, queues: frozenset[str] | None, names: frozenset[str] | None) -> bool:
     """Whether a worker takes tasks of one of ``queues`` named one of ``names``."""
-    if not any(q in queues for q in info.queues):
+    if queues is not None and not any(q in queues for q in info.queues):
         return False
     return names is None or not info.task_names or not names.isdisjoint(info.task_names)

@@ -49,7 +49,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
         specs = [convert.spec_from_proto(pb) for pb in tasks]
         validate_specs(specs, self._rt.config.max_payload_bytes)
-        task_ids = await self._rt.bridge.producers.run(self._rt.store.submit, specs, time.time())
+        now = time.time()
+        task_ids = await self._rt.bridge.producers.run(self._rt.store.submit, specs, now)
+        if any(spec.not_before > now for spec in specs):
+            self._rt.due.reschedule()
         self._rt.metrics.submitted(specs)
         self._rt.sessions.hint_work(
             {spec.queue for spec in specs}, {spec.name for spec in specs}, len(specs)

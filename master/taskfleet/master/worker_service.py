@@ -4,7 +4,7 @@ Two tasks on the event loop serve a stream, and no thread: the handler runs
 the dispatcher, which leases tasks whenever the worker has credit and sends
 what the session's outbox holds; a reader task applies what the worker sends
 (credit, heartbeats, results, releases). Tasks and results travel in batches,
-and each batch is one store call on the store's thread pool.
+and each batch is one store call (on a thread, for a store whose calls block).
 """
 
 from __future__ import annotations
@@ -123,9 +123,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             session.changed.clear()  # before looking: a change from now on wakes us
             if session.closed or session.outbox or session.results_ack or self._may_lease(session):
                 return
-            wait_s = await self._idle_wait_s(session)
             try:
-                async with asyncio.timeout(wait_s):
+                async with asyncio.timeout(self._idle_wait_s(session)):
                     await session.changed.wait()
             except TimeoutError:
                 pass
@@ -140,14 +139,12 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def _may_lease(self, session: WorkerSession) -> bool:
         return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()
 
-    async def _idle_wait_s(self, session: WorkerSession) -> float:
+    def _idle_wait_s(self, session: WorkerSession) -> float:
+        """How long to sleep with no news: the recheck is a safety net for a missed
+        wake-up (delayed tasks coming due wake workers through ``DueTimer``)."""
         if session.credit <= 0:
             return min(IDLE_RECHECK_S * 5, self._rt.config.lease_s / 2)
-        now = time.time()
-        ready_at = await self._rt.bridge.workers.run(self._rt.store.next_ready_at, now)
-        if ready_at is None:
-            return IDLE_RECHECK_S
-        return max(0.001, min(IDLE_RECHECK_S, ready_at - now))
+        return IDLE_RECHECK_S
 
     async def _read(
         self, session: WorkerSession, request_iterator: AsyncIterator[worker_pb2.WorkerMessage]
@@ -218,6 +215,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._rt.hub.publish(finals)
         self._rt.metrics.finished(finals)
         if retried:
+            self._rt.due.reschedule()  # the retries wait out a backoff
             self._rt.sessions.hint_work(session.info.queues)
             if self._rt.metrics.enabled:  # reads the tasks back from the store
                 await self._rt.bridge.workers.run(
