@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -144,7 +145,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         wake-up (delayed tasks coming due wake workers through ``DueTimer``)."""
         if session.credit <= 0:
             return min(IDLE_RECHECK_S * 5, self._rt.config.lease_s / 2)
-        return IDLE_RECHECK_S
+        # Jittered: streams opened together (workers reconnecting after a restart)
+        # would otherwise all ask the store at the same instant, every time.
+        return IDLE_RECHECK_S * random.uniform(0.5, 1.0)
 
     async def _read(
         self, session: WorkerSession, request_iterator: AsyncIterator[worker_pb2.WorkerMessage]
