@@ -211,7 +211,7 @@ class ManagerBridge:
         (task_id,) = self._rt.store.submit([spec], time.time())
         self._rt.metrics.submitted([spec])
         self.results.watch(task_id)
-        self._rt.sessions.hint_work([self.queue])
+        self._rt.sessions.hint_work([self.queue], [self.task_name], 1)
         return task_id
 
     def take(self, block: bool, timeout: float | None) -> Any:
