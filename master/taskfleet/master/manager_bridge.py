@@ -178,7 +178,7 @@ class ManagerBridge:
         if refs:
             released = self._rt.store.release(refs, time.time())
             log.info("manager client %s left: %d task(s) back to the queue", client.peer, released)
-            self._rt.sessions.hint_work()
+            self._rt.sessions.hint_work([self.queue])
 
     def _check_alive(self, client: ClientConnection) -> None:
         if self._rt.stopping.is_set():
@@ -212,7 +212,7 @@ class ManagerBridge:
         (task_id,) = self._rt.store.submit([spec], time.time())
         self._rt.metrics.submitted([spec])
         self.results.watch(task_id)
-        self._rt.sessions.hint_work()
+        self._rt.sessions.hint_work([self.queue], [self.task_name], 1)
         return task_id
 
     def take(self, block: bool, timeout: float | None) -> Any:
@@ -324,8 +324,7 @@ class ManagerBridge:
     def _count_running(self, client: ClientConnection) -> None:
         session = client.session
         if session is not None:
-            with session.cond:
-                session.running = len(client.held)
+            session.running = len(client.held)
 
 
 def _argument(task: Task) -> Any:

@@ -21,6 +21,7 @@ import abc
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import ClassVar
 
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec
 
@@ -41,6 +42,9 @@ class Store(abc.ABC):
     # Called once (from the failing call's thread) when the store finds it can no
     # longer be used, e.g. a damaged file: the master then reports NOT_SERVING.
     on_unusable: Callable[[], None] | None = None
+    # Whether calls wait on a disk, a lock or a network, so that the master's event
+    # loop must hand them to a thread; a store that only computes says False.
+    blocks: ClassVar[bool] = True
 
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
