@@ -56,6 +56,9 @@ class MasterConfig:
     # How long a stopping master, already reporting NOT_SERVING to health checks,
     # waits for connected workers to finish and report their running tasks.
     drain_s: float = 0.0
+    # Open streaming calls (WaitTasks, WaitTasksBatched, SubmitAndWait and worker
+    # streams together) beyond this get RESOURCE_EXHAUSTED; unary calls never do.
+    max_streams: int = 10_000
     metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
     insecure: bool = False  # allow a non-loopback listen address without a token or TLS
     log_level: str = "INFO"
@@ -179,6 +182,13 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -259,6 +269,12 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
         type=non_negative_float,
         help="on SIGTERM, report NOT_SERVING and let workers finish running tasks this long",
     )
+    parser.add_flag(
+        "--max-streams",
+        default=d.max_streams,
+        type=positive_int,
+        help="refuse streaming calls (waits and worker streams) beyond this many open ones",
+    )
     _add_metrics_flag(parser)
     parser.add_flag(
         "--insecure",
@@ -295,6 +311,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         drain_s=args.drain_s,
         result_ttl_s=args.result_ttl_s,
         max_lost_leases=args.max_lost_leases,
+        max_streams=args.max_streams,
         metrics_listen=_metrics_listen(args, listen),
         insecure=args.insecure,
         log_level=args.log_level,

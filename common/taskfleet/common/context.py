@@ -1,38 +1,46 @@
-"""Thread-local request context and the logging that carries it.
+"""Request context and the logging that carries it.
 
 The master sets a context (request id, peer) around every RPC handler; the
 worker sets one (task id, attempt) around every task it reports on. A logging
 filter copies the current context into each record, so every log line says
 which request or task it belongs to without passing loggers around.
+
+The context is a ``contextvars`` variable: per thread, as ``threading.local``
+would be, and also per asyncio task, so the master's RPCs, which share one
+event loop thread, each log their own request id.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_local = threading.local()
+_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "taskfleet_context", default=None
+)
 
 
 def current_context() -> dict[str, str]:
-    """The calling thread's context (empty outside any request or task)."""
-    context: dict[str, str] = getattr(_local, "context", {})
-    return context
+    """The calling thread's or task's context (empty outside any request or task)."""
+    return _context.get() or {}
 
 
 @contextmanager
 def bound_context(**fields: str) -> Iterator[dict[str, str]]:
-    """Add ``fields`` to this thread's context for the duration of the block."""
-    previous = current_context()
-    _local.context = {**previous, **fields}
+    """Add ``fields`` to this thread's or task's context for the duration of the block."""
+    previous = _context.get()
+    context = {**(previous or {}), **fields}
+    # Restored by value, not by token: an async generator may be closed from
+    # another context than the one it set the variable in.
+    _context.set(context)
     try:
-        yield _local.context
+        yield context
     finally:
-        _local.context = previous
+        _context.set(previous)
 
 
 LOG_TEXT_MAX_CHARS = 4096  # a log line stays readable; the task record keeps the whole text

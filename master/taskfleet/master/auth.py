@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
-if TYPE_CHECKING:  # the stubs' generic does not exist at run time
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.ServerInterceptor
-
+from taskfleet.master.rpc import ServerInterceptor
 
 # Only taskfleet's own services are guarded: the standard health and reflection
 # services stay open so load balancers and grpcurl work without a token.
@@ -20,7 +16,7 @@ GUARDED_PREFIX = "/taskfleet.v1."
 WORKER_PREFIX = "/taskfleet.v1.WorkerService/"
 
 
-class TokenInterceptor(_ServerInterceptor):
+class TokenInterceptor(ServerInterceptor):
     """Refuses taskfleet calls without the right ``authorization: Bearer <token>``
     with UNAUTHENTICATED.
 
@@ -37,23 +33,23 @@ class TokenInterceptor(_ServerInterceptor):
     def __repr__(self) -> str:  # never show the token
         return "TokenInterceptor(***)"
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         method: str = handler_call_details.method or ""
         if not method.startswith(GUARDED_PREFIX):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         is_worker_call = method.startswith(WORKER_PREFIX)
         expected = self._worker if is_worker_call else self._producer
         if expected is None:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         presented = [
             value.encode() if isinstance(value, str) else value
             for key, value in handler_call_details.invocation_metadata or ()
             if key == "authorization"
         ]
         if any(hmac.compare_digest(value, expected) for value in presented):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         if not presented:
             message = "missing bearer token: this master requires authorization: Bearer <token>"
         elif self._separate:
@@ -61,7 +57,7 @@ class TokenInterceptor(_ServerInterceptor):
             message = f"wrong bearer token: this call needs the master's {which}"
         else:
             message = "wrong bearer token"
-        return _refusal(continuation(handler_call_details), message)
+        return _refusal(await continuation(handler_call_details), message)
 
 
 def _header(token: str) -> bytes:
@@ -69,8 +65,8 @@ def _header(token: str) -> bytes:
 
 
 def _refusal(handler: Any, message: str) -> Any:
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler is None:
         return None

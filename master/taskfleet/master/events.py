@@ -1,33 +1,36 @@
 """In-process notifications inside the master.
 
 ``CompletionHub`` feeds WaitTasks: a waiter subscribes to task ids and is
-handed each task as it becomes final, so nobody polls the store.
+handed each task as it becomes final, so nobody polls the store. Tasks become
+final on the event loop (worker results, cancels) and in the manager
+endpoint's threads, so a subscription's inbox must take puts from any thread:
+a ``queue.SimpleQueue`` for a waiting thread, a ``LoopQueue`` for a task on the
+loop.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from taskfleet.common.model import Task
 from taskfleet.master.lifecycle import LifecycleListener
 
 
-class Subscription:
-    """Final tasks for one waiter, delivered through a queue (its own, or one that
-    several subscriptions share)."""
+class Inbox(Protocol):
+    """Where a subscription's tasks go; ``put`` is safe from any thread."""
 
-    def __init__(
-        self,
-        hub: CompletionHub,
-        task_ids: frozenset[str],
-        finished: queue.SimpleQueue[Task | None] | None = None,
-    ) -> None:
+    def put(self, item: Task | None) -> None: ...
+
+
+class Subscription:
+    """Final tasks for one waiter, delivered into an inbox (its own, or one that
+    several subscriptions share); None means "stop waiting"."""
+
+    def __init__(self, hub: CompletionHub, task_ids: frozenset[str], finished: Inbox) -> None:
         self.task_ids = task_ids
-        self.finished: queue.SimpleQueue[Task | None] = (
-            queue.SimpleQueue() if finished is None else finished
-        )
+        self.finished = finished
         self._hub = hub
 
     def wake(self) -> None:
@@ -45,9 +48,7 @@ class CompletionHub(LifecycleListener):
         self._lock = threading.Lock()
         self._by_task: dict[str, list[Subscription]] = {}
 
-    def subscribe(
-        self, task_ids: Iterable[str], finished: queue.SimpleQueue[Task | None] | None = None
-    ) -> Subscription:
+    def subscribe(self, task_ids: Iterable[str], finished: Inbox) -> Subscription:
         subscription = Subscription(self, frozenset(task_ids), finished)
         with self._lock:
             for task_id in subscription.task_ids:

@@ -17,17 +17,19 @@ TASKFLEET_SERVICES = (
 
 
 class Health:
-    """The health service of one master: SERVING from the start, NOT_SERVING for
-    good once ``draining`` is called."""
+    """The health service of one master: SERVING once ``serving`` is called,
+    NOT_SERVING for good once ``draining`` is."""
 
-    def __init__(self, server: grpc.Server) -> None:
-        self._servicer = health.HealthServicer()
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
-        for service in ("", *TASKFLEET_SERVICES):
-            self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             (*TASKFLEET_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-    def draining(self) -> None:
-        self._servicer.enter_graceful_shutdown()
+    async def serving(self) -> None:
+        for service in ("", *TASKFLEET_SERVICES):
+            await self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def draining(self) -> None:
+        await self._servicer.enter_graceful_shutdown()

@@ -316,8 +316,7 @@ class ManagerBridge:
     def _count_running(self, client: ClientConnection) -> None:
         session = client.session
         if session is not None:
-            with session.cond:
-                session.running = len(client.held)
+            session.running = len(client.held)
 
 
 def _argument(task: Task) -> Any:

@@ -1,16 +1,20 @@
-"""What every RPC handler of the master shares: a thread-local request context
-that the logs carry, the one place where errors become gRPC statuses, and the
-one place RPC latency is measured.
+"""What every RPC handler of the master shares: a request context that the
+logs carry, the one place where errors become gRPC statuses, the one place
+RPC latency is measured, and the count of open streams.
 
-The handlers are methods of servicers that hold the ``MasterRuntime`` as ``_rt``.
+The handlers are coroutines (or async generators, for streams) of servicers
+that hold the ``MasterRuntime`` as ``_rt``; all of them run on one event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -19,39 +23,44 @@ from taskfleet.common.context import bound_context, new_request_id
 from taskfleet.common.errors import InvalidArgument, TaskfleetError, status_for
 
 if TYPE_CHECKING:  # the stubs' generic does not exist at run time
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
-    _ServerInterceptor = grpc.ServerInterceptor
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 log = logging.getLogger("taskfleet.master.rpc")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.ServicerContext], Resp]
+Context = grpc.aio.ServicerContext[Any, Any]
+UnaryHandler = Callable[[Any, Req, Context], Awaitable[Resp]]
+StreamHandler = Callable[[Any, Req, Context], AsyncGenerator[Resp, None]]
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: Context, exc: BaseException, method: str) -> None:
     code, message = status_for(exc)
     if not isinstance(exc, TaskfleetError):
         log.exception("%s failed", method)
     else:
         log.debug("%s refused: %s", method, message)
-    context.abort(code, message)
+    await context.abort(code, message)
 
 
-def unary(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+def unary(method: UnaryHandler[Req, Resp]) -> UnaryHandler[Req, Resp]:
     """Run a unary handler with a request context and mapped errors."""
 
     @functools.wraps(method)
-    def handler(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+    async def handler(self: Any, request: Req, context: Context) -> Resp:
         started = time.perf_counter()
         code = "OK"
         with bound_context(request_id=new_request_id(), peer=context.peer()):
             try:
-                return method(self, request, context)
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
             except Exception as exc:
                 code = status_for(exc)[0].name
-                _abort(context, exc, method.__name__)
+                await _abort(context, exc, method.__name__)
                 raise  # unreachable: abort raises
             finally:
                 self._rt.metrics.rpc(method.__name__, code, time.perf_counter() - started)
@@ -59,50 +68,44 @@ def unary(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return handler
 
 
-def streaming(
-    method: Handler[Req, Iterator[Resp]],
-) -> Handler[Req, Iterator[Resp]]:
-    """Like ``unary`` for handlers that return a response stream.
-
-    The context is bound only while the generator runs, since gRPC resumes it
-    on whichever of its threads is free.
-    """
+def streaming(method: StreamHandler[Req, Resp]) -> StreamHandler[Req, Resp]:
+    """Like ``unary`` for handlers that return a response stream; each open
+    stream counts against ``--max-streams``."""
 
     @functools.wraps(method)
-    def handler(self: Any, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
+    async def handler(self: Any, request: Req, context: Context) -> AsyncGenerator[Resp, None]:
         started = time.perf_counter()
         code = "OK"
-        fields = {"request_id": new_request_id(), "peer": context.peer()}
-        try:
-            with bound_context(**fields):
-                responses = method(self, request, context)
-            while True:
-                with bound_context(**fields):
-                    response = next(responses, None)
-                if response is None:
-                    return
-                yield response
-        except GeneratorExit:  # the call ended before the stream did
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = status_for(exc)[0].name
-            with bound_context(**fields):
-                _abort(context, exc, method.__name__)
-        finally:
-            self._rt.metrics.rpc(method.__name__, code, time.perf_counter() - started)
+        counted = False
+        with bound_context(request_id=new_request_id(), peer=context.peer()):
+            try:
+                self._rt.open_stream()
+                counted = True
+                async with contextlib.aclosing(method(self, request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except (GeneratorExit, asyncio.CancelledError):  # the call ended first
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_for(exc)[0].name
+                await _abort(context, exc, method.__name__)
+            finally:
+                if counted:
+                    self._rt.close_stream()
+                self._rt.metrics.rpc(method.__name__, code, time.perf_counter() - started)
 
     return handler
 
 
-class DecodeRequests(_ServerInterceptor):
+class DecodeRequests(ServerInterceptor):
     """Parses requests inside the handler, so one that is not a valid message is
     refused with INVALID_ARGUMENT; gRPC's own parsing would answer INTERNAL."""
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         return _decoding(handler, handler_call_details.method)
@@ -118,31 +121,44 @@ def _decoding(handler: Any, method: str) -> Any:
         except Exception:
             raise InvalidArgument(f"request: not a valid message for {method}") from None
 
-    if handler.request_streaming:
-        behavior = handler.stream_stream or handler.stream_unary
+    async def decoded(requests: AsyncIterable[bytes]) -> AsyncIterator[Any]:
+        async for data in requests:
+            yield decode(data)
 
-        def run_stream(requests: Iterable[bytes], context: grpc.ServicerContext) -> Any:
-            return behavior((decode(data) for data in requests), context)
+    async def decode_stream(requests: AsyncIterable[bytes], context: Context) -> Any:
+        return decoded(requests)  # a bad message ends the stream when it is read
 
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.response_streaming
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return factory(run_stream, response_serializer=handler.response_serializer)
-
-    behavior = handler.unary_stream or handler.unary_unary
-
-    def run(data: bytes, context: grpc.ServicerContext) -> Any:
+    async def decode_one(data: bytes, context: Context) -> Any:
         try:
-            request = decode(data)
+            return decode(data)
         except InvalidArgument as exc:
-            context.abort(exc.code, str(exc))
-        return behavior(request, context)
+            await context.abort(exc.code, str(exc))
 
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.response_streaming
-        else grpc.unary_unary_rpc_method_handler
+    kind = "_".join(
+        "stream" if streams else "unary"
+        for streams in (handler.request_streaming, handler.response_streaming)
     )
-    return factory(run, response_serializer=handler.response_serializer)
+    convert = decode_stream if handler.request_streaming else decode_one
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(
+        _after(convert, getattr(handler, kind)), response_serializer=handler.response_serializer
+    )
+
+
+def _after(convert: Callable[[Any, Context], Awaitable[Any]], behavior: Any) -> Any:
+    """``behavior`` applied to what ``convert`` makes of the raw request, of the same
+    kind (async generator or coroutine), since gRPC serves the two differently."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def responses(raw: Any, context: Context) -> AsyncIterator[Any]:
+            request = await convert(raw, context)
+            async with contextlib.aclosing(behavior(request, context)) as inner:
+                async for response in inner:
+                    yield response
+
+        return responses
+
+    async def response(raw: Any, context: Context) -> Any:
+        return await behavior(await convert(raw, context), context)
+
+    return response

@@ -1,6 +1,7 @@
-"""The master's shared state, wired explicitly: config, store, the lifecycle
-and its listeners (completion hub, worker sessions, metrics), and the reaper
-that returns lapsed leases and prunes expired tasks."""
+"""The master's shared state, wired explicitly: config, store, the event loop
+bridge, the lifecycle and its listeners (completion hub, worker sessions, the
+due timer, metrics), the count of open streams, and the reaper that returns
+lapsed leases and prunes expired tasks."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import threading
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
-from taskfleet.common.errors import StoreUnusable
+from taskfleet.common.errors import ResourceExhausted, StoreUnusable
+from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import Lifecycle
+from taskfleet.master.loop import LoopBridge
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
@@ -21,22 +24,41 @@ log = logging.getLogger("taskfleet.master.leases")
 
 @dataclass
 class MasterRuntime:
-    """Everything the servicers share; built once per master process."""
+    """Everything the servicers share; built once per master process, on its loop."""
 
     config: MasterConfig
     store: Store
+    bridge: LoopBridge = field(init=False)
     hub: CompletionHub = field(default_factory=CompletionHub)
-    sessions: Sessions = field(default_factory=Sessions)
+    sessions: Sessions = field(init=False)
+    due: DueTimer = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
     metrics: MasterMetrics = field(default_factory=MasterMetrics)  # off unless enabled
+    open_streams: int = 0  # changed on the loop only
     lifecycle: Lifecycle = field(init=False)
 
     def __post_init__(self) -> None:
+        self.bridge = LoopBridge(offload=self.store.blocks)
+        self.sessions = Sessions(self.bridge)
+        self.due = DueTimer(self.store, self.bridge, self.sessions)
         self.lifecycle = Lifecycle(
             self.store,
             max_payload_bytes=self.config.max_payload_bytes,
-            listeners=[self.hub, self.sessions, self.metrics],
+            listeners=[self.hub, self.sessions, self.due, self.metrics],
         )
+
+    def open_stream(self) -> None:
+        """Count a new streaming call, or refuse it past ``--max-streams``: a
+        stream is cheap, but not free, and unary calls must keep answering."""
+        if self.open_streams >= self.config.max_streams:
+            raise ResourceExhausted(
+                f"too many open streams: this master serves at most {self.config.max_streams} "
+                "(WaitTasks and worker streams together, --max-streams)"
+            )
+        self.open_streams += 1
+
+    def close_stream(self) -> None:
+        self.open_streams -= 1
 
     def reap_expired_leases(self) -> int:
         """Return lapsed leases to PENDING and wake workers to take them."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import resource
 import signal
 import threading
-import time
-from concurrent import futures
-from types import FrameType
-from typing import Any
 
 import grpc
 
@@ -21,7 +19,7 @@ from taskfleet.master.auth import TokenInterceptor
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
-from taskfleet.master.rpc import DecodeRequests
+from taskfleet.master.rpc import DecodeRequests, ServerInterceptor
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.store import StorePolicy, open_store
 from taskfleet.master.task_service import TaskService
@@ -31,12 +29,19 @@ from taskfleet.v1 import tasks_pb2_grpc, worker_pb2_grpc
 log = logging.getLogger("taskfleet.master")
 
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT: stop at once
-RPC_THREADS = 256  # each worker stream and each WaitTasks call holds one
 DRAIN_POLL_S = 0.1
+# gRPC core queues calls that arrive faster than the loop takes them and, past
+# 1,000 queued (its default), cancels some: a burst of reconnecting workers or
+# of new waits would lose calls. --max-streams is the limit that counts.
+PENDING_CALLS = 20_000
+OPEN_FILES = 65_536  # the soft limit asked for when the hard one is unlimited
 
 
 class Master:
-    """A running master; ``start`` binds, ``stop`` drains and closes the store."""
+    """A running master; ``start`` binds, ``stop`` drains and closes the store.
+
+    Built and run on one asyncio loop: every RPC is a task on it, so an open
+    stream (a worker, a WaitTasks) holds no thread."""
 
     def __init__(self, config: MasterConfig) -> None:
         self.config = config
@@ -45,29 +50,37 @@ class Master:
             open_store(config.store, StorePolicy(config.result_ttl_s, config.max_lost_leases)),
             metrics=MasterMetrics(bool(config.metrics_listen)),
         )
-        interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
+        interceptors: list[ServerInterceptor] = (
             [TokenInterceptor(config.token, config.worker_token)]
             if config.token or config.worker_token
             else []
         )
         interceptors.append(DecodeRequests())  # innermost: after the token check
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
-            options=SERVER_OPTIONS,
-            interceptors=interceptors,
-        )
+        options = [
+            *SERVER_OPTIONS,
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+        ]
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(self.runtime), self._server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(self.runtime), self._server
         )
         self._health = Health(self._server)
         # A damaged store file: NOT_SERVING for good, as when draining.
-        self.runtime.store.on_unusable = self._health.draining
+        self.runtime.store.on_unusable = self._store_unusable
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
+        self._due: asyncio.Task[None] | None = None
         self.port = 0
 
-    def start(self) -> None:
+    def _store_unusable(self) -> None:
+        """NOT_SERVING, handed to the loop from the thread whose store call found
+        the damage."""
+        bridge = self.runtime.bridge
+        bridge.call(lambda: bridge.spawn(self._health.draining()))
+
+    async def start(self) -> None:
         try:  # grpc raises RuntimeError or returns 0, depending on the failure
             if self.config.tls is None:
                 self.port = self._server.add_insecure_port(self.config.listen)
@@ -83,8 +96,10 @@ class Master:
             self._serve_metrics()
         if self._manager is not None:
             self._manager.start()
-        self._server.start()
+        await self._health.serving()
+        await self._server.start()
         self._reaper.start()
+        self._due = asyncio.create_task(self.runtime.due.run(), name="due-timer")
         log.info(
             "master listening on %s (store %s, %s)",
             self.config.listen,
@@ -92,27 +107,37 @@ class Master:
             _security_text(self.config),
         )
 
-    def stop(self) -> None:
-        """Stop handing out work, let open calls finish within the grace, close the store."""
-        self.runtime.stopping.set()
-        self._health.draining()
-        self._drain()
-        self.runtime.sessions.close_all()
-        self.runtime.hub.wake_all()
-        self._server.stop(self.config.grace_s).wait()
-        self._reaper.join()
+    async def stop(self) -> None:
+        """Stop handing out work, let open calls finish within the grace, close the store.
+
+        What blocks (joining threads, closing the store) runs off the loop, so a
+        second signal is still heard."""
+        rt = self.runtime
+        rt.stopping.set()
+        await self._health.draining()
+        await self._drain()
+        rt.sessions.close_all()
+        rt.hub.wake_all()
+        await self._server.stop(self.config.grace_s)
+        if self._due is not None:
+            self._due.cancel()
+        await asyncio.to_thread(self._reaper.join)
         if self._manager is not None:
-            self._manager.stop()
-        self.runtime.metrics.close()  # before the store its scrapes read
-        self.runtime.store.close()
+            await asyncio.to_thread(self._manager.stop)
+        await asyncio.to_thread(rt.metrics.close)  # before the store its scrapes read
+        await asyncio.to_thread(rt.bridge.close)
+        await asyncio.to_thread(rt.store.close)
         log.info("master stopped")
 
-    def _drain(self) -> None:
+    async def _drain(self) -> None:
         """Up to ``drain_s``, while health checks already say NOT_SERVING and no new
         work is handed out, let connected workers finish and report what runs."""
-        deadline = time.monotonic() + self.config.drain_s
-        while time.monotonic() < deadline and self._work_running():
-            time.sleep(DRAIN_POLL_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_s
+        while loop.time() < deadline and await self.runtime.bridge.producers.run(
+            self._work_running
+        ):
+            await asyncio.sleep(DRAIN_POLL_S)
 
     def _work_running(self) -> bool:
         """Whether any task is RUNNING while a worker is connected. The store is the
@@ -136,29 +161,45 @@ class Master:
                 f"--metrics-listen: cannot bind {self.config.metrics_listen} ({exc.strerror})"
             ) from None
 
-    def wait(self) -> None:
-        self._server.wait_for_termination()
-
 
 def run_master(config: MasterConfig) -> int:
     """Run until SIGTERM/SIGINT; a second signal exits at once with EXIT_FORCED."""
-    master = Master(config)
-    master.start()
-    stop_requested = threading.Event()
+    return asyncio.run(_serve(config))
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+
+async def _serve(config: MasterConfig) -> int:
+    _raise_open_files_limit()
+    master = Master(config)
+    await master.start()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
         if stop_requested.is_set():
             log.warning("second signal: exiting at once")
             os._exit(EXIT_FORCED)
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        log.info("signal %s: shutting down", signum.name)
         stop_requested.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     print(f"taskfleet master listening on {config.listen}", flush=True)
-    stop_requested.wait()
-    master.stop()
+    await stop_requested.wait()
+    await master.stop()
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Every worker and every client connection holds a file descriptor, and the
+    usual soft limit of 1,024 would stop a master that holds streams cheaply
+    well short of ``--max-streams``; the hard limit is the operator's word."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 def _security_text(config: MasterConfig) -> str:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import Stats, Task
 from taskfleet.master import queries
-from taskfleet.master.rpc import streaming, unary
+from taskfleet.master.loop import LoopQueue
+from taskfleet.master.rpc import Context, streaming, unary
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.store.base import TaskQuery
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
@@ -31,81 +29,77 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self._rt = runtime
 
     @unary
-    def Submit(
-        self, request: tasks_pb2.SubmitRequest, context: grpc.ServicerContext
+    async def Submit(
+        self, request: tasks_pb2.SubmitRequest, context: Context
     ) -> tasks_pb2.SubmitResponse:
-        return tasks_pb2.SubmitResponse(task_ids=self._submit(request.tasks))
+        return tasks_pb2.SubmitResponse(task_ids=await self._submit(request.tasks))
 
     @streaming
-    def SubmitAndWait(
-        self, request: tasks_pb2.SubmitAndWaitRequest, context: grpc.ServicerContext
-    ) -> Iterator[tasks_pb2.SubmitAndWaitResponse]:
+    async def SubmitAndWait(
+        self, request: tasks_pb2.SubmitAndWaitRequest, context: Context
+    ) -> AsyncGenerator[tasks_pb2.SubmitAndWaitResponse, None]:
         timeout_s = _timeout_s(request)
-        task_ids = self._submit(request.tasks)
+        task_ids = await self._submit(request.tasks)
         yield tasks_pb2.SubmitAndWaitResponse(task_ids=task_ids)
-        yield from self._finished(
-            list(dict.fromkeys(task_ids)), timeout_s, context, tasks_pb2.SubmitAndWaitResponse
-        )
+        async for message in self._finished(
+            list(dict.fromkeys(task_ids)), timeout_s, tasks_pb2.SubmitAndWaitResponse
+        ):
+            yield message
 
-    def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
-        task_ids = self._rt.lifecycle.submit(convert.specs_from_proto(tasks))
+    async def _submit(self, tasks: Sequence[tasks_pb2.TaskSpec]) -> list[str]:
+        specs = convert.specs_from_proto(tasks)
+        task_ids = await self._rt.bridge.producers.run(self._rt.lifecycle.submit, specs)
         log.debug("submitted %d tasks", len(task_ids))
         return task_ids
 
     @unary
-    def GetTask(
-        self, request: tasks_pb2.GetTaskRequest, context: grpc.ServicerContext
-    ) -> tasks_pb2.Task:
+    async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        return convert.task_to_proto(self._rt.store.get(request.task_id))
+        task = await self._rt.bridge.producers.run(self._rt.store.get, request.task_id)
+        return convert.task_to_proto(task)
 
     @streaming
-    def WaitTasks(
-        self, request: tasks_pb2.WaitTasksRequest, context: grpc.ServicerContext
-    ) -> Iterator[tasks_pb2.Task]:
+    async def WaitTasks(
+        self, request: tasks_pb2.WaitTasksRequest, context: Context
+    ) -> AsyncGenerator[tasks_pb2.Task, None]:
         task_ids, timeout_s = _wait_request(request)
-        for batch in self._finished(task_ids, timeout_s, context, tasks_pb2.TaskBatch):
-            yield from batch.tasks
+        async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
+            for task in batch.tasks:
+                yield task
 
     @streaming
-    def WaitTasksBatched(
-        self, request: tasks_pb2.WaitTasksBatchedRequest, context: grpc.ServicerContext
-    ) -> Iterator[tasks_pb2.TaskBatch]:
+    async def WaitTasksBatched(
+        self, request: tasks_pb2.WaitTasksBatchedRequest, context: Context
+    ) -> AsyncGenerator[tasks_pb2.TaskBatch, None]:
         task_ids, timeout_s = _wait_request(request)
-        yield from self._finished(task_ids, timeout_s, context, tasks_pb2.TaskBatch)
+        async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
+            yield batch
 
-    def _finished(
-        self,
-        task_ids: list[str],
-        timeout_s: float | None,
-        context: grpc.ServicerContext,
-        message: Callable[[], _Message],
-    ) -> Iterator[_Message]:
+    async def _finished(
+        self, task_ids: list[str], timeout_s: float | None, message: Callable[[], _Message]
+    ) -> AsyncGenerator[_Message, None]:
         """The tasks as they become final, in ``message``s of those that finished
-        together (the ones final already come first)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        together (the ones final already come first). Ends early when the master
+        stops (the hub wakes every waiter with None)."""
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        inbox: LoopQueue[Task | None] = LoopQueue(self._rt.bridge)
         # Subscribe before reading, so a task finishing in between is not missed.
-        subscription = self._rt.hub.subscribe(task_ids)
-        context.add_callback(subscription.wake)
+        subscription = self._rt.hub.subscribe(task_ids, inbox)
         try:
             waiting = set(task_ids)
             batch = _Batch(message)
-            for task in self._rt.store.get_many(task_ids):
+            for task in await self._rt.bridge.producers.run(self._rt.store.get_many, task_ids):
                 if task.state.is_final:
                     waiting.discard(task.id)
                     if batch.add(task):
                         yield batch.take()
             if batch:
                 yield batch.take()
-            while waiting and context.is_active():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return
-                if remaining is not None:  # a longer wait overflows the lock's clock
-                    remaining = min(remaining, threading.TIMEOUT_MAX)
+            while waiting:
                 try:
-                    finished = subscription.finished.get(timeout=remaining)
-                except queue.Empty:
+                    async with asyncio.timeout_at(deadline):
+                        finished = await inbox.get()
+                except TimeoutError:
                     return
                 # Whatever else finished meanwhile goes in the same message.
                 while finished is not None:
@@ -114,8 +108,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                         if batch.add(finished):
                             break
                     try:
-                        finished = subscription.finished.get_nowait()
-                    except queue.Empty:
+                        finished = inbox.get_nowait()
+                    except asyncio.QueueEmpty:
                         break
                 if batch:
                     yield batch.take()
@@ -125,27 +119,31 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             subscription.close()
 
     @unary
-    def CancelTask(
-        self, request: tasks_pb2.CancelTaskRequest, context: grpc.ServicerContext
+    async def CancelTask(
+        self, request: tasks_pb2.CancelTaskRequest, context: Context
     ) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        return convert.task_to_proto(self._rt.lifecycle.cancel(request.task_id))
+        task = await self._rt.bridge.producers.run(self._rt.lifecycle.cancel, request.task_id)
+        return convert.task_to_proto(task)
 
     @unary
-    def RetryTask(
-        self, request: tasks_pb2.RetryTaskRequest, context: grpc.ServicerContext
+    async def RetryTask(
+        self, request: tasks_pb2.RetryTaskRequest, context: Context
     ) -> tasks_pb2.Task:
         _require_id("task_id", request.task_id)
-        return convert.task_to_proto(self._rt.lifecycle.retry(request.task_id))
+        task = await self._rt.bridge.producers.run(self._rt.lifecycle.retry, request.task_id)
+        return convert.task_to_proto(task)
 
     @unary
-    def ListTasks(
-        self, request: tasks_pb2.ListTasksRequest, context: grpc.ServicerContext
+    async def ListTasks(
+        self, request: tasks_pb2.ListTasksRequest, context: Context
     ) -> tasks_pb2.ListTasksResponse:
         query = _task_query(request)
         page_size = queries.page_size(request.page_size)
         cursor = queries.cursor_from_token(request.page_token)
-        page = self._rt.store.list_tasks(query, page_size, cursor)
+        page = await self._rt.bridge.producers.run(
+            self._rt.store.list_tasks, query, page_size, cursor
+        )
         response = tasks_pb2.ListTasksResponse(
             next_page_token=queries.token_from_cursor(page.next_cursor)
         )
@@ -154,18 +152,19 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         return response
 
     @unary
-    def PurgeTasks(
-        self, request: tasks_pb2.PurgeTasksRequest, context: grpc.ServicerContext
+    async def PurgeTasks(
+        self, request: tasks_pb2.PurgeTasksRequest, context: Context
     ) -> tasks_pb2.PurgeTasksResponse:
-        count = self._rt.lifecycle.purge(_task_query(request))
+        query = _task_query(request)
+        count = await self._rt.bridge.producers.run(self._rt.lifecycle.purge, query)
         return tasks_pb2.PurgeTasksResponse(count=count)
 
     @unary
-    def GetStats(
-        self, request: tasks_pb2.GetStatsRequest, context: grpc.ServicerContext
+    async def GetStats(
+        self, request: tasks_pb2.GetStatsRequest, context: Context
     ) -> tasks_pb2.Stats:
-        stats = Stats(self._rt.store.stats(), self._rt.sessions.infos())
-        return convert.stats_to_proto(stats)
+        counts = await self._rt.bridge.producers.run(self._rt.store.stats)
+        return convert.stats_to_proto(Stats(counts, self._rt.sessions.infos()))
 
 
 class _HasTasks(Protocol):

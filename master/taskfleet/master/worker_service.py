@@ -1,26 +1,26 @@
 """WorkerService: one long-lived stream per worker.
 
-Two threads serve a stream: gRPC's own runs the response generator, which
-leases tasks whenever the worker has credit and sends what the session's
-outbox holds; a reader thread applies what the worker sends (credit,
-heartbeats, results, releases). Tasks and results travel in batches.
+Two tasks on the event loop serve a stream, and no thread: the handler runs
+the dispatcher, which leases tasks whenever the worker has credit and sends
+what the session's outbox holds; a reader task applies what the worker sends
+(credit, heartbeats, results, releases). Tasks and results travel in batches,
+and each batch is one store call (on a thread, for a store whose calls block).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+import random
 import time
-from collections.abc import Iterator
-
-import grpc
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from taskfleet.common import convert
-from taskfleet.common.context import bound_context, current_context
+from taskfleet.common.context import bound_context
 from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
 from taskfleet.common.model import Lease, LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.common.result_limit import limit_outcome
-from taskfleet.master.rpc import streaming
+from taskfleet.master.rpc import Context, streaming
 from taskfleet.master.runtime import MasterRuntime
 from taskfleet.master.sessions import WorkerSession
 from taskfleet.master.validation import checked_outcome
@@ -38,10 +38,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._rt = runtime
 
     @streaming
-    def Connect(
-        self, request_iterator: Iterator[worker_pb2.WorkerMessage], context: grpc.ServicerContext
-    ) -> Iterator[worker_pb2.MasterMessage]:
-        first = next(request_iterator, None)
+    async def Connect(
+        self, request_iterator: AsyncIterator[worker_pb2.WorkerMessage], context: Context
+    ) -> AsyncGenerator[worker_pb2.MasterMessage, None]:
+        first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "hello":
             raise InvalidArgument("hello: the first message of a worker stream must be Hello")
         if self._rt.stopping.is_set():
@@ -50,9 +50,6 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             raise Unavailable("master is shutting down")
         session = WorkerSession(_worker_info(first.hello, context.peer()))
         self._rt.sessions.add(session)
-        if self._rt.stopping.is_set():
-            session.close()  # stop() began after the check above; its close_all may miss us
-        context.add_callback(session.close)
         log.info(
             "worker %s connected from %s: queues=%s concurrency=%d",
             session.info.worker_id,
@@ -60,6 +57,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             ",".join(session.info.queues),
             session.info.concurrency,
         )
+        reader: asyncio.Task[None] | None = None
+        dispatcher = self._dispatch(session)
         try:
             yield worker_pb2.MasterMessage(
                 welcome=worker_pb2.Welcome(
@@ -68,20 +67,23 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 )
             )
             held = [convert.ref_from_proto(r) for r in first.hello.held]
-            self._renew(session, held)
-            reader = threading.Thread(
-                target=self._read,
-                args=(session, request_iterator, current_context()),
-                name=f"worker-reader-{session.info.worker_id}",
-                daemon=True,
-            )
-            reader.start()
-            yield from self._dispatch(session)
+            await self._renew(session, held)
+            reader = asyncio.create_task(self._read(session, request_iterator))
+            async for message in dispatcher:
+                yield message
+            if session.failure is not None:
+                raise session.failure
         finally:
+            session.close()
+            await dispatcher.aclose()  # now: it gives back what it could not deliver
+            if reader is not None:
+                reader.cancel()
             self._rt.sessions.remove(session)
             log.info("worker %s disconnected", session.info.worker_id)
 
-    def _dispatch(self, session: WorkerSession) -> Iterator[worker_pb2.MasterMessage]:
+    async def _dispatch(
+        self, session: WorkerSession
+    ) -> AsyncGenerator[worker_pb2.MasterMessage, None]:
         """Yield outbox messages and lease batches until the session closes.
 
         An acknowledgement of results rides on the assignments that answer the
@@ -89,97 +91,103 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         info = session.info
         names = info.task_names or None
         while True:
-            with session.cond:
-                while not (
-                    session.closed
-                    or session.outbox
-                    or session.results_ack
-                    or self._may_lease(session)
-                ):
-                    session.cond.wait(self._idle_wait_s(session))
-                    if session.credit > 0:
-                        session.work_hint = True  # the wait ran out: look again
-                    if time.monotonic() - session.last_heard > self._rt.config.lease_s:
-                        # A stalled connection that TCP has not noticed: end the
-                        # stream, so the worker reconnects and stats stop listing it.
-                        log.warning("worker %s silent for a whole lease; closing", info.worker_id)
-                        session.closed = True
-                if session.closed:
-                    return
-                outbox, session.outbox = session.outbox, []
-                results_ack, session.results_ack = session.results_ack, 0
-                want = min(session.credit, MAX_LEASE_BATCH) if self._may_lease(session) else 0
-                session.work_hint = False
-            yield from outbox
+            await self._wait_for_news(session)
+            if session.closed:
+                return
+            outbox, session.outbox = session.outbox, []
+            results_ack, session.results_ack = session.results_ack, 0
+            want = min(session.credit, MAX_LEASE_BATCH) if self._may_lease(session) else 0
+            session.work_hint = False
+            for message in outbox:
+                yield message
             leases = (
-                self._rt.lifecycle.lease(
-                    info.worker_id, info.queues, names, want, self._rt.config.lease_s
+                await self._rt.bridge.workers.run(
+                    self._rt.lifecycle.lease,
+                    info.worker_id,
+                    info.queues,
+                    names,
+                    want,
+                    self._rt.config.lease_s,
                 )
                 if want
                 else []
             )
             if leases:
-                with session.cond:
-                    session.credit -= len(leases)
-                    session.running += len(leases)
-                    if len(leases) == want:
-                        session.work_hint = True
-                yield from self._deliver(leases, results_ack)
+                session.credit -= len(leases)
+                session.running += len(leases)
+                if len(leases) == want:
+                    session.work_hint = True
+                # gRPC asks for the next message only once the last one went out;
+                # the tasks of messages that did not (the stream broke first) never
+                # reached the worker, so they go back at once with their attempts
+                # not counted, instead of when the lease lapses.
+                messages = convert.assignments_to_proto(leases, results_ack)
+                sent = 0
+                try:
+                    for message in messages:
+                        yield message
+                        sent += 1
+                finally:
+                    if sent < len(messages):
+                        self._give_back(leases, messages[sent:])
             elif results_ack:
                 yield worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results_ack))
 
-    def _deliver(self, leases: list[Lease], results_ack: int) -> Iterator[worker_pb2.MasterMessage]:
-        """The messages handing ``leases`` over, cut by bytes. gRPC resumes this
-        generator only once a message went out; the tasks of messages that did
-        not (the stream broke first) never reached the worker, so they go back
-        at once with their attempts not counted, instead of when the lease lapses."""
-        messages = convert.assignments_to_proto(leases, results_ack)
-        sent = 0
-        try:
-            for message in messages:
-                yield message
-                sent += 1
-        finally:
-            if sent < len(messages):
-                unsent = [
-                    convert.ref_from_proto(a.lease)
-                    for m in messages[sent:]
-                    for a in m.assignments.assignments
-                ]
-                self._give_back(unsent)
+    def _give_back(self, leases: list[Lease], unsent: list[worker_pb2.MasterMessage]) -> None:
+        """Release the leases of ``unsent`` messages, in the background: this runs
+        while the stream is being torn down."""
+        refs = [convert.ref_from_proto(a.lease) for m in unsent for a in m.assignments.assignments]
 
-    def _give_back(self, refs: list[LeaseRef]) -> None:
-        try:
-            released = self._rt.lifecycle.release(refs)
-        except Exception:  # runs when gRPC drops the stream, maybe as the store closes
-            log.exception("could not give back %d undelivered leases", len(refs))
-            return
-        log.info("%d of %d undelivered leases given back", released, len(refs))
+        async def give_back() -> None:
+            try:
+                released = await self._rt.bridge.workers.run(self._rt.lifecycle.release, refs)
+            except Exception:  # maybe the store closes as the master stops
+                log.exception("could not give back %d undelivered leases", len(refs))
+                return
+            log.info("%d of %d undelivered leases given back", released, len(refs))
+
+        self._rt.bridge.spawn(give_back())
+
+    async def _wait_for_news(self, session: WorkerSession) -> None:
+        """Until the session is closed, has something to send, or may lease."""
+        while True:
+            session.changed.clear()  # before looking: a change from now on wakes us
+            if session.closed or session.outbox or session.results_ack or self._may_lease(session):
+                return
+            try:
+                async with asyncio.timeout(self._idle_wait_s(session)):
+                    await session.changed.wait()
+            except TimeoutError:
+                pass
+            if session.credit > 0:
+                session.work_hint = True  # woken or the wait ran out: look again
+            if time.monotonic() - session.last_heard > self._rt.config.lease_s:
+                # A stalled connection that TCP has not noticed: end the
+                # stream, so the worker reconnects and stats stop listing it.
+                log.warning("worker %s silent for a whole lease; closing", session.info.worker_id)
+                session.close()
 
     def _may_lease(self, session: WorkerSession) -> bool:
         return session.credit > 0 and session.work_hint and not self._rt.stopping.is_set()
 
     def _idle_wait_s(self, session: WorkerSession) -> float:
+        """How long to sleep with no news: the recheck is a safety net for a missed
+        wake-up (delayed tasks coming due wake workers through ``DueTimer``)."""
         if session.credit <= 0:
             return min(IDLE_RECHECK_S * 5, self._rt.config.lease_s / 2)
-        now = time.time()
-        ready_at = self._rt.store.next_ready_at(now)
-        if ready_at is None:
-            return IDLE_RECHECK_S
-        return max(0.001, min(IDLE_RECHECK_S, ready_at - now))
+        # Jittered: streams opened together (workers reconnecting after a restart)
+        # would otherwise all ask the store at the same instant, every time.
+        return IDLE_RECHECK_S * random.uniform(0.5, 1.0)
 
-    def _read(
-        self,
-        session: WorkerSession,
-        request_iterator: Iterator[worker_pb2.WorkerMessage],
-        context_fields: dict[str, str],
+    async def _read(
+        self, session: WorkerSession, request_iterator: AsyncIterator[worker_pb2.WorkerMessage]
     ) -> None:
-        with bound_context(**context_fields, worker=session.info.worker_id):
+        with bound_context(worker=session.info.worker_id):
             try:
-                for message in request_iterator:
-                    self._apply(session, message)
-            except grpc.RpcError:
-                pass  # the stream ended: cancelled by the worker or cut off
+                async for message in request_iterator:
+                    await self._apply(session, message)
+            except InvalidArgument as exc:  # a message that does not parse
+                session.failure = exc
             except StoreUnusable:
                 pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
@@ -187,35 +195,40 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             finally:
                 session.close()
 
-    def _apply(self, session: WorkerSession, message: worker_pb2.WorkerMessage) -> None:
+    async def _apply(self, session: WorkerSession, message: worker_pb2.WorkerMessage) -> None:
         session.last_heard = time.monotonic()
         kind = message.WhichOneof("kind")
         if kind == "credit":
             if message.credit.tasks > 0:
                 session.add_credit(message.credit.tasks)
         elif kind == "heartbeat":
-            held = self._renew(session, [convert.ref_from_proto(r) for r in message.heartbeat.held])
+            refs = [convert.ref_from_proto(r) for r in message.heartbeat.held]
+            held = await self._renew(session, refs)
             session.send(worker_pb2.MasterMessage(heartbeat_ack=worker_pb2.HeartbeatAck(held=held)))
         elif kind == "results":
-            self._record(session, message.results)
+            await self._record(session, message.results)
         elif kind == "release":
             refs = [convert.ref_from_proto(r) for r in message.release.leases]
-            released = self._rt.lifecycle.release(refs)
-            with session.cond:
-                session.running = max(0, session.running - released)
+            released = await self._rt.bridge.workers.run(self._rt.lifecycle.release, refs)
+            session.running = max(0, session.running - released)
         else:
             log.warning("ignoring unexpected %s message from worker", kind)
 
-    def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> int:
+    async def _renew(self, session: WorkerSession, held: list[LeaseRef]) -> int:
         """Extend the worker's valid leases, revoke the rest; returns how many hold."""
-        stale = self._rt.lifecycle.extend(session.info.worker_id, held, self._rt.config.lease_s)
-        with session.cond:
-            session.running = len(held) - len(stale)
+        stale = (
+            await self._rt.bridge.workers.run(
+                self._rt.lifecycle.extend, session.info.worker_id, held, self._rt.config.lease_s
+            )
+            if held
+            else []
+        )
+        session.running = len(held) - len(stale)
         if stale:
             session.revoke(stale)
         return len(held) - len(stale)
 
-    def _record(self, session: WorkerSession, results: worker_pb2.Results) -> None:
+    async def _record(self, session: WorkerSession, results: worker_pb2.Results) -> None:
         outcomes: list[Outcome] = []
         for pb in results.outcomes:
             if pb.state not in _OUTCOME_STATES:
@@ -227,9 +240,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 log.warning("ignoring outcome of %s: %s", pb.lease.task_id, exc)
                 continue
             outcomes.append(limit_outcome(outcome, self._rt.config.max_result_bytes))
-        self._rt.lifecycle.record(outcomes)
-        with session.cond:
-            session.running = max(0, session.running - len(results.outcomes))
+        if outcomes:
+            await self._rt.bridge.workers.run(self._rt.lifecycle.record, outcomes)
+        session.running = max(0, session.running - len(results.outcomes))
         session.ack_results(results.seq, max(0, results.credit))
 
 

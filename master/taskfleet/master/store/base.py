@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import NotFound
@@ -125,6 +126,9 @@ class Store(abc.ABC):
     # Called once (from the failing call's thread) when the store finds it can no
     # longer be used, e.g. a damaged file: the master then reports NOT_SERVING.
     on_unusable: Callable[[], None] | None = None
+    # Whether calls wait on a disk, a lock or a network, so that the master's event
+    # loop must hand them to a thread; a store that only computes says False.
+    blocks: ClassVar[bool] = True
 
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:

@@ -58,6 +58,10 @@ class _Slot:
 class MemoryStore(Store):
     """Fast and volatile: a restart of the master loses every task."""
 
+    # Each call holds the lock for microseconds and needs the GIL throughout: a
+    # thread hand-off would cost more than the call.
+    blocks = False
+
     def __init__(self, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
         self._lock = threading.Lock()

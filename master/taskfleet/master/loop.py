@@ -1,0 +1,110 @@
+"""The master's event loop as the rest of the master sees it.
+
+The gRPC server runs on one asyncio loop, so an open stream costs a few
+objects, not a thread. Two things cross that boundary, both through
+``LoopBridge``:
+
+- store calls, which block (sqlite waits on its lock and on fsync), run on
+  two small thread pools ("lanes"), one call per batch as before; a store
+  whose calls never block (memory) is called on the loop itself;
+- wake-ups from other threads (the manager endpoint and the lease reaper run
+  in threads) are handed to the loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# sqlite serialises on one lock, so more threads would only queue there; a few
+# let a slow call (a large lease, a stats scan) overlap the quick ones.
+PRODUCER_THREADS = 2
+WORKER_THREADS = 4
+
+
+class StoreLane:
+    """A thread pool for store calls: calls on one lane never wait in line behind
+    another lane's. With no threads, calls run at once on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, threads: int) -> None:
+        self._loop = loop
+        self._pool = (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) if threads else None
+        )
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
+        if self._pool is None:
+            return fn(*args, **kwargs)
+        context = contextvars.copy_context()
+        return await self._loop.run_in_executor(
+            self._pool, functools.partial(context.run, fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class LoopBridge:
+    """The loop the master's RPCs run on and the lanes its store calls run on.
+
+    Built inside the running loop, so it knows the loop's thread. Producers'
+    calls and worker streams' calls take separate lanes: hundreds of workers
+    woken by one Submit each ask the store for work, and a GetStats must not
+    queue behind all of them. A store whose calls never block (``offload``
+    False) is called on the loop itself."""
+
+    def __init__(self, offload: bool = True) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
+        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS * offload)
+        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS * offload)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._thread_id
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the loop: now when called there, soon otherwise."""
+        if self.in_loop():
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def spawn(self, work: Coroutine[object, object, None]) -> None:
+        """Run ``work`` on the loop in the background (called on the loop), holding
+        on to it until it ends: the loop itself keeps only weak references."""
+        task = self.loop.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def close(self) -> None:
+        self.producers.close()
+        self.workers.close()
+
+
+class LoopQueue(Generic[T]):
+    """A queue that any thread puts to and one task on the loop gets from."""
+
+    def __init__(self, bridge: LoopBridge) -> None:
+        self._bridge = bridge
+        self._queue: asyncio.Queue[T] = asyncio.Queue()
+
+    def put(self, item: T) -> None:
+        self._bridge.call(self._queue.put_nowait, item)
+
+    async def get(self) -> T:
+        return await self._queue.get()
+
+    def get_nowait(self) -> T:
+        """The next item; raises ``asyncio.QueueEmpty`` when there is none."""
+        return self._queue.get_nowait()
