@@ -13,9 +13,10 @@ Calls block on the store, so an asyncio caller runs them on an executor.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
@@ -109,15 +110,7 @@ class Lifecycle:
             raise InvalidArgument(
                 "states: only finished tasks (SUCCEEDED, FAILED, CANCELLED) can be purged"
             )
-        total = 0
-        while True:
-            deleted = self.store.purge(query, DELETE_BATCH)
-            total += deleted
-            if deleted < DELETE_BATCH:
-                break
-        if total:
-            self._emit("pruned", total)
-        return total
+        return self._delete(lambda: self.store.purge(query, DELETE_BATCH), None)
 
     # -- workers ---------------------------------------------------------------
 
@@ -177,9 +170,14 @@ class Lifecycle:
 
     def prune(self) -> int:
         """Delete finished tasks whose TTL ran out, a bounded number per call."""
+        return self._delete(lambda: self.store.prune(time.time(), DELETE_BATCH), MAX_PRUNE_BATCHES)
+
+    def _delete(self, batch: Callable[[], int], max_batches: int | None) -> int:
+        """Run ``batch`` (one short transaction deleting up to DELETE_BATCH tasks)
+        until it deletes fewer, or ``max_batches`` times; how many it deleted."""
         total = 0
-        for _ in range(MAX_PRUNE_BATCHES):
-            deleted = self.store.prune(time.time(), DELETE_BATCH)
+        for _ in itertools.repeat(None) if max_batches is None else range(max_batches):
+            deleted = batch()
             total += deleted
             if deleted < DELETE_BATCH:
                 break
