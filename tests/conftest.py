@@ -10,7 +10,15 @@ import pytest
 
 from taskfleet.common.client import Client
 
+import pg
 from procs import Gates, MasterProc, WorkerProc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_postgres() -> Iterator[None]:
+    """Stops the PostgreSQL server of tests/pg.py at the end, if a test started one."""
+    yield
+    pg.stop()
 
 
 @pytest.fixture

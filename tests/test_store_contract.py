@@ -24,6 +24,8 @@ from taskfleet.common.model import (
 )
 from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, open_store
 
+from pg import store_url
+
 NOW = 1_000_000.0
 LEASE_S = 30.0
 BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
@@ -31,12 +33,12 @@ BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
 POLICY = StorePolicy(retry_backoff_s=lambda used: 10.0 * used)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'tasks.db'}"
-    opened = open_store(url, POLICY)
-    yield opened
-    opened.close()
+    with store_url(request.param, tmp_path) as url:
+        opened = open_store(url, POLICY)
+        yield opened
+        opened.close()
 
 
 def spec(name: str = "add", queue: str = "q", **options: Any) -> TaskSpec:

@@ -16,6 +16,8 @@ from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskSpec, TaskS
 from taskfleet.master.store import SqliteStore, Store, StorePolicy, TaskQuery, open_store
 from taskfleet.master.store.sqlite import _MIGRATIONS
 
+from pg import store_url
+
 NOW = 1_000_000.0
 LEASE_S = 30.0
 TTL_S = 60.0
@@ -23,20 +25,20 @@ BOOM = TaskError("ValueError", "boom")
 OpenStore = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def open_with(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     """Opens a store of each kind with the policy given; closed at teardown."""
     opened: list[Store] = []
+    with store_url(request.param, tmp_path) as url:
 
-    def open_one(**policy: Any) -> Store:
-        url = "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'tasks.db'}"
-        store = open_store(url, StorePolicy(**policy))
-        opened.append(store)
-        return store
+        def open_one(**policy: Any) -> Store:
+            store = open_store(url, StorePolicy(**policy))
+            opened.append(store)
+            return store
 
-    yield open_one
-    for store in opened:
-        store.close()
+        yield open_one
+        for store in opened:
+            store.close()
 
 
 def spec(name: str = "add", queue: str = "q", **options: Any) -> TaskSpec:

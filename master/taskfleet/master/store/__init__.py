@@ -20,13 +20,15 @@ __all__ = [
 ]
 
 _SQLITE = "sqlite:"
+_POSTGRES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
-    """The store ``url`` names: ``memory`` or ``sqlite:PATH``.
+    """The store ``url`` names: ``memory``, ``sqlite:PATH`` or a PostgreSQL URL.
 
-    Raises ``ConfigError`` for any other form, or when the SQLite file cannot
-    be opened, so a bad flag stops the master with a message, not a traceback.
+    Raises ``ConfigError`` for any other form, or when the SQLite file or the
+    database cannot be opened, so a bad flag stops the master with a message,
+    not a traceback.
     """
     if url == "memory":
         return MemoryStore(policy)
@@ -36,4 +38,21 @@ def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
             return SqliteStore(path, policy)
         except sqlite3.Error as exc:
             raise ConfigError(f"--store {url}: cannot open {path}: {exc}") from exc
-    raise ConfigError(f"--store {url!r} is not valid: use 'memory' or 'sqlite:PATH'")
+    if url.startswith(_POSTGRES):
+        return _open_postgres(url, policy)
+    raise ConfigError(
+        f"--store {url!r} is not valid: use 'memory', 'sqlite:PATH' "
+        "or 'postgresql://USER@HOST[:PORT]/DB'"
+    )
+
+
+def _open_postgres(dsn: str, policy: StorePolicy) -> Store:
+    """A PostgresStore; imported here so that psycopg is needed only by those who use it."""
+    try:
+        from taskfleet.master.store.postgres import PostgresStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"--store postgresql://... needs psycopg ({exc.name} is not installed): "
+            "pip install 'taskfleet[postgres]'"
+        ) from None
+    return PostgresStore(dsn, policy)

@@ -1,0 +1,643 @@
+"""The PostgreSQL store: every task in one table, shared by the master's store threads.
+
+Each method is one transaction of as few statements as it can be, on a
+connection from a small pool. Leasing claims rows with ``FOR UPDATE SKIP
+LOCKED``, so two leases running at once never wait on each other nor hand out
+a task twice; extend, record and release name the lease they fence in their
+``WHERE`` clause, so the database itself refuses a stale ref. Partial indexes
+hold only the rows a hot query needs, as in the SQLite store, whose semantics
+this one mirrors exactly (see sqlite.py for the model of each method).
+
+The schema is versioned: migrations run at open inside one transaction that
+holds an advisory lock, so masters started together apply them once.
+
+For now one master uses a database at a time: another master's submits are
+seen by this one only on its next poll.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
+from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
+from taskfleet.master.store.base import (
+    DEFAULT_POLICY,
+    FINAL_STATES,
+    Store,
+    StorePolicy,
+    TaskPage,
+    TaskQuery,
+    attempts_used,
+    new_task_id,
+    not_found,
+    worker_lost_error,
+)
+from taskfleet.master.store.sqlite import _COLUMNS, _task
+
+PENDING, RUNNING = TaskState.PENDING.value, TaskState.RUNNING.value
+SUCCEEDED, FAILED, CANCELLED = (
+    TaskState.SUCCEEDED.value,
+    TaskState.FAILED.value,
+    TaskState.CANCELLED.value,
+)
+_READY = f"state = {PENDING} AND ready"
+_DELAYED = f"state = {PENDING} AND NOT ready"
+_LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
+# Taken by every master while it migrates: any constant no other user of the
+# database picks ("taskflee" in ASCII).
+_MIGRATION_LOCK = 0x7461736B666C6565
+# Transactions that lost a race (a deadlock on the counts, an idempotency key
+# inserted at the same time) run again; more than this many losses is a bug.
+_RACE_RETRIES = 5
+_POOL_MAX_SIZE = 4
+_CONNECT_TIMEOUT_S = 10
+
+_COUNT_FUNCTION = """
+CREATE FUNCTION taskfleet_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- One upsert per (queue, state) a statement changed, in a fixed order so
+    -- concurrent transactions lock the counts rows alike and cannot deadlock.
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO counts (queue, state, n)
+        SELECT queue, state, count(*) FROM new_rows GROUP BY queue, state ORDER BY queue, state
+        ON CONFLICT (queue, state) DO UPDATE SET n = counts.n + excluded.n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO counts (queue, state, n)
+        SELECT queue, state, sum(d) FROM (
+            SELECT queue, state, 1 AS d FROM new_rows
+            UNION ALL SELECT queue, state, -1 FROM old_rows
+        ) changes GROUP BY queue, state HAVING sum(d) <> 0 ORDER BY queue, state
+        ON CONFLICT (queue, state) DO UPDATE SET n = counts.n + excluded.n;
+    ELSE
+        INSERT INTO counts (queue, state, n)
+        SELECT queue, state, -count(*) FROM old_rows GROUP BY queue, state ORDER BY queue, state
+        ON CONFLICT (queue, state) DO UPDATE SET n = counts.n + excluded.n;
+        -- A queue whose last task is gone leaves stats, so names come and go freely.
+        DELETE FROM counts WHERE queue IN (
+            SELECT c.queue FROM counts c WHERE c.queue IN (SELECT queue FROM old_rows)
+            GROUP BY c.queue HAVING sum(c.n) = 0);
+    END IF;
+    RETURN NULL;
+END $$
+"""
+
+# Each schema version's statements, applied in order inside one transaction;
+# taskfleet_schema records the last one applied.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE tasks (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            name text NOT NULL,
+            queue text NOT NULL,
+            payload bytea NOT NULL,
+            content_type text NOT NULL,
+            priority integer NOT NULL,
+            max_attempts integer NOT NULL,
+            timeout_s double precision NOT NULL,
+            not_before double precision NOT NULL,
+            idempotency_key text NOT NULL,
+            metadata text NOT NULL,
+            result_ttl_s double precision NOT NULL,
+            state smallint NOT NULL,
+            ready boolean NOT NULL,
+            ready_at double precision NOT NULL,
+            attempts integer NOT NULL DEFAULT 0,
+            lease integer NOT NULL DEFAULT 0,
+            worker_id text NOT NULL DEFAULT '',
+            lease_deadline double precision NOT NULL DEFAULT 0,
+            result bytea NOT NULL DEFAULT '',
+            result_content_type text NOT NULL DEFAULT '',
+            error_type text,
+            error_message text,
+            error_traceback text,
+            created_at double precision NOT NULL,
+            started_at double precision NOT NULL DEFAULT 0,
+            finished_at double precision NOT NULL DEFAULT 0,
+            lost_leases integer NOT NULL DEFAULT 0,
+            lost_by text NOT NULL DEFAULT '[]',
+            attempt_base integer NOT NULL DEFAULT 0,
+            expires_at double precision NOT NULL DEFAULT 0
+        )
+        """,
+        f"CREATE INDEX tasks_ready_by_name ON tasks (queue, name, priority DESC, seq)"
+        f" WHERE {_READY}",
+        f"CREATE INDEX tasks_ready_by_queue ON tasks (queue, priority DESC, seq) WHERE {_READY}",
+        f"CREATE INDEX tasks_delayed ON tasks (ready_at) WHERE {_DELAYED}",
+        f"CREATE INDEX tasks_running ON tasks (lease_deadline) WHERE state = {RUNNING}",
+        "CREATE INDEX tasks_expiring ON tasks (expires_at) WHERE expires_at > 0",
+        "CREATE UNIQUE INDEX tasks_idempotency ON tasks (idempotency_key)"
+        " WHERE idempotency_key <> ''",
+        # Counts kept by statement triggers in the same transaction as the rows,
+        # so stats() costs O(queues) and can never drift from the tasks.
+        """
+        CREATE TABLE counts (
+            queue text NOT NULL,
+            state smallint NOT NULL,
+            n bigint NOT NULL,
+            PRIMARY KEY (queue, state)
+        )
+        """,
+        _COUNT_FUNCTION,
+        "CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks REFERENCING NEW TABLE AS"
+        " new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
+        "CREATE TRIGGER tasks_count_update AFTER UPDATE ON tasks REFERENCING OLD TABLE AS"
+        " old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
+        "CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS"
+        " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
+    ),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+_T_COLUMNS = ", ".join(f"t.{c.strip()}" for c in _COLUMNS.split(","))
+
+# A finished task's deletion time: its own TTL, else the policy's default
+# (the parameter, already added to now; 0 for never).
+_EXPIRES = "CASE WHEN t.result_ttl_s > 0 THEN %(now)s + t.result_ttl_s ELSE %(expiry)s END"
+
+_INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
+    timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
+    created_at)
+    SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
+        not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
+        ready_at, %s::float8 FROM unnest(
+        %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::int[],
+        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[]
+    ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
+        not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
+
+# The best `limit` ready tasks of each queue (and name), from its index, locked
+# unless another lease holds them; the outer ORDER BY picks the best overall.
+_CLAIM = f"""WITH chosen AS (
+    SELECT c.seq FROM {{sources}}, LATERAL (
+        SELECT seq, priority FROM tasks
+        WHERE {_READY} AND queue = q.queue {{name_term}}
+        ORDER BY priority DESC, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
+    UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1, lease = lease + 1,
+        worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
+    FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {_T_COLUMNS}"""
+
+_REFS = "unnest(%(ids)s::text[], %(leases)s::int[]) AS r(id, lease)"
+# The fence of an outcome, a renewal or a release: the lease must be current.
+_FENCE = f"t.id = r.id AND t.state = {RUNNING} AND t.lease = r.lease"
+
+# Outcomes as arrays, one element each; a FAILED one with a ready_at runs again.
+_RECORD = f"""UPDATE tasks t SET
+    state = CASE WHEN r.ready_at IS NOT NULL THEN {PENDING} ELSE r.state END,
+    result = CASE WHEN r.state = {SUCCEEDED} THEN r.result ELSE t.result END,
+    result_content_type = CASE WHEN r.state = {SUCCEEDED} THEN r.result_content_type
+        ELSE t.result_content_type END,
+    error_type = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_type
+        ELSE t.error_type END,
+    error_message = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_message
+        ELSE t.error_message END,
+    error_traceback = CASE r.state WHEN {SUCCEEDED} THEN NULL
+        WHEN {FAILED} THEN r.error_traceback ELSE t.error_traceback END,
+    ready = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at <= %(now)s ELSE t.ready END,
+    ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
+    finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
+    expires_at = CASE WHEN r.ready_at IS NOT NULL THEN t.expires_at ELSE {_EXPIRES} END
+    FROM unnest(%(ids)s::text[], %(leases)s::int[], %(states)s::smallint[],
+        %(results)s::bytea[], %(types)s::text[], %(error_types)s::text[],
+        %(messages)s::text[], %(tracebacks)s::text[], %(ready_ats)s::float8[])
+        WITH ORDINALITY AS r(id, lease, state, result, result_content_type, error_type,
+            error_message, error_traceback, ready_at, i)
+    WHERE {_FENCE} RETURNING r.i, {_T_COLUMNS}"""
+
+_EXPIRE = f"""UPDATE tasks t SET lost_leases = t.lost_leases + 1, lost_by = r.lost_by,
+    state = CASE WHEN r.error_type IS NULL THEN {PENDING} ELSE {FAILED} END,
+    ready = CASE WHEN r.error_type IS NULL THEN true ELSE t.ready END,
+    ready_at = CASE WHEN r.error_type IS NULL THEN %(now)s ELSE t.ready_at END,
+    error_type = coalesce(r.error_type, t.error_type),
+    error_message = coalesce(r.error_message, t.error_message),
+    error_traceback = CASE WHEN r.error_type IS NULL THEN t.error_traceback ELSE '' END,
+    finished_at = CASE WHEN r.error_type IS NULL THEN t.finished_at ELSE %(now)s END,
+    expires_at = CASE WHEN r.error_type IS NULL THEN t.expires_at ELSE {_EXPIRES} END
+    FROM unnest(%(seqs)s::bigint[], %(lost_by)s::text[], %(error_types)s::text[],
+        %(messages)s::text[]) WITH ORDINALITY AS r(seq, lost_by, error_type, error_message, i)
+    WHERE t.seq = r.seq RETURNING r.i, {_T_COLUMNS}"""
+
+_RACES = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.UniqueViolation)
+
+R = TypeVar("R")
+
+
+def redacted(dsn: str) -> str:
+    """``dsn`` without its password, fit for a log line or an error message."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "postgresql://(a connection string that cannot be parsed)"
+    user = parts.get("user")
+    host = parts.get("host") or ""
+    port = parts.get("port")
+    where = f"{host}:{port}" if port else str(host)
+    return f"postgresql://{f'{user}@' if user else ''}{where}/{parts.get('dbname') or ''}"
+
+
+class PostgresStore(Store):
+    """Durable store in the PostgreSQL database ``dsn`` names, migrated on open."""
+
+    blocks = True
+
+    def __init__(self, dsn: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
+        self._where = redacted(dsn)
+        try:
+            with psycopg.connect(dsn, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
+                self._migrate(conn)
+        except psycopg.OperationalError as exc:
+            raise ConfigError(f"cannot use {self._where}: {_first_line(exc)}") from None
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=_POOL_MAX_SIZE,
+            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S},
+            name="taskfleet-store",
+            open=True,
+        )
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS taskfleet_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM taskfleet_schema").fetchone()
+            version = row[0] if row and row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self._where} has taskfleet schema version {version}; "
+                    f"this taskfleet reads versions up to {SCHEMA_VERSION}"
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[number]:
+                    conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute("DELETE FROM taskfleet_schema")
+                conn.execute("INSERT INTO taskfleet_schema VALUES (%s)", (SCHEMA_VERSION,))
+
+    def _run(self, work: Callable[[psycopg.Connection[Any]], R]) -> R:
+        """``work`` in one transaction, run again when it lost a race to another."""
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with self._pool.connection() as conn:
+                    return work(conn)
+            except _RACES:
+                if attempt == _RACE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
+        keys = [spec.idempotency_key for spec in specs if spec.idempotency_key]
+
+        def work(conn: psycopg.Connection[Any]) -> list[str]:
+            known: dict[str, str] = {}
+            if keys:
+                rows = conn.execute(
+                    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
+                    (keys,),
+                ).fetchall()
+                known = dict(rows)
+            ids: list[str] = []
+            columns: list[list[Any]] = [[] for _ in range(13)]
+            for spec in specs:
+                key = spec.idempotency_key
+                if key and key in known:
+                    ids.append(known[key])
+                    continue
+                task_id = new_task_id()
+                if key:
+                    known[key] = task_id
+                row = (
+                    task_id,
+                    spec.name,
+                    spec.queue,
+                    spec.payload,
+                    spec.content_type,
+                    spec.priority,
+                    spec.max_attempts,
+                    spec.timeout_s,
+                    spec.not_before,
+                    key,
+                    json.dumps(spec.metadata) if spec.metadata else "{}",
+                    spec.result_ttl_s,
+                    max(spec.not_before, now),
+                )
+                for column, value in zip(columns, row, strict=True):
+                    column.append(value)
+                ids.append(task_id)
+            if columns[0]:
+                conn.execute(_INSERT, (PENDING, now, now, *columns))
+            return ids
+
+        return self._run(work)
+
+    def get(self, task_id: str) -> Task:
+        return self.get_many([task_id])[0]
+
+    def get_many(self, task_ids: Sequence[str]) -> list[Task]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE id = ANY(%s)", (list(task_ids),)
+            ).fetchall()
+        )
+        by_id = {task.id: task for task in map(_task, rows)}
+        for task_id in task_ids:
+            if task_id not in by_id:
+                raise not_found(task_id)
+        return [by_id[task_id] for task_id in task_ids]
+
+    def lease(
+        self,
+        worker_id: str,
+        queues: Collection[str],
+        names: Collection[str] | None,
+        limit: int,
+        lease_s: float,
+        now: float,
+    ) -> list[Lease]:
+        if limit <= 0 or not queues or (names is not None and not names):
+            return []
+        params: dict[str, Any] = {
+            "queues": list(dict.fromkeys(queues)),
+            "limit": limit,
+            "worker": worker_id,
+            "now": now,
+            "deadline": now + lease_s,
+        }
+        if names is None:
+            sql = _CLAIM.format(sources="unnest(%(queues)s::text[]) q(queue)", name_term="")
+        else:
+            params["names"] = list(dict.fromkeys(names))
+            sql = _CLAIM.format(
+                sources="unnest(%(queues)s::text[]) q(queue), unnest(%(names)s::text[]) n(name)",
+                name_term="AND name = n.name",
+            )
+
+        def work(conn: psycopg.Connection[Any]) -> list[Any]:
+            conn.execute(
+                f"UPDATE tasks SET ready = true WHERE {_DELAYED} AND ready_at <= %s", (now,)
+            )
+            return conn.execute(sql, params).fetchall()
+
+        rows = self._run(work)
+        rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING comes in no set order
+        return [Lease(_task(row[2:]), now + lease_s) for row in rows]
+
+    def extend(
+        self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
+    ) -> list[LeaseRef]:
+        if not refs:
+            return []
+        params = {**_ref_arrays(refs), "deadline": now + lease_s, "worker": worker_id}
+        renewed = self._run(
+            lambda conn: conn.execute(
+                f"""UPDATE tasks t SET lease_deadline = %(deadline)s FROM {_REFS}
+                WHERE {_FENCE} AND t.worker_id = %(worker)s RETURNING t.id, t.lease""",
+                params,
+            ).fetchall()
+        )
+        valid = set(renewed)
+        return [ref for ref in refs if (ref.task_id, ref.lease) not in valid]
+
+    def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
+        for outcome in outcomes:
+            if outcome.state not in FINAL_STATES:
+                raise InvalidArgument(
+                    f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
+                    f"or CANCELLED, not {outcome.state.name}"
+                )
+        # The first outcome for a lease ends it; a repeat is stale, as if applied after.
+        unique = list({(o.ref.task_id, o.ref.lease): o for o in reversed(outcomes)}.values())
+        unique.reverse()
+        if not unique:
+            return []
+        failed = [o for o in unique if o.state is TaskState.FAILED]
+
+        def work(conn: psycopg.Connection[Any]) -> list[Task]:
+            used: dict[tuple[str, int], int] = {}
+            if failed:
+                rows = conn.execute(
+                    f"""SELECT t.id, t.lease, t.attempts, t.attempt_base, t.lost_leases
+                    FROM tasks t, {_REFS} WHERE {_FENCE} FOR UPDATE OF t""",
+                    _ref_arrays([o.ref for o in failed]),
+                ).fetchall()
+                used = {(row[0], row[1]): attempts_used(*row[2:]) for row in rows}
+            params: dict[str, Any] = {
+                **_ref_arrays([o.ref for o in unique]),
+                "states": [o.state.value for o in unique],
+                "results": [o.result for o in unique],
+                "types": [o.result_content_type for o in unique],
+                "error_types": [o.error.type if o.error else None for o in unique],
+                "messages": [o.error.message if o.error else None for o in unique],
+                "tracebacks": [o.error.traceback if o.error else None for o in unique],
+                "ready_ats": [self._retry_at(o, used, now) for o in unique],
+                "now": now,
+                "expiry": self._default_expiry(now),
+            }
+            rows = conn.execute(_RECORD, params).fetchall()
+            rows.sort(key=lambda row: row[0])
+            return [_task(row[1:]) for row in rows]
+
+        return self._run(work)
+
+    def _retry_at(
+        self, outcome: Outcome, used: dict[tuple[str, int], int], now: float
+    ) -> float | None:
+        """When a FAILED outcome's task runs again, or None if it ends (or is stale)."""
+        count = used.get((outcome.ref.task_id, outcome.ref.lease))
+        if outcome.state is not TaskState.FAILED or count is None:
+            return None
+        if count >= outcome.max_attempts:
+            return None
+        return now + self.policy.retry_backoff_s(count)
+
+    def retry(self, task_id: str, now: float) -> Task:
+        def work(conn: psycopg.Connection[Any]) -> Any:
+            row = conn.execute(
+                f"""UPDATE tasks SET state = {PENDING}, ready = true, ready_at = %s,
+                attempt_base = attempts, lost_leases = 0, lost_by = '[]', finished_at = 0,
+                expires_at = 0 WHERE id = %s AND state IN ({FAILED}, {CANCELLED})
+                RETURNING {_COLUMNS}""",
+                (now, task_id),
+            ).fetchone()
+            return row if row is not None else _state_of(conn, task_id)
+
+        found = self._run(work)
+        if isinstance(found, TaskState):
+            raise FailedPrecondition(
+                f"task {task_id} is {found.name}: only FAILED or CANCELLED tasks can be retried"
+            )
+        return _task(found)
+
+    def release(self, refs: Sequence[LeaseRef], now: float) -> int:
+        if not refs:
+            return 0
+        params = {**_ref_arrays(refs), "now": now}
+        return self._run(
+            lambda conn: conn.execute(
+                f"""UPDATE tasks t SET state = {PENDING}, ready = true, ready_at = %(now)s,
+                attempts = t.attempts - 1 FROM {_REFS} WHERE {_FENCE}""",
+                params,
+            ).rowcount
+        )
+
+    def cancel(self, task_id: str, now: float) -> Task:
+        params = {"now": now, "expiry": self._default_expiry(now), "id": task_id}
+
+        def work(conn: psycopg.Connection[Any]) -> Any:
+            row = conn.execute(
+                f"""UPDATE tasks t SET state = {CANCELLED}, finished_at = %(now)s,
+                expires_at = {_EXPIRES} WHERE id = %(id)s AND state IN ({PENDING}, {RUNNING})
+                RETURNING {_COLUMNS}""",
+                params,
+            ).fetchone()
+            return row if row is not None else _state_of(conn, task_id)
+
+        found = self._run(work)
+        if isinstance(found, TaskState):
+            raise FailedPrecondition(f"task {task_id} is already {found.name}")
+        return _task(found)
+
+    def expire(self, now: float) -> list[Task]:
+        def work(conn: psycopg.Connection[Any]) -> list[Task]:
+            lapsed = conn.execute(
+                f"""SELECT seq, worker_id, lost_leases, lost_by FROM tasks
+                WHERE state = {RUNNING} AND lease_deadline <= %s
+                ORDER BY lease_deadline, seq FOR UPDATE""",
+                (now,),
+            ).fetchall()
+            if not lapsed:
+                return []
+            params: dict[str, Any] = {
+                "seqs": [],
+                "lost_by": [],
+                "error_types": [],
+                "messages": [],
+                "now": now,
+                "expiry": self._default_expiry(now),
+            }
+            for seq, worker_id, lost_leases, lost_by_json in lapsed:
+                lost_by = [*json.loads(lost_by_json), worker_id][-_LOST_BY_KEPT:]
+                error = (
+                    worker_lost_error(lost_by)
+                    if lost_leases + 1 > self.policy.max_lost_leases
+                    else None
+                )
+                params["seqs"].append(seq)
+                params["lost_by"].append(json.dumps(lost_by))
+                params["error_types"].append(error.type if error else None)
+                params["messages"].append(error.message if error else None)
+            rows = conn.execute(_EXPIRE, params).fetchall()
+            rows.sort(key=lambda row: row[0])
+            return [_task(row[1:]) for row in rows]
+
+        return self._run(work)
+
+    def prune(self, now: float, limit: int) -> int:
+        return self._run(
+            lambda conn: conn.execute(
+                """DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks
+                WHERE expires_at > 0 AND expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED)""",
+                (now, limit),
+            ).rowcount
+        )
+
+    def purge(self, query: TaskQuery, limit: int) -> int:
+        states = query.states or FINAL_STATES
+        if not states <= FINAL_STATES:
+            raise InvalidArgument("states: only finished tasks can be purged")
+        where, params = _where(query, states, None)
+        return self._run(
+            lambda conn: conn.execute(
+                f"""DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where}
+                LIMIT %s FOR UPDATE SKIP LOCKED)""",
+                (*params, limit),
+            ).rowcount
+        )
+
+    def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
+        where, params = _where(query, query.states, cursor)
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT seq, {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT %s",
+                (*params, limit + 1),
+            ).fetchall()
+        )
+        more = len(rows) > limit
+        return TaskPage(
+            [_task(row[1:]) for row in rows[:limit]], rows[limit - 1][0] if more and limit else None
+        )
+
+    def _default_expiry(self, now: float) -> float:
+        ttl_s = self.policy.result_ttl_s
+        return now + ttl_s if ttl_s > 0 else 0.0
+
+    def next_ready_at(self, now: float) -> float | None:
+        row = self._run(
+            lambda conn: conn.execute(
+                f"SELECT min(ready_at) FROM tasks WHERE {_DELAYED} AND ready_at > %s", (now,)
+            ).fetchone()
+        )
+        return None if row is None else row[0]
+
+    def stats(self) -> list[QueueCounts]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT queue, state, n FROM counts ORDER BY queue COLLATE \"C\""
+            ).fetchall()
+        )
+        by_queue: dict[str, dict[TaskState, int]] = {}
+        for queue, state, n in rows:
+            by_queue.setdefault(queue, dict.fromkeys(TaskState, 0))[TaskState(state)] = n
+        return [QueueCounts(queue, counts) for queue, counts in by_queue.items()]
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _ref_arrays(refs: Sequence[LeaseRef]) -> dict[str, list[Any]]:
+    return {"ids": [ref.task_id for ref in refs], "leases": [ref.lease for ref in refs]}
+
+
+def _state_of(conn: psycopg.Connection[Any], task_id: str) -> TaskState:
+    """The state of a task an update did not match; raises NotFound if there is none."""
+    row = conn.execute("SELECT state FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    if row is None:
+        raise not_found(task_id)
+    return TaskState(row[0])
+
+
+def _where(
+    query: TaskQuery, states: frozenset[TaskState], cursor: int | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (and its parameters) of the tasks ``query`` matches, in
+    ``states`` unless empty, older than ``cursor``."""
+    terms: list[str] = ["true"]
+    params: list[Any] = []
+    if query.queue:
+        terms.append("queue = %s")
+        params.append(query.queue)
+    if query.name:
+        terms.append("name = %s")
+        params.append(query.name)
+    if states:
+        terms.append(f"state IN ({', '.join(str(int(s)) for s in sorted(states))})")
+    if cursor is not None:
+        terms.append("seq < %s")
+        params.append(cursor)
+    return " AND ".join(terms), tuple(params)
