@@ -37,10 +37,12 @@ run-worker: install
 	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
 
 # Debian packages the tests use: iproute2's `ip` (master and workers in network
-# namespaces) and node/npm (the Node.js example). Each is installed only when
-# missing and possible; otherwise its tests skip, except in CI, where
-# TASKFLEET_REQUIRE_SYSTEM=1 (set by .ci/run) makes them fail instead.
-SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm
+# namespaces), node/npm (the Node.js example) and PostgreSQL (the tests start a
+# throwaway server for the PostgreSQL store; postgresql-common's pg_config finds
+# it). Each is installed only when missing and possible; otherwise its tests
+# skip, except in CI, where TASKFLEET_REQUIRE_SYSTEM=1 (set by .ci/run) makes
+# them fail instead.
+SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm pg_config:postgresql
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do \

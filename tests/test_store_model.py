@@ -3,7 +3,8 @@ against every store and are checked, step by step, against a plain model of
 what each task's state must be.
 
 The machine owns the clock (``now``), so leases lapse and delays pass without
-sleeping; the SQLite machine also closes and reopens its file between steps.
+sleeping; the SQLite and PostgreSQL machines also close and reopen their store between
+steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from taskfleet.common.errors import FailedPrecondition, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
-from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, TaskQuery
+from taskfleet.master.store import MemoryStore, Store, StorePolicy, TaskQuery, open_store
 from taskfleet.master.store.base import worker_lost_error
+
+from pg import store_url
 
 START = 1_000_000.0
 QUEUES = ("q1", "q2", "q3")
@@ -33,6 +37,8 @@ WORKERS = ("w1", "w2")
 KEYS = ("k1", "k2", "k3")
 UNKNOWN_ID = "no-such-task"
 BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
+# Examples for PostgreSQL, where each creates a database and a step is a few round trips.
+PG_EXAMPLES = 40
 
 # Delays relative to the machine's clock: None means no not_before at all.
 NOT_BEFORE_DELAYS = st.sampled_from([None, None, -5.0, 0.0, 0.5, 10.0, 60.0])
@@ -581,23 +587,34 @@ def store_machine(kind: str) -> type[StoreMachine]:
     """A state machine class that runs against a fresh store of ``kind`` per example."""
 
     class Machine(StoreMachine):
-        durable = kind == "sqlite"
+        durable = kind != "memory"
 
         def open_store(self) -> Store:
+            if not hasattr(self, "url"):  # the first open of this example: a new store
+                self.closing = ExitStack()
+                self.url = self.closing.enter_context(store_url(kind, self.tmp_dir))
             if kind == "memory":
                 return MemoryStore(POLICY)
-            return SqliteStore(str(self.tmp_dir / "tasks.db"), POLICY)
+            return open_store(self.url, POLICY)
+
+        def teardown(self) -> None:
+            super().teardown()
+            self.closing.close()
 
     Machine.__name__ = Machine.__qualname__ = f"{kind.capitalize()}StoreMachine"
     return Machine
 
 
 MODEL_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None)
+POSTGRES_SETTINGS = settings(max_examples=PG_EXAMPLES, stateful_step_count=50, deadline=None)
 
 MemoryStoreMachine = store_machine("memory")
 SqliteStoreMachine = store_machine("sqlite")
+PostgresStoreMachine = store_machine("postgres")
 
 TestMemoryStoreModel = MemoryStoreMachine.TestCase
 TestMemoryStoreModel.settings = MODEL_SETTINGS
 TestSqliteStoreModel = SqliteStoreMachine.TestCase
 TestSqliteStoreModel.settings = MODEL_SETTINGS
+TestPostgresStoreModel = PostgresStoreMachine.TestCase
+TestPostgresStoreModel.settings = POSTGRES_SETTINGS

@@ -417,8 +417,10 @@ class PostgresStore(Store):
                     f"or CANCELLED, not {outcome.state.name}"
                 )
         # The first outcome for a lease ends it; a repeat is stale, as if applied after.
-        unique = list({(o.ref.task_id, o.ref.lease): o for o in reversed(outcomes)}.values())
-        unique.reverse()
+        firsts: dict[tuple[str, int], Outcome] = {}
+        for outcome in outcomes:
+            firsts.setdefault((outcome.ref.task_id, outcome.ref.lease), outcome)
+        unique = list(firsts.values())
         if not unique:
             return []
         failed = [o for o in unique if o.state is TaskState.FAILED]
