@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from system import missing
@@ -101,10 +101,8 @@ class _Cluster:
             pid_file = self.data_dir / "postmaster.pid"
             if pid_file.exists():
                 pid = int(pid_file.read_text().splitlines()[0])
-                try:
+                with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGQUIT)  # the postmaster's "immediate shutdown"
-                except ProcessLookupError:
-                    pass
                 _wait_gone(pid)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -486,11 +486,13 @@ class PostgresStore(Store):
             return 0
         params = {**_ref_arrays(refs), "now": now}
         return self._run(
-            lambda conn: conn.execute(
-                f"""UPDATE tasks t SET state = {PENDING}, ready = true, ready_at = %(now)s,
+            lambda conn: (
+                conn.execute(
+                    f"""UPDATE tasks t SET state = {PENDING}, ready = true, ready_at = %(now)s,
                 attempts = t.attempts - 1 FROM {_REFS} WHERE {_FENCE}""",
-                params,
-            ).rowcount
+                    params,
+                ).rowcount
+            )
         )
 
     def cancel(self, task_id: str, now: float) -> Task:
@@ -547,11 +549,13 @@ class PostgresStore(Store):
 
     def prune(self, now: float, limit: int) -> int:
         return self._run(
-            lambda conn: conn.execute(
-                """DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks
+            lambda conn: (
+                conn.execute(
+                    """DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks
                 WHERE expires_at > 0 AND expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED)""",
-                (now, limit),
-            ).rowcount
+                    (now, limit),
+                ).rowcount
+            )
         )
 
     def purge(self, query: TaskQuery, limit: int) -> int:
@@ -560,11 +564,13 @@ class PostgresStore(Store):
             raise InvalidArgument("states: only finished tasks can be purged")
         where, params = _where(query, states, None)
         return self._run(
-            lambda conn: conn.execute(
-                f"""DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where}
+            lambda conn: (
+                conn.execute(
+                    f"""DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where}
                 LIMIT %s FOR UPDATE SKIP LOCKED)""",
-                (*params, limit),
-            ).rowcount
+                    (*params, limit),
+                ).rowcount
+            )
         )
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
@@ -595,7 +601,7 @@ class PostgresStore(Store):
     def stats(self) -> list[QueueCounts]:
         rows = self._run(
             lambda conn: conn.execute(
-                "SELECT queue, state, n FROM counts ORDER BY queue COLLATE \"C\""
+                'SELECT queue, state, n FROM counts ORDER BY queue COLLATE "C"'
             ).fetchall()
         )
         by_queue: dict[str, dict[TaskState, int]] = {}
