@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,22 @@ from taskfleet.common.client import Client, make_spec
 
 PY = sys.executable
 BENCH = Path(__file__).resolve().parent
+# The tests' throwaway PostgreSQL server (tests/pg.py) serves the postgres store.
+sys.path.append(str(BENCH.parent / "tests"))
+import pg  # noqa: E402
+
 # A backstop only: celery_side.py bounds each of its own waits.
 PEERS_TIMEOUT_S = 1800
 
 
 class TaskfleetCluster:
-    """A master on ``store`` plus two workers with default (process) pools."""
+    """A master on ``store`` (memory, sqlite or postgres) plus two workers with
+    default (process) pools."""
 
     def __init__(self, store: str, workers: int = 2, result_ttl_s: float | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="taskfleet-bench-")
-        store_url = "memory" if store == "memory" else f"sqlite:{self.tmp.name}/bench.db"
+        self.store = ExitStack()
+        store_url = self.store.enter_context(pg.store_url(store, Path(self.tmp.name)))
         self.address = f"127.0.0.1:{free_port()}"
         quiet = ["--log-level", "WARNING"]
         ttl = [] if result_ttl_s is None else ["--result-ttl-s", str(result_ttl_s)]
@@ -130,6 +137,7 @@ class TaskfleetCluster:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        self.store.close()
         self.tmp.cleanup()
 
 
@@ -353,7 +361,12 @@ def main() -> None:
     parser.add_argument(
         "--depth", type=int, default=0, help="queue depth for the depth check (0: skip)"
     )
-    parser.add_argument("--stores", default="memory,sqlite", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--stores",
+        default="memory,sqlite",
+        type=lambda s: s.split(","),
+        help="of memory, sqlite, postgres (a throwaway server, as the tests start one)",
+    )
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument(
         "--result-ttl-s",
@@ -374,7 +387,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.peers and not Path(args.peers_python).exists():
         parser.error(f"--peers: no {args.peers_python}; run `make peers-deps` first")
-    report = run(args)
+    try:
+        report = run(args)
+    finally:
+        pg.stop()
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"\nwritten to {args.out}")
