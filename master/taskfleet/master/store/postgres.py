@@ -40,17 +40,24 @@ from taskfleet.master.store.base import (
     not_found,
     worker_lost_error,
 )
-from taskfleet.master.store.sqlite import _COLUMNS, _task
-
-PENDING, RUNNING = TaskState.PENDING.value, TaskState.RUNNING.value
-SUCCEEDED, FAILED, CANCELLED = (
-    TaskState.SUCCEEDED.value,
-    TaskState.FAILED.value,
-    TaskState.CANCELLED.value,
+from taskfleet.master.store.rows import (
+    CANCELLED,
+    COLUMNS,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    default_expiry,
+    in_order,
+    lost_by_after,
+    page,
+    queue_counts,
+    task_from_row,
+    where_clause,
 )
+
 _READY = f"state = {PENDING} AND ready"
 _DELAYED = f"state = {PENDING} AND NOT ready"
-_LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 # Taken by every master while it migrates: any constant no other user of the
 # database picks ("taskflee" in ASCII).
 _MIGRATION_LOCK = 0x7461736B666C6565
@@ -158,7 +165,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
-_T_COLUMNS = ", ".join(f"t.{c.strip()}" for c in _COLUMNS.split(","))
+TCOLUMNS_ = ", ".join(f"t.{c.strip()}" for c in COLUMNS.split(","))
 
 # A finished task's deletion time: its own TTL, else the policy's default
 # (the parameter, already added to now; 0 for never).
@@ -185,7 +192,7 @@ _CLAIM = f"""WITH chosen AS (
     ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
     UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1, lease = lease + 1,
         worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
-    FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {_T_COLUMNS}"""
+    FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS_}"""
 
 _REFS = "unnest(%(ids)s::text[], %(leases)s::int[]) AS r(id, lease)"
 # The fence of an outcome, a renewal or a release: the lease must be current.
@@ -212,7 +219,7 @@ _RECORD = f"""UPDATE tasks t SET
         %(messages)s::text[], %(tracebacks)s::text[], %(ready_ats)s::float8[])
         WITH ORDINALITY AS r(id, lease, state, result, result_content_type, error_type,
             error_message, error_traceback, ready_at, i)
-    WHERE {_FENCE} RETURNING r.i, {_T_COLUMNS}"""
+    WHERE {_FENCE} RETURNING r.i, {TCOLUMNS_}"""
 
 _EXPIRE = f"""UPDATE tasks t SET lost_leases = t.lost_leases + 1, lost_by = r.lost_by,
     state = CASE WHEN r.error_type IS NULL THEN {PENDING} ELSE {FAILED} END,
@@ -225,7 +232,7 @@ _EXPIRE = f"""UPDATE tasks t SET lost_leases = t.lost_leases + 1, lost_by = r.lo
     expires_at = CASE WHEN r.error_type IS NULL THEN t.expires_at ELSE {_EXPIRES} END
     FROM unnest(%(seqs)s::bigint[], %(lost_by)s::text[], %(error_types)s::text[],
         %(messages)s::text[]) WITH ORDINALITY AS r(seq, lost_by, error_type, error_message, i)
-    WHERE t.seq = r.seq RETURNING r.i, {_T_COLUMNS}"""
+    WHERE t.seq = r.seq RETURNING r.i, {TCOLUMNS_}"""
 
 _RACES = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.UniqueViolation)
 
@@ -347,14 +354,10 @@ class PostgresStore(Store):
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         rows = self._run(
             lambda conn: conn.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE id = ANY(%s)", (list(task_ids),)
+                f"SELECT {COLUMNS} FROM tasks WHERE id = ANY(%s)", (list(task_ids),)
             ).fetchall()
         )
-        by_id = {task.id: task for task in map(_task, rows)}
-        for task_id in task_ids:
-            if task_id not in by_id:
-                raise not_found(task_id)
-        return [by_id[task_id] for task_id in task_ids]
+        return in_order(rows, task_ids)
 
     def lease(
         self,
@@ -391,7 +394,7 @@ class PostgresStore(Store):
 
         rows = self._run(work)
         rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING comes in no set order
-        return [Lease(_task(row[2:]), now + lease_s) for row in rows]
+        return [Lease(task_from_row(row[2:]), now + lease_s) for row in rows]
 
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
@@ -444,11 +447,11 @@ class PostgresStore(Store):
                 "tracebacks": [o.error.traceback if o.error else None for o in unique],
                 "ready_ats": [self._retry_at(o, used, now) for o in unique],
                 "now": now,
-                "expiry": self._default_expiry(now),
+                "expiry": default_expiry(self.policy, now),
             }
             rows = conn.execute(_RECORD, params).fetchall()
             rows.sort(key=lambda row: row[0])
-            return [_task(row[1:]) for row in rows]
+            return [task_from_row(row[1:]) for row in rows]
 
         return self._run(work)
 
@@ -469,7 +472,7 @@ class PostgresStore(Store):
                 f"""UPDATE tasks SET state = {PENDING}, ready = true, ready_at = %s,
                 attempt_base = attempts, lost_leases = 0, lost_by = '[]', finished_at = 0,
                 expires_at = 0 WHERE id = %s AND state IN ({FAILED}, {CANCELLED})
-                RETURNING {_COLUMNS}""",
+                RETURNING {COLUMNS}""",
                 (now, task_id),
             ).fetchone()
             return row if row is not None else _state_of(conn, task_id)
@@ -479,7 +482,7 @@ class PostgresStore(Store):
             raise FailedPrecondition(
                 f"task {task_id} is {found.name}: only FAILED or CANCELLED tasks can be retried"
             )
-        return _task(found)
+        return task_from_row(found)
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         if not refs:
@@ -496,13 +499,13 @@ class PostgresStore(Store):
         )
 
     def cancel(self, task_id: str, now: float) -> Task:
-        params = {"now": now, "expiry": self._default_expiry(now), "id": task_id}
+        params = {"now": now, "expiry": default_expiry(self.policy, now), "id": task_id}
 
         def work(conn: psycopg.Connection[Any]) -> Any:
             row = conn.execute(
                 f"""UPDATE tasks t SET state = {CANCELLED}, finished_at = %(now)s,
                 expires_at = {_EXPIRES} WHERE id = %(id)s AND state IN ({PENDING}, {RUNNING})
-                RETURNING {_COLUMNS}""",
+                RETURNING {COLUMNS}""",
                 params,
             ).fetchone()
             return row if row is not None else _state_of(conn, task_id)
@@ -510,7 +513,7 @@ class PostgresStore(Store):
         found = self._run(work)
         if isinstance(found, TaskState):
             raise FailedPrecondition(f"task {task_id} is already {found.name}")
-        return _task(found)
+        return task_from_row(found)
 
     def expire(self, now: float) -> list[Task]:
         def work(conn: psycopg.Connection[Any]) -> list[Task]:
@@ -528,10 +531,10 @@ class PostgresStore(Store):
                 "error_types": [],
                 "messages": [],
                 "now": now,
-                "expiry": self._default_expiry(now),
+                "expiry": default_expiry(self.policy, now),
             }
             for seq, worker_id, lost_leases, lost_by_json in lapsed:
-                lost_by = [*json.loads(lost_by_json), worker_id][-_LOST_BY_KEPT:]
+                lost_by = lost_by_after(lost_by_json, worker_id)
                 error = (
                     worker_lost_error(lost_by)
                     if lost_leases + 1 > self.policy.max_lost_leases
@@ -543,7 +546,7 @@ class PostgresStore(Store):
                 params["messages"].append(error.message if error else None)
             rows = conn.execute(_EXPIRE, params).fetchall()
             rows.sort(key=lambda row: row[0])
-            return [_task(row[1:]) for row in rows]
+            return [task_from_row(row[1:]) for row in rows]
 
         return self._run(work)
 
@@ -562,7 +565,7 @@ class PostgresStore(Store):
         states = query.states or FINAL_STATES
         if not states <= FINAL_STATES:
             raise InvalidArgument("states: only finished tasks can be purged")
-        where, params = _where(query, states, None)
+        where, params = where_clause(query, states, None, "%s")
         return self._run(
             lambda conn: (
                 conn.execute(
@@ -574,21 +577,14 @@ class PostgresStore(Store):
         )
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
-        where, params = _where(query, query.states, cursor)
+        where, params = where_clause(query, query.states, cursor, "%s")
         rows = self._run(
             lambda conn: conn.execute(
-                f"SELECT seq, {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT %s",
+                f"SELECT seq, {COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT %s",
                 (*params, limit + 1),
             ).fetchall()
         )
-        more = len(rows) > limit
-        return TaskPage(
-            [_task(row[1:]) for row in rows[:limit]], rows[limit - 1][0] if more and limit else None
-        )
-
-    def _default_expiry(self, now: float) -> float:
-        ttl_s = self.policy.result_ttl_s
-        return now + ttl_s if ttl_s > 0 else 0.0
+        return page(rows, limit)
 
     def next_ready_at(self, now: float) -> float | None:
         row = self._run(
@@ -604,10 +600,7 @@ class PostgresStore(Store):
                 'SELECT queue, state, n FROM counts ORDER BY queue COLLATE "C"'
             ).fetchall()
         )
-        by_queue: dict[str, dict[TaskState, int]] = {}
-        for queue, state, n in rows:
-            by_queue.setdefault(queue, dict.fromkeys(TaskState, 0))[TaskState(state)] = n
-        return [QueueCounts(queue, counts) for queue, counts in by_queue.items()]
+        return queue_counts(rows)
 
     def close(self) -> None:
         self._pool.close()
@@ -628,24 +621,3 @@ def _state_of(conn: psycopg.Connection[Any], task_id: str) -> TaskState:
     if row is None:
         raise not_found(task_id)
     return TaskState(row[0])
-
-
-def _where(
-    query: TaskQuery, states: frozenset[TaskState], cursor: int | None
-) -> tuple[str, tuple[Any, ...]]:
-    """The WHERE clause (and its parameters) of the tasks ``query`` matches, in
-    ``states`` unless empty, older than ``cursor``."""
-    terms: list[str] = ["true"]
-    params: list[Any] = []
-    if query.queue:
-        terms.append("queue = %s")
-        params.append(query.queue)
-    if query.name:
-        terms.append("name = %s")
-        params.append(query.name)
-    if states:
-        terms.append(f"state IN ({', '.join(str(int(s)) for s in sorted(states))})")
-    if cursor is not None:
-        terms.append("seq < %s")
-        params.append(cursor)
-    return " AND ".join(terms), tuple(params)

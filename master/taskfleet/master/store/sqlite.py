@@ -41,7 +41,6 @@ from taskfleet.common.model import (
     Outcome,
     QueueCounts,
     Task,
-    TaskError,
     TaskSpec,
     TaskState,
 )
@@ -57,11 +56,25 @@ from taskfleet.master.store.base import (
     not_found,
     worker_lost_error,
 )
+from taskfleet.master.store.rows import (
+    CANCELLED,
+    COLUMNS,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    default_expiry,
+    in_order,
+    lost_by_after,
+    page,
+    queue_counts,
+    task_from_row,
+    where_clause,
+)
 
 log = logging.getLogger("taskfleet.master.store")
 
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
-_LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 
 # PRAGMA quick_check reads every page: measured on a 1 GB file, 1.8-2.1 s with
 # the file in the OS cache and 27 s from disk, too long for every start. Up to
@@ -74,13 +87,6 @@ FULL_CHECK_MAX_BYTES = 64 * 1024 * 1024
 # Result codes (primary, the low byte) that mean the file cannot be trusted.
 _DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_IOERR}
 
-# States as stored; they are literals in the SQL so partial indexes can match.
-PENDING, RUNNING = TaskState.PENDING.value, TaskState.RUNNING.value
-SUCCEEDED, FAILED, CANCELLED = (
-    TaskState.SUCCEEDED.value,
-    TaskState.FAILED.value,
-    TaskState.CANCELLED.value,
-)
 
 # A PENDING task is either ready (ready = 1) or delayed until ready_at (ready = 0),
 # so the ready index never holds tasks that must be skipped over.
@@ -172,11 +178,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 _SCHEMA_VERSION = max(_MIGRATIONS)
-
-_COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-    not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
-    result, result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at, lost_leases, expires_at"""
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
@@ -337,23 +338,16 @@ class SqliteStore(Store):
 
     def get(self, task_id: str) -> Task:
         with self._read() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
-            found = row.fetchone()
-        if found is None:
-            raise not_found(task_id)
-        return _task(found)
+            rows = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+            return in_order(rows.fetchall(), [task_id])[0]
 
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         with self._read() as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
                 (json.dumps(list(task_ids)),),
             ).fetchall()
-        by_id = {task.id: task for task in map(_task, rows)}
-        for task_id in task_ids:
-            if task_id not in by_id:
-                raise not_found(task_id)
-        return [by_id[task_id] for task_id in task_ids]
+        return in_order(rows, task_ids)
 
     def lease(
         self,
@@ -384,12 +378,12 @@ class SqliteStore(Store):
             rows = db.execute(
                 f"""UPDATE tasks SET state = {RUNNING}, attempts = attempts + 1,
                     lease = lease + 1, worker_id = ?, started_at = ?, lease_deadline = ?
-                WHERE seq IN (SELECT value FROM json_each(?)) RETURNING seq, {_COLUMNS}""",
+                WHERE seq IN (SELECT value FROM json_each(?)) RETURNING seq, {COLUMNS}""",
                 (worker_id, now, deadline, json.dumps(chosen)),
             ).fetchall()
         order = {seq: i for i, seq in enumerate(chosen)}
         rows.sort(key=lambda row: order[row[0]])  # RETURNING comes in no set order
-        return [Lease(_task(row[1:]), deadline) for row in rows]
+        return [Lease(task_from_row(row[1:]), deadline) for row in rows]
 
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
@@ -407,7 +401,7 @@ class SqliteStore(Store):
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         changed = []
-        expiry = (now, self._default_expiry(now))
+        expiry = (now, default_expiry(self.policy, now))
         with self._write() as db:
             for outcome in outcomes:
                 fence = (outcome.ref.task_id, outcome.ref.lease)
@@ -425,11 +419,11 @@ class SqliteStore(Store):
                         retry_delay_s = self.policy.retry_backoff_s(used)
                 changes, params = _outcome_update(outcome, now, expiry, retry_delay_s)
                 row = db.execute(
-                    f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {_COLUMNS}",
+                    f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {COLUMNS}",
                     (*params, *fence),
                 ).fetchone()
                 if row is not None:
-                    changed.append(_task(row))
+                    changed.append(task_from_row(row))
         return changed
 
     def retry(self, task_id: str, now: float) -> Task:
@@ -438,7 +432,7 @@ class SqliteStore(Store):
                 f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?,
                 attempt_base = attempts, lost_leases = 0, lost_by = '[]', finished_at = 0,
                 expires_at = 0 WHERE id = ? AND state IN ({FAILED}, {CANCELLED})
-                RETURNING {_COLUMNS}""",
+                RETURNING {COLUMNS}""",
                 (now, task_id),
             ).fetchone()
             if row is None:
@@ -449,7 +443,7 @@ class SqliteStore(Store):
                     f"task {task_id} is {TaskState(state[0]).name}: only FAILED or CANCELLED "
                     "tasks can be retried"
                 )
-        return _task(row)
+        return task_from_row(row)
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         with self._write() as db:
@@ -464,15 +458,15 @@ class SqliteStore(Store):
         with self._write() as db:
             row = db.execute(
                 f"""UPDATE tasks SET state = {CANCELLED}, finished_at = ?, {_EXPIRES}
-                WHERE id = ? AND state IN ({PENDING}, {RUNNING}) RETURNING {_COLUMNS}""",
-                (now, now, self._default_expiry(now), task_id),
+                WHERE id = ? AND state IN ({PENDING}, {RUNNING}) RETURNING {COLUMNS}""",
+                (now, now, default_expiry(self.policy, now), task_id),
             ).fetchone()
             if row is None:
                 state = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
                 if state is None:
                     raise not_found(task_id)
                 raise FailedPrecondition(f"task {task_id} is already {TaskState(state[0]).name}")
-        return _task(row)
+        return task_from_row(row)
 
     def expire(self, now: float) -> list[Task]:
         expired = []
@@ -483,22 +477,28 @@ class SqliteStore(Store):
                 (now,),
             ).fetchall()
             for seq, worker_id, lost_leases, lost_by_json in lapsed:
-                lost_by = [*json.loads(lost_by_json), worker_id][-_LOST_BY_KEPT:]
+                lost_by = lost_by_after(lost_by_json, worker_id)
                 changes = "lost_leases = lost_leases + 1, lost_by = ?"
                 params: tuple[Any, ...] = (json.dumps(lost_by),)
                 if lost_leases + 1 > self.policy.max_lost_leases:
                     error = worker_lost_error(lost_by)
                     changes += f""", state = {FAILED}, error_type = ?, error_message = ?,
                         error_traceback = '', finished_at = ?, {_EXPIRES}"""
-                    params += (error.type, error.message, now, now, self._default_expiry(now))
+                    params += (
+                        error.type,
+                        error.message,
+                        now,
+                        now,
+                        default_expiry(self.policy, now),
+                    )
                 else:
                     changes += f", state = {PENDING}, ready = 1, ready_at = ?"
                     params += (now,)
                 row = db.execute(
-                    f"UPDATE tasks SET {changes} WHERE seq = ? RETURNING {_COLUMNS}",
+                    f"UPDATE tasks SET {changes} WHERE seq = ? RETURNING {COLUMNS}",
                     (*params, seq),
                 ).fetchone()
-                expired.append(_task(row))
+                expired.append(task_from_row(row))
         return expired
 
     def prune(self, now: float, limit: int) -> int:
@@ -513,7 +513,7 @@ class SqliteStore(Store):
         states = query.states or FINAL_STATES
         if not states <= FINAL_STATES:
             raise InvalidArgument("states: only finished tasks can be purged")
-        where, params = _where(query, states, None)
+        where, params = where_clause(query, states, None, "?")
         with self._write() as db:
             return db.execute(
                 f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where} LIMIT ?)",
@@ -521,20 +521,13 @@ class SqliteStore(Store):
             ).rowcount
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
-        where, params = _where(query, query.states, cursor)
+        where, params = where_clause(query, query.states, cursor, "?")
         with self._read() as db:
             rows = db.execute(
-                f"SELECT seq, {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?",
+                f"SELECT seq, {COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?",
                 (*params, limit + 1),
             ).fetchall()
-        more = len(rows) > limit
-        return TaskPage(
-            [_task(row[1:]) for row in rows[:limit]], rows[limit - 1][0] if more and limit else None
-        )
-
-    def _default_expiry(self, now: float) -> float:
-        ttl_s = self.policy.result_ttl_s
-        return now + ttl_s if ttl_s > 0 else 0.0
+        return page(rows, limit)
 
     def next_ready_at(self, now: float) -> float | None:
         # Read-only: due delayed tasks are promoted by the next lease(), and
@@ -548,10 +541,7 @@ class SqliteStore(Store):
     def stats(self) -> list[QueueCounts]:
         with self._read() as db:
             rows = db.execute("SELECT queue, state, n FROM counts ORDER BY queue").fetchall()
-        by_queue: dict[str, dict[TaskState, int]] = {}
-        for queue, state, n in rows:
-            by_queue.setdefault(queue, dict.fromkeys(TaskState, 0))[TaskState(state)] = n
-        return [QueueCounts(queue, counts) for queue, counts in by_queue.items()]
+        return queue_counts(rows)
 
     def close(self) -> None:
         with self._lock:  # even when unusable
@@ -573,27 +563,6 @@ def _known_id(db: sqlite3.Connection, key: str) -> str | None:
         "SELECT id FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''", (key,)
     ).fetchone()
     return None if row is None else str(row[0])
-
-
-def _where(
-    query: TaskQuery, states: frozenset[TaskState], cursor: int | None
-) -> tuple[str, tuple[Any, ...]]:
-    """The WHERE clause (and its parameters) of the tasks ``query`` matches, in
-    ``states`` unless empty, older than ``cursor``."""
-    terms: list[str] = ["1"]
-    params: list[Any] = []
-    if query.queue:
-        terms.append("queue = ?")
-        params.append(query.queue)
-    if query.name:
-        terms.append("name = ?")
-        params.append(query.name)
-    if states:
-        terms.append(f"state IN ({', '.join(str(int(s)) for s in sorted(states))})")
-    if cursor is not None:
-        terms.append("seq < ?")
-        params.append(cursor)
-    return " AND ".join(terms), tuple(params)
 
 
 def _outcome_update(
@@ -631,70 +600,3 @@ def _outcome_update(
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
         (int(ready_at <= now), ready_at, *error_params),
     )
-
-
-def _task(row: Sequence[Any]) -> Task:
-    """A Task from a row selected as ``_COLUMNS``."""
-    (
-        task_id,
-        name,
-        queue,
-        payload,
-        content_type,
-        priority,
-        max_attempts,
-        timeout_s,
-        not_before,
-        idempotency_key,
-        metadata,
-        result_ttl_s,
-        state,
-        attempts,
-        lease,
-        worker_id,
-        result,
-        result_content_type,
-        error_type,
-        error_message,
-        error_traceback,
-        created_at,
-        started_at,
-        finished_at,
-        lost_leases,
-        expires_at,
-    ) = row
-    # Positional, and no JSON parse or enum call for the common defaults: this
-    # runs for every row the master leases, records or reports.
-    spec = TaskSpec(
-        name,
-        queue,
-        payload,
-        content_type,
-        priority,
-        max_attempts,
-        timeout_s,
-        not_before,
-        idempotency_key,
-        json.loads(metadata) if metadata != "{}" else {},
-        result_ttl_s,
-    )
-    error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
-    return Task(
-        task_id,
-        spec,
-        _STATES.get(state) or TaskState(state),
-        attempts,
-        lease,
-        result,
-        result_content_type,
-        error,
-        worker_id,
-        created_at,
-        started_at,
-        finished_at,
-        lost_leases,
-        expires_at,
-    )
-
-
-_STATES = {int(state): state for state in TaskState}

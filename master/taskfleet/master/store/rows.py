@@ -1,0 +1,151 @@
+"""Rows to tasks and back, for the stores on SQL (SQLite and PostgreSQL), which
+lay out a task alike and answer list_tasks and stats from alike queries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from taskfleet.common.model import QueueCounts, Task, TaskError, TaskSpec, TaskState
+from taskfleet.master.store.base import StorePolicy, TaskPage, TaskQuery, not_found
+
+# States as stored; they are literals in the SQL so partial indexes can match.
+PENDING, RUNNING = TaskState.PENDING.value, TaskState.RUNNING.value
+SUCCEEDED, FAILED, CANCELLED = (
+    TaskState.SUCCEEDED.value,
+    TaskState.FAILED.value,
+    TaskState.CANCELLED.value,
+)
+LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
+
+# The columns task_from_row reads, in its order.
+COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
+    not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
+    result, result_content_type, error_type, error_message, error_traceback,
+    created_at, started_at, finished_at, lost_leases, expires_at"""
+
+
+def default_expiry(policy: StorePolicy, now: float) -> float:
+    """When a task finished ``now`` without a TTL of its own is deleted; 0 for never."""
+    ttl_s = policy.result_ttl_s
+    return now + ttl_s if ttl_s > 0 else 0.0
+
+
+def lost_by_after(lost_by_json: str, worker_id: str) -> list[str]:
+    """The workers a task has lost, once ``worker_id``'s lease lapsed too."""
+    return [*json.loads(lost_by_json), worker_id][-LOST_BY_KEPT:]
+
+
+def where_clause(
+    query: TaskQuery, states: frozenset[TaskState], cursor: int | None, mark: str
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (and its parameters, each written ``mark``) of the tasks
+    ``query`` matches, in ``states`` unless empty, older than ``cursor``."""
+    terms: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if query.queue:
+        terms.append(f"queue = {mark}")
+        params.append(query.queue)
+    if query.name:
+        terms.append(f"name = {mark}")
+        params.append(query.name)
+    if states:
+        terms.append(f"state IN ({', '.join(str(int(s)) for s in sorted(states))})")
+    if cursor is not None:
+        terms.append(f"seq < {mark}")
+        params.append(cursor)
+    return " AND ".join(terms), tuple(params)
+
+
+def page(rows: Sequence[Sequence[Any]], limit: int) -> TaskPage:
+    """The page of up to ``limit + 1`` rows selected as ``seq, COLUMNS``."""
+    more = len(rows) > limit
+    return TaskPage(
+        [task_from_row(row[1:]) for row in rows[:limit]],
+        rows[limit - 1][0] if more and limit else None,
+    )
+
+
+def in_order(rows: Iterable[Sequence[Any]], task_ids: Sequence[str]) -> list[Task]:
+    """The tasks of ``rows`` in the order of ``task_ids``; raises NotFound for a missing one."""
+    by_id = {task.id: task for task in map(task_from_row, rows)}
+    for task_id in task_ids:
+        if task_id not in by_id:
+            raise not_found(task_id)
+    return [by_id[task_id] for task_id in task_ids]
+
+
+def queue_counts(rows: Iterable[Sequence[Any]]) -> list[QueueCounts]:
+    """Stats from (queue, state, n) rows sorted by queue."""
+    by_queue: dict[str, dict[TaskState, int]] = {}
+    for queue, state, n in rows:
+        by_queue.setdefault(queue, dict.fromkeys(TaskState, 0))[TaskState(state)] = n
+    return [QueueCounts(queue, counts) for queue, counts in by_queue.items()]
+
+
+def task_from_row(row: Sequence[Any]) -> Task:
+    """A Task from a row selected as ``_COLUMNS``."""
+    (
+        task_id,
+        name,
+        queue,
+        payload,
+        content_type,
+        priority,
+        max_attempts,
+        timeout_s,
+        not_before,
+        idempotency_key,
+        metadata,
+        result_ttl_s,
+        state,
+        attempts,
+        lease,
+        worker_id,
+        result,
+        result_content_type,
+        error_type,
+        error_message,
+        error_traceback,
+        created_at,
+        started_at,
+        finished_at,
+        lost_leases,
+        expires_at,
+    ) = row
+    # Positional, and no JSON parse or enum call for the common defaults: this
+    # runs for every row the master leases, records or reports.
+    spec = TaskSpec(
+        name,
+        queue,
+        payload,
+        content_type,
+        priority,
+        max_attempts,
+        timeout_s,
+        not_before,
+        idempotency_key,
+        json.loads(metadata) if metadata != "{}" else {},
+        result_ttl_s,
+    )
+    error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
+    return Task(
+        task_id,
+        spec,
+        _STATES.get(state) or TaskState(state),
+        attempts,
+        lease,
+        result,
+        result_content_type,
+        error,
+        worker_id,
+        created_at,
+        started_at,
+        finished_at,
+        lost_leases,
+        expires_at,
+    )
+
+
+_STATES = {int(state): state for state in TaskState}
