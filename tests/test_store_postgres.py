@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from taskfleet.common.client import make_spec
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import TaskSpec
-from taskfleet.master.store import Store, open_store
-from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore, redacted
+from taskfleet.common.model import TaskSpec, TaskState
+from taskfleet.master.store import Store, open_store, redacted
+from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore
 
 import pg
+from procs import MasterProc, WorkerProc
 
 PASSWORD = "s3cret-Pa55"
 
@@ -48,13 +51,37 @@ def test_a_database_that_cannot_be_reached_is_a_config_error_without_the_passwor
     assert "does not exist" in message
 
 
-def test_redacted_drops_the_password_in_either_form() -> None:
-    url = "postgresql://tf:" + PASSWORD + "@db.example:5433/tasks"
-    keywords = f"host=db.example port=5433 dbname=tasks user=tf password={PASSWORD}"
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"postgresql://tf:{PASSWORD}@db.example:5433/tasks",
+            "postgresql://tf@db.example:5433/tasks",
+        ),
+        (
+            f"postgres://tf:{PASSWORD}@db/tasks?sslmode=require",
+            "postgres://tf@db/tasks?sslmode=require",
+        ),
+        (f"postgresql://tf@db/tasks?password={PASSWORD}", "postgresql://tf@db/tasks"),
+        (
+            f"host=db user=tf password={PASSWORD} dbname=tasks",
+            "host=db user=tf password=*** dbname=tasks",
+        ),
+        ("postgresql://db/tasks", "postgresql://db/tasks"),
+        ("sqlite:./taskfleet.db", "sqlite:./taskfleet.db"),
+        (f"postgresq://tf:{PASSWORD}@db/tasks", "postgresq://tf@db/tasks"),
+    ],
+)
+def test_redacted_drops_the_password_wherever_it_is(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
-    assert redacted(url) == "postgresql://tf@db.example:5433/tasks"
-    assert redacted(keywords) == "postgresql://tf@db.example:5433/tasks"
-    assert PASSWORD not in redacted(url + "?sslmode=bogus&password=" + PASSWORD)
+
+def test_a_mistyped_url_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError) as raised:
+        open_store(f"postgresq://tf:{PASSWORD}@db/tasks")
+
+    assert PASSWORD not in str(raised.value)
+    assert "postgresq://tf@db/tasks" in str(raised.value)
 
 
 def test_without_psycopg_open_store_says_which_extra_to_install(
@@ -112,3 +139,29 @@ def test_masters_opening_a_new_database_together_migrate_it_once() -> None:
         finally:
             for store in opened:
                 store.close()
+
+
+def test_a_master_on_postgres_runs_tasks_and_keeps_them_across_kill_9(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    queue_name: str,
+) -> None:
+    with pg.database() as url:
+        # Given a master on PostgreSQL whose worker has run 200 tasks
+        master = start_master(store=with_password(url))
+        start_worker(master, queues=queue_name, pool="thread", concurrency=4)
+        with master.client() as client:
+            ids = client.submit_many(make_spec("square", [n], queue=queue_name) for n in range(200))
+            finished = list(client.wait(ids, timeout_s=60))
+        assert sorted(t.state for t in finished) == [TaskState.SUCCEEDED] * 200
+
+        # When the master is killed and started again on the same database
+        master.kill()
+        master = start_master(store=with_password(url), port=master.port)
+
+        # Then every result is still there, and the worker's new tasks run
+        with master.client() as client:
+            assert [client.result(task_id) for task_id in ids] == [n * n for n in range(200)]
+            assert client.run("square", [12], queue=queue_name, timeout_s=60) == 144
+        master.stop()
+    assert PASSWORD not in master.output()

@@ -21,7 +21,7 @@ from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.rpc import DecodeRequests, ServerInterceptor
 from taskfleet.master.runtime import MasterRuntime
-from taskfleet.master.store import StorePolicy, open_store
+from taskfleet.master.store import StorePolicy, open_store, redacted
 from taskfleet.master.task_service import TaskService
 from taskfleet.master.worker_service import WorkerService
 from taskfleet.v1 import tasks_pb2_grpc, worker_pb2_grpc
@@ -103,7 +103,7 @@ class Master:
         log.info(
             "master listening on %s (store %s, %s)",
             self.config.listen,
-            self.config.store,
+            redacted(self.config.store),
             _security_text(self.config),
         )
 

@@ -8,6 +8,7 @@ from taskfleet.common.errors import ConfigError
 from taskfleet.master.store.base import DEFAULT_POLICY, Store, StorePolicy, TaskPage, TaskQuery
 from taskfleet.master.store.memory import MemoryStore
 from taskfleet.master.store.sqlite import SqliteStore
+from taskfleet.master.store.urls import POSTGRES_SCHEMES, redacted
 
 __all__ = [
     "MemoryStore",
@@ -17,10 +18,10 @@ __all__ = [
     "TaskPage",
     "TaskQuery",
     "open_store",
+    "redacted",
 ]
 
 _SQLITE = "sqlite:"
-_POSTGRES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
@@ -38,10 +39,10 @@ def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
             return SqliteStore(path, policy)
         except sqlite3.Error as exc:
             raise ConfigError(f"--store {url}: cannot open {path}: {exc}") from exc
-    if url.startswith(_POSTGRES):
+    if url.startswith(POSTGRES_SCHEMES):
         return _open_postgres(url, policy)
     raise ConfigError(
-        f"--store {url!r} is not valid: use 'memory', 'sqlite:PATH' "
+        f"--store {redacted(url)!r} is not valid: use 'memory', 'sqlite:PATH' "
         "or 'postgresql://USER@HOST[:PORT]/DB'"
     )
 

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
@@ -55,6 +54,7 @@ from taskfleet.master.store.rows import (
     task_from_row,
     where_clause,
 )
+from taskfleet.master.store.urls import redacted
 
 _READY = f"state = {PENDING} AND ready"
 _DELAYED = f"state = {PENDING} AND NOT ready"
@@ -237,19 +237,6 @@ _EXPIRE = f"""UPDATE tasks t SET lost_leases = t.lost_leases + 1, lost_by = r.lo
 _RACES = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.UniqueViolation)
 
 R = TypeVar("R")
-
-
-def redacted(dsn: str) -> str:
-    """``dsn`` without its password, fit for a log line or an error message."""
-    try:
-        parts = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "postgresql://(a connection string that cannot be parsed)"
-    user = parts.get("user")
-    host = parts.get("host") or ""
-    port = parts.get("port")
-    where = f"{host}:{port}" if port else str(host)
-    return f"postgresql://{f'{user}@' if user else ''}{where}/{parts.get('dbname') or ''}"
 
 
 class PostgresStore(Store):

@@ -85,7 +85,7 @@ def queue_counts(rows: Iterable[Sequence[Any]]) -> list[QueueCounts]:
 
 
 def task_from_row(row: Sequence[Any]) -> Task:
-    """A Task from a row selected as ``_COLUMNS``."""
+    """A Task from a row selected as ``COLUMNS``."""
     (
         task_id,
         name,
