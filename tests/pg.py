@@ -148,9 +148,11 @@ def stop() -> None:
         _cluster.stop()
 
 
-def _with_database(dsn: str, name: str) -> str:
-    base, _, _ = dsn.rpartition("/")
-    return f"{base}/{name}"
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` (a URL) naming database ``name`` instead, its query kept."""
+    address, mark, query = dsn.partition("?")
+    base, _, _ = address.rpartition("/")
+    return f"{base}/{name}{mark}{query}"
 
 
 @contextmanager
@@ -163,7 +165,7 @@ def database() -> Iterator[str]:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield _with_database(admin, name)
+        yield with_database(admin, name)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -38,9 +38,7 @@ def test_open_store_understands_both_postgres_schemes(tmp_path: Path) -> None:
 
 
 def test_a_database_that_cannot_be_reached_is_a_config_error_without_the_password() -> None:
-    admin = pg.admin_dsn()
-    base, _, _ = admin.rpartition("/")
-    url = with_password(f"{base}/no_such_database")
+    url = with_password(pg.with_database(pg.admin_dsn(), "no_such_database"))
 
     with pytest.raises(ConfigError) as raised:
         open_store(url)
