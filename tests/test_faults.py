@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -21,7 +23,7 @@ from taskfleet.common.model import Task, TaskState
 from taskfleet.master.store import SqliteStore
 from taskfleet.worker.runtime import EXIT_FORCED
 
-from procs import Gates, MasterProc, WorkerProc, alive, poll
+from procs import Gates, MasterProc, WorkerProc, alive, free_port, poll
 
 WAIT_S = 30.0
 
@@ -384,3 +386,37 @@ def test_master_never_hands_a_worker_a_task_name_it_does_not_know(
     assert task_result(finished(client, [known])[known]) == 49
     task = client.get(unknown)
     assert (task.state, task.attempts, task.worker_id) == (TaskState.PENDING, 0, "")
+
+
+def test_a_second_master_on_the_same_sqlite_file_is_refused(
+    start_master: StartMaster, tmp_path: Path, queue_name: str
+) -> None:
+    # Given a master serving a SQLite file, with a task in it
+    db = tmp_path / "shared.db"
+    first = sqlite_master(start_master, db)
+    with first.client() as client:
+        task_id = client.submit("square", [3], queue=queue_name)
+
+    # When a second master is started on the same file
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskfleet.master",
+            "--store",
+            f"sqlite:{db}",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Then it exits at once with one line naming the file, and the first serves on
+    assert second.returncode == 2, second.stderr
+    assert "in use by another master" in second.stderr and str(db) in second.stderr
+    assert "Traceback" not in second.stderr
+    with first.client() as client:
+        assert client.get(task_id).state == TaskState.PENDING
