@@ -75,42 +75,35 @@ def build_parser() -> cfg.EnvDefaultsParser:
         metavar="JSON-ARG",
         help="positional arguments, each JSON (a bare word is taken as a string)",
     )
-    submit.add_argument(
+    submit.add_flag(
         "--kwarg",
         action="append",
         type=text,
-        default=[],
         metavar="KEY=JSON",
         help="keyword argument (repeatable)",
     )
-    submit.add_argument("--queue", type=text, default="default", help="queue name")
-    submit.add_argument(
+    submit.add_flag("--queue", type=text, default="default", help="queue name")
+    submit.add_flag(
         "--priority",
         type=cfg.int_in_range(INT32_MIN, INT32_MAX),
         default=0,
         help="higher runs first",
     )
-    submit.add_argument(
+    submit.add_flag(
         "--max-attempts",
         type=cfg.int_in_range(0, INT32_MAX),
         default=0,
         help="attempts before FAILED (0: the task's default)",
     )
-    submit.add_argument(
-        "--timeout-s", type=cfg.positive_float, default=None, help="hard time limit"
+    submit.add_flag("--timeout-s", type=cfg.positive_float, help="hard time limit")
+    submit.add_flag(
+        "--delay-s", type=cfg.delay_float, help="do not start before this many seconds from now"
     )
-    submit.add_argument(
-        "--delay-s",
-        type=cfg.delay_float,
-        default=None,
-        help="do not start before this many seconds from now",
-    )
-    submit.add_argument("--idempotency-key", type=text, default="", help="dedupe repeated submits")
-    submit.add_argument(
+    submit.add_flag("--idempotency-key", type=text, default="", help="dedupe repeated submits")
+    submit.add_flag(
         "--meta",
         action="append",
         type=text,
-        default=[],
         metavar="KEY=VALUE",
         help="metadata label (repeatable)",
     )
@@ -121,7 +114,7 @@ def build_parser() -> cfg.EnvDefaultsParser:
         help="refuse, before creating any task, payloads larger than this (the master's "
         "own limit, which has the same flag and environment variable, still applies)",
     )
-    submit.add_argument(
+    submit.add_flag(
         "--from-stdin",
         action="store_true",
         help="submit one task per non-blank stdin line, each a JSON array of positional "
@@ -131,17 +124,14 @@ def build_parser() -> cfg.EnvDefaultsParser:
         "Prints one id per line, in input order, as each batch is created; with "
         "--idempotency-key K, line N gets the key K:N",
     )
-    submit.add_argument(
+    submit.add_flag(
         "--wait",
         action="store_true",
         help="wait for the results and print them (in input order; failures on stderr); "
         "the ids go to stderr as they are created",
     )
-    submit.add_argument(
-        "--wait-timeout-s",
-        type=cfg.positive_float,
-        default=None,
-        help="give up waiting after this long",
+    submit.add_flag(
+        "--wait-timeout-s", type=cfg.positive_float, help="give up waiting after this long"
     )
 
     get = commands.add_parser("get", help="show a task")
@@ -151,8 +141,13 @@ def build_parser() -> cfg.EnvDefaultsParser:
     wait = commands.add_parser("wait", help="wait for tasks to finish")
     cfg.add_client_flags(wait)
     wait.add_argument("task_ids", nargs="+", type=cfg.utf8_text, metavar="ID")
-    wait.add_argument(
-        "--timeout-s", type=cfg.positive_float, default=None, help="give up after this long"
+    # TASKFLEET_TIMEOUT_S is submit's limit on a task's run; giving up on a wait
+    # is submit's --wait-timeout-s.
+    wait.add_flag(
+        "--timeout-s",
+        type=cfg.positive_float,
+        env="TASKFLEET_WAIT_TIMEOUT_S",
+        help="give up after this long",
     )
 
     cancel = commands.add_parser("cancel", help="cancel a task")

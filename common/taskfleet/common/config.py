@@ -113,24 +113,65 @@ class WorkerConfig:
         return f"WorkerConfig(master={self.master!r}, tasks={self.tasks!r}, pool={self.pool!r})"
 
 
-def _env_name(flag: str) -> str:
+def env_name(flag: str) -> str:
+    """The environment variable a flag reads: ``--some-flag`` -> ``TASKFLEET_SOME_FLAG``."""
     return "TASKFLEET_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class _AppendOverEnv(argparse.Action):
+    """``action="append"`` whose items on the command line replace the one item
+    from the environment instead of adding to it: the flag wins."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        items = getattr(namespace, self.dest)
+        if not isinstance(items, list) or items is self.default:
+            items = []
+        setattr(namespace, self.dest, [*items, values])
 
 
 class EnvDefaultsParser(argparse.ArgumentParser):
     """argparse that reads each flag's default from ``TASKFLEET_<FLAG>`` and
-    reports bad input as one line instead of usage plus traceback."""
+    reports bad input as one line instead of usage plus traceback.
 
-    def add_flag(self, flag: str, *, default: Any = None, **kwargs: Any) -> None:
-        env = os.environ.get(_env_name(flag))
+    A value from the environment goes through the flag's type like one typed on
+    the command line, and is checked only when its command runs.
+    """
+
+    def add_flag(
+        self, flag: str, *, default: Any = None, env: str = "", **kwargs: Any
+    ) -> argparse.Action:
+        """Add ``flag``, reading ``env`` (by default ``TASKFLEET_<FLAG>``) for its default.
+
+        ``env`` is for a flag whose usual variable means something else for
+        another command."""
+        env = env or env_name(flag)
+        value = os.environ.get(env)
         if kwargs.get("action") == "store_true":
-            default = default if env is None else env.lower() in ("1", "true", "yes", "on")
-        elif env is not None:
-            default = env
+            default = default if value is None else value.lower() in ("1", "true", "yes", "on")
+        elif kwargs.get("action") == "append":
+            kwargs["action"] = _AppendOverEnv
+            # A string default is converted by the flag's type at the end of parsing;
+            # parse_known_args then makes it the list's one item.
+            default = value if value is not None else (default if default is not None else [])
+        elif value is not None:
+            default = value
         help_text = kwargs.pop("help", "")
-        self.add_argument(
-            flag, default=default, help=f"{help_text} [env {_env_name(flag)}]", **kwargs
-        )
+        action = self.add_argument(flag, default=default, help=f"{help_text} [env {env}]", **kwargs)
+        action.env = env  # type: ignore[attr-defined]  # for the test that every flag has one
+        return action
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if isinstance(action, _AppendOverEnv):
+                items = getattr(parsed, action.dest, [])
+                if not isinstance(items, list):  # the one item from the environment
+                    setattr(parsed, action.dest, [items])
+        return parsed, rest
 
     def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message}\n")
