@@ -39,7 +39,8 @@ from taskfleet.common.errors import ConfigError, InvalidArgument
 from taskfleet.common.model import JSON, LeaseRef
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
-from taskfleet.worker.pool import Pool, abandon_broken, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken
+from taskfleet.worker.pools import make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker.manager")

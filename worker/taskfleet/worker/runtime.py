@@ -47,7 +47,8 @@ from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.metrics import WorkerMetrics
-from taskfleet.worker.pool import Pool, abandon_broken, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken
+from taskfleet.worker.pools import make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker")
