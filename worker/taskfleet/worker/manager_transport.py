@@ -5,7 +5,7 @@ Two threads, each with a connection of its own: ``fetch`` takes an item from
 the manager's task queue whenever a pool slot is free and runs task
 ``--manager-task`` on it; ``send`` puts each return value on the result queue
 (a task that fails puts a RuntimeError saying why). Both reconnect with
-tenacity and the one backoff function when the manager goes away and comes
+the one reconnect policy (common/reconnect.py) when the manager goes away and comes
 back; results not yet put wait for the new connection.
 
 A plain manager queue has no acknowledgements: an item taken is gone from the
@@ -32,11 +32,11 @@ from typing import Any, NoReturn
 
 import tenacity
 
-from taskfleet.common.backoff import backoff_s
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError, InvalidArgument
 from taskfleet.common.model import JSON, LeaseRef
+from taskfleet.common.reconnect import reconnect_policy
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
 from taskfleet.worker.pool import Pool, abandon_broken
@@ -141,18 +141,15 @@ class ManagerTransport:
         self._stop_requested.set()
 
     def _retrying(self, what: str, done: threading.Event) -> tenacity.Retrying:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((OSError, EOFError)),
-            wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
-            stop=lambda state: done.is_set(),
-            sleep=lambda seconds: _sleep_unless(done, seconds),
-            before_sleep=lambda state: log.warning(
+        return reconnect_policy(
+            lambda exc: isinstance(exc, OSError | EOFError),
+            lambda exc: log.warning(
                 "manager %s unreachable for the %s (%s); retrying",
                 self.config.master,
                 what,
-                _reason(state.outcome.exception() if state.outcome else None),
+                _reason(exc),
             ),
-            reraise=True,
+            done,
         )
 
     def _serve_forever(self, what: str, session: Callable[[], None], done: threading.Event) -> None:
@@ -264,10 +261,6 @@ def _result_value(job: Job, result: JobResult) -> Any:
     error = result.error
     why = f"{error.type}: {error.message}" if error else "no error recorded"
     return RuntimeError(f"taskfleet task {job.name} failed: {why}")
-
-
-def _sleep_unless(done: threading.Event, seconds: float) -> None:
-    done.wait(seconds)
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -27,10 +27,8 @@ from types import FrameType
 from typing import NoReturn
 
 import grpc
-import tenacity
 
 from taskfleet.common import convert
-from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import cut, outcome_bytes
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
@@ -43,6 +41,7 @@ from taskfleet.common.errors import (
     from_rpc_error,
 )
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
+from taskfleet.common.reconnect import first_reconnect_s, reconnect_policy
 from taskfleet.common.result_limit import limit_outcome
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
@@ -182,15 +181,11 @@ class Worker:
 
     def _connect_forever(self) -> None:
         while not self.stopped.is_set():
-            retrying = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_worth_retrying),
-                wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
-                before_sleep=lambda state: log.warning(
-                    "master %s unreachable (%s); retrying",
-                    self.config.master,
-                    _rpc_reason(state.outcome.exception() if state.outcome else None),
+            retrying = reconnect_policy(
+                _worth_retrying,
+                lambda exc: log.warning(
+                    "master %s unreachable (%s); retrying", self.config.master, _rpc_reason(exc)
                 ),
-                reraise=True,
             )
             try:
                 retrying(self._serve_stream)
@@ -200,7 +195,7 @@ class Worker:
             except StreamEnded as exc:
                 if not self.stopped.is_set():
                     log.warning("connection to master lost (%s); reconnecting", exc)
-                    self.stopped.wait(backoff_s(1, base_s=0.1))
+                    self.stopped.wait(first_reconnect_s())
 
     def _serve_stream(self) -> None:
         """One stream: raises RpcError if it never got going, StreamEnded once it had."""
