@@ -21,14 +21,12 @@ import multiprocessing
 import os
 import queue
 import secrets
-import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import tenacity
 
@@ -37,6 +35,7 @@ from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError, InvalidArgument
 from taskfleet.common.model import JSON, LeaseRef
 from taskfleet.common.reconnect import reconnect_policy
+from taskfleet.common.shutdown import on_stop_signals
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
 from taskfleet.worker.pool import Pool, abandon_broken
@@ -45,7 +44,6 @@ from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker.manager")
 
-EXIT_FORCED = 130  # a second SIGTERM/SIGINT
 EXIT_GRACE_EXPIRED = 1  # drained, but some results were not put within the grace
 EXIT_REFUSED = 2  # the manager refused the authkey or does not serve the two queues
 FETCH_WAIT_S = 1.0  # how long one get waits on the manager; bounds how long a drain waits
@@ -95,14 +93,7 @@ class ManagerTransport:
         self._fetcher.start()
         self._sender.start()
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self._stop_requested.is_set():
-                _exit_forced()
-            log.info("signal %s: draining", signal.Signals(signum).name)
-            self._stop_requested.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        on_stop_signals(self._stop_requested, log, "draining")
         print(f"taskfleet worker {self.worker_id} serving manager {self.config.master}", flush=True)
         while not self._stop_requested.wait(POOL_CHECK_S):
             if self.pool.failure is not None:
@@ -265,12 +256,3 @@ def _result_value(job: Job, result: JobResult) -> Any:
 
 def _reason(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-
-
-def _exit_forced() -> NoReturn:
-    """Exit at once, killing pool processes first so none runs on orphaned."""
-    try:
-        for child in multiprocessing.active_children():
-            child.kill()
-    finally:
-        os._exit(EXIT_FORCED)
