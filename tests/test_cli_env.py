@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from taskfleet.common.cli import build_parser
+from taskfleet.common.cli_parser import build_parser
 
 from procs import MasterProc
 from test_cli import ok, run

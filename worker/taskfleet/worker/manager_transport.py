@@ -30,6 +30,7 @@ from typing import Any
 
 import tenacity
 
+from taskfleet.common.addresses import host_port
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError, InvalidArgument
@@ -69,8 +70,7 @@ class ManagerTransport:
             )
         self.config = config
         self.definition = definition
-        host, _, port = config.master.rpartition(":")
-        self.address = (host.strip("[]"), int(port))
+        self.address = host_port(config.master)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
         self._authkey = config.authkey.encode()
