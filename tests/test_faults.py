@@ -20,8 +20,8 @@ import pytest
 
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.model import Task, TaskState
+from taskfleet.common.shutdown import EXIT_FORCED
 from taskfleet.master.store import SqliteStore
-from taskfleet.worker.runtime import EXIT_FORCED
 
 from procs import Gates, MasterProc, WorkerProc, alive, free_port, poll
 
@@ -364,6 +364,28 @@ def test_master_sigterm_with_connected_workers_leaves_a_consistent_file(
         assert {t.state for t in store.get_many(queued_ids)} == {TaskState.PENDING}
     finally:
         store.close()
+
+
+def test_master_second_sigterm_while_draining_exits_at_once(
+    start_master: StartMaster, start_worker: StartWorker, queue_name: str, gates: Gates
+) -> None:
+    # Given a master that drains for a long while, waiting on a worker's running task
+    master = start_master(extra=["--drain-s", "600"])
+    start_worker(master, queues=queue_name, pool="thread")
+    gate = gates.new("h")
+    with master.client() as client:
+        client.submit("block_until", [gate], queue=queue_name)
+    poll(lambda: gates.started(gate, 1), WAIT_S, "the task to start")
+
+    # When it gets SIGTERM, starts shutting down, and gets a second SIGTERM
+    master.signal(signal.SIGTERM)
+    poll(lambda: "shutting down" in master.output(), WAIT_S, "the shutdown to begin")
+    master.signal(signal.SIGTERM)
+
+    # Then it exits at once with EXIT_FORCED instead of draining on
+    assert master.wait(WAIT_S) == EXIT_FORCED
+    assert "second signal: exiting at once" in master.output()
+    gates.open(gate)
 
 
 # -- tasks a worker cannot run ----------------------------------------------------------
