@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -18,10 +20,10 @@ import pytest
 
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.model import Task, TaskState
+from taskfleet.common.shutdown import EXIT_FORCED
 from taskfleet.master.store import SqliteStore
-from taskfleet.worker.runtime import EXIT_FORCED
 
-from procs import Gates, MasterProc, WorkerProc, alive, poll
+from procs import Gates, MasterProc, WorkerProc, alive, free_port, poll
 
 WAIT_S = 30.0
 
@@ -364,6 +366,28 @@ def test_master_sigterm_with_connected_workers_leaves_a_consistent_file(
         store.close()
 
 
+def test_master_second_sigterm_while_draining_exits_at_once(
+    start_master: StartMaster, start_worker: StartWorker, queue_name: str, gates: Gates
+) -> None:
+    # Given a master that drains for a long while, waiting on a worker's running task
+    master = start_master(extra=["--drain-s", "600"])
+    start_worker(master, queues=queue_name, pool="thread")
+    gate = gates.new("h")
+    with master.client() as client:
+        client.submit("block_until", [gate], queue=queue_name)
+    poll(lambda: gates.started(gate, 1), WAIT_S, "the task to start")
+
+    # When it gets SIGTERM, starts shutting down, and gets a second SIGTERM
+    master.signal(signal.SIGTERM)
+    poll(lambda: "shutting down" in master.output(), WAIT_S, "the shutdown to begin")
+    master.signal(signal.SIGTERM)
+
+    # Then it exits at once with EXIT_FORCED instead of draining on
+    assert master.wait(WAIT_S) == EXIT_FORCED
+    assert "second signal: exiting at once" in master.output()
+    gates.open(gate)
+
+
 # -- tasks a worker cannot run ----------------------------------------------------------
 
 
@@ -384,3 +408,37 @@ def test_master_never_hands_a_worker_a_task_name_it_does_not_know(
     assert task_result(finished(client, [known])[known]) == 49
     task = client.get(unknown)
     assert (task.state, task.attempts, task.worker_id) == (TaskState.PENDING, 0, "")
+
+
+def test_a_second_master_on_the_same_sqlite_file_is_refused(
+    start_master: StartMaster, tmp_path: Path, queue_name: str
+) -> None:
+    # Given a master serving a SQLite file, with a task in it
+    db = tmp_path / "shared.db"
+    first = sqlite_master(start_master, db)
+    with first.client() as client:
+        task_id = client.submit("square", [3], queue=queue_name)
+
+    # When a second master is started on the same file
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskfleet.master",
+            "--store",
+            f"sqlite:{db}",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Then it exits at once with one line naming the file, and the first serves on
+    assert second.returncode == 2, second.stderr
+    assert "in use by another master" in second.stderr and str(db) in second.stderr
+    assert "Traceback" not in second.stderr
+    with first.client() as client:
+        assert client.get(task_id).state == TaskState.PENDING

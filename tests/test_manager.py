@@ -26,8 +26,9 @@ import pytest
 
 from taskfleet.common.client import task_result
 from taskfleet.common.model import TaskState
+from taskfleet.common.shutdown import EXIT_FORCED
 
-from procs import TESTS_DIR, MasterProc, WorkerProc, free_port, poll
+from procs import TESTS_DIR, Gates, MasterProc, WorkerProc, alive, free_port, poll
 
 CLASSIC_DIR = TESTS_DIR / "classic"
 CLASSIC_PORT_TEXT = ", 5000)"  # how the classic programs name their port
@@ -155,6 +156,38 @@ def test_manager_worker_never_prints_the_authkey_and_drains_while_reconnecting(
     poll(lambda: "unreachable" in worker.output(), 20, "the worker to retry")
     assert worker.stop() == 0
     assert secret not in worker.output()
+
+
+def test_manager_worker_second_sigterm_exits_at_once_with_its_pool(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    gates: Gates,
+) -> None:
+    # Given a process-pool manager worker running a blocking item
+    port = free_port()
+    flags = ["--manager-listen", f"127.0.0.1:{port}", "--authkey", AUTHKEY]
+    master = start_master(extra=[*flags, "--manager-task", "block_until"])
+    worker = start_worker(
+        f"127.0.0.1:{port}",
+        pool="process",
+        extra=["--transport", "manager", "--authkey", AUTHKEY, "--manager-task", "block_until"],
+        wait_connected=False,
+    )
+    gate = gates.new("h")
+    with master.client() as client:
+        client.submit("block_until", [gate])
+    poll(lambda: gates.started(gate, 1), 20, "the item to start")
+    pool_pid = gates.started(gate, 1)
+    assert pool_pid is not None and pool_pid != worker.pid
+
+    # When it gets SIGTERM, starts draining, and gets a second SIGTERM
+    worker.signal(signal.SIGTERM)
+    poll(lambda: "draining" in worker.output(), 20, "the drain to begin")
+    worker.signal(signal.SIGTERM)
+
+    # Then it exits at once with EXIT_FORCED and takes its pool process with it
+    assert worker.wait(20) == EXIT_FORCED
+    poll(lambda: not alive(pool_pid), 20, "the pool process to be gone")
 
 
 # -- classic programs served by a taskfleet master --------------------------------

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from taskfleet.common import cli
-from taskfleet.common import config as cfg
+from taskfleet.common import config_flags as cfg
 from taskfleet.common.channel import open_channel
 from taskfleet.common.client import Client
 from taskfleet.common.errors import Unauthenticated

@@ -589,3 +589,20 @@ os.kill(os.getpid(), signal.SIGKILL)
     finally:
         reopened.close()
     assert child.returncode == -9
+
+
+def test_a_sqlite_file_serves_one_store_at_a_time(tmp_path: Path) -> None:
+    # Given a SQLite store open on a file, as a master holds it
+    path = str(tmp_path / "one.db")
+    first = SqliteStore(path)
+    try:
+        # When a second one opens the same file, it is refused, naming the file
+        with pytest.raises(ConfigError, match="in use by another master"):
+            SqliteStore(path)
+        with pytest.raises(ConfigError, match=r"one\.db"):
+            open_store(f"sqlite:{path}")
+    finally:
+        first.close()
+
+    # Then once the first is closed the file opens again
+    SqliteStore(path).close()

@@ -1,5 +1,6 @@
 """The ``taskfleet`` command: master, worker, submit, get, wait, cancel, stats,
-and the operator's list, retry and purge (in cli_operate).
+and the operator's list, retry and purge (in cli_operate). Its flags are in
+cli_parser, what it prints in cli_output and terminal.
 
 Readable output by default, ``--json`` for scripts; on a terminal, waiting for
 several tasks shows a progress bar (on stderr) and ``stats`` shows rich tables,
@@ -22,147 +23,38 @@ from typing import Any
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
 from taskfleet.common import cli_operate
-from taskfleet.common import config as cfg
-from taskfleet.common.cli_output import outcome_text, print_table, show, stats_json, task_json
+from taskfleet.common.addresses import check_address
+from taskfleet.common.cli_output import (
+    outcome_text,
+    print_result,
+    print_task_fields,
+    show_stats,
+    stats_json,
+    task_json,
+)
+from taskfleet.common.cli_parser import build_parser
 from taskfleet.common.cli_submit import (
     Call,
     check_specs,
     read_calls,
     submit_in_batches,
 )
-from taskfleet.common.client import Client, make_spec, task_result
+from taskfleet.common.client import Client, make_spec
+from taskfleet.common.config_flags import master_config, worker_config
 from taskfleet.common.context import setup_logging
 from taskfleet.common.errors import (
     ConfigError,
     InvalidArgument,
     NotFound,
-    TaskFailed,
     TaskfleetError,
     Unauthenticated,
     Unavailable,
 )
-from taskfleet.common.model import INT32_MAX, INT32_MIN, Task, TaskState
+from taskfleet.common.model import Task, TaskState
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool cut off by `head`
-
-
-def build_parser() -> cfg.EnvDefaultsParser:
-    parser = cfg.EnvDefaultsParser(prog="taskfleet", description="A distributed task queue.")
-    commands = parser.add_subparsers(
-        dest="command", required=True, parser_class=cfg.EnvDefaultsParser
-    )
-
-    master = commands.add_parser("master", help="run the master")
-    cfg.add_master_flags(master)
-
-    worker = commands.add_parser("worker", help="run a worker")
-    cfg.add_worker_flags(worker)
-
-    submit = commands.add_parser(
-        "submit",
-        help="submit a task (or many with --from-stdin)",
-        description="Submit a task. With --from-stdin, submit one task per line of stdin.",
-    )
-    cfg.add_client_flags(submit)
-    text = cfg.utf8_text
-    submit.add_argument("name", type=text, help="registered task name")
-    submit.add_argument(
-        "args",
-        nargs="*",
-        type=text,
-        metavar="JSON-ARG",
-        help="positional arguments, each JSON (a bare word is taken as a string)",
-    )
-    submit.add_argument(
-        "--kwarg",
-        action="append",
-        type=text,
-        default=[],
-        metavar="KEY=JSON",
-        help="keyword argument (repeatable)",
-    )
-    submit.add_argument("--queue", type=text, default="default", help="queue name")
-    submit.add_argument(
-        "--priority",
-        type=cfg.int_in_range(INT32_MIN, INT32_MAX),
-        default=0,
-        help="higher runs first",
-    )
-    submit.add_argument(
-        "--max-attempts",
-        type=cfg.int_in_range(0, INT32_MAX),
-        default=0,
-        help="attempts before FAILED (0: the task's default)",
-    )
-    submit.add_argument(
-        "--timeout-s", type=cfg.positive_float, default=None, help="hard time limit"
-    )
-    submit.add_argument(
-        "--delay-s",
-        type=cfg.delay_float,
-        default=None,
-        help="do not start before this many seconds from now",
-    )
-    submit.add_argument("--idempotency-key", type=text, default="", help="dedupe repeated submits")
-    submit.add_argument(
-        "--meta",
-        action="append",
-        type=text,
-        default=[],
-        metavar="KEY=VALUE",
-        help="metadata label (repeatable)",
-    )
-    submit.add_flag(
-        "--max-payload-bytes",
-        default=cfg.MasterConfig().max_payload_bytes,
-        type=cfg.non_negative_int,
-        help="refuse, before creating any task, payloads larger than this (the master's "
-        "own limit, which has the same flag and environment variable, still applies)",
-    )
-    submit.add_argument(
-        "--from-stdin",
-        action="store_true",
-        help="submit one task per non-blank stdin line, each a JSON array of positional "
-        'arguments, an object {"args": [...], "kwargs": {...}}, or any other JSON value as '
-        "the one argument; JSON-ARGs and --kwarg given here are shared by all (line "
-        "arguments come after them). Every line is checked before any task is created. "
-        "Prints one id per line, in input order, as each batch is created; with "
-        "--idempotency-key K, line N gets the key K:N",
-    )
-    submit.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait for the results and print them (in input order; failures on stderr); "
-        "the ids go to stderr as they are created",
-    )
-    submit.add_argument(
-        "--wait-timeout-s",
-        type=cfg.positive_float,
-        default=None,
-        help="give up waiting after this long",
-    )
-
-    get = commands.add_parser("get", help="show a task")
-    cfg.add_client_flags(get)
-    get.add_argument("task_id", type=cfg.utf8_text, metavar="ID")
-
-    wait = commands.add_parser("wait", help="wait for tasks to finish")
-    cfg.add_client_flags(wait)
-    wait.add_argument("task_ids", nargs="+", type=cfg.utf8_text, metavar="ID")
-    wait.add_argument(
-        "--timeout-s", type=cfg.positive_float, default=None, help="give up after this long"
-    )
-
-    cancel = commands.add_parser("cancel", help="cancel a task")
-    cfg.add_client_flags(cancel)
-    cancel.add_argument("task_id", type=cfg.utf8_text, metavar="ID")
-
-    stats = commands.add_parser("stats", help="show queues and workers")
-    cfg.add_client_flags(stats)
-    cli_operate.add_commands(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,16 +94,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "master":
         from taskfleet.master.server import run_master
 
-        master_config = cfg.master_config(args)
-        setup_logging(master_config.log_level, master_config.log_format)
-        return run_master(master_config)
+        master = master_config(args)
+        setup_logging(master.log_level, master.log_format)
+        return run_master(master)
     if args.command == "worker":
         from taskfleet.worker.main import run_worker
 
-        worker_config = cfg.worker_config(args)
-        setup_logging(worker_config.log_level, worker_config.log_format)
-        return run_worker(worker_config)
-    cfg.check_address("--master", args.master)
+        worker = worker_config(args)
+        setup_logging(worker.log_level, worker.log_format)
+        return run_worker(worker)
+    check_address("--master", args.master)
     with Client(
         args.master,
         token=args.token,
@@ -271,9 +163,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(task_json(task)))
     else:
-        for key, value in task_json(task).items():
-            if value not in (None, "", {}, 0) or key in ("state", "attempts"):
-                print(f"{key:>12}: {value if isinstance(value, str) else json.dumps(value)}")
+        print_task_fields(task)
     return 0
 
 
@@ -309,13 +199,13 @@ def _wait(
             elif result_only:
                 held[task.id] = task
                 while next_id is not None and next_id in held:
-                    _print_result(held.pop(next_id))
+                    print_result(held.pop(next_id))
                     next_id = next(in_order, None)
             else:
                 print(f"{task.id} {task.state.name} {outcome_text(task)}".rstrip(), flush=True)
     for task_id in [] if next_id is None else [next_id, *in_order]:
         if task_id in held:  # finished after one that timed out
-            _print_result(held.pop(task_id))
+            print_result(held.pop(task_id))
     missing = [t for t in task_ids if t not in seen]
     if missing:
         print(
@@ -324,13 +214,6 @@ def _wait(
         )
         return EXIT_TASK_FAILED
     return status
-
-
-def _print_result(task: Task) -> None:
-    try:
-        print(show(task_result(task)), flush=True)
-    except TaskFailed as exc:
-        print(f"taskfleet: {exc}", file=sys.stderr, flush=True)
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
@@ -344,22 +227,7 @@ def _stats(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats_json(stats)))
         return 0
-    from taskfleet.common.terminal import is_terminal, print_stats
-
-    if is_terminal(sys.stdout):
-        print_stats(stats)
-        return 0
-    states = list(TaskState)
-    rows = [["QUEUE", *(s.name for s in states)]]
-    rows += [[q.queue, *(str(q.counts.get(s, 0)) for s in states)] for q in stats.queues]
-    print_table(rows)
-    print()
-    rows = [["WORKER", "HOST", "QUEUES", "SLOTS", "RUNNING"]]
-    rows += [
-        [w.worker_id, w.hostname, ",".join(w.queues), str(w.concurrency), str(w.running)]
-        for w in stats.workers
-    ]
-    print_table(rows)
+    show_stats(stats)
     return 0
 
 

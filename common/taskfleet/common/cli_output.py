@@ -3,10 +3,14 @@ and plain tables for pipes and files."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import sys
 from typing import Any
 
+from taskfleet.common.client import task_result
 from taskfleet.common.codec import decode_result
+from taskfleet.common.errors import TaskFailed
 from taskfleet.common.model import Stats, Task, TaskState
 
 
@@ -86,3 +90,54 @@ def print_table(rows: list[list[str]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def print_task_fields(task: Task) -> None:
+    """``get`` for a person: one field a line, the empty ones left out."""
+    for key, value in task_json(task).items():
+        if value not in (None, "", {}, 0) or key in ("state", "attempts"):
+            print(f"{key:>12}: {value if isinstance(value, str) else json.dumps(value)}")
+
+
+def print_result(task: Task) -> None:
+    """A finished task's result on stdout, or why it has none on stderr."""
+    try:
+        print(show(task_result(task)), flush=True)
+    except TaskFailed as exc:
+        print(f"taskfleet: {exc}", file=sys.stderr, flush=True)
+
+
+def show_stats(stats: Stats) -> None:
+    """``stats`` for a person: rich tables on a terminal, plain ones elsewhere."""
+    from taskfleet.common.terminal import is_terminal, print_stats
+
+    if is_terminal(sys.stdout):
+        print_stats(stats)
+        return
+    states = list(TaskState)
+    rows = [["QUEUE", *(s.name for s in states)]]
+    rows += [[q.queue, *(str(q.counts.get(s, 0)) for s in states)] for q in stats.queues]
+    print_table(rows)
+    print()
+    rows = [["WORKER", "HOST", "QUEUES", "SLOTS", "RUNNING"]]
+    rows += [
+        [w.worker_id, w.hostname, ",".join(w.queues), str(w.concurrency), str(w.running)]
+        for w in stats.workers
+    ]
+    print_table(rows)
+
+
+def task_row(task: Task) -> list[str]:
+    """A task as one row of the `list` table."""
+    when = task.finished_at or task.started_at or task.created_at
+    stamp = dt.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="seconds")
+    error = f"{task.error.type}: {task.error.message}" if task.error else ""
+    return [
+        task.id,
+        task.state.name,
+        task.spec.name,
+        task.spec.queue,
+        str(task.attempts),
+        stamp,
+        error.splitlines()[0][:80] if error else "",
+    ]

@@ -2,7 +2,7 @@
 bar while waiting for tasks, and rich tables for ``stats``.
 
 Only for streams that are terminals; pipes and files keep the plain, stable
-output that cli.py prints. rich is imported only when it is used, so scripted
+output that cli_output.py prints. rich is imported only when it is used, so scripted
 calls do not pay for it.
 """
 

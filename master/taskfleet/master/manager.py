@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection, Listener
 from multiprocessing.managers import BaseManager
 from typing import Any, Protocol, cast
 
-from taskfleet.common.config import is_loopback
+from taskfleet.common.addresses import host_port, is_loopback
 from taskfleet.common.errors import ConfigError
 from taskfleet.master.manager_bridge import ManagerBridge
 from taskfleet.master.runtime import MasterRuntime
@@ -114,7 +114,7 @@ class ManagerEndpoint:
 
     def start(self) -> None:
         manager_class = _manager_class(TaskQueue(self._bridge), ResultQueue(self._bridge))
-        manager = manager_class(address=_host_port(self.listen), authkey=self._authkey)
+        manager = manager_class(address=host_port(self.listen), authkey=self._authkey)
         try:
             server = cast(_ServerInternals, manager.get_server())
         except OSError as exc:
@@ -181,11 +181,6 @@ def _manager_class(task_queue: TaskQueue, result_queue: ResultQueue) -> type[Bas
     QueueManager.register("get_task_queue", callable=lambda: task_queue, exposed=QUEUE_METHODS)
     QueueManager.register("get_result_queue", callable=lambda: result_queue, exposed=QUEUE_METHODS)
     return QueueManager
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _peer(address: Any) -> str:

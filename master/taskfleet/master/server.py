@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
-import signal
 import threading
 
 import grpc
@@ -15,6 +13,7 @@ from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError, StoreUnusable
 from taskfleet.common.model import TaskState
+from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
@@ -28,7 +27,6 @@ from taskfleet.v1 import tasks_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("taskfleet.master")
 
-EXIT_FORCED = 130  # a second SIGTERM/SIGINT: stop at once
 DRAIN_POLL_S = 0.1
 # gRPC core queues calls that arrive faster than the loop takes them and, past
 # 1,000 queued (its default), cancels some: a burst of reconnecting workers or
@@ -173,16 +171,7 @@ async def _serve(config: MasterConfig) -> int:
     await master.start()
     stop_requested = asyncio.Event()
 
-    def on_signal(signum: signal.Signals) -> None:
-        if stop_requested.is_set():
-            log.warning("second signal: exiting at once")
-            os._exit(EXIT_FORCED)
-        log.info("signal %s: shutting down", signum.name)
-        stop_requested.set()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    on_stop_signals_async(asyncio.get_running_loop(), stop_requested, log, "shutting down")
     print(f"taskfleet master listening on {config.listen}", flush=True)
     await stop_requested.wait()
     await master.stop()

@@ -5,7 +5,7 @@ Two threads, each with a connection of its own: ``fetch`` takes an item from
 the manager's task queue whenever a pool slot is free and runs task
 ``--manager-task`` on it; ``send`` puts each return value on the result queue
 (a task that fails puts a RuntimeError saying why). Both reconnect with
-tenacity and the one backoff function when the manager goes away and comes
+the one reconnect policy (common/reconnect.py) when the manager goes away and comes
 back; results not yet put wait for the new connection.
 
 A plain manager queue has no acknowledgements: an item taken is gone from the
@@ -21,30 +21,30 @@ import multiprocessing
 import os
 import queue
 import secrets
-import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import tenacity
 
-from taskfleet.common.backoff import backoff_s
+from taskfleet.common.addresses import host_port
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError, InvalidArgument
 from taskfleet.common.model import JSON, LeaseRef
+from taskfleet.common.reconnect import reconnect_policy
+from taskfleet.common.shutdown import on_stop_signals
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
-from taskfleet.worker.pool import Pool, abandon_broken, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken
+from taskfleet.worker.pools import make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker.manager")
 
-EXIT_FORCED = 130  # a second SIGTERM/SIGINT
 EXIT_GRACE_EXPIRED = 1  # drained, but some results were not put within the grace
 EXIT_REFUSED = 2  # the manager refused the authkey or does not serve the two queues
 FETCH_WAIT_S = 1.0  # how long one get waits on the manager; bounds how long a drain waits
@@ -70,8 +70,7 @@ class ManagerTransport:
             )
         self.config = config
         self.definition = definition
-        host, _, port = config.master.rpartition(":")
-        self.address = (host.strip("[]"), int(port))
+        self.address = host_port(config.master)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
         self._authkey = config.authkey.encode()
@@ -94,14 +93,7 @@ class ManagerTransport:
         self._fetcher.start()
         self._sender.start()
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self._stop_requested.is_set():
-                _exit_forced()
-            log.info("signal %s: draining", signal.Signals(signum).name)
-            self._stop_requested.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        on_stop_signals(self._stop_requested, log, "draining")
         print(f"taskfleet worker {self.worker_id} serving manager {self.config.master}", flush=True)
         while not self._stop_requested.wait(POOL_CHECK_S):
             if self.pool.failure is not None:
@@ -140,18 +132,15 @@ class ManagerTransport:
         self._stop_requested.set()
 
     def _retrying(self, what: str, done: threading.Event) -> tenacity.Retrying:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((OSError, EOFError)),
-            wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
-            stop=lambda state: done.is_set(),
-            sleep=lambda seconds: _sleep_unless(done, seconds),
-            before_sleep=lambda state: log.warning(
+        return reconnect_policy(
+            lambda exc: isinstance(exc, OSError | EOFError),
+            lambda exc: log.warning(
                 "manager %s unreachable for the %s (%s); retrying",
                 self.config.master,
                 what,
-                _reason(state.outcome.exception() if state.outcome else None),
+                _reason(exc),
             ),
-            reraise=True,
+            done,
         )
 
     def _serve_forever(self, what: str, session: Callable[[], None], done: threading.Event) -> None:
@@ -265,18 +254,5 @@ def _result_value(job: Job, result: JobResult) -> Any:
     return RuntimeError(f"taskfleet task {job.name} failed: {why}")
 
 
-def _sleep_unless(done: threading.Event, seconds: float) -> None:
-    done.wait(seconds)
-
-
 def _reason(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-
-
-def _exit_forced() -> NoReturn:
-    """Exit at once, killing pool processes first so none runs on orphaned."""
-    try:
-        for child in multiprocessing.active_children():
-            child.kill()
-    finally:
-        os._exit(EXIT_FORCED)

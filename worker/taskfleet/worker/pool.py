@@ -185,17 +185,3 @@ def timed_out(job: Job) -> JobResult:
 def cancelled(ref: LeaseRef) -> JobResult:
     """The report for a cancelled job."""
     return failed(ref, "Cancelled", "task cancelled", cancelled=True)
-
-
-def make_pool(kind: str, size: int, task_modules: Sequence[str], on_done: OnDone) -> Pool:
-    """The pool ``--pool`` names: "process" (CPU-bound work) or "thread" (IO-bound)."""
-    # Imported here: each implementation imports Pool from this module.
-    if kind == "process":
-        from taskfleet.worker.process_pool import ProcessPool
-
-        return ProcessPool(size, task_modules, on_done)
-    if kind == "thread":
-        from taskfleet.worker.thread_pool import ThreadPool
-
-        return ThreadPool(size, task_modules, on_done)
-    raise ConfigError(f"--pool: unknown pool kind {kind!r}; use 'process' or 'thread'")

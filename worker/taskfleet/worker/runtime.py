@@ -12,25 +12,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import multiprocessing
 import os
 import queue
 import secrets
-import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from types import FrameType
-from typing import NoReturn
 
 import grpc
-import tenacity
 
 from taskfleet.common import convert
-from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import cut, outcome_bytes
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
@@ -43,16 +37,18 @@ from taskfleet.common.errors import (
     from_rpc_error,
 )
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskState
+from taskfleet.common.reconnect import first_reconnect_s, reconnect_policy
 from taskfleet.common.result_limit import limit_outcome
+from taskfleet.common.shutdown import on_stop_signals
 from taskfleet.v1 import worker_pb2, worker_pb2_grpc
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.metrics import WorkerMetrics
-from taskfleet.worker.pool import Pool, abandon_broken, make_pool
+from taskfleet.worker.pool import Pool, abandon_broken
+from taskfleet.worker.pools import make_pool
 from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker")
 
-EXIT_FORCED = 130  # a second SIGTERM/SIGINT: exit at once; leases lapse on the master
 EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for the master's Welcome
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
@@ -122,15 +118,7 @@ class Worker:
         for thread in threads:
             thread.start()
         signalled = threading.Event()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if signalled.is_set():
-                _exit_forced()
-            log.info("signal %s: draining", signal.Signals(signum).name)
-            signalled.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        on_stop_signals(signalled, log, "draining")
         print(f"taskfleet worker {self.worker_id} serving {self.config.master}", flush=True)
         while not signalled.wait(0.5):
             if self._refused is not None:
@@ -181,15 +169,11 @@ class Worker:
 
     def _connect_forever(self) -> None:
         while not self.stopped.is_set():
-            retrying = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_worth_retrying),
-                wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=5.0),
-                before_sleep=lambda state: log.warning(
-                    "master %s unreachable (%s); retrying",
-                    self.config.master,
-                    _rpc_reason(state.outcome.exception() if state.outcome else None),
+            retrying = reconnect_policy(
+                _worth_retrying,
+                lambda exc: log.warning(
+                    "master %s unreachable (%s); retrying", self.config.master, _rpc_reason(exc)
                 ),
-                reraise=True,
             )
             try:
                 retrying(self._serve_stream)
@@ -199,7 +183,7 @@ class Worker:
             except StreamEnded as exc:
                 if not self.stopped.is_set():
                     log.warning("connection to master lost (%s); reconnecting", exc)
-                    self.stopped.wait(backoff_s(1, base_s=0.1))
+                    self.stopped.wait(first_reconnect_s())
 
     def _serve_stream(self) -> None:
         """One stream: raises RpcError if it never got going, StreamEnded once it had."""
@@ -527,16 +511,6 @@ class Worker:
         for outcome in outcomes:
             convert.fill_outcome(add(), outcome)
         return message
-
-
-def _exit_forced() -> NoReturn:
-    """Exit at once, killing any pool processes first: orphaned, they would run
-    their tasks on with no one to enforce time limits or report results."""
-    try:
-        for child in multiprocessing.active_children():
-            child.kill()
-    finally:
-        os._exit(EXIT_FORCED)
 
 
 def _average(average: float | None, sample: float) -> float:

@@ -18,6 +18,7 @@ writing to a damaged b-tree can spread the damage.
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import json
 import logging
@@ -217,7 +218,12 @@ class SqliteStore(Store):
         self._path = path
         self._lock = threading.Lock()
         self._unusable = ""  # why the store is unusable, once it is
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._owner = _claim(path)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except BaseException:
+            os.close(self._owner)
+            raise
         try:
             # Outside _read: a file that is not a database at all is more likely a
             # wrong --store than damage, and open_store says so.
@@ -228,6 +234,7 @@ class SqliteStore(Store):
             self._check()
         except BaseException:
             self._db.close()
+            os.close(self._owner)
             raise
 
     def _check(self) -> None:
@@ -546,6 +553,29 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:  # even when unusable
             self._db.close()
+            os.close(self._owner)  # and with it the claim on the file
+
+
+def _claim(path: str) -> int:
+    """Take the file for this store alone, or raise ConfigError: a second master on
+    one SQLite file would hand out every task twice. The claim is an flock on a
+    ``PATH.lock`` beside it (not on the database itself: closing any descriptor of
+    the database would drop SQLite's own POSIX locks), held until ``close`` and
+    released by the kernel when the process dies, even by ``kill -9``."""
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"{path} is in use by another master (it holds {lock_path}); a SQLite store "
+            "serves one master: stop the other, or use a postgresql:// store for several"
+        ) from None
+    return fd
 
 
 def _first_problem(rows: Sequence[tuple[str]]) -> str:
