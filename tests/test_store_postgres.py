@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from taskfleet.common.client import make_spec
+from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, redacted
@@ -72,6 +73,13 @@ def test_a_database_that_cannot_be_reached_is_a_config_error_without_the_passwor
 )
 def test_redacted_drops_the_password_wherever_it_is(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+def test_the_master_config_shows_its_store_without_the_password() -> None:
+    config = MasterConfig(store=f"postgresql://tf:{PASSWORD}@db/tasks")
+
+    assert PASSWORD not in repr(config)
+    assert "postgresql://tf@db/tasks" in repr(config)
 
 
 def test_a_mistyped_url_is_refused_without_its_password() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from taskfleet.common.store_urls import redacted
 from taskfleet.common.tls import ClientTls, ServerTls
 
 DEFAULT_MASTER = "127.0.0.1:50051"
@@ -66,8 +67,8 @@ class MasterConfig:
     # FAILED WorkerLost: a task that kills its worker must not run forever.
     max_lost_leases: int = 3
 
-    def __repr__(self) -> str:  # never show the token
-        return f"MasterConfig(listen={self.listen!r}, store={self.store!r})"
+    def __repr__(self) -> str:  # never show the token, nor the store's password
+        return f"MasterConfig(listen={self.listen!r}, store={redacted(self.store)!r})"
 
 
 @dataclass(frozen=True, slots=True)

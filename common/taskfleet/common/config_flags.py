@@ -26,7 +26,11 @@ from taskfleet.common.tls import client_tls, server_tls
 def add_master_flags(parser: EnvDefaultsParser) -> None:
     d = MasterConfig()
     parser.add_flag("--listen", default=d.listen, help="HOST:PORT for the gRPC API")
-    parser.add_flag("--store", default=d.store, help="sqlite:PATH (durable) or memory (volatile)")
+    parser.add_flag(
+        "--store",
+        default=d.store,
+        help="sqlite:PATH (durable), memory (volatile) or postgresql://USER@HOST[:PORT]/DB",
+    )
     parser.add_flag("--token", default=d.token, help="require this bearer token on every call")
     parser.add_flag(
         "--worker-token",

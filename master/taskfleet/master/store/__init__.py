@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.store_urls import POSTGRES_SCHEMES, redacted
 from taskfleet.master.store.base import DEFAULT_POLICY, Store, StorePolicy, TaskPage, TaskQuery
 from taskfleet.master.store.memory import MemoryStore
 from taskfleet.master.store.sqlite import SqliteStore
-from taskfleet.master.store.urls import POSTGRES_SCHEMES, redacted
 
 __all__ = [
     "MemoryStore",

@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool
 
 from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
+from taskfleet.common.store_urls import redacted
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
@@ -60,7 +61,6 @@ from taskfleet.master.store.rows import (
     task_from_row,
     where_clause,
 )
-from taskfleet.master.store.urls import redacted
 
 _READY = f"state = {PENDING} AND ready"
 _DELAYED = f"state = {PENDING} AND NOT ready"

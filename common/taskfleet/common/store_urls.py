@@ -1,4 +1,4 @@
-"""Store URLs as they may be shown: in a log line, an error or a status page."""
+"""Store URLs (``--store``) as they may be shown: in a log line, an error, a repr."""
 
 from __future__ import annotations
 
