@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -30,7 +29,7 @@ def with_password(url: str, password: str = PASSWORD) -> str:
     return f"{scheme}://{user}:{password}@{where}"
 
 
-def test_open_store_understands_both_postgres_schemes(tmp_path: Path) -> None:
+def test_open_store_understands_both_postgres_schemes() -> None:
     with pg.database() as url:
         for scheme in ("postgresql", "postgres"):
             store = open_store(scheme + url.removeprefix("postgresql"))
