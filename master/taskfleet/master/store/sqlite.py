@@ -573,7 +573,7 @@ def _claim(path: str) -> int:
         os.close(fd)
         raise ConfigError(
             f"{path} is in use by another master (it holds {lock_path}); a SQLite store "
-            "serves one master: stop the other, or use a postgresql:// store for several"
+            "serves one master: stop the other, or give this one a file of its own"
         ) from None
     return fd
 
