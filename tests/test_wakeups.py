@@ -33,7 +33,7 @@ def session(
 
 
 def woken_by(**hint: object) -> set[str]:
-    """The workers of a fixed set that one ``hint_work(**hint)`` wakes."""
+    """The workers of a fixed set that one ``work_available(**hint)`` wakes."""
 
     async def run() -> set[str]:
         sessions = Sessions(LoopBridge())
@@ -47,7 +47,7 @@ def woken_by(**hint: object) -> set[str]:
         for worker in workers:
             sessions.add(worker)
             worker.changed.clear()
-        sessions.hint_work(**hint)  # type: ignore[arg-type]
+        sessions.work_available(**hint)  # type: ignore[arg-type]
         return {w.info.worker_id for w in workers if w.changed.is_set()}
 
     return asyncio.run(run())
@@ -78,7 +78,7 @@ def test_a_hint_from_another_thread_reaches_the_loop() -> None:
         worker = session("a-1", ("a",), (), credit=1)
         sessions.add(worker)
         worker.changed.clear()
-        await asyncio.to_thread(sessions.hint_work, ["a"])
+        await asyncio.to_thread(sessions.work_available, ["a"])
         async with asyncio.timeout(10):
             await worker.changed.wait()
         return worker.work_hint

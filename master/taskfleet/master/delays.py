@@ -60,4 +60,4 @@ class DueTimer(LifecycleListener):
                 async with asyncio.timeout(None if ready_at is None else max(0.0, ready_at - now)):
                     await self._changed.wait()
             except TimeoutError:
-                self._sessions.hint_work(None)
+                self._sessions.work_available(None)

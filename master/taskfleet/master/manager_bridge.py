@@ -77,7 +77,7 @@ class Wakeup:
 
 class ManagerSession(WorkerSession):
     """A manager connection that takes tasks, as GetStats lists it and as
-    ``Sessions.hint_work`` wakes it."""
+    ``Sessions.work_available`` wakes it."""
 
     def __init__(self, info: WorkerInfo, wakeup: Wakeup) -> None:
         super().__init__(info)

@@ -60,10 +60,6 @@ class MasterRuntime:
     def close_stream(self) -> None:
         self.open_streams -= 1
 
-    def reap_expired_leases(self) -> int:
-        """Return lapsed leases to PENDING and wake workers to take them."""
-        return len(self.lifecycle.expire())
-
     def run_reaper(self) -> None:
         """Until stopping, several times per lease period: return lapsed leases and
         delete finished tasks whose result TTL ran out (a bounded number per tick)."""

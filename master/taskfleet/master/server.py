@@ -144,7 +144,7 @@ class Master:
         if not self.runtime.sessions.infos():
             return False
         try:
-            self.runtime.reap_expired_leases()
+            self.runtime.lifecycle.expire()
             return any(q.counts.get(TaskState.RUNNING, 0) for q in self.runtime.store.stats())
         except StoreUnusable:
             return False  # nothing to wait for: no result could be recorded

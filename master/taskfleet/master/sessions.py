@@ -99,11 +99,6 @@ class Sessions(LifecycleListener):
         with self._lock:
             return self._by_worker.get(worker_id)
 
-    def work_available(
-        self, queues: Collection[str] | None, names: Collection[str] | None, tasks: int | None
-    ) -> None:
-        self.hint_work(queues, names, tasks)
-
     def cancelled(self, task: Task) -> None:
         # If it was running, its worker stops it now rather than at the next
         # heartbeat; a worker that no longer holds that lease ignores this.
@@ -111,7 +106,7 @@ class Sessions(LifecycleListener):
         if session is not None:
             self._bridge.call(session.revoke, [LeaseRef(task.id, task.lease)])
 
-    def hint_work(
+    def work_available(
         self,
         queues: Collection[str] | None,
         names: Collection[str] | None = None,
@@ -124,7 +119,7 @@ class Sessions(LifecycleListener):
         are new) only enough wake to take them, by their free slots; the others
         see the work at their next look (within ``IDLE_RECHECK_S``)."""
         if not self._bridge.in_loop():  # one hand-off in all
-            self._bridge.call(self.hint_work, queues, names, tasks)
+            self._bridge.call(self.work_available, queues, names, tasks)
             return
         wanted_queues = None if queues is None else frozenset(queues)
         wanted_names = None if names is None else frozenset(names)
