@@ -66,8 +66,20 @@ def stats_json(stats: Stats) -> dict[str, Any]:
                 "concurrency": w.concurrency,
                 "running": w.running,
                 "peer": w.peer,
+                "master_id": w.master_id,
             }
             for w in stats.workers
+        ],
+        "masters": [
+            {
+                "master_id": m.master_id,
+                "hostname": m.hostname,
+                "pid": m.pid,
+                "listen": m.listen,
+                "started_at": m.started_at,
+                "seen_at": m.seen_at,
+            }
+            for m in stats.masters
         ],
     }
 
@@ -125,6 +137,13 @@ def show_stats(stats: Stats) -> None:
         for w in stats.workers
     ]
     print_table(rows)
+    print()
+    print_table(
+        [
+            ["MASTER", "HOST", "LISTEN"],
+            *([m.master_id, m.hostname, m.listen] for m in stats.masters),
+        ]
+    )
 
 
 def task_row(task: Task) -> list[str]:

@@ -15,6 +15,7 @@ from taskfleet.common.model import (
     JSON,
     Lease,
     LeaseRef,
+    MasterInfo,
     Outcome,
     QueueCounts,
     Stats,
@@ -280,10 +281,22 @@ def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
             running=w.running,
             peer=w.peer,
             connected_at=timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in stats.workers
     ]
-    return tasks_pb2.Stats(queues=queues, workers=workers)
+    masters = [
+        tasks_pb2.MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=timestamp(m.started_at),
+            seen_at=timestamp(m.seen_at),
+        )
+        for m in stats.masters
+    ]
+    return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters)
 
 
 def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
@@ -302,7 +315,19 @@ def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
             running=w.running,
             peer=w.peer,
             connected_at=unix_from_timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in pb.workers
     ]
-    return Stats(queues, workers)
+    masters = [
+        MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=unix_from_timestamp(m.started_at),
+            seen_at=unix_from_timestamp(m.seen_at),
+        )
+        for m in pb.masters
+    ]
+    return Stats(queues, workers, masters)

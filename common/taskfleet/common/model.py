@@ -140,11 +140,25 @@ class WorkerInfo:
     running: int
     peer: str
     connected_at: float
+    master_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MasterInfo:
+    """A master serving the store: one alone, or several sharing a database."""
+
+    master_id: str
+    hostname: str
+    pid: int
+    listen: str
+    started_at: float
+    seen_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Counts per queue and the connected workers."""
+    """Counts per queue, the connected workers and the masters."""
 
     queues: list[QueueCounts]
     workers: list[WorkerInfo]
+    masters: list[MasterInfo] = field(default_factory=list)

@@ -17,8 +17,12 @@ statement triggers: at 100,000 tasks stats() takes 1 ms where a GROUP BY took
 The schema is versioned: migrations run at open inside one transaction that
 holds an advisory lock, so masters started together apply them once.
 
-For now one master uses a database at a time: masters sharing one would need
-to wake each other's waiting workers and clients, which comes next.
+Any number of masters can share one database: every statement is correct
+against the others' (claims skip locked rows, updates are fenced), and
+housekeeping (``expire``, ``prune``) skips rows another master holds, so all
+masters run it at once and each lapsed lease is returned once. What the
+masters tell each other (wake-ups, results, revocations) goes over the bus
+(postgres_bus.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from psycopg_pool import ConnectionPool
 from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
 from taskfleet.common.store_urls import redacted
+from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
@@ -46,6 +51,7 @@ from taskfleet.master.store.base import (
     not_found,
     worker_lost_error,
 )
+from taskfleet.master.store.postgres_bus import PostgresBus
 from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
@@ -168,6 +174,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS"
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
+    2: postgres_bus.MIGRATION,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -252,6 +259,7 @@ class PostgresStore(Store):
 
     def __init__(self, dsn: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
+        self._dsn = dsn
         self._where = redacted(dsn)
         try:
             with psycopg.connect(dsn, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
@@ -517,7 +525,7 @@ class PostgresStore(Store):
             lapsed = conn.execute(
                 f"""SELECT seq, worker_id, lost_leases, lost_by FROM tasks
                 WHERE state = {RUNNING} AND lease_deadline <= %s
-                ORDER BY lease_deadline, seq FOR UPDATE""",
+                ORDER BY lease_deadline, seq FOR UPDATE SKIP LOCKED""",
                 (now,),
             ).fetchall()
             if not lapsed:
@@ -598,6 +606,9 @@ class PostgresStore(Store):
             ).fetchall()
         )
         return queue_counts(rows)
+
+    def bus(self) -> PostgresBus:
+        return PostgresBus(self._pool, self._dsn)
 
     def close(self) -> None:
         self._pool.close()
