@@ -3,6 +3,7 @@ worker or a client talks to."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -42,6 +43,7 @@ def test_a_task_submitted_on_one_master_runs_on_a_worker_of_another(
         finished = list(client.wait(ids, timeout_s=30))
     assert sorted(t.id for t in finished) == sorted(ids)
     assert all(t.state is TaskState.SUCCEEDED for t in finished)
+    assert _listeners(db) == 2  # one connection per master, held for notifications
 
 
 def test_a_cancel_on_one_master_stops_the_task_on_a_worker_of_another(
@@ -116,3 +118,56 @@ def test_ten_thousand_tasks_over_three_masters_each_leased_once(
         ).fetchall()
     # Every task was claimed once: lease number 1, one attempt, no second claim.
     assert rows == [(int(TaskState.SUCCEEDED), 1, 1, 10_000)]
+
+
+def test_an_idempotency_key_is_one_task_whichever_masters_see_it(
+    db: str, start_master: StartMaster
+) -> None:
+    masters = _masters(start_master, db, 3)
+    clients = [m.client() for m in masters]
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit(client: Client) -> None:
+        try:
+            for n in range(20):
+                ids.append(client.submit("square", [n], idempotency_key=f"key-{n}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for client in clients:
+        client.close()
+    assert not errors
+    assert len(ids) == 60
+    assert len(set(ids)) == 20
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM tasks").fetchone()
+    assert row == (20,)
+
+
+def test_poll_only_masters_share_work_without_notifications(
+    db: str, start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    a, b = (start_master(store=db, extra=["--poll-only"]) for _ in range(2))
+    start_worker(b)
+    with a.client() as client:
+        ids = client.submit_many([make_spec("square", [n]) for n in range(20)])
+        finished = list(client.wait(ids, timeout_s=30))
+    assert sorted(t.id for t in finished) == sorted(ids)
+    assert all(t.state is TaskState.SUCCEEDED for t in finished)
+    assert _listeners(db) == 0
+
+
+def _listeners(db: str) -> int:
+    """Connections to ``db`` listening for notifications."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN %%'"
+        ).fetchone()
+    return row[0] if row else 0

@@ -45,7 +45,11 @@ class Master:
         self.config = config
         self.runtime = MasterRuntime(
             config,
-            open_store(config.store, StorePolicy(config.result_ttl_s, config.max_lost_leases)),
+            open_store(
+                config.store,
+                StorePolicy(config.result_ttl_s, config.max_lost_leases),
+                poll_only=config.poll_only,
+            ),
             metrics=MasterMetrics(bool(config.metrics_listen)),
         )
         interceptors: list[ServerInterceptor] = (

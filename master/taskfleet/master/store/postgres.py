@@ -77,6 +77,7 @@ _MIGRATION_LOCK = 0x7461736B666C6565
 # inserted at the same time) run again; more than this many losses is a bug.
 _RACE_RETRIES = 5
 _POOL_MAX_SIZE = 4
+_PREPARE_THRESHOLD = 5
 _CONNECT_TIMEOUT_S = 10
 
 _COUNT_FUNCTION = """
@@ -257,7 +258,9 @@ class PostgresStore(Store):
 
     blocks = True
 
-    def __init__(self, dsn: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
+    def __init__(
+        self, dsn: str, policy: StorePolicy = DEFAULT_POLICY, *, prepare: bool = True
+    ) -> None:
         self.policy = policy
         self._dsn = dsn
         self._where = redacted(dsn)
@@ -270,7 +273,13 @@ class PostgresStore(Store):
             dsn,
             min_size=1,
             max_size=_POOL_MAX_SIZE,
-            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S, "autocommit": True},
+            kwargs={
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+                "autocommit": True,
+                # None: never prepare (a transaction-mode pooler cannot hold them);
+                # otherwise psycopg prepares a statement on its fifth run.
+                "prepare_threshold": _PREPARE_THRESHOLD if prepare else None,
+            },
             name="taskfleet-store",
             open=True,
         )
