@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -34,6 +35,29 @@ def context() -> dict[str, Any]:
         "pid": os.getpid(),
         "thread": threading.get_ident(),
     }
+
+
+@task
+async def async_context() -> dict[str, Any]:
+    """context() as an ``async def`` task: awaits, then looks at itself."""
+    ctx = current_task()
+    await asyncio.sleep(0.05)
+    return {
+        "task_id": current_task().task_id,
+        "name": ctx.name,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "deadline": ctx.deadline,
+        "metadata": dict(ctx.metadata),
+        "pid": os.getpid(),
+        "thread": threading.get_ident(),
+    }
+
+
+@task
+async def async_boom(message: str) -> None:
+    await asyncio.sleep(0)
+    raise RuntimeError(message)
 
 
 @task

@@ -5,13 +5,22 @@ pool in its threads. It never raises, so a task can break neither the loop of a
 pool process nor a pool thread: not by what it raises, nor by a return value or
 an exception that the encoding here chokes on. A child the task forked never
 leaves it: it ends in ``os._exit`` before any pool code runs in it.
+
+An ``async def`` task runs to completion on an event loop of the thread that
+runs it (one loop per pool thread or process, kept for the next async task),
+so ``current_task()`` works inside it and a slot runs one task at a time, async
+or not; a task that wants concurrency inside itself awaits ``asyncio.gather``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import threading
 import traceback
 from dataclasses import dataclass
+from collections.abc import Awaitable
 from typing import Any
 
 from taskfleet.common import codec
@@ -21,6 +30,7 @@ from taskfleet.worker.context import TaskContext, task_context
 from taskfleet.worker.registry import REGISTRY
 
 _MAX_NAMES_LISTED = 20
+_loops = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +86,26 @@ def run_job(job: Job) -> JobResult:
     try:
         with task_context(context):
             value = definition.func(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = _await(value)
     # BaseException too: a task calling sys.exit() must fail, not end the pool.
     except BaseException as exc:
         _exit_if_forked(pid, 1)
         return _raised(job.ref, exc)
     _exit_if_forked(pid, 0)
     return _encoded(job.ref, value)
+
+
+def _await(awaitable: Awaitable[Any]) -> Any:
+    """What an async task's awaitable gives, on this thread's own event loop."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+
+    async def wait() -> Any:
+        return await awaitable
+
+    return loop.run_until_complete(wait())
 
 
 def _exit_if_forked(pid: int, code: int) -> None:
