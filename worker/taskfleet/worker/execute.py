@@ -19,8 +19,8 @@ import inspect
 import os
 import threading
 import traceback
-from dataclasses import dataclass
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 from taskfleet.common import codec
