@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from taskfleet.worker import current_task, task
+from taskfleet.worker import Retry, current_task, task
 
 
 @task
@@ -93,6 +93,24 @@ def block_until(path: str, timeout_s: float = 60.0) -> str:
             raise TimeoutError(path)
         time.sleep(0.01)
     return "released"
+
+
+@task(max_attempts=3, retry_on=(ConnectionError,), backoff_s=0.05)
+def picky(error: str) -> int:
+    """Raise ``error`` (a built-in exception's name) on the first attempt; only a
+    ConnectionError is worth another."""
+    attempt = current_task().attempt
+    if attempt == 1:
+        raise {"ConnectionError": ConnectionError, "ValueError": ValueError}[error]("first")
+    return attempt
+
+
+@task(max_attempts=2)
+def asks_to_retry(delay_s: float) -> float:
+    """Ask for another attempt after ``delay_s``; return when the second started."""
+    if current_task().attempt == 1:
+        raise Retry(delay_s)
+    return time.time()
 
 
 @task(max_attempts=3)

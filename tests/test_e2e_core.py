@@ -213,6 +213,29 @@ def test_flaky_task_retries_then_succeeds(
     ]
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_task_retries_only_what_it_names_and_when_it_asks(
+    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    start_worker(master, pool=pool, concurrency=2, queues=queue_name)
+    with master.client() as client:
+        # An exception of retry_on runs again; any other ends the task at once,
+        # though attempts remain.
+        retried = client.submit("picky", ["ConnectionError"], queue=queue_name)
+        ended = client.submit("picky", ["ValueError"], queue=queue_name)
+        # Retry(delay_s) runs the task again no sooner than it asked.
+        asked = client.submit("asks_to_retry", [1.0], queue=queue_name)
+        done = wait_all(client, [retried, ended, asked])
+
+    assert (done[retried].state, task_result(done[retried])) == (TaskState.SUCCEEDED, 2)
+    assert (done[ended].state, done[ended].attempts) == (TaskState.FAILED, 1)
+    assert done[ended].error is not None and done[ended].error.type == "ValueError"
+    assert done[asked].state == TaskState.SUCCEEDED
+    assert done[asked].attempts == 2
+    first_failed_by = done[asked].created_at
+    assert task_result(done[asked]) >= first_failed_by + 1.0
+
+
 def test_failing_tasks_end_failed_when_attempts_run_out(
     master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:

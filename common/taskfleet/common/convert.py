@@ -237,6 +237,10 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
         _fill_error(pb.error, outcome.error)
     if outcome.max_attempts != 1:
         pb.max_attempts = outcome.max_attempts
+    if outcome.no_retry:
+        pb.no_retry = True
+    if outcome.retry_delay_s:
+        pb.retry_delay.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
@@ -248,6 +252,10 @@ def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
         pb.result_content_type or JSON,
         error_from_proto(pb.error) if pb.HasField("error") else None,
         pb.max_attempts or 1,
+        pb.no_retry,
+        seconds_from_duration(pb.retry_delay, "outcome.retry_delay")
+        if pb.HasField("retry_delay")
+        else 0.0,
     )
 
 

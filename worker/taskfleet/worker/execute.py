@@ -20,14 +20,14 @@ import os
 import threading
 import traceback
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taskfleet.common import codec
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import LeaseRef, TaskError
 from taskfleet.worker.context import TaskContext, task_context
-from taskfleet.worker.registry import REGISTRY
+from taskfleet.worker.registry import REGISTRY, Retry
 
 _MAX_NAMES_LISTED = 20
 _loops = threading.local()
@@ -51,13 +51,17 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """How one attempt ended; ``result`` is the JSON return value when ``ok``."""
+    """How one attempt ended; ``result`` is the JSON return value when ``ok``.
+    A failure says whether it is worth another attempt, and after how long (0:
+    as the master decides)."""
 
     ref: LeaseRef
     ok: bool
     result: bytes = b""
     error: TaskError | None = None
     cancelled: bool = False
+    no_retry: bool = False
+    retry_delay_s: float = 0.0
 
 
 def failed(ref: LeaseRef, error_type: str, message: str, *, cancelled: bool = False) -> JobResult:
@@ -91,7 +95,12 @@ def run_job(job: Job) -> JobResult:
     # BaseException too: a task calling sys.exit() must fail, not end the pool.
     except BaseException as exc:
         _exit_if_forked(pid, 1)
-        return _raised(job.ref, exc)
+        result = _raised(job.ref, exc)
+        if isinstance(exc, Retry):
+            return replace(result, retry_delay_s=exc.delay_s)
+        if definition.retry_on is not None and not isinstance(exc, definition.retry_on):
+            return replace(result, no_retry=True)
+        return replace(result, retry_delay_s=definition.retry_delay_s(job.attempt))
     _exit_if_forked(pid, 0)
     return _encoded(job.ref, value)
 

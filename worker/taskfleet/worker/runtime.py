@@ -533,7 +533,14 @@ def _outcome(job: Job, result: JobResult) -> Outcome:
     error = result.error or TaskError("Unknown", "no error recorded")
     if result.cancelled:
         return Outcome(job.ref, TaskState.CANCELLED, error=error)
-    return Outcome(job.ref, TaskState.FAILED, error=error, max_attempts=job.max_attempts)
+    return Outcome(
+        job.ref,
+        TaskState.FAILED,
+        error=error,
+        max_attempts=job.max_attempts,
+        no_retry=result.no_retry,
+        retry_delay_s=result.retry_delay_s,
+    )
 
 
 def _outcome_label(job: Job, outcome: Outcome) -> str:

@@ -67,6 +67,14 @@ class StorePolicy:
 DEFAULT_POLICY = StorePolicy()
 
 
+def retry_delay_s(policy: StorePolicy, outcome: Outcome, used: int) -> float | None:
+    """How long until the task of a FAILED ``outcome`` runs again, having used
+    ``used`` attempts; None when it ends now."""
+    if outcome.no_retry or used >= outcome.max_attempts:
+        return None
+    return outcome.retry_delay_s or policy.retry_backoff_s(used)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskQuery:
     """Which tasks ``list_tasks`` returns; an empty field matches everything."""

@@ -49,6 +49,7 @@ from taskfleet.master.store.base import (
     attempts_used,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
 from taskfleet.master.store.postgres_bus import PostgresBus
@@ -476,9 +477,8 @@ class PostgresStore(Store):
         count = used.get((outcome.ref.task_id, outcome.ref.lease))
         if outcome.state is not TaskState.FAILED or count is None:
             return None
-        if count >= outcome.max_attempts:
-            return None
-        return now + self.policy.retry_backoff_s(count)
+        delay_s = retry_delay_s(self.policy, outcome, count)
+        return None if delay_s is None else now + delay_s
 
     def retry(self, task_id: str, now: float) -> Task:
         def work(conn: psycopg.Connection[Any]) -> Any:
