@@ -11,11 +11,13 @@ import importlib
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.worker.task_function import TaskFunction
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ REGISTRY: dict[str, TaskDefinition] = {}
 
 
 @overload
-def task(func: F, /) -> F: ...
+def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
 
 
 @overload
@@ -69,11 +71,11 @@ def task(
     retry_on: Iterable[type[BaseException]] | None = None,
     backoff_s: float = 0.0,
     backoff_max_s: float = 0.0,
-) -> Callable[[F], F]: ...
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
 def task(
-    func: F | None = None,
+    func: Callable[P, R] | None = None,
     /,
     *,
     name: str | None = None,
@@ -82,15 +84,15 @@ def task(
     retry_on: Iterable[type[BaseException]] | None = None,
     backoff_s: float = 0.0,
     backoff_max_s: float = 0.0,
-) -> F | Callable[[F], F]:
+) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Register a function as a task, under its ``__name__`` unless ``name`` is given.
 
     ``max_attempts`` and ``timeout_s`` are defaults for tasks whose spec leaves
     them at zero. A failed attempt is retried while attempts remain, for any
     exception, or only for those ``retry_on`` names (others end the task at
     once); after ``backoff_s`` doubling up to ``backoff_max_s``, or the master's
-    backoff when 0. The function itself is returned unchanged, so it can still
-    be called directly (and pickled by reference into pool processes).
+    backoff when 0. What comes back still runs the function when called, and
+    also submits it: ``f.submit(...)``, ``f.submit_with(...)`` (task_function.py).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -102,7 +104,7 @@ def task(
     ):
         raise TypeError("retry_on: name exception classes, such as (ConnectionError,)")
 
-    def register(f: F) -> F:
+    def register(f: Callable[P, R]) -> TaskFunction[P, R]:
         task_name = name or f.__name__
         existing = REGISTRY.get(task_name)
         if (
@@ -116,7 +118,7 @@ def task(
         REGISTRY[task_name] = TaskDefinition(
             task_name, f, max_attempts, timeout_s, retry_types, backoff_s, backoff_max_s
         )
-        return f
+        return TaskFunction(f, task_name)
 
     return register(func) if func is not None else register
 
