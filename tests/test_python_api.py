@@ -4,13 +4,23 @@ failures they raise, against a real master and worker."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import pickle
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from taskfleet.client import Client, TaskCancelled, TaskFailed, TaskHandle, configure, defaults
+from taskfleet.client import (
+    AsyncClient,
+    Client,
+    TaskCancelled,
+    TaskFailed,
+    TaskHandle,
+    configure,
+    defaults,
+)
+from taskfleet.common.client import make_spec
 from taskfleet.common.model import TaskState
 
 import e2etasks
@@ -97,3 +107,27 @@ def test_configure_replaces_the_default_client(
         assert e2etasks.square.submit(4).result(timeout_s=30) == 16
     finally:
         client.close()
+
+
+def test_an_async_client_runs_a_thousand_tasks_at_once(
+    master: MasterProc, start_worker: StartWorker
+) -> None:
+    start_worker(master, concurrency=8)
+
+    async def main() -> None:
+        async with AsyncClient(master.address) as client:
+            results = await asyncio.gather(
+                *(client.run("square", [n], timeout_s=60) for n in range(1000))
+            )
+            assert results == [n * n for n in range(1000)]
+            handle = await client.submit("boom", ["async"])
+            with pytest.raises(TaskFailed) as failed:
+                await handle.result(timeout_s=30)
+            assert failed.value.type == "RuntimeError"
+            ids = await client.submit_many([make_spec("square", [n]) for n in range(300)])
+            finished = [task async for task in client.wait(ids, timeout_s=60)]
+            assert sorted(t.id for t in finished) == sorted(ids)
+            assert (await handle.get()).state is TaskState.FAILED
+            assert len((await client.stats()).workers) == 1
+
+    asyncio.run(main())
