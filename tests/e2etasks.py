@@ -79,6 +79,13 @@ def flaky(marker_dir: str, failures: int) -> int:
 
 
 @task
+def not_seven(n: int) -> int:
+    if n == 7:
+        raise ValueError("seven")
+    return n
+
+
+@task
 def boom(message: str) -> None:
     raise RuntimeError(message)
 

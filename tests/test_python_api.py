@@ -131,3 +131,22 @@ def test_an_async_client_runs_a_thousand_tasks_at_once(
             assert len((await client.stats()).workers) == 1
 
     asyncio.run(main())
+
+
+def test_map_keeps_the_items_order_over_several_windows_and_names_a_failed_item(
+    master: MasterProc, start_worker: StartWorker
+) -> None:
+    start_worker(master, concurrency=8)
+
+    async def main() -> None:
+        async with AsyncClient(master.address) as client:
+            items = range(2_500)  # three windows
+            assert await client.map(e2etasks.square, items) == [n * n for n in items]
+            unordered = [r async for r in client.imap_unordered("square", range(50))]
+            assert sorted(unordered) == [n * n for n in range(50)]
+            with pytest.raises(TaskFailed) as failed:
+                await client.map(e2etasks.not_seven, range(10))
+            assert "map item 7" in str(failed.value)
+            assert failed.value.type == "ValueError"
+
+    asyncio.run(main())

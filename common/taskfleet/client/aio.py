@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import grpc
 
 from taskfleet.client.handle import TaskSnapshot, snapshot
+from taskfleet.client.mapping import Named, aimap
 from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import cut, spec_bytes
@@ -127,6 +128,16 @@ class AsyncClient:
         if task_id and (deadline is None or time.monotonic() < deadline):
             return await self.result(task_id, _left(deadline))
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
+
+    async def map(self, task: str | Named, items: Iterable[Any]) -> list[Any]:
+        """``task(item)`` for each item, results in the items' order, as
+        ``multiprocessing.Pool.map``; the first failure raises ``TaskFailed``
+        naming the item. Submitted a window at a time (mapping.py)."""
+        return [result async for result in aimap(self, task, items, ordered=True)]
+
+    def imap_unordered(self, task: str | Named, items: Iterable[Any]) -> AsyncIterator[Any]:
+        """``task(item)`` for each item, results as they finish."""
+        return aimap(self, task, items, ordered=False)
 
     # -- reading -------------------------------------------------------------
 
