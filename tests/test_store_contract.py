@@ -18,6 +18,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     Task,
     TaskError,
     TaskSpec,
@@ -627,3 +628,18 @@ def test_a_sqlite_file_serves_one_store_at_a_time(tmp_path: Path) -> None:
 
     # Then once the first is closed the file opens again
     SqliteStore(path).close()
+
+
+def test_pending_names_counts_pending_tasks_per_queue_and_name(store: Store) -> None:
+    specs = [spec("a", "q")] * 3 + [spec("b", "q"), spec("a", "r"), spec("a", "r")]
+    store.submit(specs, NOW)
+    store.submit([spec("later", "q", not_before=NOW + 60)], NOW)  # delayed is pending too
+    lease(store, queues=("q",), names=("a",), limit=1)  # running is not
+
+    assert store.pending_names(10) == [
+        PendingName("q", "a", 2),
+        PendingName("r", "a", 2),
+        PendingName("q", "b", 1),
+        PendingName("q", "later", 1),
+    ]
+    assert store.pending_names(2) == [PendingName("q", "a", 2), PendingName("r", "a", 2)]

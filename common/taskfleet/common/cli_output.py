@@ -83,6 +83,9 @@ def stats_json(stats: Stats) -> dict[str, Any]:
             }
             for w in stats.workers
         ],
+        "unserved": [
+            {"queue": p.queue, "name": p.name, "pending": p.count} for p in stats.unserved()
+        ],
         "masters": [
             {
                 "master_id": m.master_id,
@@ -150,6 +153,13 @@ def show_stats(stats: Stats) -> None:
         for w in stats.workers
     ]
     print_table(rows)
+    unserved = stats.unserved()
+    if unserved:
+        print()
+        print("Pending tasks no connected worker takes:")
+        print_table(
+            [["QUEUE", "NAME", "PENDING"], *([p.queue, p.name, str(p.count)] for p in unserved)]
+        )
     print()
     print_table(
         [

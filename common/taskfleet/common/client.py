@@ -285,9 +285,12 @@ class Client:
         pb = self._call(self._stub.CancelTask, tasks_pb2.CancelTaskRequest(task_id=task_id))
         return convert.task_from_proto(pb)
 
-    def stats(self) -> Stats:
-        """Counts per queue and state, and the connected workers."""
-        pb = _retry_unavailable()(self._call, self._stub.GetStats, tasks_pb2.GetStatsRequest())
+    def stats(self, *, pending_names: bool = False) -> Stats:
+        """Counts per queue and state, the connected workers and the masters; with
+        ``pending_names``, the pending tasks per queue and name (a scan of them
+        in the store), which ``Stats.unserved()`` reads."""
+        request = tasks_pb2.GetStatsRequest(pending_names=pending_names)
+        pb = _retry_unavailable()(self._call, self._stub.GetStats, request)
         return convert.stats_from_proto(pb)
 
     # -- operating -----------------------------------------------------------

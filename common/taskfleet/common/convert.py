@@ -17,6 +17,7 @@ from taskfleet.common.model import (
     LeaseRef,
     MasterInfo,
     Outcome,
+    PendingName,
     QueueCounts,
     Stats,
     Task,
@@ -304,7 +305,11 @@ def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
         )
         for m in stats.masters
     ]
-    return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters)
+    pending = [
+        tasks_pb2.PendingName(queue=p.queue, name=p.name, count=p.count)
+        for p in stats.pending_names
+    ]
+    return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters, pending_names=pending)
 
 
 def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
@@ -338,4 +343,5 @@ def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
         )
         for m in pb.masters
     ]
-    return Stats(queues, workers, masters)
+    pending = [PendingName(p.queue, p.name, p.count) for p in pb.pending_names]
+    return Stats(queues, workers, masters, pending)

@@ -160,9 +160,31 @@ class MasterInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingName:
+    """How many PENDING tasks of ``queue`` are named ``name``."""
+
+    queue: str
+    name: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
-    """Counts per queue, the connected workers and the masters."""
+    """Counts per queue, the connected workers and the masters; on request, the
+    pending tasks per queue and name."""
 
     queues: list[QueueCounts]
     workers: list[WorkerInfo]
     masters: list[MasterInfo] = field(default_factory=list)
+    pending_names: list[PendingName] = field(default_factory=list)
+
+    def unserved(self) -> list[PendingName]:
+        """Pending tasks no connected worker takes: none serves their queue, or
+        none of those that do registers their name."""
+        return [p for p in self.pending_names if not any(_takes(w, p) for w in self.workers)]
+
+
+def _takes(worker: WorkerInfo, pending: PendingName) -> bool:
+    return pending.queue in worker.queues and (
+        not worker.task_names or pending.name in worker.task_names
+    )

@@ -139,5 +139,13 @@ def print_stats(stats: Stats) -> None:
     console.print(queues)
     console.print()
     console.print(workers)
+    if stats.unserved():
+        unserved = Table(title="Pending tasks no connected worker takes", title_justify="left")
+        for column in ("QUEUE", "NAME", "PENDING"):
+            unserved.add_column(column, justify="right" if column == "PENDING" else "left")
+        for p in stats.unserved():
+            unserved.add_row(p.queue, p.name, str(p.count), style="yellow")
+        console.print()
+        console.print(unserved)
     console.print()
     console.print(masters)

@@ -525,12 +525,19 @@ class GetStatsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PENDING_NAMES_FIELD_NUMBER: _builtins.int
+    pending_names: _builtins.bool
+    """Also count PENDING tasks per queue and name (Stats.pending_names): a scan
+    of the pending tasks, so only callers that show it ask.
+    """
     def __init__(
         self,
+        *,
+        pending_names: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_names", b"pending_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -842,6 +849,7 @@ class Stats(_message.Message):
     QUEUES_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     MASTERS_FIELD_NUMBER: _builtins.int
+    PENDING_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueStats]:
         """One entry per queue that has ever held a task, sorted by name."""
@@ -854,17 +862,54 @@ class Stats(_message.Message):
     def masters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MasterInfo]:
         """The masters serving the store, this one included, sorted by id."""
 
+    @_builtins.property
+    def pending_names(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingName]:
+        """When asked for: PENDING tasks per queue and name, the largest counts
+        first, at most 100 (a name no connected worker registers waits for ever).
+        """
+
     def __init__(
         self,
         *,
         queues: _abc.Iterable[Global___QueueStats] | None = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
         masters: _abc.Iterable[Global___MasterInfo] | None = ...,
+        pending_names: _abc.Iterable[Global___PendingName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["masters", b"masters", "queues", b"queues", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masters", b"masters", "pending_names", b"pending_names", "queues", b"queues", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class PendingName(_message.Message):
+    """How many PENDING tasks of one queue have one name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Queue name."""
+    name: _builtins.str
+    """Task name."""
+    count: _builtins.int
+    """PENDING tasks of that queue with that name."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingName: _TypeAlias = PendingName  # noqa: Y015

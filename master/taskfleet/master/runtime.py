@@ -26,6 +26,8 @@ from taskfleet.master.store.base import Store
 
 log = logging.getLogger("taskfleet.master.leases")
 
+MAX_PENDING_NAMES = 100
+
 
 def _merge_workers(local: list[WorkerInfo], remote: list[WorkerInfo]) -> list[WorkerInfo]:
     by_id = {w.worker_id: w for w in sorted(remote, key=lambda w: w.connected_at)}
@@ -76,9 +78,10 @@ class MasterRuntime:
             listeners=listeners if self.cluster is None else [*listeners, self.cluster],
         )
 
-    def stats(self) -> Stats:
+    def stats(self, pending_names: bool = False) -> Stats:
         """GetStats: the store's counts, every master, and the workers of all of them
-        (a worker that moved between masters is listed once, where it is now)."""
+        (a worker that moved between masters is listed once, where it is now); with
+        ``pending_names``, the pending tasks per queue and name too."""
         local = self.sessions.infos()
         if self.cluster is None:
             masters = [dataclasses.replace(self.me, seen_at=time.time())]
@@ -86,7 +89,8 @@ class MasterRuntime:
         else:
             masters = self.cluster.masters()
             workers = _merge_workers(local, self.cluster.remote_workers())
-        return Stats(self.store.stats(), workers, masters)
+        names = self.store.pending_names(MAX_PENDING_NAMES) if pending_names else []
+        return Stats(self.store.stats(), workers, masters, names)
 
     def open_stream(self) -> None:
         """Count a new streaming call, or refuse it past ``--max-streams``: a

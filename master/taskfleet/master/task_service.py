@@ -163,7 +163,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def GetStats(
         self, request: tasks_pb2.GetStatsRequest, context: Context
     ) -> tasks_pb2.Stats:
-        return convert.stats_to_proto(await self._rt.bridge.producers.run(self._rt.stats))
+        stats = await self._rt.bridge.producers.run(self._rt.stats, request.pending_names)
+        return convert.stats_to_proto(stats)
 
 
 class _HasTasks(Protocol):

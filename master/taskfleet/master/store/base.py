@@ -38,6 +38,7 @@ from taskfleet.common.model import (
     LeaseRef,
     MasterInfo,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskError,
@@ -257,6 +258,11 @@ class Store(abc.ABC):
     def stats(self) -> list[QueueCounts]:
         """Task counts per queue and state, sorted by queue name; every state present.
         A queue is listed while it holds a task."""
+
+    @abc.abstractmethod
+    def pending_names(self, limit: int) -> list[PendingName]:
+        """PENDING tasks counted per queue and name, the largest counts first (then
+        by queue and name), at most ``limit``. A scan of the pending tasks."""
 
     def bus(self) -> Bus | None:
         """How masters sharing this store reach each other, or None for a store

@@ -9,6 +9,7 @@ O(log n) without searching a heap.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -20,6 +21,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskSpec,
@@ -262,6 +264,16 @@ class MemoryStore(Store):
     def stats(self) -> list[QueueCounts]:
         with self._lock:
             return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
+
+    def pending_names(self, limit: int) -> list[PendingName]:
+        with self._lock:
+            counted = collections.Counter(
+                (s.task.spec.queue, s.task.spec.name)
+                for s in self._slots.values()
+                if s.task.state is TaskState.PENDING
+            )
+        ranked = sorted(counted.items(), key=lambda item: (-item[1], item[0]))
+        return [PendingName(queue, name, n) for (queue, name), n in ranked[:limit]]
 
     def _matching(
         self, query: TaskQuery, states: frozenset[TaskState], cursor: int | None

@@ -36,7 +36,16 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
-from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    PendingName,
+    QueueCounts,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.common.store_urls import redacted
 from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.base import (
@@ -58,6 +67,7 @@ from taskfleet.master.store.rows import (
     COLUMNS,
     FAILED,
     PENDING,
+    PENDING_NAMES,
     RUNNING,
     SUCCEEDED,
     default_expiry,
@@ -615,6 +625,12 @@ class PostgresStore(Store):
             ).fetchall()
         )
         return queue_counts(rows)
+
+    def pending_names(self, limit: int) -> list[PendingName]:
+        rows = self._run(
+            lambda conn: conn.execute(PENDING_NAMES.replace("?", "%s"), (limit,)).fetchall()
+        )
+        return [PendingName(*row) for row in rows]
 
     def bus(self) -> PostgresBus:
         return PostgresBus(self._pool, self._dsn)

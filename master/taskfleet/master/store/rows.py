@@ -76,6 +76,11 @@ def in_order(rows: Iterable[Sequence[Any]], task_ids: Sequence[str]) -> list[Tas
     return [by_id[task_id] for task_id in task_ids]
 
 
+# PENDING tasks per queue and name (store.pending_names), in qmark style.
+PENDING_NAMES = f"""SELECT queue, name, count(*) FROM tasks WHERE state = {PENDING}
+    GROUP BY queue, name ORDER BY count(*) DESC, queue, name LIMIT ?"""
+
+
 def queue_counts(rows: Iterable[Sequence[Any]]) -> list[QueueCounts]:
     """Stats from (queue, state, n) rows sorted by queue."""
     by_queue: dict[str, dict[TaskState, int]] = {}

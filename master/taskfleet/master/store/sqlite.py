@@ -40,6 +40,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskSpec,
@@ -63,6 +64,7 @@ from taskfleet.master.store.rows import (
     COLUMNS,
     FAILED,
     PENDING,
+    PENDING_NAMES,
     RUNNING,
     SUCCEEDED,
     default_expiry,
@@ -548,6 +550,11 @@ class SqliteStore(Store):
         with self._read() as db:
             rows = db.execute("SELECT queue, state, n FROM counts ORDER BY queue").fetchall()
         return queue_counts(rows)
+
+    def pending_names(self, limit: int) -> list[PendingName]:
+        with self._read() as db:
+            rows = db.execute(PENDING_NAMES, (limit,)).fetchall()
+        return [PendingName(*row) for row in rows]
 
     def close(self) -> None:
         with self._lock:  # even when unusable
