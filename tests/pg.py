@@ -216,6 +216,7 @@ class Server:
         self._data_dir = str(cluster.data_dir)
         self._log = str(cluster.data_dir.parent / "log")
         self.admin_dsn = cluster.admin_dsn
+        self.up = True
         # The options it was started with, as the server wrote them down (the
         # binary and its data directory first), so a later start is the same server.
         started = shlex.split((cluster.data_dir / "postmaster.opts").read_text())
@@ -225,12 +226,15 @@ class Server:
         """``pg_ctl stop``: ``fast`` ends sessions cleanly, ``immediate`` as a crash
         would (the next start recovers from the WAL)."""
         self._pg_ctl("stop", "-m", mode)
+        self.up = False
 
     def start(self) -> None:
         self._pg_ctl("start", "-o", self._options, "-l", self._log)
+        self.up = True
 
     def restart(self, mode: str = "fast") -> None:
         self._pg_ctl("restart", "-m", mode, "-o", self._options, "-l", self._log)
+        self.up = True
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         self._cluster._as_owner(
