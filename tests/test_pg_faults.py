@@ -75,11 +75,7 @@ def test_the_store_fails_fast_while_the_server_is_down_and_recovers_on_ping(
     store.on_unavailable = lambda: lost.append(threading.current_thread().name)
     try:
         [task_id] = store.submit([TaskSpec(name="add", queue="q")], 1.0)
-        threads = [threading.Thread(target=store.stats) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(WAIT_S)
+        fill_pool(store)
 
         # When the server stops as a crash would stop it
         server.stop("immediate")
@@ -112,6 +108,43 @@ def test_the_store_fails_fast_while_the_server_is_down_and_recovers_on_ping(
         assert len(lost) == 1
     finally:
         store.close()
+
+
+def test_after_a_restart_one_ping_replaces_every_dead_pooled_connection(
+    server: pg.Server,
+) -> None:
+    # Given a store whose pool holds several connections to its server
+    store = PostgresStore(server.admin_dsn)
+    lost: list[str] = []
+    store.on_unavailable = lambda: lost.append("lost")
+    try:
+        fill_pool(store)
+
+        # When the server restarts while the store is idle
+        server.restart("fast")
+
+        # Then one ping answers (its pooled connection failed, a fresh one did not)
+        # and tells the store's owner once, and every later call works
+        store.ping()
+        assert lost == ["lost"]
+        for _ in range(8):
+            assert store.stats() is not None
+    finally:
+        store.close()
+
+
+def fill_pool(store: PostgresStore) -> None:
+    """Calls at once on four threads, so the pool opens several connections."""
+    threads = [
+        threading.Thread(
+            target=store._run, args=(lambda conn: conn.execute("SELECT pg_sleep(0.1)"),)
+        )
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
 
 
 def test_a_restart_of_the_server_mid_run_loses_nothing_and_ends_no_task_twice(
@@ -169,7 +202,8 @@ def test_a_server_stopped_for_seconds_makes_the_master_not_serving_until_it_retu
     gates: Gates,
 ) -> None:
     # Given a master on the server (its password in the URL), a worker running a
-    # task that outlives the outage, and tasks queued behind it
+    # task that outlives the outage, and tasks that come due about when it ends
+    # (delayed, so that no lease of theirs is in flight when the server stops)
     metrics, flags = metrics_flag()
     master = start_master(store=with_password(server.admin_dsn), extra=flags)
     worker = start_worker(master, queues=queue_name, concurrency=1)
@@ -177,7 +211,10 @@ def test_a_server_stopped_for_seconds_makes_the_master_not_serving_until_it_retu
     with master.client() as client:
         across = client.submit("block_until", [gate], queue=queue_name)
         poll(lambda: Gates.started(gate, 1), WAIT_S, "the long task to start")
-        queued = client.submit_many(make_spec("square", [n], queue=queue_name) for n in range(20))
+        due = time.time() + OUTAGE_S
+        queued = client.submit_many(
+            make_spec("square", [n], queue=queue_name, not_before=due) for n in range(20)
+        )
 
     # When the server stops as a crash would stop it
     server.stop("immediate")
@@ -226,3 +263,5 @@ def test_a_server_stopped_for_seconds_makes_the_master_not_serving_until_it_retu
     assert output.count("answers again") == 1, output
     assert "Traceback" not in output, output
     assert PASSWORD not in output
+    # and no lease lapsed: the worker renewed its own once it was back
+    assert "leases lapsed" not in output, output

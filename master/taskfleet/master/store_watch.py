@@ -70,7 +70,6 @@ class StoreWatch:
         lost_at = 0.0
         while True:
             self._wake.clear()  # before pinging: trouble from now on is seen
-            troubled = self._lapses_from == math.inf
             problem = await self._ping()
             if problem:
                 self._lapses_from = math.inf
@@ -79,7 +78,7 @@ class StoreWatch:
                     log.warning("store %s: %s; NOT_SERVING until it answers", where, problem)
                     await health.not_serving()
                 self.problem = problem
-            elif troubled:
+            elif self._lapses_from == math.inf:  # trouble before or during the ping
                 self._lapses_from = time.monotonic() + self._settle_s
                 if self.problem:
                     self.problem = ""

@@ -283,7 +283,6 @@ class PostgresStore(Store):
         self._pool = self._new_pool()
         self._lost_lock = threading.Lock()
         self._lost = ""  # why the database is unreachable, while it is
-        self._dead_pool: ConnectionPool | None = None  # to close once the server is lost
 
     def _new_pool(self) -> ConnectionPool:
         return ConnectionPool(
@@ -345,7 +344,6 @@ class PostgresStore(Store):
             first = not self._lost and pool is self._pool
             if first:
                 self._lost = f"database unreachable: {_first_line(exc)}"
-                self._dead_pool = self._pool
             message = self._lost or f"database unreachable: {_first_line(exc)}"
         if first and self.on_unavailable is not None:
             self.on_unavailable()
@@ -353,24 +351,25 @@ class PostgresStore(Store):
 
     def ping(self) -> None:
         if not self._lost:
-            self._run(lambda conn: conn.execute("SELECT 1"))
-            return
-        with self._lost_lock:
-            dead, self._dead_pool = self._dead_pool, None
-        if dead is not None:
-            # Its connections died with the server, and its own reconnecting
-            # would back off to minutes and log every attempt.
-            dead.close()
+            try:
+                self._run(lambda conn: conn.execute("SELECT 1"))
+                return
+            except StoreUnavailable:
+                pass  # maybe only the pool's connections died, with a server now back
         try:
             with psycopg.connect(
                 self._dsn, connect_timeout=_PING_CONNECT_TIMEOUT_S, autocommit=True
             ) as conn:
                 conn.execute("SELECT 1")
         except psycopg.OperationalError as exc:
+            # The pool's connections died with the server, and its own reconnecting
+            # would back off to minutes and log every attempt: closed (once).
+            self._pool.close()
             raise StoreUnavailable(f"database unreachable: {_first_line(exc)}") from None
-        self._pool = self._new_pool()
+        dead, self._pool = self._pool, self._new_pool()
         with self._lost_lock:
             self._lost = ""
+        dead.close()
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         keys = [spec.idempotency_key for spec in specs if spec.idempotency_key]
@@ -672,10 +671,6 @@ class PostgresStore(Store):
         return queue_counts(rows)
 
     def close(self) -> None:
-        with self._lost_lock:
-            dead, self._dead_pool = self._dead_pool, None
-        if dead is not None:
-            dead.close()
         self._pool.close()
 
 
