@@ -24,6 +24,7 @@ import pg
 from procs import Gates, MasterProc, WorkerProc, poll
 from test_observability import (
     NOT_SERVING,
+    RUN_TOTAL,
     SERVICES,
     SERVING,
     health_status,
@@ -206,7 +207,8 @@ def test_a_server_stopped_for_seconds_makes_the_master_not_serving_until_it_retu
     # (delayed, so that no lease of theirs is in flight when the server stops)
     metrics, flags = metrics_flag()
     master = start_master(store=with_password(server.admin_dsn), extra=flags)
-    worker = start_worker(master, queues=queue_name, concurrency=1)
+    worker_metrics, worker_flags = metrics_flag()
+    worker = start_worker(master, queues=queue_name, concurrency=1, extra=worker_flags)
     gate = gates.new("across")
     with master.client() as client:
         across = client.submit("block_until", [gate], queue=queue_name)
@@ -237,6 +239,12 @@ def test_a_server_stopped_for_seconds_makes_the_master_not_serving_until_it_retu
     assert not any(name == "taskfleet_queue_depth" for name, _ in samples)
     # and the worker keeps its task: it finishes during the outage, held by the worker
     gates.open(gate)
+    poll(
+        lambda: sample(scrape(worker_metrics), RUN_TOTAL, task="block_until", outcome="succeeded"),
+        WAIT_S,
+        "the long task to finish in the worker",
+    )
+    assert health_status(master.address) == NOT_SERVING  # still in the outage
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped_at)))  # the outage itself
     assert worker.popen.poll() is None
 
