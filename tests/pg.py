@@ -244,7 +244,7 @@ class Server:
 
 @contextmanager
 def own_server() -> Iterator[Server]:
-    """A new durable server for the calling test alone, removed afterwards; skips
+    """A new durable server for the caller alone, removed afterwards; skips
     (or fails in CI) when none can be started."""
     cluster = _Cluster(durable=True)
     try:
