@@ -5,8 +5,9 @@ store answers again. test_pg_faults.py proves the same with a real server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from taskfleet.common.errors import StoreUnavailable
 from taskfleet.master.loop import LoopBridge
@@ -45,14 +46,23 @@ async def until(check: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def watching() -> AsyncIterator[tuple[OutageStore, StoreWatch, Health]]:
+    """A watch running on a store that answers, with the health it sets."""
+    store = OutageStore()
+    watch = StoreWatch(store, LoopBridge(offload=False), settle_s=SETTLE_S)
+    health = Health()
+    running = asyncio.create_task(watch.run(health, "memory"))
+    try:
+        yield store, watch, health
+    finally:
+        running.cancel()
+
+
 def test_health_and_lapses_follow_the_store_through_an_outage() -> None:
     async def story() -> None:
         # Given a watch on a store that answers
-        store = OutageStore()
-        watch = StoreWatch(store, LoopBridge(offload=False), settle_s=SETTLE_S)
-        health = Health()
-        running = asyncio.create_task(watch.run(health, "memory"))
-        try:
+        async with watching() as (store, watch, health):
             assert watch.available
             assert watch.leases_may_lapse()
 
@@ -78,8 +88,6 @@ def test_health_and_lapses_follow_the_store_through_an_outage() -> None:
             await until(watch.leases_may_lapse, "leases to lapse again")
             assert time.monotonic() - back_at > SETTLE_S / 2
             assert health.said == ["NOT_SERVING", "SERVING"]
-        finally:
-            running.cancel()
 
     asyncio.run(story())
 
@@ -87,11 +95,7 @@ def test_health_and_lapses_follow_the_store_through_an_outage() -> None:
 def test_a_failure_the_next_ping_does_not_confirm_still_holds_lapses_a_while() -> None:
     async def story() -> None:
         # Given a watch on a store that answers
-        store = OutageStore()
-        watch = StoreWatch(store, LoopBridge(offload=False), settle_s=SETTLE_S)
-        health = Health()
-        running = asyncio.create_task(watch.run(health, "memory"))
-        try:
+        async with watching() as (_, watch, health):
             await until(lambda: watch.leases_may_lapse(), "the first ping")
 
             # When a call fails but the store answers the ping that follows (a
@@ -103,7 +107,5 @@ def test_a_failure_the_next_ping_does_not_confirm_still_holds_lapses_a_while() -
             await until(watch.leases_may_lapse, "leases to lapse again")
             assert time.monotonic() - failed_at > SETTLE_S / 2
             assert health.said == []
-        finally:
-            running.cancel()
 
     asyncio.run(story())
