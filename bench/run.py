@@ -8,6 +8,11 @@ median is reported with the machine's load. Results also go to a JSON file.
 With ``--peers`` (``make bench-peers``), Celery with Redis joins each round as one
 more system: bench/celery_side.py, run in .venv-peers' Python so that Celery stays
 out of taskfleet's own environment.
+
+The postgres store runs on a throwaway server with PostgreSQL's default
+durability (fsync, synchronous_commit and full_page_writes on), started as the
+tests start theirs (tests/pg.py) but without the tests' unsafe settings. When
+no server can be started, the table goes without that column and says why.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from taskfleet.common.client import Client, make_spec
 
 PY = sys.executable
 BENCH = Path(__file__).resolve().parent
-# The tests' throwaway PostgreSQL server (tests/pg.py) serves the postgres store.
+# tests/pg.py starts the throwaway PostgreSQL server of the postgres store.
 sys.path.append(str(BENCH.parent / "tests"))
 import pg  # noqa: E402
 
@@ -49,7 +54,7 @@ class TaskfleetCluster:
     def __init__(self, store: str, workers: int = 2, result_ttl_s: float | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="taskfleet-bench-")
         self.store = ExitStack()
-        store_url = self.store.enter_context(pg.store_url(store, Path(self.tmp.name)))
+        store_url = self.store.enter_context(pg.store_url(store, Path(self.tmp.name), durable=True))
         self.address = f"127.0.0.1:{free_port()}"
         quiet = ["--log-level", "WARNING"]
         ttl = [] if result_ttl_s is None else ["--result-ttl-s", str(result_ttl_s)]
@@ -216,6 +221,15 @@ def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str
     return report, versions
 
 
+def postgres_settings() -> dict[str, str]:
+    """The durability settings of the server the postgres store runs on, as it reports them."""
+    import psycopg
+
+    names = ("fsync", "synchronous_commit", "full_page_writes")
+    with psycopg.connect(pg.admin_dsn(durable=True)) as conn:
+        return {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in names}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = Figures()
     loads: list[float] = []
@@ -250,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": figures.samples,
         "medians": {key: figures.median(key) for key in figures.samples},
         "depth": depth,
+        **({"postgres": postgres_settings()} if "postgres" in args.stores else {}),
         **({"peers": peers} if peers else {}),
     }
 
@@ -341,6 +356,11 @@ def print_table(report: dict[str, Any]) -> None:
         f"\nmedians of {p['rounds']} alternating rounds; {report['machine']['cpus']} CPUs; "
         f"1-minute load during runs {min(loads):.2f}-{max(loads):.2f}"
     )
+    if "postgres" in report:
+        settings = ", ".join(f"{name}={value}" for name, value in report["postgres"].items())
+        print(f"postgres: one master, a local server with {settings}")
+    elif report.get("postgres_skipped"):
+        print(f"postgres: not measured: {report['postgres_skipped']}")
     for peer, versions in report.get("peers", {}).items():
         print(f"{peer}: " + ", ".join(f"{name} {v}" for name, v in versions.items()))
     for store, d in report["depth"].items():
@@ -363,9 +383,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--stores",
-        default="memory,sqlite",
+        default="memory,sqlite,postgres",
         type=lambda s: s.split(","),
-        help="of memory, sqlite, postgres (a throwaway server, as the tests start one)",
+        help="of memory, sqlite, postgres (a throwaway server with fsync on; left out "
+        "with a note when none can be started)",
     )
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument(
@@ -387,10 +408,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.peers and not Path(args.peers_python).exists():
         parser.error(f"--peers: no {args.peers_python}; run `make peers-deps` first")
+    skipped = ""
     try:
+        if "postgres" in args.stores:
+            skipped = pg.problem(durable=True)
+            if skipped:
+                print(f"postgres: not measured: {skipped}", file=sys.stderr)
+                args.stores = [s for s in args.stores if s != "postgres"]
         report = run(args)
     finally:
         pg.stop()
+    if skipped:
+        report["postgres_skipped"] = skipped
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"\nwritten to {args.out}")

@@ -6,11 +6,20 @@ that needs one starts a cluster with the local binaries (``pg_config --bindir``)
 in a temporary directory, without fsync, on a free loopback port; as root it
 runs as the ``postgres`` user. Without either, tests that need it skip, or fail
 in CI (see system.py).
+
+The benchmark (bench/run.py) asks for a ``durable`` server instead: PostgreSQL's
+default settings (fsync, synchronous_commit and full_page_writes on), as a user
+runs it. The tests keep theirs off: it is faster and a test keeps nothing.
+
+A test that stops or restarts its server gets one of its own (``own_server``),
+durable, so that a stop as abrupt as a crash loses nothing committed; it needs
+the local binaries even when ``TASKFLEET_TEST_PG_DSN`` is set.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -28,8 +37,13 @@ DSN_ENV = "TASKFLEET_TEST_PG_DSN"
 _START_TIMEOUT_S = 60
 
 
+# What the tests' server turns off; a durable one keeps PostgreSQL's defaults.
+_UNSAFE_SETTINGS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+
+
 class _Cluster:
-    def __init__(self) -> None:
+    def __init__(self, durable: bool) -> None:
+        self.durable = durable
         self.admin_dsn = ""
         self.problem = ""
         self.data_dir: Path | None = None
@@ -65,8 +79,7 @@ class _Cluster:
                 "UTF8",
                 "--no-sync",
             )
-            options = (
-                f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            options = ("" if self.durable else _UNSAFE_SETTINGS) + (
                 f"-c listen_addresses=127.0.0.1 -p {port} -k {self.root}"
             )
             self._as_owner(
@@ -125,27 +138,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-_cluster: _Cluster | None = None
+# The session's servers, by durability: each started when first asked for.
+_clusters: dict[bool, _Cluster] = {}
 
 
-def admin_dsn() -> str:
+def problem(durable: bool = False) -> str:
+    """Why no server can be had ("" when one can), starting one if need be."""
+    if os.environ.get(DSN_ENV, ""):
+        return ""
+    if durable not in _clusters:
+        _clusters[durable] = cluster = _Cluster(durable)
+        cluster.start()
+    return _clusters[durable].problem
+
+
+def admin_dsn(durable: bool = False) -> str:
     """An admin connection to a server; skips (or fails in CI) when none can be had."""
-    global _cluster
     dsn = os.environ.get(DSN_ENV, "")
     if dsn:
         return dsn
-    if _cluster is None:
-        _cluster = _Cluster()
-        _cluster.start()
-    if _cluster.problem:
-        missing(_cluster.problem)
-    return _cluster.admin_dsn
+    reason = problem(durable)
+    if reason:
+        missing(reason)
+    return _clusters[durable].admin_dsn
 
 
 def stop() -> None:
-    """Stop the session's server, if one was started."""
-    if _cluster is not None:
-        _cluster.stop()
+    """Stop the session's servers, if any were started."""
+    for cluster in _clusters.values():
+        cluster.stop()
+    _clusters.clear()
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -156,11 +178,11 @@ def with_database(dsn: str, name: str) -> str:
 
 
 @contextmanager
-def database() -> Iterator[str]:
+def database(durable: bool = False) -> Iterator[str]:
     """The URL of a new, empty database, dropped afterwards."""
     import psycopg
 
-    admin = admin_dsn()
+    admin = admin_dsn(durable)
     name = f"taskfleet_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -172,12 +194,63 @@ def database() -> Iterator[str]:
 
 
 @contextmanager
-def store_url(kind: str, tmp_path: Path) -> Iterator[str]:
-    """The ``--store`` URL of a new, empty store of ``kind``: memory, sqlite or postgres."""
+def store_url(kind: str, tmp_path: Path, durable: bool = False) -> Iterator[str]:
+    """The ``--store`` URL of a new, empty store of ``kind``: memory, sqlite or postgres
+    (on a ``durable`` server if asked)."""
     if kind == "memory":
         yield "memory"
     elif kind == "sqlite":
         yield f"sqlite:{tmp_path / 'tasks.db'}"
     else:
-        with database() as url:
+        with database(durable) as url:
             yield url
+
+
+class Server:
+    """A running server of one test's own, on a fixed port, that the test may stop,
+    start and restart with ``pg_ctl`` (the session's shared one must stay up)."""
+
+    def __init__(self, cluster: _Cluster) -> None:
+        assert cluster.data_dir is not None
+        self._cluster = cluster
+        self._data_dir = str(cluster.data_dir)
+        self._log = str(cluster.data_dir.parent / "log")
+        self.admin_dsn = cluster.admin_dsn
+        self.up = True
+        # The options it was started with, as the server wrote them down (the
+        # binary and its data directory first), so a later start is the same server.
+        started = shlex.split((cluster.data_dir / "postmaster.opts").read_text())
+        self._options = shlex.join(started[3:])
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop``: ``fast`` ends sessions cleanly, ``immediate`` as a crash
+        would (the next start recovers from the WAL)."""
+        self._pg_ctl("stop", "-m", mode)
+        self.up = False
+
+    def start(self) -> None:
+        self._pg_ctl("start", "-o", self._options, "-l", self._log)
+        self.up = True
+
+    def restart(self, mode: str = "fast") -> None:
+        self._pg_ctl("restart", "-m", mode, "-o", self._options, "-l", self._log)
+        self.up = True
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        self._cluster._as_owner(
+            "pg_ctl", "-D", self._data_dir, "-w", "-t", str(_START_TIMEOUT_S), *args, action
+        )
+
+
+@contextmanager
+def own_server() -> Iterator[Server]:
+    """A new durable server for the caller alone, removed afterwards; skips
+    (or fails in CI) when none can be started."""
+    cluster = _Cluster(durable=True)
+    try:
+        cluster.start()
+        if cluster.problem:
+            missing(cluster.problem)
+        yield Server(cluster)
+    finally:
+        cluster.stop()

@@ -53,6 +53,10 @@ class Unavailable(TaskfleetError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StoreUnavailable(Unavailable):
+    """The master's database cannot be reached; calls work again once it answers."""
+
+
 class DeadlineExceeded(TaskfleetError):
     """A call or a wait ran out of time."""
 

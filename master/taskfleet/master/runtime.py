@@ -1,8 +1,8 @@
 """The master's shared state, wired explicitly: config, store, the event loop
 bridge, the lifecycle and its listeners (completion hub, worker sessions, the
-due timer, metrics, and the cluster when the store is shared), the count of
-open streams, and the reaper that returns lapsed leases and prunes expired
-tasks."""
+due timer, metrics, and the cluster when the store is shared), the watch on
+the store, the count of open streams, and the reaper that returns lapsed
+leases and prunes expired tasks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
-from taskfleet.common.errors import ResourceExhausted, StoreUnusable
+from taskfleet.common.errors import ResourceExhausted, StoreUnavailable, StoreUnusable
 from taskfleet.common.model import MasterInfo, Stats, WorkerInfo
+from taskfleet.common.reconnect import RECONNECT_CAP_S
 from taskfleet.master.cluster import Cluster, new_master
 from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
@@ -23,6 +24,7 @@ from taskfleet.master.loop import LoopBridge
 from taskfleet.master.metrics import MasterMetrics
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
+from taskfleet.master.store_watch import StoreWatch
 
 log = logging.getLogger("taskfleet.master.leases")
 
@@ -51,9 +53,15 @@ class MasterRuntime:
     lifecycle: Lifecycle = field(init=False)
     me: MasterInfo = field(init=False)
     cluster: Cluster | None = field(init=False)  # None: a store only this master uses
+    store_watch: StoreWatch = field(init=False)
 
     def __post_init__(self) -> None:
         self.bridge = LoopBridge(offload=self.store.blocks)
+        # After an outage, workers reconnect within their longest backoff and then
+        # renew at once; a whole lease more is the patience they get in any case.
+        self.store_watch = StoreWatch(
+            self.store, self.bridge, settle_s=self.config.lease_s + RECONNECT_CAP_S
+        )
         self.sessions = Sessions(self.bridge)
         self.due = DueTimer(self.store, self.bridge, self.sessions)
         self.me = new_master(self.config.listen)
@@ -107,13 +115,15 @@ class MasterRuntime:
 
     def run_reaper(self) -> None:
         """Until stopping, several times per lease period: return lapsed leases and
-        delete finished tasks whose result TTL ran out (a bounded number per tick)."""
+        delete finished tasks whose result TTL ran out (a bounded number per tick).
+        No lease lapses while the store is in trouble, nor just after (see StoreWatch)."""
         interval_s = min(1.0, self.config.lease_s / 4)
         while not self.stopping.wait(interval_s):
             try:
-                self.lifecycle.expire()
+                if self.store_watch.leases_may_lapse():
+                    self.lifecycle.expire()
                 self.lifecycle.prune()
-            except StoreUnusable:
+            except (StoreUnusable, StoreUnavailable):
                 pass  # the store has said so once, and health says NOT_SERVING
             except Exception:
                 log.exception("lease reaper failed; retrying")

@@ -11,7 +11,7 @@ import grpc
 
 from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
-from taskfleet.common.errors import ConfigError, StoreUnusable
+from taskfleet.common.errors import ConfigError, StoreUnavailable, StoreUnusable
 from taskfleet.common.model import TaskState
 from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
@@ -69,11 +69,14 @@ class Master:
             WorkerService(self.runtime), self._server
         )
         self._health = Health(self._server)
-        # A damaged store file: NOT_SERVING for good, as when draining.
+        # A damaged store file: NOT_SERVING for good, as when draining. A lost
+        # database: NOT_SERVING until it answers again.
         self.runtime.store.on_unusable = self._store_unusable
+        self.runtime.store.on_unavailable = self.runtime.store_watch.trouble
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
         self._due: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.port = 0
 
     def _store_unusable(self) -> None:
@@ -104,6 +107,10 @@ class Master:
         await self._server.start()
         self._reaper.start()
         self._due = asyncio.create_task(self.runtime.due.run(), name="due-timer")
+        self._watch = asyncio.create_task(
+            self.runtime.store_watch.run(self._health, redacted(self.config.store)),
+            name="store-watch",
+        )
         log.info(
             "master listening on %s (store %s, %s)",
             self.config.listen,
@@ -123,8 +130,9 @@ class Master:
         rt.sessions.close_all()
         rt.hub.wake_all()
         await self._server.stop(self.config.grace_s)
-        if self._due is not None:
-            self._due.cancel()
+        for task in (self._due, self._watch):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self._reaper.join)
         if self._manager is not None:
             await asyncio.to_thread(self._manager.stop)
@@ -154,7 +162,7 @@ class Master:
         try:
             self.runtime.lifecycle.expire()
             return any(q.counts.get(TaskState.RUNNING, 0) for q in self.runtime.store.stats())
-        except StoreUnusable:
+        except (StoreUnusable, StoreUnavailable):
             return False  # nothing to wait for: no result could be recorded
 
     def _serve_metrics(self) -> None:

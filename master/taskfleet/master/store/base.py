@@ -138,6 +138,9 @@ class Store(abc.ABC):
     # Called once (from the failing call's thread) when the store finds it can no
     # longer be used, e.g. a damaged file: the master then reports NOT_SERVING.
     on_unusable: Callable[[], None] | None = None
+    # Called once (from the failing call's thread) when the server of a networked
+    # store is lost: calls then fail with StoreUnavailable until ``ping`` succeeds.
+    on_unavailable: Callable[[], None] | None = None
     # Whether calls wait on a disk, a lock or a network, so that the master's event
     # loop must hand them to a thread; a store that only computes says False.
     blocks: ClassVar[bool] = True
@@ -263,6 +266,11 @@ class Store(abc.ABC):
     def pending_names(self, limit: int) -> list[PendingName]:
         """PENDING tasks counted per queue and name, the largest counts first (then
         by queue and name), at most ``limit``. A scan of the pending tasks."""
+
+    def ping(self) -> None:  # noqa: B027 - a store in the master's process is always there
+        """Raise ``StoreUnavailable`` unless the store answers; cheap enough to call
+        every second. After an outage, the first ping that succeeds makes the store
+        usable again."""
 
     def bus(self) -> Bus | None:
         """How masters sharing this store reach each other, or None for a store

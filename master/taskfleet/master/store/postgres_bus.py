@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.model import MasterInfo, Task, WorkerInfo
@@ -57,20 +56,25 @@ MIGRATION = (
 
 _MASTER_COLUMNS = "master_id, hostname, pid, listen, started_at, seen_at"
 
+# The store's way of running statements: (work on a connection, in one transaction?).
+Run = Callable[[Callable[[psycopg.Connection[Any]], Any], bool], Any]
+
 
 class PostgresBus:
-    """The bus of a PostgresStore: its connection pool for statements, and a
-    connection of its own for listening (a pooled one cannot hold LISTEN)."""
+    """The bus of a PostgresStore: statements go through the store's ``run`` (its
+    pool, which a reconnect replaces, and its error mapping); listening takes a
+    connection of its own, since a pooled one cannot hold LISTEN."""
 
-    def __init__(self, pool: ConnectionPool[Any], dsn: str) -> None:
-        self._pool = pool
+    def __init__(self, run: Run, dsn: str) -> None:
+        self._run = run
         self._dsn = dsn
 
     def beat(
         self, me: MasterInfo, workers: Sequence[WorkerInfo], forget_after_s: float
     ) -> tuple[list[MasterInfo], list[WorkerInfo]]:
         infos = [json.dumps(_worker_json(w)) for w in workers]
-        with self._pool.connection() as conn, conn.transaction():
+
+        def work(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
             # The database's clock, not the masters': whether a master is silent
             # must not depend on how well two machines agree on the time.
             conn.execute(
@@ -97,29 +101,38 @@ class PostgresBus:
             others = conn.execute(
                 "SELECT master_id, info FROM workers WHERE master_id <> %s", (me.master_id,)
             ).fetchall()
+            return masters, others
+
+        masters, others = self._run(work, True)
         return (
             [MasterInfo(*row) for row in masters],
             [_worker_from_json(master_id, json.loads(info)) for master_id, info in others],
         )
 
     def leave(self, master_id: str) -> None:
-        with self._pool.connection() as conn:
-            conn.execute("DELETE FROM masters WHERE master_id = %s", (master_id,))
+        self._run(
+            lambda conn: conn.execute("DELETE FROM masters WHERE master_id = %s", (master_id,)),
+            False,
+        )
 
     def notify(self, messages: Sequence[str]) -> None:
         if messages:
-            with self._pool.connection() as conn:
-                conn.execute(
+            self._run(
+                lambda conn: conn.execute(
                     "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m", (CHANNEL, messages)
-                )
+                ),
+                False,
+            )
 
     def finished(self, task_ids: Sequence[str]) -> list[Task]:
-        with self._pool.connection() as conn:
-            rows = conn.execute(
+        rows = self._run(
+            lambda conn: conn.execute(
                 f"""SELECT {COLUMNS} FROM tasks WHERE id = ANY(%s)
                 AND state IN ({SUCCEEDED}, {FAILED}, {CANCELLED})""",
                 (list(task_ids),),
-            ).fetchall()
+            ).fetchall(),
+            False,
+        )
         return [task_from_row(row) for row in rows]
 
     def listen(self, deliver: Callable[[str | None], None], stop: threading.Event) -> None:
