@@ -88,7 +88,7 @@ def worker(info: WorkerInfo) -> dict[str, Any]:
         "pid": info.pid,
         "queues": list(info.queues),
         "slots": info.concurrency,
-        "busy": info.running,
+        "running": info.running,  # leased to it: running, or prefetched to run next
         "connected_at": info.connected_at,
         "master_id": info.master_id,
     }

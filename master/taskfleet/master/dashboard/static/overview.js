@@ -21,7 +21,7 @@ function render(overview) {
     return tf.el("tr", { "data-worker": w.worker_id },
       tf.el("td", {}, tf.el("code", {}, w.worker_id)), tf.el("td", {}, w.hostname),
       tf.el("td", { class: "num" }, w.pid), tf.el("td", {}, w.queues.join(", ")),
-      tf.el("td", { class: "num" }, w.busy + " / " + w.slots),
+      tf.el("td", { class: "num" }, w.running + " / " + w.slots),
       tf.el("td", { title: tf.time(w.connected_at) }, tf.ago(w.connected_at)));
   });
   tf.replaceRows(document.querySelector("#workers tbody"), workers);
