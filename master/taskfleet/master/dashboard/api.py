@@ -10,13 +10,14 @@ taskfleet error's gRPC code (one table, below).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from aiohttp import web
 
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound, TaskfleetError
-from taskfleet.common.model import TaskState
+from taskfleet.common.model import Task, TaskState
 from taskfleet.master import queries
 from taskfleet.master.dashboard import views
 from taskfleet.master.dashboard.live import LiveFeed
@@ -141,14 +142,21 @@ class Api:
                 for state, n in q.counts.items()
                 if not query.states or state in query.states
             )
-        total, cursor = 0, None
-        while True:  # a name filter: walk the pages
+        total = 0
+        async for tasks in self._pages(query):  # a name filter: walk the pages
+            total += len(tasks)
+        return total
+
+    async def _pages(self, query: TaskQuery) -> AsyncIterator[list[Task]]:
+        """Every task ``query`` matches, a page per store call."""
+        cursor = None
+        while True:
             page = await self._rt.bridge.producers.run(
                 self._rt.store.list_tasks, query, MAX_PAGE_SIZE, cursor
             )
-            total += len(page.tasks)
+            yield page.tasks
             if page.next_cursor is None:
-                return total
+                return
             cursor = page.next_cursor
 
     # -- acting ----------------------------------------------------------------
@@ -169,16 +177,10 @@ class Api:
         if not query.states <= {TaskState.FAILED, TaskState.CANCELLED}:
             raise InvalidArgument("states: only FAILED and CANCELLED tasks can be retried")
         query = TaskQuery(query.queue, query.name, query.states or frozenset({TaskState.FAILED}))
-        total, cursor = 0, None
-        while True:
-            page = await self._rt.bridge.producers.run(
-                self._rt.store.list_tasks, query, MAX_PAGE_SIZE, cursor
-            )
-            ids = [t.id for t in page.tasks]
-            total += await self._rt.bridge.producers.run(self._retry_each, ids)
-            if page.next_cursor is None:
-                return web.json_response({"count": total, "filter": _filter(query)})
-            cursor = page.next_cursor
+        total = 0
+        async for tasks in self._pages(query):
+            total += await self._rt.bridge.producers.run(self._retry_each, [t.id for t in tasks])
+        return web.json_response({"count": total, "filter": _filter(query)})
 
     def _retry_each(self, task_ids: list[str]) -> int:
         retried = 0
