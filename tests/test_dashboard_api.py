@@ -4,7 +4,10 @@ what the pages and scripts rely on, against a real master process."""
 from __future__ import annotations
 
 import json
+import ssl
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +19,7 @@ from taskfleet.common.model import TaskState
 
 from dashboard_http import call, dashboard_master
 from procs import MasterProc, WorkerProc
+from test_security import Pki, pki, tls_flags  # noqa: F401 - pki is a fixture
 
 StartMaster = Callable[..., MasterProc]
 TOKEN, READ_TOKEN = "act-secret", "view-secret"
@@ -159,6 +163,14 @@ def test_a_token_guards_everything_and_the_read_token_only_views(
         headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": base},
     )
     assert (login.status, login.headers["Location"]) == (303, "/tasks")
+    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/"):
+        away = call(
+            f"{base}/login?" + urllib.parse.urlencode({"next": elsewhere}),
+            "POST",
+            urllib.parse.urlencode({"token": TOKEN}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": base},
+        )
+        assert away.headers["Location"] == "/", elsewhere
     cookie = login.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert TOKEN not in cookie
@@ -209,6 +221,19 @@ def test_responses_forbid_inline_scripts_and_framing(start_master: StartMaster) 
         assert "script-src 'self'" in policy and "unsafe-inline" not in policy, path
         assert "frame-ancestors 'none'" in policy
     assert b"<script>" not in call(f"{base}/").body
+
+
+def test_with_tls_the_dashboard_serves_https_with_the_masters_certificate(
+    start_master: StartMaster,
+    pki: Pki,  # noqa: F811 - the fixture imported above
+) -> None:
+    master, base = dashboard_master(start_master, *tls_flags(pki), client_auth={"tls_ca": pki.ca})
+    secure = base.replace("http://", "https://")
+    context = ssl.create_default_context(cafile=pki.ca)
+    with urllib.request.urlopen(f"{secure}/api/overview", context=context, timeout=10) as answer:
+        assert json.loads(answer.read())["masters"][0]["listen"] == master.address
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"{base}/api/overview", timeout=10)
 
 
 @pytest.mark.parametrize(

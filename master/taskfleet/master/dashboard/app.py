@@ -205,7 +205,10 @@ class Dashboard:
 def _local_path(target: str) -> str:
     """Where to go after the login: a path on this dashboard, never another site."""
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    # Browsers read a backslash as a slash: "/\\evil.example" is another site.
+    if parts.scheme or parts.netloc or not target.startswith("/") or "\\" in target:
+        return "/"
+    if target.startswith("//") or not target.isprintable():
         return "/"
     return target
 
