@@ -113,11 +113,10 @@ class Dashboard:
     async def _headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             response: web.StreamResponse = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
-        response.headers.update(SECURITY_HEADERS)
-        if request.path.startswith("/api/") or request.path == "/metrics":
-            response.headers.setdefault("Cache-Control", "no-store")
+        except web.HTTPException as exc:  # redirects and 404s are raised, not returned
+            _secure(request, exc)
+            raise
+        _secure(request, response)
         return response
 
     @web.middleware
@@ -140,7 +139,6 @@ class Dashboard:
             raise web.HTTPSeeOther(f"/login?next={request.path_qs}")
         if request.method not in ("GET", "HEAD") and role < Role.ACT:
             return error_response(403, "the read-only token may view but not act")
-        request["role"] = role
         return await handler(request)  # type: ignore[no-any-return]
 
     # -- pages -----------------------------------------------------------------
@@ -193,13 +191,19 @@ class Dashboard:
 
     async def _session(self, request: web.Request) -> web.Response:
         """What the caller may do, so pages hide what it may not."""
-        role = "act" if request["role"] is Role.ACT else "view"
+        role = "act" if self._access.role(request) is Role.ACT else "view"
         return web.json_response({"role": role, "login": not self._access.open})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         registry = self._rt.metrics.registry
         body = await self._rt.bridge.producers.run(generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _secure(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+    if request.path.startswith("/api/") or request.path == "/metrics":
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 def _local_path(target: str) -> str:
