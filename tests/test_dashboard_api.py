@@ -17,8 +17,9 @@ from taskfleet.common.config_flags import master_config
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import TaskState
 
+import pg
 from dashboard_http import call, dashboard_master
-from procs import MasterProc, WorkerProc
+from procs import MasterProc, WorkerProc, poll
 from test_security import Pki, pki, tls_flags  # noqa: F401 - pki is a fixture
 
 StartMaster = Callable[..., MasterProc]
@@ -221,6 +222,32 @@ def test_responses_forbid_inline_scripts_and_framing(start_master: StartMaster) 
         assert "script-src 'self'" in policy and "unsafe-inline" not in policy, path
         assert "frame-ancestors 'none'" in policy
     assert b"<script>" not in call(f"{base}/").body
+
+
+def test_masters_sharing_a_postgresql_store_show_the_same_truth(
+    start_master: StartMaster, queue_name: str
+) -> None:
+    with pg.database() as db:
+        # Given two masters on one database, each serving its dashboard
+        a, base_a = dashboard_master(start_master, store=db)
+        _, base_b = dashboard_master(start_master, store=db)
+        with a.client() as client:
+            kept, cancelled = (client.submit("square", [i], queue=queue_name) for i in range(2))
+
+        # When a task submitted on one is cancelled through the other's dashboard
+        answer = call(f"{base_b}/api/tasks/{cancelled}/cancel", "POST")
+        assert answer.json()["state"] == "cancelled"
+
+        # Then both dashboards show the same counts, both masters, and the same task
+        def same_view() -> bool:
+            views = [call(f"{base}/api/overview").json() for base in (base_a, base_b)]
+            rows = [[q for q in v["queues"] if q["queue"] == queue_name] for v in views]
+            counts = [(r["pending"], r["cancelled"]) for row in rows for r in row]
+            return [len(v["masters"]) for v in views] == [2, 2] and counts == [(1, 1), (1, 1)]
+
+        poll(same_view, what="both dashboards to show both masters and the same counts")
+        assert call(f"{base_a}/api/tasks/{cancelled}").json()["state"] == "cancelled"
+        assert call(f"{base_a}/api/tasks/{kept}").json()["state"] == "pending"
 
 
 def test_with_tls_the_dashboard_serves_https_with_the_masters_certificate(
