@@ -37,12 +37,13 @@ run-worker: install
 	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
 
 # Debian packages the tests use: iproute2's `ip` (master and workers in network
-# namespaces), node/npm (the Node.js example) and PostgreSQL (the tests start a
+# namespaces), node/npm (the Node.js example), PostgreSQL (the tests start a
 # throwaway server for the PostgreSQL store; postgresql-common's pg_config finds
-# it). Each is installed only when missing and possible; otherwise its tests
+# it) and Chromium (playwright drives it for the dashboard's browser tests; its
+# own browser download is not used). Each is installed only when missing and possible; otherwise its tests
 # skip, except in CI, where TASKFLEET_REQUIRE_SYSTEM=1 (set by .ci/run) makes
 # them fail instead.
-SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm pg_config:postgresql
+SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm pg_config:postgresql chromium:chromium
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do \

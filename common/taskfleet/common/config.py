@@ -51,6 +51,10 @@ class MasterConfig:
     # streams together) beyond this get RESOURCE_EXHAUSTED; unary calls never do.
     max_streams: int = 10_000
     metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
+    # HOST:PORT serving the web dashboard, its JSON API and /metrics; off while "".
+    http_listen: str = ""
+    # May view the dashboard but not act (cancel, retry, purge); --token may do both.
+    dashboard_read_token: str = ""
     insecure: bool = False  # allow a non-loopback listen address without a token or TLS
     log_level: str = "INFO"
     log_format: str = "text"

@@ -15,6 +15,7 @@ from taskfleet.common.errors import ConfigError, StoreUnavailable, StoreUnusable
 from taskfleet.common.model import TaskState
 from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
+from taskfleet.master.dashboard.app import Dashboard
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
@@ -50,7 +51,7 @@ class Master:
                 StorePolicy(config.result_ttl_s, config.max_lost_leases),
                 poll_only=config.poll_only,
             ),
-            metrics=MasterMetrics(bool(config.metrics_listen)),
+            metrics=MasterMetrics(bool(config.metrics_listen or config.http_listen)),
         )
         interceptors: list[ServerInterceptor] = (
             [TokenInterceptor(config.token, config.worker_token)]
@@ -75,6 +76,7 @@ class Master:
         self.runtime.store.on_unavailable = self.runtime.store_watch.trouble
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
+        self._dashboard = Dashboard(self.runtime, config) if config.http_listen else None
         self._due: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.port = 0
@@ -97,8 +99,9 @@ class Master:
             self.port = 0
         if self.port == 0:
             raise ConfigError(f"--listen: cannot bind {self.config.listen} (in use?)")
-        if self.config.metrics_listen:
-            self._serve_metrics()
+        self._serve_metrics()
+        if self._dashboard is not None:
+            await self._dashboard.start()
         if self._manager is not None:
             self._manager.start()
         if self.runtime.cluster is not None:
@@ -129,6 +132,8 @@ class Master:
         await self._drain()
         rt.sessions.close_all()
         rt.hub.wake_all()
+        if self._dashboard is not None:
+            await self._dashboard.stop()
         await self._server.stop(self.config.grace_s)
         for task in (self._due, self._watch):
             if task is not None:
@@ -166,8 +171,11 @@ class Master:
             return False  # nothing to wait for: no result could be recorded
 
     def _serve_metrics(self) -> None:
+        """Prometheus metrics, read at --metrics-listen and --http-listen alike."""
         metrics = self.runtime.metrics
         metrics.watch(self.runtime.store.stats, self.runtime.sessions.infos)
+        if not self.config.metrics_listen:
+            return
         try:
             metrics.serve(self.config.metrics_listen)
         except OSError as exc:
