@@ -16,9 +16,11 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     MasterInfo,
+    MissedTicks,
     Outcome,
     PendingName,
     QueueCounts,
+    Schedule,
     Stats,
     Task,
     TaskError,
@@ -345,3 +347,47 @@ def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
     ]
     pending = [PendingName(p.queue, p.name, p.count) for p in pb.pending_names]
     return Stats(queues, workers, masters, pending)
+
+
+def schedule_from_proto(pb: tasks_pb2.Schedule) -> Schedule:
+    """The schedule a producer sent, fields named as ``schedule.interval``; what the
+    master sets (id, times) is read too, so a client reads its answers with it."""
+    try:
+        spec = spec_from_proto(pb.spec)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"schedule.spec.{exc}") from None
+    if pb.missed_ticks not in (0, *MissedTicks):
+        raise InvalidArgument(f"schedule.missed_ticks: unknown value {pb.missed_ticks}")
+    return Schedule(
+        pb.id,
+        spec,
+        pb.cron,
+        seconds_from_duration(pb.interval, "schedule.interval") if pb.HasField("interval") else 0.0,
+        pb.timezone or "UTC",
+        pb.paused,
+        MissedTicks(pb.missed_ticks or MissedTicks.FIRE_ONCE),
+        unix_from_timestamp(pb.next_fire) if pb.HasField("next_fire") else 0.0,
+        unix_from_timestamp(pb.last_fire) if pb.HasField("last_fire") else 0.0,
+        unix_from_timestamp(pb.created_at) if pb.HasField("created_at") else 0.0,
+    )
+
+
+def schedule_to_proto(schedule: Schedule) -> tasks_pb2.Schedule:
+    pb = tasks_pb2.Schedule(
+        id=schedule.id,
+        cron=schedule.cron,
+        timezone=schedule.timezone,
+        paused=schedule.paused,
+        missed_ticks=tasks_pb2.MissedTicks.ValueType(schedule.missed),
+    )
+    _fill_spec(pb.spec, schedule.spec)
+    if schedule.interval_s:
+        pb.interval.CopyFrom(duration(schedule.interval_s))
+    for field, unix_s in (
+        ("next_fire", schedule.next_fire),
+        ("last_fire", schedule.last_fire),
+        ("created_at", schedule.created_at),
+    ):
+        if unix_s:
+            getattr(pb, field).CopyFrom(timestamp(unix_s))
+    return pb

@@ -188,3 +188,32 @@ def _takes(worker: WorkerInfo, pending: PendingName) -> bool:
     return pending.queue in worker.queues and (
         not worker.task_names or pending.name in worker.task_names
     )
+
+
+class MissedTicks(enum.IntEnum):
+    """What a schedule does with ticks missed while no master ran; values match
+    ``taskfleet.v1.MissedTicks``."""
+
+    FIRE_ONCE = 1  # the latest missed tick fires once, late
+    SKIP = 2  # a tick more than a few seconds late does not fire
+
+
+# Metadata keys of a task a schedule fired: the schedule and the tick (RFC 3339, UTC).
+SCHEDULE_ID_KEY = "taskfleet.schedule_id"
+SCHEDULE_TICK_KEY = "taskfleet.schedule_tick"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A task submitted on each tick of a cron expression or an interval."""
+
+    id: str
+    spec: TaskSpec
+    cron: str = ""  # five fields, read in ``timezone``; or else interval_s
+    interval_s: float = 0.0
+    timezone: str = "UTC"
+    paused: bool = False
+    missed: MissedTicks = MissedTicks.FIRE_ONCE
+    next_fire: float = 0.0  # unix time of the next tick
+    last_fire: float = 0.0  # unix time of the tick fired last; 0: none yet
+    created_at: float = 0.0

@@ -59,6 +59,36 @@ TASK_STATE_CANCELLED: TaskState.ValueType  # 5
 """Final: cancelled by CancelTask before it finished."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _MissedTicks:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MissedTicksEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissedTicks.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISSED_TICKS_UNSPECIFIED: _MissedTicks.ValueType  # 0
+    """The default: MISSED_TICKS_FIRE_ONCE."""
+    MISSED_TICKS_FIRE_ONCE: _MissedTicks.ValueType  # 1
+    """However many ticks were missed, the latest fires once, late; the next
+    fires on time. Never a burst.
+    """
+    MISSED_TICKS_SKIP: _MissedTicks.ValueType  # 2
+    """A tick more than 10 s late is skipped; the next fires on time."""
+
+class MissedTicks(_MissedTicks, metaclass=_MissedTicksEnumTypeWrapper):
+    """What a schedule does with ticks that passed while no master could fire
+    them (all were stopped, or the database was unreachable).
+    """
+
+MISSED_TICKS_UNSPECIFIED: MissedTicks.ValueType  # 0
+"""The default: MISSED_TICKS_FIRE_ONCE."""
+MISSED_TICKS_FIRE_ONCE: MissedTicks.ValueType  # 1
+"""However many ticks were missed, the latest fires once, late; the next
+fires on time. Never a burst.
+"""
+MISSED_TICKS_SKIP: MissedTicks.ValueType  # 2
+"""A tick more than 10 s late is skipped; the next fires on time."""
+Global___MissedTicks: _TypeAlias = MissedTicks  # noqa: Y015
+
 @_typing.final
 class TaskSpec(_message.Message):
     """What a producer asks to run. Descriptors stay small: large data travels by
@@ -913,3 +943,233 @@ class PendingName(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PendingName: _TypeAlias = PendingName  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """A task submitted again and again: on a cron expression or every interval.
+    Each tick fires at most once, however many masters share the store: the
+    master that fires it records the tick and inserts the task in one
+    transaction. A fired task carries the schedule's id and the tick (RFC 3339,
+    UTC) in its metadata as taskfleet.schedule_id and taskfleet.schedule_tick.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    NEXT_FIRE_FIELD_NUMBER: _builtins.int
+    LAST_FIRE_FIELD_NUMBER: _builtins.int
+    MISSED_TICKS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifier assigned by the master on CreateSchedule; empty when creating."""
+    cron: _builtins.str
+    """A five-field cron expression ("*/5 * * * *"), read in timezone; set
+    either cron or interval, not both.
+    """
+    timezone: _builtins.str
+    """IANA time zone the cron expression is read in ("Europe/Berlin"), so
+    that a daily tick stays at its local hour across DST changes; "UTC"
+    when empty. A local time that DST skips fires at the first time after it.
+    """
+    paused: _builtins.bool
+    """A paused schedule fires nothing; resuming it fires from the next tick
+    after now, not the ticks passed meanwhile. Set by Pause/ResumeSchedule.
+    """
+    missed_ticks: Global___MissedTicks.ValueType
+    """What to do with ticks missed while no master ran; fire once by default."""
+    @_builtins.property
+    def spec(self) -> Global___TaskSpec:
+        """The task each tick submits; it must not set not_before or idempotency_key."""
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Fire every interval (at least 1 s), the first one interval after
+        creation; set either cron or interval, not both.
+        """
+
+    @_builtins.property
+    def next_fire(self) -> _timestamp_pb2.Timestamp:
+        """When the next tick is due. Set by the master."""
+
+    @_builtins.property
+    def last_fire(self) -> _timestamp_pb2.Timestamp:
+        """The tick fired last; unset before the first. Set by the master."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the master created the schedule. Set by the master."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        spec: Global___TaskSpec | None = ...,
+        cron: _builtins.str = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        timezone: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        next_fire: _timestamp_pb2.Timestamp | None = ...,
+        last_fire: _timestamp_pb2.Timestamp | None = ...,
+        missed_ticks: Global___MissedTicks.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "interval", b"interval", "last_fire", b"last_fire", "next_fire", b"next_fire", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "cron", b"cron", "id", b"id", "interval", b"interval", "last_fire", b"last_fire", "missed_ticks", b"missed_ticks", "next_fire", b"next_fire", "paused", b"paused", "spec", b"spec", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class CreateScheduleRequest(_message.Message):
+    """Create a schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule; id, next_fire, last_fire and created_at are ignored."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    """List every schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    """The schedules, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """Every schedule, in creation order."""
+
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    """Delete a schedule: it fires no tick from then on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id returned by CreateSchedule."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
+    """How DeleteSchedule went: it succeeded (NOT_FOUND otherwise)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class PauseScheduleRequest(_message.Message):
+    """Stop a schedule firing until it is resumed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id returned by CreateSchedule."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleRequest: _TypeAlias = PauseScheduleRequest  # noqa: Y015
+
+@_typing.final
+class ResumeScheduleRequest(_message.Message):
+    """Let a paused schedule fire again, from its next tick after now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id returned by CreateSchedule."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeScheduleRequest: _TypeAlias = ResumeScheduleRequest  # noqa: Y015

@@ -85,6 +85,31 @@ class TaskServiceStub:
                 request_serializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.SerializeToString,
                 response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/taskfleet.v1.TaskService/CreateSchedule',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/taskfleet.v1.TaskService/ListSchedules',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/taskfleet.v1.TaskService/DeleteSchedule',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/taskfleet.v1.TaskService/PauseSchedule',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/taskfleet.v1.TaskService/ResumeSchedule',
+                request_serializer=taskfleet_dot_v1_dot_tasks__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -166,6 +191,43 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Create a schedule that submits its task on each tick; INVALID_ARGUMENT
+        naming the field for a bad cron expression, interval, timezone or spec.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Every schedule with its next and last tick.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Delete a schedule; tasks it already fired are left alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Stop a schedule firing (again pausing a paused one changes nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Resume a schedule from its next tick after now; ticks passed while it
+        was paused do not fire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +280,31 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.PurgeTasks,
                     request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.FromString,
                     response_serializer=taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=taskfleet_dot_v1_dot_tasks__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=taskfleet_dot_v1_dot_tasks__pb2.Schedule.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +578,141 @@ class TaskService:
             '/taskfleet.v1.TaskService/PurgeTasks',
             taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksRequest.SerializeToString,
             taskfleet_dot_v1_dot_tasks__pb2.PurgeTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/CreateSchedule',
+            taskfleet_dot_v1_dot_tasks__pb2.CreateScheduleRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/ListSchedules',
+            taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/DeleteSchedule',
+            taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/PauseSchedule',
+            taskfleet_dot_v1_dot_tasks__pb2.PauseScheduleRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskfleet.v1.TaskService/ResumeSchedule',
+            taskfleet_dot_v1_dot_tasks__pb2.ResumeScheduleRequest.SerializeToString,
+            taskfleet_dot_v1_dot_tasks__pb2.Schedule.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,20 @@ class TaskServiceStub:
     """
     PurgeTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]
     """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CreateScheduleRequest, _tasks_pb2.Schedule]
+    """Create a schedule that submits its task on each tick; INVALID_ARGUMENT
+    naming the field for a bad cron expression, interval, timezone or spec.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListSchedulesRequest, _tasks_pb2.ListSchedulesResponse]
+    """Every schedule with its next and last tick."""
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.DeleteScheduleRequest, _tasks_pb2.DeleteScheduleResponse]
+    """Delete a schedule; tasks it already fired are left alone."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.PauseScheduleRequest, _tasks_pb2.Schedule]
+    """Stop a schedule firing (again pausing a paused one changes nothing)."""
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ResumeScheduleRequest, _tasks_pb2.Schedule]
+    """Resume a schedule from its next tick after now; ticks passed while it
+    was paused do not fire.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -99,6 +113,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     PurgeTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.PurgeTasksRequest, _tasks_pb2.PurgeTasksResponse]  # type: ignore[assignment]
     """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CreateScheduleRequest, _tasks_pb2.Schedule]  # type: ignore[assignment]
+    """Create a schedule that submits its task on each tick; INVALID_ARGUMENT
+    naming the field for a bad cron expression, interval, timezone or spec.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListSchedulesRequest, _tasks_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """Every schedule with its next and last tick."""
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_tasks_pb2.DeleteScheduleRequest, _tasks_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """Delete a schedule; tasks it already fired are left alone."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_tasks_pb2.PauseScheduleRequest, _tasks_pb2.Schedule]  # type: ignore[assignment]
+    """Stop a schedule firing (again pausing a paused one changes nothing)."""
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ResumeScheduleRequest, _tasks_pb2.Schedule]  # type: ignore[assignment]
+    """Resume a schedule from its next tick after now; ticks passed while it
+    was paused do not fire.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """For producers: submit tasks and read their outcome."""
@@ -191,5 +219,49 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.PurgeTasksResponse, _abc.Awaitable[_tasks_pb2.PurgeTasksResponse]]:
         """Delete finished tasks; INVALID_ARGUMENT when states names one that is not final."""
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _tasks_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Schedule, _abc.Awaitable[_tasks_pb2.Schedule]]:
+        """Create a schedule that submits its task on each tick; INVALID_ARGUMENT
+        naming the field for a bad cron expression, interval, timezone or spec.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _tasks_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListSchedulesResponse, _abc.Awaitable[_tasks_pb2.ListSchedulesResponse]]:
+        """Every schedule with its next and last tick."""
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _tasks_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.DeleteScheduleResponse, _abc.Awaitable[_tasks_pb2.DeleteScheduleResponse]]:
+        """Delete a schedule; tasks it already fired are left alone."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _tasks_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Schedule, _abc.Awaitable[_tasks_pb2.Schedule]]:
+        """Stop a schedule firing (again pausing a paused one changes nothing)."""
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _tasks_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.Schedule, _abc.Awaitable[_tasks_pb2.Schedule]]:
+        """Resume a schedule from its next tick after now; ticks passed while it
+        was paused do not fire.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,7 +1,7 @@
 """The one front door for task state changes in the master.
 
 Every change (submit, lease, extend, record, release, cancel, expire, retry,
-purge, prune) goes through ``Lifecycle``: it applies the change to the store,
+purge, prune, and the tasks schedules fire) goes through ``Lifecycle``: it applies the change to the store,
 then tells each registered ``LifecycleListener`` what happened. The servicers,
 the manager bridge and the reaper are thin callers; what follows a change
 (WaitTasks events, metrics, wake-ups of idle workers, a revoke to the worker
@@ -20,7 +20,8 @@ from collections.abc import Callable, Collection, Sequence
 
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
-from taskfleet.master.store.base import FINAL_STATES, Store, TaskQuery
+from taskfleet.master import schedules
+from taskfleet.master.store.base import FINAL_STATES, FiredTick, Store, TaskQuery
 from taskfleet.master.validation import validate_specs
 
 log = logging.getLogger("taskfleet.master.lifecycle")
@@ -111,6 +112,33 @@ class Lifecycle:
                 "states: only finished tasks (SUCCEEDED, FAILED, CANCELLED) can be purged"
             )
         return self._delete(lambda: self.store.purge(query, DELETE_BATCH), None)
+
+    def fire_schedules(self, limit: int) -> list[str]:
+        """Submit the task of each due tick of up to ``limit`` schedules; their ids.
+
+        The store records each tick and inserts its task in one transaction, so a
+        tick that another master fired first submits nothing here."""
+        now = time.time()
+        specs, task_ids = [], []
+        for schedule in self.store.due_schedules(now, limit):
+            try:
+                plan = schedules.plan(schedule, now)
+            except Exception:  # one broken schedule must not stop the others
+                log.exception("cannot plan the next tick of schedule %s", schedule.id)
+                continue
+            fired = None
+            if plan.tick is not None:
+                fired = FiredTick(plan.tick, schedules.fired_spec(schedule, plan.tick))
+            task_id = self.store.fire_schedule(
+                schedule.id, schedule.next_fire, plan.next_fire, fired, now
+            )
+            if task_id is not None and fired is not None:
+                specs.append(fired.spec)
+                task_ids.append(task_id)
+        if specs:
+            self._emit("submitted", specs)
+            self._work_available(specs)
+        return task_ids
 
     # -- workers ---------------------------------------------------------------
 

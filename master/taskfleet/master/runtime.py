@@ -22,6 +22,7 @@ from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import Lifecycle
 from taskfleet.master.loop import LoopBridge
 from taskfleet.master.metrics import MasterMetrics
+from taskfleet.master.scheduler import Scheduler
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
 from taskfleet.master.store_watch import StoreWatch
@@ -54,6 +55,7 @@ class MasterRuntime:
     me: MasterInfo = field(init=False)
     cluster: Cluster | None = field(init=False)  # None: a store only this master uses
     store_watch: StoreWatch = field(init=False)
+    scheduler: Scheduler = field(init=False)
 
     def __post_init__(self) -> None:
         self.bridge = LoopBridge(offload=self.store.blocks)
@@ -85,6 +87,7 @@ class MasterRuntime:
             max_payload_bytes=self.config.max_payload_bytes,
             listeners=listeners if self.cluster is None else [*listeners, self.cluster],
         )
+        self.scheduler = Scheduler(self.lifecycle, self.bridge)
 
     def stats(self, pending_names: bool = False) -> Stats:
         """GetStats: the store's counts, every master, and the workers of all of them

@@ -78,6 +78,7 @@ class Master:
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
         self._dashboard = Dashboard(self.runtime, config) if config.http_listen else None
         self._due: asyncio.Task[None] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -110,6 +111,7 @@ class Master:
         await self._server.start()
         self._reaper.start()
         self._due = asyncio.create_task(self.runtime.due.run(), name="due-timer")
+        self._scheduler = asyncio.create_task(self.runtime.scheduler.run(), name="scheduler")
         self._watch = asyncio.create_task(
             self.runtime.store_watch.run(self._health, redacted(self.config.store)),
             name="store-watch",
@@ -135,7 +137,7 @@ class Master:
         if self._dashboard is not None:
             await self._dashboard.stop()
         await self._server.stop(self.config.grace_s)
-        for task in (self._due, self._watch):
+        for task in (self._due, self._watch, self._scheduler):
             if task is not None:
                 task.cancel()
         await asyncio.to_thread(self._reaper.join)

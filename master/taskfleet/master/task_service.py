@@ -16,6 +16,7 @@ from taskfleet.master import queries
 from taskfleet.master.loop import LoopQueue
 from taskfleet.master.rpc import Context, streaming, unary
 from taskfleet.master.runtime import MasterRuntime
+from taskfleet.master.schedule_service import ScheduleRpcs
 from taskfleet.master.store.base import TaskQuery
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -24,7 +25,7 @@ log = logging.getLogger("taskfleet.master.tasks")
 MAX_WAIT_IDS = 100_000
 
 
-class TaskService(tasks_pb2_grpc.TaskServiceServicer):
+class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, runtime: MasterRuntime) -> None:
         self._rt = runtime
 

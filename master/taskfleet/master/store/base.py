@@ -40,6 +40,7 @@ from taskfleet.common.model import (
     Outcome,
     PendingName,
     QueueCounts,
+    Schedule,
     Task,
     TaskError,
     TaskSpec,
@@ -86,6 +87,14 @@ class TaskQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class FiredTick:
+    """A schedule's tick that ``fire_schedule`` submits as ``spec``."""
+
+    tick: float
+    spec: TaskSpec
+
+
+@dataclass(frozen=True, slots=True)
 class TaskPage:
     """One page of ``list_tasks``, newest first; ``next_cursor`` is None on the last."""
 
@@ -120,6 +129,10 @@ def expires_at(spec: TaskSpec, finished_at: float, policy: StorePolicy) -> float
     """When a task that finished at ``finished_at`` is deleted; 0 for never."""
     ttl_s = spec.result_ttl_s or policy.result_ttl_s
     return finished_at + ttl_s if ttl_s > 0 else 0.0
+
+
+def schedule_not_found(schedule_id: str) -> NotFound:
+    return NotFound(f"schedule {schedule_id} not found")
 
 
 def new_task_id() -> str:
@@ -266,6 +279,50 @@ class Store(abc.ABC):
     def pending_names(self, limit: int) -> list[PendingName]:
         """PENDING tasks counted per queue and name, the largest counts first (then
         by queue and name), at most ``limit``. A scan of the pending tasks."""
+
+    # -- schedules (master/schedules.py says when their ticks fall) ---------------
+
+    @abc.abstractmethod
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        """Store ``schedule`` under a new id (``new_task_id``); return it."""
+
+    @abc.abstractmethod
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        """The schedule; raises ``NotFound`` naming ``schedule_id``."""
+
+    @abc.abstractmethod
+    def list_schedules(self) -> list[Schedule]:
+        """Every schedule, oldest first."""
+
+    @abc.abstractmethod
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete the schedule (it fires nothing from then on); raises ``NotFound``."""
+
+    @abc.abstractmethod
+    def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
+        """Set the schedule's ``paused`` and ``next_fire``; return it. Raises ``NotFound``."""
+
+    @abc.abstractmethod
+    def due_schedules(self, now: float, limit: int) -> list[Schedule]:
+        """Up to ``limit`` unpaused schedules whose ``next_fire`` is at or before ``now``,
+        the earliest first."""
+
+    @abc.abstractmethod
+    def next_schedule_fire(self) -> float | None:
+        """The earliest ``next_fire`` of the unpaused schedules, or None."""
+
+    @abc.abstractmethod
+    def fire_schedule(
+        self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
+    ) -> str | None:
+        """Fire the schedule's tick ``due`` (its ``next_fire`` as the caller read it), in
+        one transaction: move its ``next_fire`` on to ``next_fire`` and, with ``fired``,
+        set ``last_fire`` to its tick and submit its spec as a PENDING task.
+
+        Only if the schedule still exists, is not paused and still has ``next_fire ==
+        due``; otherwise (another master fired it first, or it was paused or deleted)
+        change nothing. So however many masters race, each tick fires at most once.
+        Returns the new task's id, or None when nothing was submitted."""
 
     def ping(self) -> None:  # noqa: B027 - a store in the master's process is always there
         """Raise ``StoreUnavailable`` unless the store answers; cheap enough to call

@@ -23,6 +23,7 @@ from taskfleet.common.model import (
     Outcome,
     PendingName,
     QueueCounts,
+    Schedule,
     Task,
     TaskSpec,
     TaskState,
@@ -30,6 +31,7 @@ from taskfleet.common.model import (
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    FiredTick,
     Store,
     StorePolicy,
     TaskPage,
@@ -39,6 +41,7 @@ from taskfleet.master.store.base import (
     new_task_id,
     not_found,
     retry_delay_s,
+    schedule_not_found,
     worker_lost_error,
 )
 
@@ -76,6 +79,7 @@ class MemoryStore(Store):
         self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
         self._counts: dict[str, dict[TaskState, int]] = {}
         self._expiring: list[tuple[float, int, str]] = []  # expires_at, seq, id
+        self._schedules: dict[str, Schedule] = {}  # in creation order
         # Ids in submission order with their seqs, for list_tasks' keyset paging;
         # pruned ids leave holes that _compact_order closes now and then.
         self._order: list[str] = []
@@ -89,20 +93,24 @@ class MemoryStore(Store):
                 if known is not None:
                     ids.append(known)
                     continue
-                spec = _own(spec)
-                slot = _Slot(Task(new_task_id(), spec, created_at=now), next(self._seq))
-                self._slots[slot.task.id] = slot
-                self._order.append(slot.task.id)
-                self._order_seq.append(slot.seq)
-                if spec.idempotency_key:
-                    self._by_key[spec.idempotency_key] = slot.task.id
-                counts = self._counts.get(spec.queue)
-                if counts is None:
-                    counts = self._counts[spec.queue] = dict.fromkeys(TaskState, 0)
-                counts[TaskState.PENDING] += 1
-                self._enqueue(slot, spec.not_before, now)
-                ids.append(slot.task.id)
+                ids.append(self._insert(spec, now))
         return ids
+
+    def _insert(self, spec: TaskSpec, now: float) -> str:
+        """Add a new PENDING task (under the lock); its id."""
+        spec = _own(spec)
+        slot = _Slot(Task(new_task_id(), spec, created_at=now), next(self._seq))
+        self._slots[slot.task.id] = slot
+        self._order.append(slot.task.id)
+        self._order_seq.append(slot.seq)
+        if spec.idempotency_key:
+            self._by_key[spec.idempotency_key] = slot.task.id
+        counts = self._counts.get(spec.queue)
+        if counts is None:
+            counts = self._counts[spec.queue] = dict.fromkeys(TaskState, 0)
+        counts[TaskState.PENDING] += 1
+        self._enqueue(slot, spec.not_before, now)
+        return slot.task.id
 
     def get(self, task_id: str) -> Task:
         with self._lock:
@@ -430,6 +438,65 @@ class MemoryStore(Store):
         task.expires_at = expires_at(task.spec, now, self.policy)
         if task.expires_at:
             heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
+
+    # -- schedules ---------------------------------------------------------------
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        schedule = dataclasses.replace(schedule, id=new_task_id(), spec=_own(schedule.spec))
+        with self._lock:
+            self._schedules[schedule.id] = schedule
+        return schedule
+
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        with self._lock:
+            return self._schedule(schedule_id)
+
+    def list_schedules(self) -> list[Schedule]:
+        with self._lock:
+            return list(self._schedules.values())
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        with self._lock:
+            self._schedule(schedule_id)
+            del self._schedules[schedule_id]
+
+    def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
+        with self._lock:
+            schedule = dataclasses.replace(
+                self._schedule(schedule_id), paused=paused, next_fire=next_fire
+            )
+            self._schedules[schedule_id] = schedule
+            return schedule
+
+    def due_schedules(self, now: float, limit: int) -> list[Schedule]:
+        with self._lock:
+            due = [s for s in self._schedules.values() if not s.paused and s.next_fire <= now]
+        return sorted(due, key=lambda s: s.next_fire)[:limit]
+
+    def next_schedule_fire(self) -> float | None:
+        with self._lock:
+            return min(
+                (s.next_fire for s in self._schedules.values() if not s.paused), default=None
+            )
+
+    def fire_schedule(
+        self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
+    ) -> str | None:
+        with self._lock:
+            schedule = self._schedules.get(schedule_id)
+            if schedule is None or schedule.paused or schedule.next_fire != due:
+                return None
+            last_fire = schedule.last_fire if fired is None else fired.tick
+            self._schedules[schedule_id] = dataclasses.replace(
+                schedule, next_fire=next_fire, last_fire=last_fire
+            )
+            return None if fired is None else self._insert(fired.spec, now)
+
+    def _schedule(self, schedule_id: str) -> Schedule:
+        schedule = self._schedules.get(schedule_id)
+        if schedule is None:
+            raise schedule_not_found(schedule_id)
+        return schedule
 
 
 def _own(spec: TaskSpec) -> TaskSpec:

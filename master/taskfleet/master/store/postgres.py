@@ -36,6 +36,7 @@ fails the call it serves instead, and that failure is what starts the watch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable, Collection, Sequence
@@ -57,6 +58,7 @@ from taskfleet.common.model import (
     Outcome,
     PendingName,
     QueueCounts,
+    Schedule,
     Task,
     TaskSpec,
     TaskState,
@@ -66,6 +68,7 @@ from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    FiredTick,
     Store,
     StorePolicy,
     TaskPage,
@@ -74,6 +77,7 @@ from taskfleet.master.store.base import (
     new_task_id,
     not_found,
     retry_delay_s,
+    schedule_not_found,
     worker_lost_error,
 )
 from taskfleet.master.store.postgres_bus import PostgresBus
@@ -84,12 +88,15 @@ from taskfleet.master.store.rows import (
     PENDING,
     PENDING_NAMES,
     RUNNING,
+    SCHEDULE_COLUMNS,
     SUCCEEDED,
     default_expiry,
     in_order,
     lost_by_after,
     page,
     queue_counts,
+    schedule_from_row,
+    schedule_row,
     task_from_row,
     where_clause,
 )
@@ -208,6 +215,24 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
     2: postgres_bus.MIGRATION,
+    3: (
+        # A schedule's spec is JSON (rows.schedule_row): it is read once per tick.
+        """
+        CREATE TABLE schedules (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            spec text NOT NULL,
+            cron text NOT NULL,
+            interval_s double precision NOT NULL,
+            timezone text NOT NULL,
+            paused boolean NOT NULL,
+            missed smallint NOT NULL,
+            next_fire double precision NOT NULL,
+            last_fire double precision NOT NULL,
+            created_at double precision NOT NULL
+        )
+        """,
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -227,6 +252,10 @@ _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority
         %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
+
+_INSERT_SCHEDULE = f"""INSERT INTO schedules ({SCHEDULE_COLUMNS})
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
+_SELECT_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = %s"
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
@@ -420,21 +449,7 @@ class PostgresStore(Store):
                 task_id = new_task_id()
                 if key:
                     known[key] = task_id
-                row = (
-                    task_id,
-                    spec.name,
-                    spec.queue,
-                    spec.payload,
-                    spec.content_type,
-                    spec.priority,
-                    spec.max_attempts,
-                    spec.timeout_s,
-                    spec.not_before,
-                    key,
-                    json.dumps(spec.metadata) if spec.metadata else "{}",
-                    spec.result_ttl_s,
-                    max(spec.not_before, now),
-                )
+                row = _task_row(task_id, spec, now)
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)
                 ids.append(task_id)
@@ -703,11 +718,113 @@ class PostgresStore(Store):
         )
         return [PendingName(*row) for row in rows]
 
+    # -- schedules ---------------------------------------------------------------
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        schedule = dataclasses.replace(schedule, id=new_task_id())
+        row = schedule_row(schedule)
+        self._run(lambda conn: conn.execute(_INSERT_SCHEDULE, row))
+        return schedule
+
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        row = self._run(lambda conn: conn.execute(_SELECT_SCHEDULE, (schedule_id,)).fetchone())
+        if row is None:
+            raise schedule_not_found(schedule_id)
+        return schedule_from_row(row)
+
+    def list_schedules(self) -> list[Schedule]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY seq"
+            ).fetchall()
+        )
+        return [schedule_from_row(row) for row in rows]
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        deleted = self._run(
+            lambda conn: (
+                conn.execute("DELETE FROM schedules WHERE id = %s", (schedule_id,)).rowcount
+            )
+        )
+        if not deleted:
+            raise schedule_not_found(schedule_id)
+
+    def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
+        row = self._run(
+            lambda conn: conn.execute(
+                f"UPDATE schedules SET paused = %s, next_fire = %s WHERE id = %s"
+                f" RETURNING {SCHEDULE_COLUMNS}",
+                (paused, next_fire, schedule_id),
+            ).fetchone()
+        )
+        if row is None:
+            raise schedule_not_found(schedule_id)
+        return schedule_from_row(row)
+
+    def due_schedules(self, now: float, limit: int) -> list[Schedule]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE NOT paused AND next_fire <= %s"
+                " ORDER BY next_fire LIMIT %s",
+                (now, limit),
+            ).fetchall()
+        )
+        return [schedule_from_row(row) for row in rows]
+
+    def next_schedule_fire(self) -> float | None:
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT min(next_fire) FROM schedules WHERE NOT paused"
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    def fire_schedule(
+        self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
+    ) -> str | None:
+        tick = None if fired is None else fired.tick
+
+        def work(conn: psycopg.Connection[Any]) -> str | None:
+            # Of masters racing for one tick, the first UPDATE holds the row until
+            # it commits; the others then read the new next_fire and match nothing.
+            claimed = conn.execute(
+                "UPDATE schedules SET next_fire = %s, last_fire = coalesce(%s, last_fire)"
+                " WHERE id = %s AND next_fire = %s AND NOT paused",
+                (next_fire, tick, schedule_id, due),
+            ).rowcount
+            if not claimed or fired is None:
+                return None
+            task_id = new_task_id()
+            columns = [[value] for value in _task_row(task_id, fired.spec, now)]
+            conn.execute(_INSERT, (PENDING, now, now, *columns))
+            return task_id
+
+        return self._run(work, atomic=True)
+
     def bus(self) -> PostgresBus:
         return PostgresBus(self._run, self._dsn)
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
+    """One new task's element of each array ``_INSERT`` unnests."""
+    return (
+        task_id,
+        spec.name,
+        spec.queue,
+        spec.payload,
+        spec.content_type,
+        spec.priority,
+        spec.max_attempts,
+        spec.timeout_s,
+        spec.not_before,
+        spec.idempotency_key,
+        json.dumps(spec.metadata) if spec.metadata else "{}",
+        spec.result_ttl_s,
+        max(spec.not_before, now),
+    )
 
 
 def _unreachable(exc: psycopg.OperationalError) -> bool:

@@ -3,11 +3,21 @@ lay out a task alike and answer list_tasks and stats from alike queries."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from taskfleet.common.model import QueueCounts, Task, TaskError, TaskSpec, TaskState
+from taskfleet.common.model import (
+    MissedTicks,
+    QueueCounts,
+    Schedule,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.master.store.base import StorePolicy, TaskPage, TaskQuery, not_found
 
 # States as stored; they are literals in the SQL so partial indexes can match.
@@ -154,3 +164,43 @@ def task_from_row(row: Sequence[Any]) -> Task:
 
 
 _STATES = {int(state): state for state in TaskState}
+
+
+# The columns schedule_from_row reads, in its order; also the INSERT's.
+SCHEDULE_COLUMNS = """id, spec, cron, interval_s, timezone, paused, missed, next_fire, last_fire,
+    created_at"""
+
+
+def schedule_row(schedule: Schedule) -> tuple[Any, ...]:
+    """The values of ``SCHEDULE_COLUMNS`` for ``schedule``; its spec as JSON."""
+    spec = dataclasses.asdict(schedule.spec)
+    spec["payload"] = base64.b64encode(schedule.spec.payload).decode()
+    return (
+        schedule.id,
+        json.dumps(spec),
+        schedule.cron,
+        schedule.interval_s,
+        schedule.timezone,
+        schedule.paused,
+        int(schedule.missed),
+        schedule.next_fire,
+        schedule.last_fire,
+        schedule.created_at,
+    )
+
+
+def schedule_from_row(row: Sequence[Any]) -> Schedule:
+    """A Schedule from a row selected as ``SCHEDULE_COLUMNS``."""
+    schedule_id, spec_json, cron, interval_s, timezone, paused, missed, *times = row
+    spec = json.loads(spec_json)
+    spec["payload"] = base64.b64decode(spec["payload"])
+    return Schedule(
+        schedule_id,
+        TaskSpec(**spec),
+        cron,
+        interval_s,
+        timezone,
+        bool(paused),
+        MissedTicks(missed),
+        *times,
+    )

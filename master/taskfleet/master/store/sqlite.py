@@ -18,6 +18,7 @@ writing to a damaged b-tree can spread the damage.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import heapq
 import json
@@ -42,6 +43,7 @@ from taskfleet.common.model import (
     Outcome,
     PendingName,
     QueueCounts,
+    Schedule,
     Task,
     TaskSpec,
     TaskState,
@@ -49,6 +51,7 @@ from taskfleet.common.model import (
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    FiredTick,
     Store,
     StorePolicy,
     TaskPage,
@@ -57,6 +60,7 @@ from taskfleet.master.store.base import (
     new_task_id,
     not_found,
     retry_delay_s,
+    schedule_not_found,
     worker_lost_error,
 )
 from taskfleet.master.store.rows import (
@@ -66,12 +70,15 @@ from taskfleet.master.store.rows import (
     PENDING,
     PENDING_NAMES,
     RUNNING,
+    SCHEDULE_COLUMNS,
     SUCCEEDED,
     default_expiry,
     in_order,
     lost_by_after,
     page,
     queue_counts,
+    schedule_from_row,
+    schedule_row,
     task_from_row,
     where_clause,
 )
@@ -180,6 +187,24 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         END
         """,
     ),
+    3: (
+        # A schedule's spec is JSON (rows.schedule_row): it is read once per tick.
+        """
+        CREATE TABLE schedules (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            spec TEXT NOT NULL,
+            cron TEXT NOT NULL,
+            interval_s REAL NOT NULL,
+            timezone TEXT NOT NULL,
+            paused INTEGER NOT NULL,
+            missed INTEGER NOT NULL,
+            next_fire REAL NOT NULL,
+            last_fire REAL NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+    ),
 }
 _SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -190,6 +215,11 @@ _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority
 # A finished task's deletion time: its own TTL, else the policy's (passed in as
 # the second parameter, already added to now; 0 for never).
 _EXPIRES = "expires_at = CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END"
+
+_INSERT_SCHEDULE = (
+    f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?"
 
 # INDEXED BY makes a plan that cannot use the intended index an error, not a table scan.
 _CANDIDATES_BY_NAME = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready_by_name
@@ -321,27 +351,7 @@ class SqliteStore(Store):
                 task_id = new_task_id()
                 if key:
                     seen[key] = task_id
-                ready_at = max(spec.not_before, now)
-                rows.append(
-                    (
-                        task_id,
-                        spec.name,
-                        spec.queue,
-                        spec.payload,
-                        spec.content_type,
-                        spec.priority,
-                        spec.max_attempts,
-                        spec.timeout_s,
-                        spec.not_before,
-                        key,
-                        json.dumps(spec.metadata) if spec.metadata else "{}",
-                        spec.result_ttl_s,
-                        PENDING,
-                        int(ready_at <= now),
-                        ready_at,
-                        now,
-                    )
-                )
+                rows.append(_task_row(task_id, spec, now))
                 ids.append(task_id)
             db.executemany(_INSERT, rows)
         return ids
@@ -556,6 +566,72 @@ class SqliteStore(Store):
             rows = db.execute(PENDING_NAMES, (limit,)).fetchall()
         return [PendingName(*row) for row in rows]
 
+    # -- schedules ---------------------------------------------------------------
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        schedule = dataclasses.replace(schedule, id=new_task_id())
+        with self._write() as db:
+            db.execute(_INSERT_SCHEDULE, schedule_row(schedule))
+        return schedule
+
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        with self._read() as db:
+            row = db.execute(_SELECT_SCHEDULE, (schedule_id,)).fetchone()
+        if row is None:
+            raise schedule_not_found(schedule_id)
+        return schedule_from_row(row)
+
+    def list_schedules(self) -> list[Schedule]:
+        with self._read() as db:
+            rows = db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY seq").fetchall()
+        return [schedule_from_row(row) for row in rows]
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        with self._write() as db:
+            if not db.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,)).rowcount:
+                raise schedule_not_found(schedule_id)
+
+    def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
+        with self._write() as db:
+            db.execute(
+                "UPDATE schedules SET paused = ?, next_fire = ? WHERE id = ?",
+                (paused, next_fire, schedule_id),
+            )
+            row = db.execute(_SELECT_SCHEDULE, (schedule_id,)).fetchone()
+        if row is None:
+            raise schedule_not_found(schedule_id)
+        return schedule_from_row(row)
+
+    def due_schedules(self, now: float, limit: int) -> list[Schedule]:
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE NOT paused AND next_fire <= ?"
+                " ORDER BY next_fire LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [schedule_from_row(row) for row in rows]
+
+    def next_schedule_fire(self) -> float | None:
+        with self._read() as db:
+            row = db.execute("SELECT min(next_fire) FROM schedules WHERE NOT paused").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def fire_schedule(
+        self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
+    ) -> str | None:
+        tick = None if fired is None else fired.tick
+        with self._write() as db:
+            claimed = db.execute(
+                "UPDATE schedules SET next_fire = ?, last_fire = coalesce(?, last_fire)"
+                " WHERE id = ? AND next_fire = ? AND NOT paused",
+                (next_fire, tick, schedule_id, due),
+            ).rowcount
+            if not claimed or fired is None:
+                return None
+            task_id = new_task_id()
+            db.execute(_INSERT, _task_row(task_id, fired.spec, now))
+            return task_id
+
     def close(self) -> None:
         with self._lock:  # even when unusable
             self._db.close()
@@ -591,6 +667,29 @@ def _first_problem(rows: Sequence[tuple[str]]) -> str:
     first = found[0] if found else "no details"
     more = f", and {len(found) - 1} more findings" if len(found) > 1 else ""
     return f"quick_check: {first}{more}"
+
+
+def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
+    """The values of ``_INSERT`` for a new task."""
+    ready_at = max(spec.not_before, now)
+    return (
+        task_id,
+        spec.name,
+        spec.queue,
+        spec.payload,
+        spec.content_type,
+        spec.priority,
+        spec.max_attempts,
+        spec.timeout_s,
+        spec.not_before,
+        spec.idempotency_key,
+        json.dumps(spec.metadata) if spec.metadata else "{}",
+        spec.result_ttl_s,
+        PENDING,
+        int(ready_at <= now),
+        ready_at,
+        now,
+    )
 
 
 def _known_id(db: sqlite3.Connection, key: str) -> str | None:
