@@ -25,10 +25,21 @@ CANDIDATES = ("7", "0.5", "failed,cancelled", "127.0.0.1:6001", "k=1", "x")
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    for action in build_parser()._actions:
+    """Every command by its words ("submit", "schedule add"), nested ones included."""
+    commands = _subcommands(build_parser())
+    if not commands:
+        raise AssertionError("the CLI has no subcommands")
+    return commands
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = {}
+    for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise AssertionError("the CLI has no subcommands")
+            for word, sub in action.choices.items():
+                nested = _subcommands(sub)
+                found.update({f"{word} {k}": v for k, v in nested.items()} or {word: sub})
+    return found
 
 
 def _flags() -> Iterator[tuple[str, str]]:
@@ -60,7 +71,7 @@ def _env_value(action: argparse.Action) -> tuple[str, object]:
 
 def _argv(parser: argparse.ArgumentParser, command: str, under_test: str) -> list[str]:
     """The command with something for each positional and each other required flag."""
-    argv = [command]
+    argv = command.split()
     for action in parser._actions:
         if not action.option_strings:
             argv.append("x")
@@ -73,6 +84,7 @@ def test_every_command_has_flags_to_check() -> None:
     commands = {command for command, _ in _flags()}
     assert {"master", "worker", "submit", "get", "wait", "cancel", "stats"} <= commands
     assert {"list", "retry", "purge"} <= commands
+    assert {f"schedule {a}" for a in ("add", "list", "delete", "pause", "resume")} <= commands
 
 
 @pytest.mark.parametrize(("command", "flag"), list(_flags()))

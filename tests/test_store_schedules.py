@@ -9,6 +9,8 @@ import threading
 import zoneinfo
 
 import pytest
+import test_store_contract
+from test_store_contract import NOW
 
 from taskfleet.common.errors import InvalidArgument, NotFound
 from taskfleet.common.model import (
@@ -23,8 +25,7 @@ from taskfleet.master import schedules
 from taskfleet.master.store import Store
 from taskfleet.master.store.base import FiredTick
 
-from test_store_contract import NOW, store  # noqa: F401 - the store fixture, every store
-
+store = test_store_contract.store  # the fixture: every store
 MAX_PAYLOAD_BYTES = 1 << 20
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 

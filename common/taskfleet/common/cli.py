@@ -20,10 +20,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
-from taskfleet.common import cli_operate
+from taskfleet.common import cli_operate, cli_schedule
 from taskfleet.common.addresses import check_address
 from taskfleet.common.cli_output import (
     outcome_text,
@@ -37,6 +36,8 @@ from taskfleet.common.cli_parser import build_parser
 from taskfleet.common.cli_submit import (
     Call,
     check_specs,
+    json_or_word,
+    key_value,
     read_calls,
     submit_in_batches,
 )
@@ -118,11 +119,11 @@ def _run(args: argparse.Namespace) -> int:
 def _submit(client: Client, args: argparse.Namespace) -> int:
     import time
 
-    shared_args = [_json_or_word(a) for a in args.args]
-    shared_kwargs = dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg)
+    shared_args = [json_or_word(a) for a in args.args]
+    shared_kwargs = dict(key_value(kv, "--kwarg", json_or_word) for kv in args.kwarg)
     calls = read_calls(sys.stdin.buffer) if args.from_stdin else [Call(0, [], {})]
     not_before = time.time() + args.delay_s if args.delay_s else None
-    metadata = dict(_key_value(kv, "--meta", str) for kv in args.meta)
+    metadata = dict(key_value(kv, "--meta", str) for kv in args.meta)
     try:
         specs = [
             make_spec(
@@ -257,20 +258,5 @@ COMMANDS = {
     "cancel": _cancel,
     "stats": _stats,
     **cli_operate.COMMANDS,
+    **cli_schedule.COMMANDS,
 }
-
-
-def _json_or_word(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-    except RecursionError:
-        raise ConfigError(f"{text[:20]}...: JSON nested too deeply") from None
-
-
-def _key_value(text: str, flag: str, parse: Any) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"{flag}: expected KEY=VALUE, got {text!r}")
-    return key, parse(value)

@@ -1,7 +1,7 @@
 """The ``taskfleet`` command line: every command, its flags and arguments.
 
 Each flag goes through ``EnvDefaultsParser.add_flag``, so it also reads its
-``TASKFLEET_*`` variable; what the commands do is in ``cli`` and ``cli_operate``.
+``TASKFLEET_*`` variable; what the commands do is in ``cli``, ``cli_operate`` and ``cli_schedule``.
 """
 
 from __future__ import annotations
@@ -44,38 +44,11 @@ def build_parser() -> flags.EnvDefaultsParser:
         metavar="JSON-ARG",
         help="positional arguments, each JSON (a bare word is taken as a string)",
     )
-    submit.add_flag(
-        "--kwarg",
-        action="append",
-        type=text,
-        metavar="KEY=JSON",
-        help="keyword argument (repeatable)",
-    )
-    submit.add_flag("--queue", type=text, default="default", help="queue name")
-    submit.add_flag(
-        "--priority",
-        type=flags.int_in_range(INT32_MIN, INT32_MAX),
-        default=0,
-        help="higher runs first",
-    )
-    submit.add_flag(
-        "--max-attempts",
-        type=flags.int_in_range(0, INT32_MAX),
-        default=0,
-        help="attempts before FAILED (0: the task's default)",
-    )
-    submit.add_flag("--timeout-s", type=flags.positive_float, help="hard time limit")
+    add_spec_flags(submit)
     submit.add_flag(
         "--delay-s", type=flags.delay_float, help="do not start before this many seconds from now"
     )
     submit.add_flag("--idempotency-key", type=text, default="", help="dedupe repeated submits")
-    submit.add_flag(
-        "--meta",
-        action="append",
-        type=text,
-        metavar="KEY=VALUE",
-        help="metadata label (repeatable)",
-    )
     submit.add_flag(
         "--max-payload-bytes",
         default=MasterConfig().max_payload_bytes,
@@ -126,7 +99,40 @@ def build_parser() -> flags.EnvDefaultsParser:
     stats = commands.add_parser("stats", help="show queues and workers")
     add_client_flags(stats)
     _add_operator_commands(commands)
+    _add_schedule_commands(commands)
     return parser
+
+
+def add_spec_flags(parser: flags.EnvDefaultsParser) -> None:
+    """The flags of the task a command submits (``submit``, ``schedule add``)."""
+    parser.add_flag(
+        "--kwarg",
+        action="append",
+        type=flags.utf8_text,
+        metavar="KEY=JSON",
+        help="keyword argument (repeatable)",
+    )
+    parser.add_flag("--queue", type=flags.utf8_text, default="default", help="queue name")
+    parser.add_flag(
+        "--priority",
+        type=flags.int_in_range(INT32_MIN, INT32_MAX),
+        default=0,
+        help="higher runs first",
+    )
+    parser.add_flag(
+        "--max-attempts",
+        type=flags.int_in_range(0, INT32_MAX),
+        default=0,
+        help="attempts before FAILED (0: the task's default)",
+    )
+    parser.add_flag("--timeout-s", type=flags.positive_float, help="hard time limit")
+    parser.add_flag(
+        "--meta",
+        action="append",
+        type=flags.utf8_text,
+        metavar="KEY=VALUE",
+        help="metadata label (repeatable)",
+    )
 
 
 def _add_operator_commands(commands: Any) -> None:
@@ -152,6 +158,61 @@ def _add_operator_commands(commands: Any) -> None:
     purge.add_flag(
         "--yes", action="store_true", help="do not ask for confirmation (needed off a terminal)"
     )
+
+
+def _add_schedule_commands(commands: Any) -> None:
+    """Add ``schedule add|list|delete|pause|resume`` (run by cli_schedule)."""
+    schedule = commands.add_parser("schedule", help="submit a task on a cron or an interval")
+    actions = schedule.add_subparsers(
+        dest="schedule_command", required=True, parser_class=flags.EnvDefaultsParser
+    )
+    add = actions.add_parser(
+        "add",
+        help="create a schedule",
+        description="Create a schedule that submits the task NAME(JSON-ARGs) on each tick. "
+        "Each tick fires once, however many masters share the store; after downtime "
+        "the latest missed tick fires once (or, with --skip-missed, not at all).",
+    )
+    add_client_flags(add)
+    add.add_argument("name", type=flags.utf8_text, help="registered task name")
+    add.add_argument(
+        "args",
+        nargs="*",
+        type=flags.utf8_text,
+        metavar="JSON-ARG",
+        help="positional arguments, each JSON (a bare word is taken as a string)",
+    )
+    add_spec_flags(add)
+    add.add_flag(
+        "--cron",
+        default="",
+        type=flags.utf8_text,
+        help='five-field cron expression, e.g. "30 2 * * *" (either this or --every-s)',
+    )
+    add.add_flag(
+        "--every-s", default=0.0, type=flags.positive_float, help="fire every this many seconds"
+    )
+    add.add_flag(
+        "--timezone",
+        default="UTC",
+        type=flags.utf8_text,
+        help="IANA time zone --cron is read in, e.g. Europe/Berlin (DST-aware)",
+    )
+    add.add_flag(
+        "--skip-missed",
+        action="store_true",
+        help="skip ticks over 10 s late (after downtime) instead of firing the latest once",
+    )
+    listing = actions.add_parser("list", help="list schedules with their next and last tick")
+    add_client_flags(listing)
+    for action, text in (
+        ("delete", "delete schedules"),
+        ("pause", "stop schedules firing"),
+        ("resume", "let paused schedules fire again, from their next tick"),
+    ):
+        command = actions.add_parser(action, help=text)
+        add_client_flags(command)
+        command.add_argument("schedule_ids", nargs="+", type=flags.utf8_text, metavar="ID")
 
 
 def _add_filters(parser: flags.EnvDefaultsParser, states_help: str) -> None:

@@ -116,3 +116,21 @@ def submit_in_batches(
 
 def _where(line: int) -> str:
     return f"--from-stdin: line {line}: " if line else ""
+
+
+def json_or_word(text: str) -> Any:
+    """A command-line argument as JSON, or as the string itself when it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+    except RecursionError:
+        raise ConfigError(f"{text[:20]}...: JSON nested too deeply") from None
+
+
+def key_value(text: str, flag: str, parse: Any) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``flag`` split, the value read by ``parse``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{flag}: expected KEY=VALUE, got {text!r}")
+    return key, parse(value)

@@ -32,7 +32,16 @@ from taskfleet.common.errors import (
     Unavailable,
     from_rpc_error,
 )
-from taskfleet.common.model import DEFAULT_QUEUE, JSON, Stats, Task, TaskSpec, TaskState
+from taskfleet.common.model import (
+    DEFAULT_QUEUE,
+    JSON,
+    MissedTicks,
+    Schedule,
+    Stats,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -329,6 +338,43 @@ class Client:
         (every final state when empty); returns how many."""
         request = tasks_pb2.PurgeTasksRequest(queue=queue, states=[int(s) for s in states])  # type: ignore[misc]
         return int(self._call(self._stub.PurgeTasks, request).count)
+
+    # -- schedules -----------------------------------------------------------
+
+    def create_schedule(
+        self,
+        spec: TaskSpec,
+        *,
+        cron: str = "",
+        interval_s: float = 0.0,
+        timezone: str = "UTC",
+        missed: MissedTicks = MissedTicks.FIRE_ONCE,
+    ) -> Schedule:
+        """Submit ``spec`` on each tick of ``cron`` (read in ``timezone``) or every
+        ``interval_s``; returns the schedule with its id and first tick."""
+        schedule = Schedule("", spec, cron, interval_s, timezone, missed=missed)
+        request = tasks_pb2.CreateScheduleRequest(schedule=convert.schedule_to_proto(schedule))
+        return convert.schedule_from_proto(self._call(self._stub.CreateSchedule, request))
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, oldest first."""
+        request = tasks_pb2.ListSchedulesRequest()
+        response = _retry_unavailable()(self._call, self._stub.ListSchedules, request)
+        return [convert.schedule_from_proto(pb) for pb in response.schedules]
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule; the tasks it fired are left alone."""
+        self._call(self._stub.DeleteSchedule, tasks_pb2.DeleteScheduleRequest(id=schedule_id))
+
+    def pause_schedule(self, schedule_id: str) -> Schedule:
+        """Stop a schedule firing until it is resumed."""
+        request = tasks_pb2.PauseScheduleRequest(id=schedule_id)
+        return convert.schedule_from_proto(self._call(self._stub.PauseSchedule, request))
+
+    def resume_schedule(self, schedule_id: str) -> Schedule:
+        """Let a paused schedule fire again, from its next tick after now."""
+        request = tasks_pb2.ResumeScheduleRequest(id=schedule_id)
+        return convert.schedule_from_proto(self._call(self._stub.ResumeSchedule, request))
 
     def _call(self, method: Any, request: Any) -> Any:
         try:

@@ -1,8 +1,9 @@
 """The one front door for task state changes in the master.
 
 Every change (submit, lease, extend, record, release, cancel, expire, retry,
-purge, prune, and the tasks schedules fire) goes through ``Lifecycle``: it applies the change to the store,
-then tells each registered ``LifecycleListener`` what happened. The servicers,
+purge, prune, the tasks schedules fire) goes through ``Lifecycle``: it applies
+the change to the store, then tells each registered ``LifecycleListener`` what
+happened. The servicers,
 the manager bridge and the reaper are thin callers; what follows a change
 (WaitTasks events, metrics, wake-ups of idle workers, a revoke to the worker
 of a cancelled task) is written once, as a listener. A change made by another
