@@ -209,7 +209,7 @@ class Schedule:
 
     id: str
     spec: TaskSpec
-    cron: str = ""  # five fields, read in ``timezone``; or else interval_s
+    cron: str = ""  # five fields (a sixth is seconds), read in ``timezone``; or interval_s
     interval_s: float = 0.0
     timezone: str = "UTC"
     paused: bool = False

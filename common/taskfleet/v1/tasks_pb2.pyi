@@ -968,8 +968,8 @@ class Schedule(_message.Message):
     id: _builtins.str
     """Identifier assigned by the master on CreateSchedule; empty when creating."""
     cron: _builtins.str
-    """A five-field cron expression ("*/5 * * * *"), read in timezone; set
-    either cron or interval, not both.
+    """A five-field cron expression ("*/5 * * * *"; an optional sixth field
+    is seconds), read in timezone; set either cron or interval, not both.
     """
     timezone: _builtins.str
     """IANA time zone the cron expression is read in ("Europe/Berlin"), so
