@@ -97,6 +97,7 @@ from taskfleet.master.store.rows import (
     queue_counts,
     schedule_from_row,
     schedule_row,
+    spec_values,
     task_from_row,
     where_clause,
 )
@@ -810,21 +811,7 @@ class PostgresStore(Store):
 
 def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
     """One new task's element of each array ``_INSERT`` unnests."""
-    return (
-        task_id,
-        spec.name,
-        spec.queue,
-        spec.payload,
-        spec.content_type,
-        spec.priority,
-        spec.max_attempts,
-        spec.timeout_s,
-        spec.not_before,
-        spec.idempotency_key,
-        json.dumps(spec.metadata) if spec.metadata else "{}",
-        spec.result_ttl_s,
-        max(spec.not_before, now),
-    )
+    return (task_id, *spec_values(spec), max(spec.not_before, now))
 
 
 def _unreachable(exc: psycopg.OperationalError) -> bool:

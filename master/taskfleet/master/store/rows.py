@@ -36,6 +36,23 @@ COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, tim
     created_at, started_at, finished_at, lost_leases, expires_at"""
 
 
+def spec_values(spec: TaskSpec) -> tuple[Any, ...]:
+    """The spec's columns of a task row, from ``name`` to ``result_ttl_s`` in ``COLUMNS``."""
+    return (
+        spec.name,
+        spec.queue,
+        spec.payload,
+        spec.content_type,
+        spec.priority,
+        spec.max_attempts,
+        spec.timeout_s,
+        spec.not_before,
+        spec.idempotency_key,
+        json.dumps(spec.metadata) if spec.metadata else "{}",
+        spec.result_ttl_s,
+    )
+
+
 def default_expiry(policy: StorePolicy, now: float) -> float:
     """When a task finished ``now`` without a TTL of its own is deleted; 0 for never."""
     ttl_s = policy.result_ttl_s

@@ -79,6 +79,7 @@ from taskfleet.master.store.rows import (
     queue_counts,
     schedule_from_row,
     schedule_row,
+    spec_values,
     task_from_row,
     where_clause,
 )
@@ -672,24 +673,7 @@ def _first_problem(rows: Sequence[tuple[str]]) -> str:
 def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
     """The values of ``_INSERT`` for a new task."""
     ready_at = max(spec.not_before, now)
-    return (
-        task_id,
-        spec.name,
-        spec.queue,
-        spec.payload,
-        spec.content_type,
-        spec.priority,
-        spec.max_attempts,
-        spec.timeout_s,
-        spec.not_before,
-        spec.idempotency_key,
-        json.dumps(spec.metadata) if spec.metadata else "{}",
-        spec.result_ttl_s,
-        PENDING,
-        int(ready_at <= now),
-        ready_at,
-        now,
-    )
+    return (task_id, *spec_values(spec), PENDING, int(ready_at <= now), ready_at, now)
 
 
 def _known_id(db: sqlite3.Connection, key: str) -> str | None:
