@@ -55,7 +55,7 @@ def release(jobs: Iterable[Job]) -> worker_pb2.WorkerMessage:
 
 
 def results(seq: int, outcomes: list[Outcome], credit: int = 0) -> worker_pb2.WorkerMessage:
-    """One Results batch; filled in place, field by field, as it is built per outcome."""
+    """One Results batch, its outcomes written straight into the repeated field."""
     message = worker_pb2.WorkerMessage()
     batch = message.results
     batch.seq = seq

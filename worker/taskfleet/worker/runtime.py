@@ -7,8 +7,8 @@ Threads: ``connection`` holds the stream and applies what the master sends;
 ``sender`` batches outcomes, asks for credit and heartbeats; the pool calls
 ``_on_done`` from its own thread, which sends the batch itself when the pool has
 gone idle. The main thread only waits for signals. One lock, ``_lock``,
-guards the book, the batches and the credit; its waiters are the sender and a
-drain.
+guards the book, the batches, the credit and the connection's outbox; its
+waiters are the sender and a drain.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import LeaseRef
+from taskfleet.common.model import LeaseRef, Outcome
 from taskfleet.common.shutdown import on_stop_signals
 from taskfleet.v1 import worker_pb2
 from taskfleet.worker import messages
@@ -30,7 +30,7 @@ from taskfleet.worker.batches import GATHER_S, Batch, Batches
 from taskfleet.worker.connection import Connection
 from taskfleet.worker.credit import Credit
 from taskfleet.worker.execute import Job, JobResult
-from taskfleet.worker.lease_book import LeaseBook
+from taskfleet.worker.lease_book import Finished, LeaseBook
 from taskfleet.worker.metrics import WorkerMetrics
 from taskfleet.worker.outcomes import log_context, log_outcome, outcome_label, outcome_of
 from taskfleet.worker.pool import Pool, abandon_broken
@@ -165,14 +165,7 @@ class Worker:
         with self._lock:
             now = time.monotonic()
             finished = self.book.finish(result.ref)
-            if finished is not None:
-                job = finished.job
-                outcome = outcome_of(job, result, self.config.max_result_bytes)
-                self.credit.job_took(finished.run_s)
-                if self.metrics is not None:
-                    self.metrics.task_done(job.name, outcome_label(job, outcome), finished.run_s)
-                if finished.wanted:
-                    self.batches.add(outcome, now)
+            outcome = None if finished is None else self._record(finished, result, now)
             self._start_prefetched()
             outbox = self.connection.outbox
             # A pool gone idle sends at once, from here: waking the sender
@@ -186,8 +179,20 @@ class Worker:
                 self._lock.notify_all()
         if batch is not None and outbox is not None:
             outbox.put(messages.results(*batch))
-        if finished is not None:
+        if finished is not None and outcome is not None:
             log_outcome(finished.job, result, outcome)  # outside the lock: may block on I/O
+
+    def _record(self, finished: Finished, result: JobResult, now: float) -> Outcome:
+        """Count a finished job and queue its outcome, unless its lease was revoked.
+        Called with the lock held."""
+        job = finished.job
+        outcome = outcome_of(job, result, self.config.max_result_bytes)
+        self.credit.job_took(finished.run_s)
+        if self.metrics is not None:
+            self.metrics.task_done(job.name, outcome_label(job, outcome), finished.run_s)
+        if finished.wanted:
+            self.batches.add(outcome, now)
+        return outcome
 
     def _busy_slots(self) -> int:
         """Slots running a task: jobs handed to the pool, or threads still busy with a
