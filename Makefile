@@ -20,7 +20,7 @@ PYZ_PIP_ARGS ?=
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-retention bench-peers peers-deps clean dist
+.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-retention bench-scaling bench-peers peers-deps clean dist
 
 install: $(STAMP)
 
@@ -106,6 +106,9 @@ bench: install
 
 bench-retention: install
 	$(BIN)/python bench/retention.py
+
+bench-scaling: install
+	$(BIN)/python bench/scaling.py
 
 bench-depth: install
 	$(BIN)/python bench/run.py --rounds 1 --depth 1000000

@@ -8,6 +8,7 @@ must not be picked up use a queue no worker serves.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -155,9 +156,19 @@ def test_submit_prints_an_id_and_get_shows_the_outcome(addr: str) -> None:
     assert fields["state"] == "SUCCEEDED"
     assert fields["result"] == "36"
 
+    # Times for people in the local zone (TZ set for the CLI), for scripts in UTC.
+    local = ok(run("get", task_id, "--master", addr, env={"TZ": "Asia/Kolkata"}))
+    local_fields = dict(line.strip().split(": ", 1) for line in local.splitlines() if ": " in line)
+    created_here = dt.datetime.fromisoformat(local_fields["created_at"])
+    assert created_here.utcoffset() == dt.timedelta(hours=5, minutes=30)
+
     task = get_json(addr, task_id)
     for key in ("id", "name", "queue", "state", "attempts", "result", "error", "worker_id"):
         assert key in task, key
+    created = dt.datetime.fromisoformat(str(task["created_at"]))
+    assert created.utcoffset() == dt.timedelta(0)
+    assert created == created_here
+    assert task["not_before"] is None
     assert task["id"] == task_id
     assert task["name"] == "square"
     assert task["queue"] == "default"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -295,6 +296,26 @@ def test_a_failed_attempt_with_attempts_left_comes_back_after_the_backoff(store:
     assert (second.task.attempts, second.task.lease) == (2, 2)
     (finished,) = store.record([failed(second.ref, max_attempts=2)], NOW + 11)
     assert (finished.state, finished.attempts) == (TaskState.FAILED, 2)
+
+
+def test_a_worker_may_end_a_failure_or_name_its_retry_delay(store: Store) -> None:
+    # A failure the task does not retry ends it, though attempts remain.
+    ended_id, delayed_id = (submit_one(store, name=name) for name in ("ended", "delayed"))
+    delayed, ended = sorted(lease(store, limit=2), key=lambda lease: lease.task.spec.name)
+    assert (ended.task.id, delayed.task.id) == (ended_id, delayed_id)
+    outcomes = [
+        dataclasses.replace(failed(ended.ref, max_attempts=3), no_retry=True),
+        dataclasses.replace(failed(delayed.ref, max_attempts=3), retry_delay_s=30.0),
+    ]
+    store.record(outcomes, NOW)
+
+    assert store.get(ended_id).state is TaskState.FAILED
+    # The delay it named replaces the policy's backoff of 10 s.
+    assert store.get(delayed_id).state is TaskState.PENDING
+    assert store.next_ready_at(NOW) == NOW + 30
+    assert lease(store, now=NOW + 29) == []
+    (again,) = lease(store, now=NOW + 30)
+    assert again.task.id == delayed_id
 
 
 def test_lost_leases_do_not_use_attempts(store: Store) -> None:

@@ -3,6 +3,8 @@ and the label its metrics count it under."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from taskfleet.common.model import JSON, LeaseRef, TaskError, TaskState
@@ -45,3 +47,10 @@ def test_a_result_over_the_limit_fails_for_good() -> None:
     assert outcome.state is TaskState.FAILED and outcome.result == b""
     assert outcome.error is not None and outcome.error.type == RESULT_TOO_LARGE
     assert outcome_label(job(), outcome) == "failed"  # max_attempts 1: no retry
+
+
+def test_a_failure_carries_the_tasks_own_retry_choice() -> None:
+    result = dataclasses.replace(failed(REF, "Retry", "later"), retry_delay_s=2.5)
+    assert outcome_of(job(), result, LIMIT_BYTES).retry_delay_s == 2.5
+    final = dataclasses.replace(failed(REF, "KeyError", "k"), no_retry=True)
+    assert outcome_of(job(), final, LIMIT_BYTES).no_retry

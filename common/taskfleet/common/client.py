@@ -27,6 +27,7 @@ from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import (
     DeadlineExceeded,
     ResourceExhausted,
+    TaskCancelled,
     TaskFailed,
     Unavailable,
     from_rpc_error,
@@ -370,9 +371,11 @@ def task_result(task: Task) -> Any:
     if task.state == TaskState.SUCCEEDED:
         return decode_result(task.result, task.result_content_type)
     error = task.error
-    raise TaskFailed(
+    failure = TaskCancelled if task.state is TaskState.CANCELLED else TaskFailed
+    raise failure(
         task.id,
         task.state.name,
         error.type if error else task.state.name,
         error.message if error else "",
+        error.traceback if error else "",
     )

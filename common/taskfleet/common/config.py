@@ -66,6 +66,10 @@ class MasterConfig:
     # How many times a task's lease may lapse before the next lapse ends it
     # FAILED WorkerLost: a task that kills its worker must not run forever.
     max_lost_leases: int = 3
+    # Masters sharing a PostgreSQL store learn of each other's changes by polling
+    # alone, without LISTEN/NOTIFY or prepared statements: for PgBouncer in
+    # transaction mode, which can hold neither.
+    poll_only: bool = False
 
     def __repr__(self) -> str:  # never show the token, nor the store's password
         return f"MasterConfig(listen={self.listen!r}, store={redacted(self.store)!r})"

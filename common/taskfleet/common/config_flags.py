@@ -83,6 +83,12 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
         type=positive_int,
         help="refuse streaming calls (waits and worker streams) beyond this many open ones",
     )
+    parser.add_flag(
+        "--poll-only",
+        action="store_true",
+        help="masters sharing a PostgreSQL store poll instead of LISTEN/NOTIFY "
+        "(PgBouncer in transaction mode)",
+    )
     _add_metrics_flag(parser)
     parser.add_flag(
         "--insecure",
@@ -120,6 +126,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         result_ttl_s=args.result_ttl_s,
         max_lost_leases=args.max_lost_leases,
         max_streams=args.max_streams,
+        poll_only=args.poll_only,
         metrics_listen=_metrics_listen(args, listen),
         insecure=args.insecure,
         log_level=args.log_level,

@@ -15,6 +15,7 @@ from taskfleet.common.model import (
     JSON,
     Lease,
     LeaseRef,
+    MasterInfo,
     Outcome,
     QueueCounts,
     Stats,
@@ -236,6 +237,10 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
         _fill_error(pb.error, outcome.error)
     if outcome.max_attempts != 1:
         pb.max_attempts = outcome.max_attempts
+    if outcome.no_retry:
+        pb.no_retry = True
+    if outcome.retry_delay_s:
+        pb.retry_delay.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
@@ -247,6 +252,10 @@ def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
         pb.result_content_type or JSON,
         error_from_proto(pb.error) if pb.HasField("error") else None,
         pb.max_attempts or 1,
+        pb.no_retry,
+        seconds_from_duration(pb.retry_delay, "outcome.retry_delay")
+        if pb.HasField("retry_delay")
+        else 0.0,
     )
 
 
@@ -280,10 +289,22 @@ def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
             running=w.running,
             peer=w.peer,
             connected_at=timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in stats.workers
     ]
-    return tasks_pb2.Stats(queues=queues, workers=workers)
+    masters = [
+        tasks_pb2.MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=timestamp(m.started_at),
+            seen_at=timestamp(m.seen_at),
+        )
+        for m in stats.masters
+    ]
+    return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters)
 
 
 def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
@@ -302,7 +323,19 @@ def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
             running=w.running,
             peer=w.peer,
             connected_at=unix_from_timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in pb.workers
     ]
-    return Stats(queues, workers)
+    masters = [
+        MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=unix_from_timestamp(m.started_at),
+            seen_at=unix_from_timestamp(m.seen_at),
+        )
+        for m in pb.masters
+    ]
+    return Stats(queues, workers, masters)

@@ -108,7 +108,9 @@ class Outcome:
     ``state`` is SUCCEEDED, FAILED or CANCELLED. What a FAILED attempt leads to
     is the master's decision: another attempt after a backoff while the task
     has attempts left of ``max_attempts`` (which the worker resolves from the
-    spec or its ``@task`` default), else the end.
+    spec or its ``@task`` default), else the end. ``no_retry`` (an exception its
+    ``@task`` does not retry) ends it at once; ``retry_delay_s`` (a ``Retry``
+    the task raised, or its ``@task`` backoff) replaces the master's backoff.
     """
 
     ref: LeaseRef
@@ -117,6 +119,8 @@ class Outcome:
     result_content_type: str = JSON
     error: TaskError | None = None
     max_attempts: int = 1
+    no_retry: bool = False
+    retry_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +144,25 @@ class WorkerInfo:
     running: int
     peer: str
     connected_at: float
+    master_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MasterInfo:
+    """A master serving the store: one alone, or several sharing a database."""
+
+    master_id: str
+    hostname: str
+    pid: int
+    listen: str
+    started_at: float
+    seen_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Counts per queue and the connected workers."""
+    """Counts per queue, the connected workers and the masters."""
 
     queues: list[QueueCounts]
     workers: list[WorkerInfo]
+    masters: list[MasterInfo] = field(default_factory=list)

@@ -738,6 +738,7 @@ class WorkerInfo(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    MASTER_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Identifier the worker chose (host, pid and a random suffix)."""
     hostname: _builtins.str
@@ -750,6 +751,8 @@ class WorkerInfo(_message.Message):
     """Tasks currently leased to it."""
     peer: _builtins.str
     """Peer address as the master sees it."""
+    master_id: _builtins.str
+    """The master whose stream it holds (see Stats.masters)."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues the worker takes tasks from."""
@@ -774,14 +777,61 @@ class WorkerInfo(_message.Message):
         running: _builtins.int = ...,
         peer: _builtins.str = ...,
         connected_at: _timestamp_pb2.Timestamp | None = ...,
+        master_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "connected_at", b"connected_at", "hostname", b"hostname", "peer", b"peer", "pid", b"pid", "queues", b"queues", "running", b"running", "task_names", b"task_names", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "connected_at", b"connected_at", "hostname", b"hostname", "master_id", b"master_id", "peer", b"peer", "pid", b"pid", "queues", b"queues", "running", b"running", "task_names", b"task_names", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class MasterInfo(_message.Message):
+    """A master serving the same store (one alone, several on a shared database)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    LISTEN_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    SEEN_AT_FIELD_NUMBER: _builtins.int
+    master_id: _builtins.str
+    """Identifier the master chose at start (host, pid and a random suffix)."""
+    hostname: _builtins.str
+    """Host the master runs on."""
+    pid: _builtins.int
+    """Process id of the master on its host."""
+    listen: _builtins.str
+    """The address it listens on, as its --listen flag says."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last said it was alive; a master silent for long is forgotten."""
+
+    def __init__(
+        self,
+        *,
+        master_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        listen: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        seen_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_at", b"seen_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "listen", b"listen", "master_id", b"master_id", "pid", b"pid", "seen_at", b"seen_at", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MasterInfo: _TypeAlias = MasterInfo  # noqa: Y015
 
 @_typing.final
 class Stats(_message.Message):
@@ -791,23 +841,29 @@ class Stats(_message.Message):
 
     QUEUES_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    MASTERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueStats]:
         """One entry per queue that has ever held a task, sorted by name."""
 
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
-        """Workers connected now."""
+        """Workers connected now, to any master of the store."""
+
+    @_builtins.property
+    def masters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MasterInfo]:
+        """The masters serving the store, this one included, sorted by id."""
 
     def __init__(
         self,
         *,
         queues: _abc.Iterable[Global___QueueStats] | None = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        masters: _abc.Iterable[Global___MasterInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masters", b"masters", "queues", b"queues", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,16 +1,21 @@
 """The master's shared state, wired explicitly: config, store, the event loop
 bridge, the lifecycle and its listeners (completion hub, worker sessions, the
-due timer, metrics), the count of open streams, and the reaper that returns
-lapsed leases and prunes expired tasks."""
+due timer, metrics, and the cluster when the store is shared), the count of
+open streams, and the reaper that returns lapsed leases and prunes expired
+tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ResourceExhausted, StoreUnusable
+from taskfleet.common.model import MasterInfo, Stats, WorkerInfo
+from taskfleet.master.cluster import Cluster, new_master
 from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import Lifecycle
@@ -20,6 +25,12 @@ from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
 
 log = logging.getLogger("taskfleet.master.leases")
+
+
+def _merge_workers(local: list[WorkerInfo], remote: list[WorkerInfo]) -> list[WorkerInfo]:
+    by_id = {w.worker_id: w for w in sorted(remote, key=lambda w: w.connected_at)}
+    by_id.update((w.worker_id, w) for w in local)
+    return sorted(by_id.values(), key=lambda w: w.worker_id)
 
 
 @dataclass
@@ -36,16 +47,46 @@ class MasterRuntime:
     metrics: MasterMetrics = field(default_factory=MasterMetrics)  # off unless enabled
     open_streams: int = 0  # changed on the loop only
     lifecycle: Lifecycle = field(init=False)
+    me: MasterInfo = field(init=False)
+    cluster: Cluster | None = field(init=False)  # None: a store only this master uses
 
     def __post_init__(self) -> None:
         self.bridge = LoopBridge(offload=self.store.blocks)
         self.sessions = Sessions(self.bridge)
         self.due = DueTimer(self.store, self.bridge, self.sessions)
+        self.me = new_master(self.config.listen)
+        bus = self.store.bus()
+        self.cluster = (
+            None
+            if bus is None
+            else Cluster(
+                bus,
+                self.me,
+                hub=self.hub,
+                sessions=self.sessions,
+                due=self.due,
+                poll_only=self.config.poll_only,
+                forget_after_s=self.config.lease_s,
+            )
+        )
+        listeners = [self.hub, self.sessions, self.due, self.metrics]
         self.lifecycle = Lifecycle(
             self.store,
             max_payload_bytes=self.config.max_payload_bytes,
-            listeners=[self.hub, self.sessions, self.due, self.metrics],
+            listeners=listeners if self.cluster is None else [*listeners, self.cluster],
         )
+
+    def stats(self) -> Stats:
+        """GetStats: the store's counts, every master, and the workers of all of them
+        (a worker that moved between masters is listed once, where it is now)."""
+        local = self.sessions.infos()
+        if self.cluster is None:
+            masters = [dataclasses.replace(self.me, seen_at=time.time())]
+            workers = local
+        else:
+            masters = self.cluster.masters()
+            workers = _merge_workers(local, self.cluster.remote_workers())
+        return Stats(self.store.stats(), workers, masters)
 
     def open_stream(self) -> None:
         """Count a new streaming call, or refuse it past ``--max-streams``: a

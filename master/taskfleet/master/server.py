@@ -45,7 +45,11 @@ class Master:
         self.config = config
         self.runtime = MasterRuntime(
             config,
-            open_store(config.store, StorePolicy(config.result_ttl_s, config.max_lost_leases)),
+            open_store(
+                config.store,
+                StorePolicy(config.result_ttl_s, config.max_lost_leases),
+                poll_only=config.poll_only,
+            ),
             metrics=MasterMetrics(bool(config.metrics_listen)),
         )
         interceptors: list[ServerInterceptor] = (
@@ -94,6 +98,8 @@ class Master:
             self._serve_metrics()
         if self._manager is not None:
             self._manager.start()
+        if self.runtime.cluster is not None:
+            await asyncio.to_thread(self.runtime.cluster.start)
         await self._health.serving()
         await self._server.start()
         self._reaper.start()
@@ -122,6 +128,8 @@ class Master:
         await asyncio.to_thread(self._reaper.join)
         if self._manager is not None:
             await asyncio.to_thread(self._manager.stop)
+        if rt.cluster is not None:
+            await asyncio.to_thread(rt.cluster.stop)
         await asyncio.to_thread(rt.metrics.close)  # before the store its scrapes read
         await asyncio.to_thread(rt.bridge.close)
         await asyncio.to_thread(rt.store.close)

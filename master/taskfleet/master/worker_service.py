@@ -48,7 +48,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             # UNAVAILABLE, not a welcome: the worker backs off and reconnects elsewhere
             # or to the next master, instead of holding this one for its whole grace.
             raise Unavailable("master is shutting down")
-        session = WorkerSession(_worker_info(first.hello, context.peer()))
+        session = WorkerSession(_worker_info(first.hello, context.peer(), self._rt.me.master_id))
         self._rt.sessions.add(session)
         log.info(
             "worker %s connected from %s: queues=%s concurrency=%d",
@@ -246,7 +246,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         session.ack_results(results.seq, max(0, results.credit))
 
 
-def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:
+def _worker_info(hello: worker_pb2.Hello, peer: str, master_id: str) -> WorkerInfo:
     if not hello.worker_id:
         raise InvalidArgument("hello.worker_id: must not be empty")
     if not hello.queues:
@@ -263,4 +263,5 @@ def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:
         running=0,
         peer=peer,
         connected_at=time.time(),
+        master_id=master_id,
     )

@@ -24,7 +24,14 @@ def outcome_of(job: Job, result: JobResult, max_result_bytes: int) -> Outcome:
         if result.cancelled:
             outcome = Outcome(job.ref, TaskState.CANCELLED, error=error)
         else:
-            outcome = Outcome(job.ref, TaskState.FAILED, error=error, max_attempts=job.max_attempts)
+            outcome = Outcome(
+                job.ref,
+                TaskState.FAILED,
+                error=error,
+                max_attempts=job.max_attempts,
+                no_retry=result.no_retry,
+                retry_delay_s=result.retry_delay_s,
+            )
     return limit_outcome(outcome, max_result_bytes)
 
 

@@ -36,6 +36,7 @@ from taskfleet.master.store.base import (
     expires_at,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
 
@@ -403,11 +404,12 @@ class MemoryStore(Store):
         else:
             task.error = outcome.error
             used = attempts_used(task.attempts, slot.attempt_base, task.lost_leases)
-            if used >= outcome.max_attempts:
+            delay_s = retry_delay_s(self.policy, outcome, used)
+            if delay_s is None:
                 self._finish(slot, TaskState.FAILED, now)
             else:
                 self._set_state(slot, TaskState.PENDING)
-                self._enqueue(slot, now + self.policy.retry_backoff_s(used), now)
+                self._enqueue(slot, now + delay_s, now)
 
     def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)

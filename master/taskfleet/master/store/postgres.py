@@ -17,8 +17,12 @@ statement triggers: at 100,000 tasks stats() takes 1 ms where a GROUP BY took
 The schema is versioned: migrations run at open inside one transaction that
 holds an advisory lock, so masters started together apply them once.
 
-For now one master uses a database at a time: masters sharing one would need
-to wake each other's waiting workers and clients, which comes next.
+Any number of masters can share one database: every statement is correct
+against the others' (claims skip locked rows, updates are fenced), and
+housekeeping (``expire``, ``prune``) skips rows another master holds, so all
+masters run it at once and each lapsed lease is returned once. What the
+masters tell each other (wake-ups, results, revocations) goes over the bus
+(postgres_bus.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from psycopg_pool import ConnectionPool
 from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
 from taskfleet.common.store_urls import redacted
+from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
@@ -44,8 +49,10 @@ from taskfleet.master.store.base import (
     attempts_used,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
+from taskfleet.master.store.postgres_bus import PostgresBus
 from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
@@ -71,6 +78,7 @@ _MIGRATION_LOCK = 0x7461736B666C6565
 # inserted at the same time) run again; more than this many losses is a bug.
 _RACE_RETRIES = 5
 _POOL_MAX_SIZE = 4
+_PREPARE_THRESHOLD = 5
 _CONNECT_TIMEOUT_S = 10
 
 _COUNT_FUNCTION = """
@@ -168,6 +176,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS"
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
+    2: postgres_bus.MIGRATION,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -250,8 +259,11 @@ class PostgresStore(Store):
 
     blocks = True
 
-    def __init__(self, dsn: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
+    def __init__(
+        self, dsn: str, policy: StorePolicy = DEFAULT_POLICY, *, prepare: bool = True
+    ) -> None:
         self.policy = policy
+        self._dsn = dsn
         self._where = redacted(dsn)
         try:
             with psycopg.connect(dsn, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
@@ -262,7 +274,13 @@ class PostgresStore(Store):
             dsn,
             min_size=1,
             max_size=_POOL_MAX_SIZE,
-            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S, "autocommit": True},
+            kwargs={
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+                "autocommit": True,
+                # None: never prepare (a transaction-mode pooler cannot hold them);
+                # otherwise psycopg prepares a statement on its fifth run.
+                "prepare_threshold": _PREPARE_THRESHOLD if prepare else None,
+            },
             name="taskfleet-store",
             open=True,
         )
@@ -459,9 +477,8 @@ class PostgresStore(Store):
         count = used.get((outcome.ref.task_id, outcome.ref.lease))
         if outcome.state is not TaskState.FAILED or count is None:
             return None
-        if count >= outcome.max_attempts:
-            return None
-        return now + self.policy.retry_backoff_s(count)
+        delay_s = retry_delay_s(self.policy, outcome, count)
+        return None if delay_s is None else now + delay_s
 
     def retry(self, task_id: str, now: float) -> Task:
         def work(conn: psycopg.Connection[Any]) -> Any:
@@ -517,7 +534,7 @@ class PostgresStore(Store):
             lapsed = conn.execute(
                 f"""SELECT seq, worker_id, lost_leases, lost_by FROM tasks
                 WHERE state = {RUNNING} AND lease_deadline <= %s
-                ORDER BY lease_deadline, seq FOR UPDATE""",
+                ORDER BY lease_deadline, seq FOR UPDATE SKIP LOCKED""",
                 (now,),
             ).fetchall()
             if not lapsed:
@@ -598,6 +615,9 @@ class PostgresStore(Store):
             ).fetchall()
         )
         return queue_counts(rows)
+
+    def bus(self) -> PostgresBus:
+        return PostgresBus(self._pool, self._dsn)
 
     def close(self) -> None:
         self._pool.close()

@@ -55,6 +55,7 @@ from taskfleet.master.store.base import (
     attempts_used,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
 from taskfleet.master.store.rows import (
@@ -412,7 +413,7 @@ class SqliteStore(Store):
         with self._write() as db:
             for outcome in outcomes:
                 fence = (outcome.ref.task_id, outcome.ref.lease)
-                retry_delay_s = None
+                delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
                     counts = db.execute(
@@ -421,10 +422,8 @@ class SqliteStore(Store):
                     ).fetchone()
                     if counts is None:
                         continue  # stale
-                    used = attempts_used(*counts)
-                    if used < outcome.max_attempts:
-                        retry_delay_s = self.policy.retry_backoff_s(used)
-                changes, params = _outcome_update(outcome, now, expiry, retry_delay_s)
+                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
+                changes, params = _outcome_update(outcome, now, expiry, delay_s)
                 row = db.execute(
                     f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {COLUMNS}",
                     (*params, *fence),
@@ -596,11 +595,11 @@ def _known_id(db: sqlite3.Connection, key: str) -> str | None:
 
 
 def _outcome_update(
-    outcome: Outcome, now: float, expiry: tuple[float, float], retry_delay_s: float | None
+    outcome: Outcome, now: float, expiry: tuple[float, float], delay_s: float | None
 ) -> tuple[str, tuple[Any, ...]]:
     """The SET clause and its parameters that apply ``outcome`` to its task's row;
     ``expiry`` holds the parameters of ``_EXPIRES``; a FAILED outcome runs again
-    after ``retry_delay_s`` unless it is None."""
+    after ``delay_s`` unless it is None."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
@@ -620,12 +619,12 @@ def _outcome_update(
         (None, None, None) if error is None else (error.type, error.message, error.traceback)
     )
     error_set = "error_type = ?, error_message = ?, error_traceback = ?"
-    if retry_delay_s is None:
+    if delay_s is None:
         return (
             f"state = {FAILED}, {error_set}, finished_at = ?, {_EXPIRES}",
             (*error_params, now, *expiry),
         )
-    ready_at = now + retry_delay_s
+    ready_at = now + delay_s
     return (
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
         (int(ready_at <= now), ready_at, *error_params),
