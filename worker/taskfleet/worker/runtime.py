@@ -14,16 +14,14 @@ waiters are the sender and a drain.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import threading
 import time
 
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.identity import process_name
 from taskfleet.common.model import LeaseRef, Outcome
-from taskfleet.common.shutdown import on_stop_signals
+from taskfleet.common.shutdown import EXIT_GRACE_EXPIRED, on_stop_signals
 from taskfleet.v1 import worker_pb2
 from taskfleet.worker import messages
 from taskfleet.worker.batches import GATHER_S, Batch, Batches
@@ -39,15 +37,13 @@ from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker")
 
-EXIT_GRACE_EXPIRED = 1  # drained, but some tasks were still running after the grace
-
 
 class Worker:
     """One worker process: its connection, pool and leases, wired together."""
 
     def __init__(self, config: WorkerConfig, registry: dict[str, TaskDefinition]) -> None:
         self.config = config
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.worker_id = process_name()
         self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
         self._lock = threading.Condition()
         self.book = LeaseBook()
