@@ -1,0 +1,231 @@
+"""Address lists: workers, the Python client and the CLI given ``A,B`` fail over
+from a master that is down or killed to the next one.
+
+The masters here use memory stores, so each holds its own tasks: what a test
+checks is which master a worker or client reaches, and that work goes on there.
+Masters sharing one PostgreSQL database are tested in test_multimaster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from taskfleet.common.addresses import AddressRing, parse_address_list
+from taskfleet.common.client import Client, make_spec
+from taskfleet.common.errors import ConfigError
+from taskfleet.common.model import TaskState
+
+from procs import Gates, MasterProc, WorkerProc, free_port, poll
+from test_cli import EXIT_USAGE, ok, refused, run
+
+StartMaster = Callable[..., MasterProc]
+StartWorker = Callable[..., WorkerProc]
+
+
+def connected_to(master: MasterProc, worker: WorkerProc) -> bool:
+    """Whether ``master`` lists ``worker`` among its connected workers."""
+    with master.client() as client:
+        return any(w.pid == worker.pid for w in client.stats().workers)
+
+
+def closed_address() -> str:
+    """A loopback address nothing listens on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+# -- the list and the ring, without a network ---------------------------------------
+
+
+def test_a_list_is_split_and_each_address_checked() -> None:
+    assert parse_address_list("--master", "a:1, b:2") == ("a:1", "b:2")
+    assert parse_address_list("--master", "[::1]:50051") == ("[::1]:50051",)
+    for bad, words in [
+        ("a:1,,b:2", "empty address"),
+        ("a:1,", "empty address"),
+        ("a:1,a:1", "a:1 is given twice"),
+        ("a:1,nonsense", "expected HOST:PORT, got 'nonsense'"),
+        ("a:1,b:99999", "expected HOST:PORT"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_address_list("--master", bad)
+        assert str(caught.value).startswith("--master: "), caught.value
+        assert words in str(caught.value), caught.value
+
+
+def test_the_ring_moves_round_and_once_per_failure() -> None:
+    ring = AddressRing(("a:1", "b:2", "c:3"))
+    assert (ring.current, str(ring)) == ("a:1", "a:1,b:2,c:3")
+    # Two calls that failed on a:1 together move the ring once.
+    assert ring.move_on("a:1") == "b:2"
+    assert ring.move_on("a:1") == "b:2"
+    assert ring.move_on("b:2") == "c:3"
+    # Round the ring: the first master, maybe restarted, is tried again.
+    assert ring.move_on("c:3") == "a:1"
+    assert AddressRing(("a:1",)).move_on("a:1") == "a:1"
+
+
+def test_the_client_refuses_a_bad_list_naming_its_argument() -> None:
+    with pytest.raises(ConfigError, match=r"^master: 127\.0\.0\.1:1 is given twice"):
+        Client("127.0.0.1:1,127.0.0.1:1")
+
+
+# -- workers ----------------------------------------------------------------------
+
+
+def test_worker_moves_to_the_next_master_when_its_master_is_killed_mid_run(
+    start_master: StartMaster, start_worker: StartWorker, gates: Gates
+) -> None:
+    # Given masters A and B, and a worker given A,B that runs a task from A
+    a, b = start_master(), start_master()
+    worker = start_worker(f"{a.address},{b.address}")
+    assert connected_to(a, worker) and not connected_to(b, worker)
+    gate = gates.new("held")
+    with a.client() as client:
+        client.submit("block_until", [gate])
+    poll(lambda: Gates.started(gate, 1), 20, "the task from A to start")
+
+    # When A is killed, and the task finishes while its master is gone
+    a.kill()
+    Gates.open(gate)
+
+    # Then the worker connects to B, and tasks submitted to B run there: the
+    # result for A, resent to B (which knows nothing of it), holds nothing up
+    poll(lambda: connected_to(b, worker), 20, "the worker to reach B")
+    with b.client() as client:
+        assert client.run("square", [7], timeout_s=20) == 49
+        ids = client.submit_many(make_spec("square", [n]) for n in range(20))
+        assert [client.result(i, timeout_s=20) for i in ids] == [n * n for n in range(20)]
+    assert "reconnecting to " + b.address in worker.output()
+    assert worker.popen.poll() is None
+
+
+def test_worker_given_a_master_that_was_never_up_connects_to_the_next(
+    start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    # Given master B, and A an address nothing listens on
+    b = start_master()
+    masters = f"{closed_address()},{b.address}"
+
+    # When a worker is given A,B
+    worker = start_worker(masters, wait_connected=False)
+
+    # Then it serves B, and names the list it was given
+    poll(lambda: connected_to(b, worker), 20, "the worker to reach B")
+    with b.client() as client:
+        assert client.run("square", [6], timeout_s=20) == 36
+    assert f"serving {masters}" in worker.output()
+
+
+def test_a_master_restarting_on_its_address_is_found_again_round_the_list(
+    start_master: StartMaster, start_worker: StartWorker, gates: Gates, tmp_path: Path
+) -> None:
+    # Given a SQLite master A, and B an address nothing listens on; a worker and a
+    # client given A,B, the client waiting for a task the worker runs
+    db = tmp_path / "a.db"
+    a = start_master(store=f"sqlite:{db}")
+    masters = f"{a.address},{closed_address()}"
+    worker = start_worker(masters)
+    gate = gates.new("held")
+    with Client(masters) as client:
+        task_id = client.submit("block_until", [gate])
+        poll(lambda: Gates.started(gate, 1), 20, "the task to start")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.result, task_id, 60)
+
+            # When A is killed and restarts on the same address and file
+            a.kill()
+            a = start_master(store=f"sqlite:{db}", port=a.port)
+            Gates.open(gate)
+
+            # Then the worker, having tried B, comes back to A; and so does the
+            # wait, which ends with the task's result
+            poll(lambda: connected_to(a, worker), 20, "the worker to reach A again")
+            assert waiting.result(timeout=60) == "released"
+        assert client.run("square", [8], timeout_s=20) == 64
+
+
+# -- the Python client -------------------------------------------------------------
+
+
+def test_client_with_the_first_master_down_answers_from_the_next(
+    start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    # Given master B with a worker, and A an address nothing listens on
+    b = start_master()
+    start_worker(b)
+    with Client(f"{closed_address()},{b.address}") as client:
+        # Then a submit without an idempotency key (it never reached A, so
+        # sending it again is safe), a SubmitAndWait and a read all go to B
+        task_id = client.submit("square", [4])
+        assert client.result(task_id, timeout_s=20) == 16
+        assert client.run("square", [5], timeout_s=20) == 25
+        assert client.masters.current == b.address
+    with b.client() as direct:
+        assert direct.get(task_id).state == TaskState.SUCCEEDED
+
+
+def test_client_moves_on_when_its_master_is_killed_between_calls(
+    start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    # Given masters A and B, each with a worker of its own, and a client given A,B
+    a, b = start_master(), start_master()
+    worker_a, worker_b = start_worker(a), start_worker(b)
+    with Client(f"{a.address},{b.address}") as client:
+        assert [w.pid for w in client.stats().workers] == [worker_a.pid]
+
+        # When A is killed
+        a.kill()
+
+        # Then the next calls are answered by B
+        assert [w.pid for w in client.stats().workers] == [worker_b.pid]
+        assert client.run("square", [9], timeout_s=20) == 81
+        assert client.result(client.submit("square", [3]), timeout_s=20) == 9
+
+
+# -- the command line --------------------------------------------------------------
+
+
+def test_cli_with_the_first_master_down_uses_the_next(
+    start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    # Given master B with a worker, and A an address nothing listens on
+    b = start_master()
+    worker = start_worker(b, tasks="taskfleet.worker.examples")
+    masters = f"{closed_address()},{b.address}"
+
+    # Then commands given A,B (by flag or environment) are served by B
+    assert ok(run("submit", "square", "7", "--wait", "--master", masters)) == "49\n"
+    assert f"-{worker.pid}-" in ok(run("stats", env={"TASKFLEET_MASTER": masters}))
+
+
+def test_cli_with_every_master_down_names_the_list() -> None:
+    masters = f"{closed_address()},{closed_address()}"
+    line = refused(run("stats", "--master", masters), "cannot reach any master of", masters)
+    assert line.startswith("taskfleet stats: error: "), line
+
+
+@pytest.mark.parametrize(
+    ("masters", "words"),
+    [
+        ("127.0.0.1:1,,127.0.0.1:2", "empty address"),
+        ("127.0.0.1:1,127.0.0.1:1", "given twice"),
+        ("127.0.0.1:1,nonsense", "HOST:PORT"),
+    ],
+)
+def test_cli_refuses_a_bad_list_in_one_line_naming_master(masters: str, words: str) -> None:
+    refused(run("stats", "--master", masters), "--master", words, code=EXIT_USAGE)
+    refused(run("get", "x", env={"TASKFLEET_MASTER": masters}), "--master", words, code=EXIT_USAGE)
+    worker = run("worker", "--tasks", "e2etasks", "--master", masters)
+    refused(worker, "--master", words, code=EXIT_USAGE)
+
+
+def test_a_manager_worker_takes_one_address() -> None:
+    proc = run(
+        "worker", "--transport", "manager", "--authkey", "k", "--manager-task", "square",
+        "--tasks", "e2etasks", "--master", "127.0.0.1:1,127.0.0.1:2",
+    )  # fmt: skip
+    refused(proc, "--master", "one HOST:PORT with --transport manager", code=EXIT_USAGE)
