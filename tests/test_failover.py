@@ -8,6 +8,7 @@ Masters sharing one PostgreSQL database are tested in test_multimaster.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.client import Client, make_spec
-from taskfleet.common.errors import ConfigError
+from taskfleet.common.errors import ConfigError, Unavailable
 from taskfleet.common.model import TaskState
 
 from procs import Gates, MasterProc, WorkerProc, free_port, poll
@@ -184,6 +185,59 @@ def test_client_moves_on_when_its_master_is_killed_between_calls(
         assert [w.pid for w in client.stats().workers] == [worker_b.pid]
         assert client.run("square", [9], timeout_s=20) == 81
         assert client.result(client.submit("square", [3]), timeout_s=20) == 9
+
+
+def bytes_unread_at(port: int) -> int:
+    """Bytes the kernel holds for established connections to ``port`` that the
+    process listening there has not read (gRPC may listen on an IPv6 socket
+    that takes IPv4 too)."""
+    unread = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            _, local, _, state, queues, *_ = line.split()
+            if state == "01" and int(local.rpartition(":")[2], 16) == port:
+                unread += int(queues.partition(":")[2], 16)
+    return unread
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_submit_cut_off_after_it_was_sent_is_sent_again_only_with_a_key(
+    start_master: StartMaster, queue_name: str, keyed: bool
+) -> None:
+    # Given a client given A,B that has reached A, and A frozen
+    a, b = start_master(), start_master()
+    big = "x" * 50_000
+    with Client(f"{a.address},{b.address}") as client:
+        client.stats()
+        a.signal(signal.SIGSTOP)
+
+        # When a submit reaches A's socket and A is then killed, so the client
+        # cannot tell whether A stored the task
+        with ThreadPoolExecutor(1) as pool:
+            submitting = pool.submit(
+                client.submit,
+                "length",
+                [big],
+                queue=queue_name,
+                idempotency_key="k-1" if keyed else "",
+            )
+            poll(lambda: bytes_unread_at(a.port) > len(big), 20, "the submit to reach A")
+            a.kill()
+
+            # Then without an idempotency key the client says so instead of
+            # sending it to B, where it could make a second task; with one it
+            # goes to B, where the key keeps it single
+            if keyed:
+                task_id = submitting.result(timeout=30)
+                with b.client() as direct:
+                    assert direct.get(task_id).spec.idempotency_key == "k-1"
+            else:
+                with pytest.raises(Unavailable):
+                    submitting.result(timeout=30)
+        assert client.masters.current == b.address
+        with b.client() as direct:
+            queued = sum(q.counts.get(TaskState.PENDING, 0) for q in direct.stats().queues)
+        assert queued == (1 if keyed else 0)
 
 
 # -- the command line --------------------------------------------------------------
