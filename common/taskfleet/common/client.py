@@ -165,8 +165,9 @@ class Client:
         """Enqueue many tasks, in batches cut by count and bytes; returns their ids
         in order. A failed batch raises; the batches before it stay submitted.
 
-        A batch is retried on UNAVAILABLE only when every task in it has an
-        idempotency key, so a retry can never create duplicates.
+        A batch cut off on UNAVAILABLE is sent again (to the next master of a list)
+        only when every task in it has an idempotency key, or when it never
+        reached a master, so a retry can never create duplicates.
         """
         return [task_id for batch_ids in self.submit_batches(specs) for task_id in batch_ids]
 
@@ -285,9 +286,11 @@ class Client:
         then ``result`` in one round trip (SubmitAndWait). ``options`` are
         ``submit``'s keyword arguments.
 
-        Raises ``TaskFailed`` if it ended FAILED or CANCELLED, and
+        Raises ``TaskFailed`` if it ended FAILED or CANCELLED,
         ``DeadlineExceeded`` if it is not final within ``timeout_s`` (it stays
-        queued; its id is in the message).
+        queued; its id is in the message), and ``Unavailable`` if the master was
+        lost before it said it stored the task, unless the spec has an
+        idempotency key (then it is sent again, as ``submit_many`` does).
         """
         spec = make_spec(name, args, kwargs, **options)
         request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
@@ -320,9 +323,9 @@ class Client:
         except grpc.RpcError as exc:
             if not task_id or exc.code() not in _RESUMABLE:
                 raise
+            self._channel.move_on(link)  # the wait resumes on the next master
         if not task_id:
             raise DeadlineExceeded("the master ended SubmitAndWait before storing the task")
-        self._channel.move_on(link)  # the wait resumes on the next master
         return task_id, None
 
     def cancel(self, task_id: str) -> Task:
