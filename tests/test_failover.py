@@ -9,10 +9,11 @@ Masters sharing one PostgreSQL database are tested in test_multimaster.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from taskfleet.common.addresses import AddressRing, parse_address_list
@@ -20,6 +21,7 @@ from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import ConfigError, Unavailable
 from taskfleet.common.model import TaskState
 
+import pg
 from procs import Gates, MasterProc, WorkerProc, free_port, poll
 from test_cli import EXIT_USAGE, ok, refused, run
 
@@ -238,6 +240,56 @@ def test_a_submit_cut_off_after_it_was_sent_is_sent_again_only_with_a_key(
         with b.client() as direct:
             queued = sum(q.counts.get(TaskState.PENDING, 0) for q in direct.stats().queues)
         assert queued == (1 if keyed else 0)
+
+
+# -- masters on one PostgreSQL database -----------------------------------------------
+
+
+@pytest.fixture
+def db() -> Iterator[str]:
+    with pg.database() as url:
+        yield url
+
+
+def serving_master(client: Client, worker: WorkerProc) -> str | None:
+    """The address of the master ``worker`` is connected to, as the shared
+    database has it."""
+    stats = client.stats()
+    listen = {m.master_id: m.listen for m in stats.masters}
+    return next((listen.get(w.master_id) for w in stats.workers if w.pid == worker.pid), None)
+
+
+def test_on_one_database_a_killed_master_loses_nothing(
+    db: str, start_master: StartMaster, start_worker: StartWorker, gates: Gates
+) -> None:
+    # Given masters A and B on one database, a worker and a client given A,B,
+    # and the worker running two tasks it took from A
+    a, b = start_master(store=db), start_master(store=db)
+    masters = f"{a.address},{b.address}"
+    worker = start_worker(masters)
+    held_gates = [gates.new("held-1"), gates.new("held-2")]
+    with Client(masters) as client:
+        assert serving_master(client, worker) == a.address
+        held = [client.submit("block_until", [gate]) for gate in held_gates]
+        poll(lambda: all(Gates.started(g, 1) for g in held_gates), 20, "both tasks to start")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: {t.id: t for t in client.wait(held, timeout_s=60)})
+
+            # When A is killed, and the tasks finish with A gone
+            a.kill()
+            Gates.open(*held_gates)
+
+            # Then the worker serves B, its results land there, and the wait
+            # that was on A ends on B with both tasks
+            finished = waiting.result(timeout=60)
+        assert [finished[i].state for i in held] == [TaskState.SUCCEEDED] * 2
+        poll(lambda: serving_master(client, worker) == b.address, 20, "the worker to serve B")
+        ids = client.submit_many(make_spec("square", [n]) for n in range(20))
+        assert [client.result(i, timeout_s=30) for i in ids] == [n * n for n in range(20)]
+    # And the database holds each task once, final once
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+    assert rows == [(int(TaskState.SUCCEEDED), 22)]
 
 
 # -- the command line --------------------------------------------------------------
