@@ -230,11 +230,7 @@ class Client:
                 try:
                     for batch in stream:
                         outage_started, attempt, self._reached = None, 0, True
-                        for pb in batch.tasks:
-                            task = convert.task_from_proto(pb)
-                            if task.id in waiting:
-                                del waiting[task.id]
-                                yield task
+                        yield from take_final(batch, waiting)
                     if not waiting or (deadline is not None and time.monotonic() >= deadline):
                         return  # all final, or the master's timeout (it starts after ours)
                     cause, self._reached = "the master ended the wait early", True
@@ -445,6 +441,18 @@ def make_spec(
         idempotency_key=idempotency_key,
         metadata=dict(metadata or {}),
     )
+
+
+def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Task]:
+    """The tasks of a wait's ``batch`` that are still in ``waiting``, taken off it:
+    a wait asked again after a lost stream hears again of tasks it had."""
+    final = []
+    for pb in batch.tasks:
+        task = convert.task_from_proto(pb)
+        if task.id in waiting:
+            del waiting[task.id]
+            final.append(task)
+    return final
 
 
 def task_result(task: Task) -> Any:
