@@ -1,5 +1,6 @@
 """The worker's connection to the master: one stream at a time, opened with a
-Hello, read until it ends, and opened again with the one reconnect policy.
+Hello, read until it ends, and opened again with the one reconnect policy, to
+the next master of ``--master``'s list when it has several.
 
 ``Connection.run`` is the ``connection`` thread. It reads what the master
 sends and hands it, as plain Jobs, LeaseRefs and sequence numbers, to its
