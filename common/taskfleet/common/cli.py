@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
 from taskfleet.common import cli_operate, cli_schedule
-from taskfleet.common.addresses import check_address
+from taskfleet.common.addresses import parse_address_list
 from taskfleet.common.cli_output import (
     outcome_text,
     print_result,
@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Unavailable as exc:
         where = getattr(args, "master", "")
+        which = "any master of" if "," in where else "the master at"
         print(
-            f"taskfleet {args.command}: error: cannot reach the master at {where}: {exc}",
+            f"taskfleet {args.command}: error: cannot reach {which} {where}: {exc}",
             file=sys.stderr,
         )
         return EXIT_TASK_FAILED
@@ -105,9 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         worker = worker_config(args)
         setup_logging(worker.log_level, worker.log_format)
         return run_worker(worker)
-    check_address("--master", args.master)
     with Client(
-        args.master,
+        ",".join(parse_address_list("--master", args.master)),
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -122,7 +122,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     shared_args = [json_or_word(a) for a in args.args]
     shared_kwargs = dict(key_value(kv, "--kwarg", json_or_word) for kv in args.kwarg)
     calls = read_calls(sys.stdin.buffer) if args.from_stdin else [Call(0, [], {})]
-    not_before = time.time() + args.delay_s if args.delay_s else None
+    now = time.time()
+    not_before = now + args.delay_s if args.delay_s else None
+    expires_at = now + args.expires_s if args.expires_s else None
     metadata = dict(key_value(kv, "--meta", str) for kv in args.meta)
     try:
         specs = [
@@ -135,6 +137,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
                 max_attempts=args.max_attempts,
                 timeout_s=args.timeout_s or 0.0,
                 not_before=not_before,
+                expires_at=expires_at,
                 idempotency_key=f"{args.idempotency_key}:{n}"
                 if args.idempotency_key and args.from_stdin
                 else args.idempotency_key,

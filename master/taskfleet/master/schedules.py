@@ -65,6 +65,10 @@ def validated(schedule: Schedule, max_payload_bytes: int, now: float) -> Schedul
     spec = schedule.spec
     if spec.not_before:
         raise InvalidArgument("schedule.spec.not_before: a schedule's task runs at its tick")
+    if spec.expires_at:
+        raise InvalidArgument(
+            "schedule.spec.expires_at: a time, which every tick after it would pass"
+        )
     if spec.idempotency_key:
         raise InvalidArgument(
             "schedule.spec.idempotency_key: every tick submits a new task, so a key would "

@@ -420,6 +420,7 @@ class MemoryStore(Store):
             task.error = None
             self._finish(slot, TaskState.SUCCEEDED, now)
         elif outcome.state is TaskState.CANCELLED:
+            task.error = outcome.error or task.error
             self._finish(slot, TaskState.CANCELLED, now)
         else:
             task.error = outcome.error
@@ -514,6 +515,7 @@ def _own(spec: TaskSpec) -> TaskSpec:
         spec.idempotency_key,
         dict(spec.metadata),
         spec.result_ttl_s,
+        spec.expires_at,
     )
 
 

@@ -216,7 +216,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
     2: postgres_bus.MIGRATION,
-    3: (
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by double precision NOT NULL DEFAULT 0",),
+    4: (
         # A schedule's spec is JSON (rows.schedule_row): it is read once per tick.
         """
         CREATE TABLE schedules (
@@ -245,14 +247,15 @@ _EXPIRES = "CASE WHEN t.result_ttl_s > 0 THEN %(now)s + t.result_ttl_s ELSE %(ex
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at)
+    created_at, start_by)
     SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
-        ready_at, %s::float8 FROM unnest(
+        ready_at, %s::float8, start_by FROM unnest(
         %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::int[],
-        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[]
+        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[],
+        %s::float8[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-        not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
+        not_before, idempotency_key, metadata, result_ttl_s, ready_at, start_by)"""
 
 _INSERT_SCHEDULE = f"""INSERT INTO schedules ({SCHEDULE_COLUMNS})
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
@@ -280,12 +283,15 @@ _RECORD = f"""UPDATE tasks t SET
     result = CASE WHEN r.state = {SUCCEEDED} THEN r.result ELSE t.result END,
     result_content_type = CASE WHEN r.state = {SUCCEEDED} THEN r.result_content_type
         ELSE t.result_content_type END,
-    error_type = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_type
+    error_type = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_type
         ELSE t.error_type END,
-    error_message = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_message
+    error_message = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_message
         ELSE t.error_message END,
-    error_traceback = CASE r.state WHEN {SUCCEEDED} THEN NULL
-        WHEN {FAILED} THEN r.error_traceback ELSE t.error_traceback END,
+    error_traceback = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_traceback
+        ELSE t.error_traceback END,
     ready = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at <= %(now)s ELSE t.ready END,
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
@@ -441,7 +447,7 @@ class PostgresStore(Store):
                 ).fetchall()
                 known = dict(rows)
             ids: list[str] = []
-            columns: list[list[Any]] = [[] for _ in range(13)]
+            columns: list[list[Any]] = [[] for _ in range(14)]
             for spec in specs:
                 key = spec.idempotency_key
                 if key and key in known:
@@ -811,7 +817,7 @@ class PostgresStore(Store):
 
 def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
     """One new task's element of each array ``_INSERT`` unnests."""
-    return (task_id, *spec_values(spec), max(spec.not_before, now))
+    return (task_id, *spec_values(spec), max(spec.not_before, now), spec.expires_at)
 
 
 def _unreachable(exc: psycopg.OperationalError) -> bool:

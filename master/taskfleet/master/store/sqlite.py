@@ -188,7 +188,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         END
         """,
     ),
-    3: (
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by REAL NOT NULL DEFAULT 0",),
+    4: (
         # A schedule's spec is JSON (rows.schedule_row): it is read once per tick.
         """
         CREATE TABLE schedules (
@@ -211,7 +213,7 @@ _SCHEMA_VERSION = max(_MIGRATIONS)
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, start_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 # A finished task's deletion time: its own TTL, else the policy's (passed in as
 # the second parameter, already added to now; 0 for never).
@@ -673,7 +675,15 @@ def _first_problem(rows: Sequence[tuple[str]]) -> str:
 def _task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
     """The values of ``_INSERT`` for a new task."""
     ready_at = max(spec.not_before, now)
-    return (task_id, *spec_values(spec), PENDING, int(ready_at <= now), ready_at, now)
+    return (
+        task_id,
+        *spec_values(spec),
+        PENDING,
+        int(ready_at <= now),
+        ready_at,
+        now,
+        spec.expires_at,
+    )
 
 
 def _known_id(db: sqlite3.Connection, key: str) -> str | None:
@@ -697,7 +707,14 @@ def _outcome_update(
             (outcome.result, outcome.result_content_type, now, *expiry),
         )
     if outcome.state is TaskState.CANCELLED:
-        return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        error = outcome.error
+        if error is None:
+            return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        return (  # with why, as when it expired unstarted
+            f"""state = {CANCELLED}, error_type = ?, error_message = ?, error_traceback = ?,
+            finished_at = ?, {_EXPIRES}""",
+            (error.type, error.message, error.traceback, now, *expiry),
+        )
     if outcome.state is not TaskState.FAILED:
         # Raised inside the transaction, so the whole batch rolls back.
         raise InvalidArgument(
