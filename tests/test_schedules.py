@@ -5,9 +5,11 @@ database never fire a tick twice."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +134,31 @@ def test_bad_schedules_are_refused_naming_the_field(
             call("nope")
 
 
+def test_ticks_missed_while_the_master_was_down_fire_once_not_as_a_burst(
+    start_master: StartMaster, tmp_path: Path, queue_name: str
+) -> None:
+    store = f"sqlite:{tmp_path / 'tasks.db'}"
+    master = start_master(store=store)
+    with master.client() as client:
+        schedule = client.create_schedule(
+            make_spec("square", [6], queue=queue_name), interval_s=1.0
+        )
+        wait_fired(client, schedule, 1)
+    assert master.stop() == 0
+    stopped_at = time.time()
+    # The downtime is the scenario itself: several ticks pass with no master.
+    poll(lambda: time.time() >= stopped_at + 4.5, 30, "four ticks to pass with no master")
+    master = start_master(store=store, port=master.port)
+    with master.client() as client:
+        before = [t for t in ticks(fired(client, schedule)) if t <= stopped_at]
+        wait_fired(client, schedule, len(before) + 2)
+        after = [t for t in ticks(fired(client, schedule)) if t > stopped_at]
+    # The first tick fired after the restart is the latest one that had passed by
+    # then: the four or more before it never fire, so there was no burst.
+    assert after[0] - before[-1] >= 4.0, (before, after)
+    assert [b - a for a, b in itertools.pairwise(after)] == pytest.approx([1.0] * (len(after) - 1))
+
+
 @pytest.fixture
 def db() -> Iterator[str]:
     with pg.database() as url:
@@ -154,7 +181,7 @@ def test_two_masters_on_postgres_never_fire_a_tick_twice(
         for schedule in created:
             tasks = fired(client_a, schedule)
             assert len(set(ticks(tasks))) == len(tasks), ticks(tasks)
-            gaps = [b - a for a, b in zip(ticks(tasks), ticks(tasks)[1:], strict=False)]
+            gaps = [b - a for a, b in itertools.pairwise(ticks(tasks))]
             assert all(gap >= 1.0 for gap in gaps), gaps
 
 

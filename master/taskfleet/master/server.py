@@ -130,6 +130,8 @@ class Master:
         second signal is still heard."""
         rt = self.runtime
         rt.stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.cancel()  # a stopping master fires no more ticks; the others do
         await self._health.draining()
         await self._drain()
         rt.sessions.close_all()
@@ -137,7 +139,7 @@ class Master:
         if self._dashboard is not None:
             await self._dashboard.stop()
         await self._server.stop(self.config.grace_s)
-        for task in (self._due, self._watch, self._scheduler):
+        for task in (self._due, self._watch):
             if task is not None:
                 task.cancel()
         await asyncio.to_thread(self._reaper.join)

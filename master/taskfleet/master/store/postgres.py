@@ -235,6 +235,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at double precision NOT NULL
         )
         """,
+        "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)

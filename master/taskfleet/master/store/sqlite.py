@@ -207,6 +207,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at REAL NOT NULL
         )
         """,
+        "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
 }
 _SCHEMA_VERSION = max(_MIGRATIONS)
