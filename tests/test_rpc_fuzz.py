@@ -333,6 +333,52 @@ def test_wait_with_a_huge_timeout_waits_for_the_caller_deadline(
     assert waited[0] is grpc.StatusCode.DEADLINE_EXCEEDED, waited
 
 
+schedules = st.builds(
+    tasks_pb2.Schedule,
+    id=st.sampled_from(["", "fuzz"]) | texts,
+    spec=task_specs(),
+    cron=st.sampled_from(
+        ["", "* * * * *", "0 0 29 2 *", "0 0 30 2 *", "* * * * * */2", "61 * * * *"]
+    )
+    | texts,
+    interval=st.sampled_from(
+        [Duration(), Duration(seconds=1), Duration(seconds=60), Duration(seconds=300_000_000_000)]
+    )
+    | durations,
+    timezone=st.sampled_from(["", "UTC", "Europe/Berlin", "../etc", "Nowhere/x"]) | texts,
+    paused=st.booleans(),
+    next_fire=timestamps,
+    missed_ticks=st.sampled_from([0, 1, 2, 3, -1]),
+)
+
+
+@FUZZ_SETTINGS
+@given(schedule=shown(schedules))
+def test_create_schedule_with_random_schedules_is_accepted_or_refused(
+    stub: tasks_pb2_grpc.TaskServiceStub, schedule: Shown
+) -> None:
+    request = tasks_pb2.CreateScheduleRequest(schedule=schedule.message)
+    created: list[str] = []
+
+    def create() -> None:
+        created.append(stub.CreateSchedule(request, timeout=CALL_TIMEOUT_S).id)
+
+    assert_acceptable("CreateSchedule", status_of(create))
+    # Whatever was accepted must also list, pause and delete.
+    listing = tasks_pb2.ListSchedulesRequest()
+    assert_acceptable(
+        "ListSchedules", status_of(lambda: stub.ListSchedules(listing, timeout=CALL_TIMEOUT_S))
+    )
+    for schedule_id in created:
+        pause = tasks_pb2.PauseScheduleRequest(id=schedule_id)
+        assert_acceptable(
+            "PauseSchedule",
+            status_of(lambda p=pause: stub.PauseSchedule(p, timeout=CALL_TIMEOUT_S)),
+        )
+        delete = tasks_pb2.DeleteScheduleRequest(id=schedule_id)
+        stub.DeleteSchedule(delete, timeout=CALL_TIMEOUT_S)
+
+
 @FUZZ_SETTINGS
 @given(method=st.sampled_from(METHODS), body=st.binary(max_size=512))
 def test_raw_bytes_as_the_request_of_every_method(

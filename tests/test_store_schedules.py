@@ -187,6 +187,8 @@ def test_a_cron_schedule_after_downtime_fires_its_latest_tick_once() -> None:
     [
         ({"cron": "61 * * * *"}, "schedule.cron"),
         ({"cron": "every day"}, "schedule.cron"),
+        ({"cron": "0 0 30 2 *"}, "schedule.cron: never fires"),
+        ({"interval_s": 300_000_000_000.0}, "schedule.interval: the first tick"),
         ({"interval_s": 0.5}, "schedule.interval"),
         ({"interval_s": -3.0}, "schedule.interval"),
         ({"interval_s": 5.0, "timezone": "Mars/Olympus"}, "schedule.timezone"),

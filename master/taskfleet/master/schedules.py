@@ -20,7 +20,7 @@ import math
 import zoneinfo
 from dataclasses import dataclass
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
 from taskfleet.common.model import (
@@ -30,7 +30,7 @@ from taskfleet.common.model import (
     Schedule,
     TaskSpec,
 )
-from taskfleet.master.validation import MAX_DURATION_S, validate_specs
+from taskfleet.master.validation import MAX_DURATION_S, MAX_UNIX_S, validate_specs
 
 # Shorter intervals would make the store's transaction the whole job of a master.
 MIN_INTERVAL_S = 1.0
@@ -81,7 +81,13 @@ def validated(schedule: Schedule, max_payload_bytes: int, now: float) -> Schedul
     created = dataclasses.replace(
         schedule, id="", paused=False, next_fire=0.0, last_fire=0.0, created_at=now
     )
-    return dataclasses.replace(created, next_fire=first_tick(created, now))
+    try:
+        next_fire = first_tick(created, now)
+    except CroniterError:  # a valid expression for a day that never comes, as "0 0 30 2 *"
+        raise InvalidArgument(f"schedule.cron: never fires: {schedule.cron!r}") from None
+    if next_fire > MAX_UNIX_S:
+        raise InvalidArgument("schedule.interval: the first tick would be after 9999-12-31")
+    return dataclasses.replace(created, next_fire=next_fire)
 
 
 def zone(name: str) -> zoneinfo.ZoneInfo:
