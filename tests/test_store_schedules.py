@@ -192,6 +192,8 @@ def test_a_cron_schedule_after_downtime_fires_its_latest_tick_once() -> None:
         ({"interval_s": 0.5}, "schedule.interval"),
         ({"interval_s": -3.0}, "schedule.interval"),
         ({"interval_s": 5.0, "timezone": "Mars/Olympus"}, "schedule.timezone"),
+        ({"interval_s": 5.0, "timezone": "Europe"}, "schedule.timezone"),
+        ({"interval_s": 5.0, "timezone": "a" * 5000}, "schedule.timezone"),
         ({"cron": "* * * * *", "interval_s": 5.0}, "schedule: set either"),
         ({}, "schedule: set either"),
         ({"interval_s": 5.0, "spec": TaskSpec("")}, "schedule.spec.name"),

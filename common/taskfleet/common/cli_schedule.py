@@ -8,9 +8,10 @@ import json
 import sys
 from typing import Any
 
+from taskfleet.common.calls import make_spec
 from taskfleet.common.cli_output import iso_time, print_table
 from taskfleet.common.cli_submit import json_or_word, key_value
-from taskfleet.common.client import Client, make_spec
+from taskfleet.common.client import Client
 from taskfleet.common.errors import ConfigError, NotFound
 from taskfleet.common.model import MissedTicks, Schedule
 

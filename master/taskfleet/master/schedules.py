@@ -94,7 +94,7 @@ def zone(name: str) -> zoneinfo.ZoneInfo:
     """The IANA time zone ``name``; InvalidArgument naming ``schedule.timezone``."""
     try:
         return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "a" * 5000
         raise InvalidArgument(
             f"schedule.timezone: not an IANA time zone name (like Europe/Berlin): {name!r}"
         ) from None
