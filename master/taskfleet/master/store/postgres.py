@@ -194,11 +194,25 @@ _CLAIM = f"""WITH chosen AS (
     SELECT c.seq FROM {{sources}}, LATERAL (
         SELECT seq, priority FROM tasks
         WHERE {_READY} AND queue = q.queue {{name_term}}
-        ORDER BY priority DESC, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ORDER BY {{order}} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
     UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1, lease = lease + 1,
         worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
     FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS_}"""
+
+_CLAIM_BY_QUEUE = _CLAIM.format(
+    sources="unnest(%(queues)s::text[]) q(queue)", name_term="", order="priority DESC, seq"
+)
+# The name as a range, not with `=`: with `=` the planner takes the name for a
+# constant, finds tasks_ready_by_queue as well ordered as tasks_ready_by_name,
+# and may scan it filtering by name, reading every ready task of the queue for
+# each name that has none (33 ms a lease at 20,000 queued, measured). Ordered
+# by name too, only tasks_ready_by_name yields the order without a sort.
+_CLAIM_BY_NAME = _CLAIM.format(
+    sources="unnest(%(queues)s::text[]) q(queue), unnest(%(names)s::text[]) n(name)",
+    name_term="AND name >= n.name AND name <= n.name",
+    order="name, priority DESC, seq",
+)
 
 _REFS = "unnest(%(ids)s::text[], %(leases)s::int[]) AS r(id, lease)"
 # The fence of an outcome, a renewal or a release: the lease must be current.
@@ -375,13 +389,10 @@ class PostgresStore(Store):
             "deadline": now + lease_s,
         }
         if names is None:
-            sql = _CLAIM.format(sources="unnest(%(queues)s::text[]) q(queue)", name_term="")
+            sql = _CLAIM_BY_QUEUE
         else:
             params["names"] = list(dict.fromkeys(names))
-            sql = _CLAIM.format(
-                sources="unnest(%(queues)s::text[]) q(queue), unnest(%(names)s::text[]) n(name)",
-                name_term="AND name = n.name",
-            )
+            sql = _CLAIM_BY_NAME
 
         def work(conn: psycopg.Connection[Any]) -> list[Any]:
             conn.execute(
