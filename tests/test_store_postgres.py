@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,6 +16,7 @@ from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, redacted
+from taskfleet.master.store import postgres as postgres_store
 from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore
 
 import pg
@@ -170,3 +172,37 @@ def test_a_master_on_postgres_runs_tasks_and_keeps_them_across_kill_9(
             assert client.run("square", [12], queue=queue_name, timeout_s=60) == 144
         master.stop()
     assert PASSWORD not in master.output()
+
+
+def test_a_lease_by_names_reads_only_its_names_not_the_whole_queue() -> None:
+    # Given 2,000 ready tasks of one name in a queue, on a new table (no statistics)
+    with pg.database() as url:
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(2000)], 1.0)
+
+            # When the claim of a worker that serves that name and others is planned
+            params = {
+                "queues": ["q"],
+                "names": ["add", "fail", "noop", "square"],
+                "limit": 50,
+                "worker": "w",
+                "now": 2.0,
+                "deadline": 32.0,
+            }
+            with psycopg.connect(url) as conn:
+                [plan] = conn.execute(
+                    "EXPLAIN (FORMAT JSON) " + postgres_store._CLAIM_BY_NAME, params
+                ).fetchone()
+        finally:
+            store.close()
+
+    # Then it takes each name's tasks from the index by name, rather than reading
+    # every ready task of the queue for each name that has none
+    scans = {node["Index Name"] for node in _plan_nodes(plan[0]["Plan"]) if "Index Name" in node}
+    assert "tasks_ready_by_name" in scans
+    assert "tasks_ready_by_queue" not in scans
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
