@@ -183,8 +183,8 @@ _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority
     SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
         ready_at, %s::float8 FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::int[],
-        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[]
+        %b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::int[], %b::int[],
+        %b::float8[], %b::float8[], %b::text[], %b::text[], %b::float8[], %b::float8[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
 
@@ -201,7 +201,7 @@ _CLAIM = f"""WITH chosen AS (
     FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS_}"""
 
 _CLAIM_BY_QUEUE = _CLAIM.format(
-    sources="unnest(%(queues)s::text[]) q(queue)", name_term="", order="priority DESC, seq"
+    sources="unnest(%(queues)b::text[]) q(queue)", name_term="", order="priority DESC, seq"
 )
 # The name as a range, not with `=`: with `=` the planner takes the name for a
 # constant, finds tasks_ready_by_queue as well ordered as tasks_ready_by_name,
@@ -209,12 +209,12 @@ _CLAIM_BY_QUEUE = _CLAIM.format(
 # each name that has none (33 ms a lease at 20,000 queued, measured). Ordered
 # by name too, only tasks_ready_by_name yields the order without a sort.
 _CLAIM_BY_NAME = _CLAIM.format(
-    sources="unnest(%(queues)s::text[]) q(queue), unnest(%(names)s::text[]) n(name)",
+    sources="unnest(%(queues)b::text[]) q(queue), unnest(%(names)b::text[]) n(name)",
     name_term="AND name >= n.name AND name <= n.name",
     order="name, priority DESC, seq",
 )
 
-_REFS = "unnest(%(ids)s::text[], %(leases)s::int[]) AS r(id, lease)"
+_REFS = "unnest(%(ids)b::text[], %(leases)b::int[]) AS r(id, lease)"
 # The fence of an outcome, a renewal or a release: the lease must be current.
 _FENCE = f"t.id = r.id AND t.state = {RUNNING} AND t.lease = r.lease"
 
@@ -234,9 +234,9 @@ _RECORD = f"""UPDATE tasks t SET
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
     expires_at = CASE WHEN r.ready_at IS NOT NULL THEN t.expires_at ELSE {_EXPIRES} END
-    FROM unnest(%(ids)s::text[], %(leases)s::int[], %(states)s::smallint[],
-        %(results)s::bytea[], %(types)s::text[], %(error_types)s::text[],
-        %(messages)s::text[], %(tracebacks)s::text[], %(ready_ats)s::float8[])
+    FROM unnest(%(ids)b::text[], %(leases)b::int[], %(states)b::smallint[],
+        %(results)b::bytea[], %(types)b::text[], %(error_types)b::text[],
+        %(messages)b::text[], %(tracebacks)b::text[], %(ready_ats)b::float8[])
         WITH ORDINALITY AS r(id, lease, state, result, result_content_type, error_type,
             error_message, error_traceback, ready_at, i)
     WHERE {_FENCE} RETURNING r.i, {TCOLUMNS_}"""
@@ -321,7 +321,7 @@ class PostgresStore(Store):
             known: dict[str, str] = {}
             if keys:
                 rows = conn.execute(
-                    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
+                    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%b)",
                     (keys,),
                 ).fetchall()
                 known = dict(rows)
