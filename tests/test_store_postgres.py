@@ -206,3 +206,23 @@ def test_a_lease_by_names_reads_only_its_names_not_the_whole_queue() -> None:
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_a_lease_does_not_leave_its_connection_committing_without_waiting() -> None:
+    # Given a database whose commits wait for the disk (the tests' server does not)
+    with pg.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET synchronous_commit = on')
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(3)], 1.0)
+
+            # When a lease claims tasks (its commit does not wait for the flush)
+            assert len(store.lease("w", ["q"], None, 3, 30.0, 2.0)) == 3
+
+            # Then the connection it used waits again for what comes next (a record)
+            with store._pool.connection() as conn:
+                [setting] = conn.execute("SHOW synchronous_commit").fetchone()
+        finally:
+            store.close()
+    assert setting == "on"
