@@ -379,7 +379,7 @@ class PostgresStore(Store):
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         rows = self._run(
             lambda conn: conn.execute(
-                f"SELECT {COLUMNS} FROM tasks WHERE id = ANY(%s)", (list(task_ids),)
+                f"SELECT {COLUMNS} FROM tasks WHERE id = ANY(%b)", (list(task_ids),)
             ).fetchall()
         )
         return in_order(rows, task_ids)
@@ -412,7 +412,8 @@ class PostgresStore(Store):
             conn.execute(
                 f"UPDATE tasks SET ready = true WHERE {_DELAYED} AND ready_at <= %s", (now,)
             )
-            return conn.execute(sql, params).fetchall()
+            # Rows in binary: numbers and bytea (the payload) need no parsing.
+            return conn.execute(sql, params, binary=True).fetchall()
 
         rows = self._run(work)
         rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING comes in no set order
@@ -471,7 +472,7 @@ class PostgresStore(Store):
                 "now": now,
                 "expiry": default_expiry(self.policy, now),
             }
-            rows = conn.execute(_RECORD, params).fetchall()
+            rows = conn.execute(_RECORD, params, binary=True).fetchall()
             rows.sort(key=lambda row: row[0])
             return [task_from_row(row[1:]) for row in rows]
 
