@@ -20,7 +20,7 @@ PYZ_PIP_ARGS ?=
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-retention bench-peers peers-deps clean dist
+.PHONY: install system-deps run-master run-worker test lint buf proto bench bench-depth bench-retention bench-scaling bench-peers peers-deps clean dist
 
 install: $(STAMP)
 
@@ -37,12 +37,13 @@ run-worker: install
 	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
 
 # Debian packages the tests use: iproute2's `ip` (master and workers in network
-# namespaces), node/npm (the Node.js example) and PostgreSQL (the tests start a
+# namespaces), node/npm (the Node.js example), PostgreSQL (the tests start a
 # throwaway server for the PostgreSQL store; postgresql-common's pg_config finds
-# it). Each is installed only when missing and possible; otherwise its tests
+# it) and Chromium (playwright drives it for the dashboard's browser tests; its
+# own browser download is not used). Each is installed only when missing and possible; otherwise its tests
 # skip, except in CI, where TASKFLEET_REQUIRE_SYSTEM=1 (set by .ci/run) makes
 # them fail instead.
-SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm pg_config:postgresql
+SYSTEM_DEPS := ip:iproute2 node:nodejs npm:npm pg_config:postgresql chromium:chromium
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do \
@@ -106,6 +107,9 @@ bench: install
 
 bench-retention: install
 	$(BIN)/python bench/retention.py
+
+bench-scaling: install
+	$(BIN)/python bench/scaling.py
 
 bench-depth: install
 	$(BIN)/python bench/run.py --rounds 1 --depth 1000000

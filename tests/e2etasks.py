@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from taskfleet.worker import current_task, task
+from taskfleet.worker import Retry, current_task, task
 
 
 @task
@@ -37,6 +38,29 @@ def context() -> dict[str, Any]:
 
 
 @task
+async def async_context() -> dict[str, Any]:
+    """context() as an ``async def`` task: awaits, then looks at itself."""
+    ctx = current_task()
+    await asyncio.sleep(0.05)
+    return {
+        "task_id": current_task().task_id,
+        "name": ctx.name,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "deadline": ctx.deadline,
+        "metadata": dict(ctx.metadata),
+        "pid": os.getpid(),
+        "thread": threading.get_ident(),
+    }
+
+
+@task
+async def async_boom(message: str) -> None:
+    await asyncio.sleep(0)
+    raise RuntimeError(message)
+
+
+@task
 def record(path: str, value: Any) -> Any:
     """Append ``value`` to the file at ``path`` (to see the order tasks ran in)."""
     with open(path, "a") as f:
@@ -55,6 +79,13 @@ def flaky(marker_dir: str, failures: int) -> int:
 
 
 @task
+def not_seven(n: int) -> int:
+    if n == 7:
+        raise ValueError("seven")
+    return n
+
+
+@task
 def boom(message: str) -> None:
     raise RuntimeError(message)
 
@@ -69,6 +100,24 @@ def block_until(path: str, timeout_s: float = 60.0) -> str:
             raise TimeoutError(path)
         time.sleep(0.01)
     return "released"
+
+
+@task(max_attempts=3, retry_on=(ConnectionError,), backoff_s=0.05)
+def picky(error: str) -> int:
+    """Raise ``error`` (a built-in exception's name) on the first attempt; only a
+    ConnectionError is worth another."""
+    attempt = current_task().attempt
+    if attempt == 1:
+        raise {"ConnectionError": ConnectionError, "ValueError": ValueError}[error]("first")
+    return attempt
+
+
+@task(max_attempts=2)
+def asks_to_retry(delay_s: float) -> float:
+    """Ask for another attempt after ``delay_s``; return when the second started."""
+    if current_task().attempt == 1:
+        raise Retry(delay_s)
+    return time.time()
 
 
 @task(max_attempts=3)

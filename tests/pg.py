@@ -10,11 +10,16 @@ in CI (see system.py).
 The benchmark (bench/run.py) asks for a ``durable`` server instead: PostgreSQL's
 default settings (fsync, synchronous_commit and full_page_writes on), as a user
 runs it. The tests keep theirs off: it is faster and a test keeps nothing.
+
+A test that stops or restarts its server gets one of its own (``own_server``),
+durable, so that a stop as abrupt as a crash loses nothing committed; it needs
+the local binaries even when ``TASKFLEET_TEST_PG_DSN`` is set.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -199,3 +204,53 @@ def store_url(kind: str, tmp_path: Path, durable: bool = False) -> Iterator[str]
     else:
         with database(durable) as url:
             yield url
+
+
+class Server:
+    """A running server of one test's own, on a fixed port, that the test may stop,
+    start and restart with ``pg_ctl`` (the session's shared one must stay up)."""
+
+    def __init__(self, cluster: _Cluster) -> None:
+        assert cluster.data_dir is not None
+        self._cluster = cluster
+        self._data_dir = str(cluster.data_dir)
+        self._log = str(cluster.data_dir.parent / "log")
+        self.admin_dsn = cluster.admin_dsn
+        self.up = True
+        # The options it was started with, as the server wrote them down (the
+        # binary and its data directory first), so a later start is the same server.
+        started = shlex.split((cluster.data_dir / "postmaster.opts").read_text())
+        self._options = shlex.join(started[3:])
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop``: ``fast`` ends sessions cleanly, ``immediate`` as a crash
+        would (the next start recovers from the WAL)."""
+        self._pg_ctl("stop", "-m", mode)
+        self.up = False
+
+    def start(self) -> None:
+        self._pg_ctl("start", "-o", self._options, "-l", self._log)
+        self.up = True
+
+    def restart(self, mode: str = "fast") -> None:
+        self._pg_ctl("restart", "-m", mode, "-o", self._options, "-l", self._log)
+        self.up = True
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        self._cluster._as_owner(
+            "pg_ctl", "-D", self._data_dir, "-w", "-t", str(_START_TIMEOUT_S), *args, action
+        )
+
+
+@contextmanager
+def own_server() -> Iterator[Server]:
+    """A new durable server for the caller alone, removed afterwards; skips
+    (or fails in CI) when none can be started."""
+    cluster = _Cluster(durable=True)
+    try:
+        cluster.start()
+        if cluster.problem:
+            missing(cluster.problem)
+        yield Server(cluster)
+    finally:
+        cluster.stop()

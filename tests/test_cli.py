@@ -8,6 +8,7 @@ must not be picked up use a queue no worker serves.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -155,9 +156,19 @@ def test_submit_prints_an_id_and_get_shows_the_outcome(addr: str) -> None:
     assert fields["state"] == "SUCCEEDED"
     assert fields["result"] == "36"
 
+    # Times for people in the local zone (TZ set for the CLI), for scripts in UTC.
+    local = ok(run("get", task_id, "--master", addr, env={"TZ": "Asia/Kolkata"}))
+    local_fields = dict(line.strip().split(": ", 1) for line in local.splitlines() if ": " in line)
+    created_here = dt.datetime.fromisoformat(local_fields["created_at"])
+    assert created_here.utcoffset() == dt.timedelta(hours=5, minutes=30)
+
     task = get_json(addr, task_id)
     for key in ("id", "name", "queue", "state", "attempts", "result", "error", "worker_id"):
         assert key in task, key
+    created = dt.datetime.fromisoformat(str(task["created_at"]))
+    assert created.utcoffset() == dt.timedelta(0)
+    assert created == created_here
+    assert task["not_before"] is None
     assert task["id"] == task_id
     assert task["name"] == "square"
     assert task["queue"] == "default"
@@ -213,10 +224,11 @@ def test_stats_table_and_json(
     submit(addr, "square", "1", "--queue", idle_queue)
 
     text = ok(run("stats", "--master", addr))
-    queue_rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    queues_table = text.split("\n\n")[0]  # the first table; more follow
+    queue_rows = {line.split()[0]: line.split() for line in queues_table.splitlines()}
     assert queue_rows["QUEUE"][:2] == ["QUEUE", "PENDING"]
     assert queue_rows[idle_queue][1] == "1"  # one PENDING
-    assert "WORKER" in queue_rows
+    assert "\nWORKER " in text
 
     stats = json.loads(ok(run("stats", "--json", "--master", addr)))
     (w,) = [w for w in stats["workers"] if w["pid"] == worker.pid]
@@ -268,8 +280,7 @@ def test_meta_priority_and_delay_pass_through(addr: str, idle_queue: str) -> Non
     assert task["priority"] == 7
     assert task["max_attempts"] == 3
     assert task["metadata"] == {"k": "v"}
-    not_before = task["not_before"]
-    assert isinstance(not_before, float)
+    not_before = dt.datetime.fromisoformat(str(task["not_before"])).timestamp()
     assert before + 590 < not_before < time.time() + 610
 
 
@@ -866,3 +877,26 @@ def test_taskfleet_master_serves(tmp_path: Path) -> None:
         if master.poll() is None:
             master.kill()
             master.wait()
+
+
+def test_a_name_no_worker_takes_is_submitted_with_a_warning_and_shown_in_stats(
+    addr: str, idle_queue: str
+) -> None:
+    # The worker serves "default" and registers e2etasks: "squar" is a typo.
+    typo = run("submit", "squar", "7", "--master", addr)
+    assert "no connected worker takes 'squar' on queue 'default'" in typo.stderr
+    task_id = ok(typo).strip()
+    idle = run("submit", "square", "1", "--queue", idle_queue, "--master", addr)
+    assert f"on queue '{idle_queue}'" in idle.stderr
+    served = run("submit", "square", "2", "--master", addr)
+    assert ok(served) and served.stderr == ""
+
+    stats = json.loads(ok(run("stats", "--json", "--master", addr)))
+    unserved = {(u["queue"], u["name"]): u["pending"] for u in stats["unserved"]}
+    assert unserved[("default", "squar")] >= 1
+    assert unserved[(idle_queue, "square")] == 1
+    assert ("default", "square") not in unserved
+    text = ok(run("stats", "--master", addr))
+    assert "Pending tasks no connected worker takes:" in text
+    assert "squar " in text
+    ok(run("cancel", task_id, "--master", addr))

@@ -213,6 +213,29 @@ def test_flaky_task_retries_then_succeeds(
     ]
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_task_retries_only_what_it_names_and_when_it_asks(
+    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    start_worker(master, pool=pool, concurrency=2, queues=queue_name)
+    with master.client() as client:
+        # An exception of retry_on runs again; any other ends the task at once,
+        # though attempts remain.
+        retried = client.submit("picky", ["ConnectionError"], queue=queue_name)
+        ended = client.submit("picky", ["ValueError"], queue=queue_name)
+        # Retry(delay_s) runs the task again no sooner than it asked.
+        asked = client.submit("asks_to_retry", [1.0], queue=queue_name)
+        done = wait_all(client, [retried, ended, asked])
+
+    assert (done[retried].state, task_result(done[retried])) == (TaskState.SUCCEEDED, 2)
+    assert (done[ended].state, done[ended].attempts) == (TaskState.FAILED, 1)
+    assert done[ended].error is not None and done[ended].error.type == "ValueError"
+    assert done[asked].state == TaskState.SUCCEEDED
+    assert done[asked].attempts == 2
+    first_failed_by = done[asked].created_at
+    assert task_result(done[asked]) >= first_failed_by + 1.0
+
+
 def test_failing_tasks_end_failed_when_attempts_run_out(
     master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:
@@ -256,19 +279,26 @@ def test_failing_tasks_end_failed_when_attempts_run_out(
 # -- current_task() ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["context", "async_context"])
 @pytest.mark.parametrize("pool", ["thread", "process"])
 def test_current_task_is_each_tasks_own(
-    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
+    pool: str, name: str, master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:
     # Given a worker running four tasks at once
     worker = start_worker(master, pool=pool, concurrency=4, queues=queue_name)
     with master.client() as client:
         # When eight tasks look at their own context
         task_ids = client.submit_many(
-            make_spec("context", queue=queue_name, timeout_s=30, metadata={"n": str(n)})
+            make_spec(name, queue=queue_name, timeout_s=30, metadata={"n": str(n)})
             for n in range(8)
         )
         done = wait_all(client, task_ids)
+        if name == "async_context":  # an async task's failure keeps its traceback
+            failed = client.get(client.submit("async_boom", ["no"], queue=queue_name))
+            failed = wait_all(client, [failed.id])[failed.id]
+            assert failed.error is not None
+            assert (failed.error.type, failed.error.message) == ("RuntimeError", "no")
+            assert "async_boom" in failed.error.traceback
 
     # Then each saw itself
     seen = []
@@ -277,7 +307,7 @@ def test_current_task_is_each_tasks_own(
         assert task.state == TaskState.SUCCEEDED, task.error
         ctx = task_result(task)
         assert ctx["task_id"] == task_id
-        assert ctx["name"] == "context"
+        assert ctx["name"] == name
         assert ctx["queue"] == queue_name
         assert ctx["attempt"] == 1
         assert ctx["metadata"] == {"n": str(n)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     Task,
     TaskError,
     TaskSpec,
@@ -295,6 +297,26 @@ def test_a_failed_attempt_with_attempts_left_comes_back_after_the_backoff(store:
     assert (second.task.attempts, second.task.lease) == (2, 2)
     (finished,) = store.record([failed(second.ref, max_attempts=2)], NOW + 11)
     assert (finished.state, finished.attempts) == (TaskState.FAILED, 2)
+
+
+def test_a_worker_may_end_a_failure_or_name_its_retry_delay(store: Store) -> None:
+    # A failure the task does not retry ends it, though attempts remain.
+    ended_id, delayed_id = (submit_one(store, name=name) for name in ("ended", "delayed"))
+    delayed, ended = sorted(lease(store, limit=2), key=lambda lease: lease.task.spec.name)
+    assert (ended.task.id, delayed.task.id) == (ended_id, delayed_id)
+    outcomes = [
+        dataclasses.replace(failed(ended.ref, max_attempts=3), no_retry=True),
+        dataclasses.replace(failed(delayed.ref, max_attempts=3), retry_delay_s=30.0),
+    ]
+    store.record(outcomes, NOW)
+
+    assert store.get(ended_id).state is TaskState.FAILED
+    # The delay it named replaces the policy's backoff of 10 s.
+    assert store.get(delayed_id).state is TaskState.PENDING
+    assert store.next_ready_at(NOW) == NOW + 30
+    assert lease(store, now=NOW + 29) == []
+    (again,) = lease(store, now=NOW + 30)
+    assert again.task.id == delayed_id
 
 
 def test_lost_leases_do_not_use_attempts(store: Store) -> None:
@@ -606,3 +628,30 @@ def test_a_sqlite_file_serves_one_store_at_a_time(tmp_path: Path) -> None:
 
     # Then once the first is closed the file opens again
     SqliteStore(path).close()
+
+
+def test_pending_names_counts_pending_tasks_per_queue_and_name(store: Store) -> None:
+    specs = [spec("a", "q")] * 3 + [spec("b", "q"), spec("a", "r"), spec("a", "r")]
+    store.submit(specs, NOW)
+    store.submit([spec("later", "q", not_before=NOW + 60)], NOW)  # delayed is pending too
+    lease(store, queues=("q",), names=("a",), limit=1)  # running is not
+
+    assert store.pending_names(10) == [
+        PendingName("q", "a", 2),
+        PendingName("r", "a", 2),
+        PendingName("q", "b", 1),
+        PendingName("q", "later", 1),
+    ]
+    assert store.pending_names(2) == [PendingName("q", "a", 2), PendingName("r", "a", 2)]
+
+
+def test_a_spec_keeps_its_start_by_time_and_a_cancel_may_say_why(store: Store) -> None:
+    task_id = submit_one(store, expires_at=NOW + 5.5)
+    assert store.get(task_id).spec.expires_at == NOW + 5.5
+    (leased,) = lease(store)
+    assert leased.task.spec.expires_at == NOW + 5.5
+
+    why = TaskError("Expired", "not started in time")
+    (ended,) = store.record([Outcome(leased.ref, TaskState.CANCELLED, error=why)], NOW)
+    assert (ended.state, ended.error) == (TaskState.CANCELLED, why)
+    assert store.get(task_id).error == why

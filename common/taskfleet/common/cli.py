@@ -15,6 +15,7 @@ the command quietly with status 141, as SIGPIPE ends a Unix tool.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ from taskfleet.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskfleet.common.model import Task, TaskState
+from taskfleet.common.model import PendingName, Task, TaskState
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -120,7 +121,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     shared_args = [_json_or_word(a) for a in args.args]
     shared_kwargs = dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg)
     calls = read_calls(sys.stdin.buffer) if args.from_stdin else [Call(0, [], {})]
-    not_before = time.time() + args.delay_s if args.delay_s else None
+    now = time.time()
+    not_before = now + args.delay_s if args.delay_s else None
+    expires_at = now + args.expires_s if args.expires_s else None
     metadata = dict(_key_value(kv, "--meta", str) for kv in args.meta)
     try:
         specs = [
@@ -133,6 +136,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
                 max_attempts=args.max_attempts,
                 timeout_s=args.timeout_s or 0.0,
                 not_before=not_before,
+                expires_at=expires_at,
                 idempotency_key=f"{args.idempotency_key}:{n}"
                 if args.idempotency_key and args.from_stdin
                 else args.idempotency_key,
@@ -153,9 +157,27 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
             print("\n".join(task_ids), flush=True)
 
     task_ids = submit_in_batches(client, specs, calls, created)
+    if task_ids:
+        _warn_if_unserved(client, PendingName(args.queue, args.name, len(task_ids)))
     if not args.wait or not task_ids:
         return 0
     return _wait(client, task_ids, args.wait_timeout_s, args.json, result_only=True)
+
+
+def _warn_if_unserved(client: Client, pending: PendingName) -> None:
+    """A line on stderr when no connected worker takes these tasks: they are
+    submitted all the same (workers may come later), but a typo in a name would
+    otherwise wait unseen."""
+    try:
+        stats = client.stats()
+    except TaskfleetError:
+        return  # the submit went through; the warning is only a courtesy
+    if dataclasses.replace(stats, pending_names=[pending]).unserved():
+        print(
+            f"taskfleet: warning: no connected worker takes {pending.name!r} on queue "
+            f"{pending.queue!r}; the task waits until one does",
+            file=sys.stderr,
+        )
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
@@ -223,7 +245,7 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def _stats(client: Client, args: argparse.Namespace) -> int:
-    stats = client.stats()
+    stats = client.stats(pending_names=True)
     if args.json:
         print(json.dumps(stats_json(stats)))
         return 0

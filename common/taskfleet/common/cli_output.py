@@ -14,8 +14,21 @@ from taskfleet.common.errors import TaskFailed
 from taskfleet.common.model import Stats, Task, TaskState
 
 
-def task_json(task: Task) -> dict[str, Any]:
-    """A task as plain JSON for ``--json`` output (the result decoded)."""
+def iso_time(unix_s: float, *, local: bool = False) -> str | None:
+    """ISO 8601: UTC for scripts, the machine's zone for people; None for 0 (never)."""
+    if not unix_s:
+        return None
+    when = dt.datetime.fromtimestamp(unix_s, dt.UTC)
+    return (when.astimezone() if local else when).isoformat(timespec="milliseconds")
+
+
+def task_json(task: Task, *, local_times: bool = False) -> dict[str, Any]:
+    """A task as plain JSON for ``--json`` output (the result decoded, times as
+    ISO 8601 in UTC; in local time for ``get``'s own output)."""
+
+    def time(unix_s: float) -> str | None:
+        return iso_time(unix_s, local=local_times)
+
     result: Any = None
     if task.state == TaskState.SUCCEEDED:
         result = decode_result(task.result, task.result_content_type)
@@ -40,13 +53,13 @@ def task_json(task: Task) -> dict[str, Any]:
         "priority": task.spec.priority,
         "max_attempts": task.spec.max_attempts,
         "timeout_s": task.spec.timeout_s,
-        "not_before": task.spec.not_before,
+        "not_before": time(task.spec.not_before),
         "idempotency_key": task.spec.idempotency_key,
-        "created_at": task.created_at,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
+        "created_at": time(task.created_at),
+        "started_at": time(task.started_at),
+        "finished_at": time(task.finished_at),
         "lost_leases": task.lost_leases,
-        "expires_at": task.expires_at,
+        "expires_at": time(task.expires_at),
     }
 
 
@@ -66,8 +79,23 @@ def stats_json(stats: Stats) -> dict[str, Any]:
                 "concurrency": w.concurrency,
                 "running": w.running,
                 "peer": w.peer,
+                "master_id": w.master_id,
             }
             for w in stats.workers
+        ],
+        "unserved": [
+            {"queue": p.queue, "name": p.name, "pending": p.count} for p in stats.unserved()
+        ],
+        "masters": [
+            {
+                "master_id": m.master_id,
+                "hostname": m.hostname,
+                "pid": m.pid,
+                "listen": m.listen,
+                "started_at": m.started_at,
+                "seen_at": m.seen_at,
+            }
+            for m in stats.masters
         ],
     }
 
@@ -94,7 +122,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 def print_task_fields(task: Task) -> None:
     """``get`` for a person: one field a line, the empty ones left out."""
-    for key, value in task_json(task).items():
+    for key, value in task_json(task, local_times=True).items():
         if value not in (None, "", {}, 0) or key in ("state", "attempts"):
             print(f"{key:>12}: {value if isinstance(value, str) else json.dumps(value)}")
 
@@ -125,12 +153,26 @@ def show_stats(stats: Stats) -> None:
         for w in stats.workers
     ]
     print_table(rows)
+    unserved = stats.unserved()
+    if unserved:
+        print()
+        print("Pending tasks no connected worker takes:")
+        print_table(
+            [["QUEUE", "NAME", "PENDING"], *([p.queue, p.name, str(p.count)] for p in unserved)]
+        )
+    print()
+    print_table(
+        [
+            ["MASTER", "HOST", "LISTEN"],
+            *([m.master_id, m.hostname, m.listen] for m in stats.masters),
+        ]
+    )
 
 
 def task_row(task: Task) -> list[str]:
     """A task as one row of the `list` table."""
     when = task.finished_at or task.started_at or task.created_at
-    stamp = dt.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="seconds")
+    stamp = dt.datetime.fromtimestamp(when).astimezone().isoformat(sep=" ", timespec="seconds")
     error = f"{task.error.type}: {task.error.message}" if task.error else ""
     return [
         task.id,

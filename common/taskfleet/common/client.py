@@ -27,6 +27,7 @@ from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import (
     DeadlineExceeded,
     ResourceExhausted,
+    TaskCancelled,
     TaskFailed,
     Unavailable,
     from_rpc_error,
@@ -113,6 +114,7 @@ class Client:
         not_before: float | dt.datetime | None = None,
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
+        expires_at: float | dt.datetime | None = None,
     ) -> str:
         """Enqueue ``name(*args, **kwargs)``; returns the task id."""
         spec = make_spec(
@@ -126,6 +128,7 @@ class Client:
             not_before=not_before,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            expires_at=expires_at,
         )
         return self.submit_many([spec])[0]
 
@@ -284,9 +287,12 @@ class Client:
         pb = self._call(self._stub.CancelTask, tasks_pb2.CancelTaskRequest(task_id=task_id))
         return convert.task_from_proto(pb)
 
-    def stats(self) -> Stats:
-        """Counts per queue and state, and the connected workers."""
-        pb = _retry_unavailable()(self._call, self._stub.GetStats, tasks_pb2.GetStatsRequest())
+    def stats(self, *, pending_names: bool = False) -> Stats:
+        """Counts per queue and state, the connected workers and the masters; with
+        ``pending_names``, the pending tasks per queue and name (a scan of them
+        in the store), which ``Stats.unserved()`` reads."""
+        request = tasks_pb2.GetStatsRequest(pending_names=pending_names)
+        pb = _retry_unavailable()(self._call, self._stub.GetStats, request)
         return convert.stats_from_proto(pb)
 
     # -- operating -----------------------------------------------------------
@@ -347,10 +353,15 @@ def make_spec(
     not_before: float | dt.datetime | None = None,
     idempotency_key: str = "",
     metadata: Mapping[str, str] | None = None,
+    expires_at: float | dt.datetime | None = None,
 ) -> TaskSpec:
-    """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload."""
+    """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload. Times are unix
+    seconds or datetimes: ``not_before`` holds it back, ``expires_at`` is when it
+    must have started by (else it ends CANCELLED Expired)."""
     if isinstance(not_before, dt.datetime):
         not_before = not_before.timestamp()
+    if isinstance(expires_at, dt.datetime):
+        expires_at = expires_at.timestamp()
     return TaskSpec(
         name=name,
         queue=queue,
@@ -362,6 +373,7 @@ def make_spec(
         not_before=not_before or 0.0,
         idempotency_key=idempotency_key,
         metadata=dict(metadata or {}),
+        expires_at=expires_at or 0.0,
     )
 
 
@@ -370,9 +382,11 @@ def task_result(task: Task) -> Any:
     if task.state == TaskState.SUCCEEDED:
         return decode_result(task.result, task.result_content_type)
     error = task.error
-    raise TaskFailed(
+    failure = TaskCancelled if task.state is TaskState.CANCELLED else TaskFailed
+    raise failure(
         task.id,
         task.state.name,
         error.type if error else task.state.name,
         error.message if error else "",
+        error.traceback if error else "",
     )

@@ -51,6 +51,10 @@ class MasterConfig:
     # streams together) beyond this get RESOURCE_EXHAUSTED; unary calls never do.
     max_streams: int = 10_000
     metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
+    # HOST:PORT serving the web dashboard, its JSON API and /metrics; off while "".
+    http_listen: str = ""
+    # May view the dashboard but not act (cancel, retry, purge); --token may do both.
+    dashboard_read_token: str = ""
     insecure: bool = False  # allow a non-loopback listen address without a token or TLS
     log_level: str = "INFO"
     log_format: str = "text"
@@ -66,6 +70,10 @@ class MasterConfig:
     # How many times a task's lease may lapse before the next lapse ends it
     # FAILED WorkerLost: a task that kills its worker must not run forever.
     max_lost_leases: int = 3
+    # Masters sharing a PostgreSQL store learn of each other's changes by polling
+    # alone, without LISTEN/NOTIFY or prepared statements: for PgBouncer in
+    # transaction mode, which can hold neither.
+    poll_only: bool = False
 
     def __repr__(self) -> str:  # never show the token, nor the store's password
         return f"MasterConfig(listen={self.listen!r}, store={redacted(self.store)!r})"

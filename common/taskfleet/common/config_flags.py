@@ -83,11 +83,27 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
         type=positive_int,
         help="refuse streaming calls (waits and worker streams) beyond this many open ones",
     )
+    parser.add_flag(
+        "--poll-only",
+        action="store_true",
+        help="masters sharing a PostgreSQL store poll instead of LISTEN/NOTIFY "
+        "(PgBouncer in transaction mode)",
+    )
     _add_metrics_flag(parser)
+    parser.add_flag(
+        "--http-listen",
+        default=d.http_listen,
+        help="HOST:PORT for the web dashboard, its JSON API and /metrics (off by default)",
+    )
+    parser.add_flag(
+        "--dashboard-read-token",
+        default=d.dashboard_read_token,
+        help="a token that may view the dashboard but not act; --token may do both",
+    )
     parser.add_flag(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback --listen without a token or TLS",
+        help="allow a non-loopback --listen or --http-listen without a token or TLS",
     )
     _add_manager_endpoint_flags(parser)
     _add_log_flags(parser)
@@ -98,11 +114,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         raise ConfigError("--heartbeat-s: must be shorter than --lease-s")
     listen = check_address("--listen", args.listen)
     tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
-    if not is_loopback(listen) and not args.token and tls is None and not args.insecure:
-        raise ConfigError(
-            f"--listen: {listen} is reachable from other machines; set --token or "
-            "--tls-cert/--tls-key (or pass --insecure to accept anyone who can connect)"
-        )
+    _check_exposure(args, "--listen", listen, tls is not None)
     if args.worker_token and args.worker_token == args.token:
         raise ConfigError("--worker-token: must differ from --token, or there is no point")
     return MasterConfig(
@@ -120,12 +132,42 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         result_ttl_s=args.result_ttl_s,
         max_lost_leases=args.max_lost_leases,
         max_streams=args.max_streams,
+        poll_only=args.poll_only,
         metrics_listen=_metrics_listen(args, listen),
+        **_dashboard_settings(args, listen, tls is not None),
         insecure=args.insecure,
         log_level=args.log_level,
         log_format=args.log_format,
         **_manager_endpoint_settings(args, listen),
     )
+
+
+def _check_exposure(args: argparse.Namespace, flag: str, address: str, tls: bool) -> None:
+    """Refuse a listener that other machines reach while nothing checks who calls."""
+    if not is_loopback(address) and not args.token and not tls and not args.insecure:
+        raise ConfigError(
+            f"{flag}: {address} is reachable from other machines; set --token or "
+            "--tls-cert/--tls-key (or pass --insecure to accept anyone who can connect)"
+        )
+
+
+def _dashboard_settings(args: argparse.Namespace, listen: str, tls: bool) -> dict[str, Any]:
+    read_token = args.dashboard_read_token
+    if read_token and not args.token:
+        raise ConfigError(
+            "--dashboard-read-token: needs --token; without it the dashboard is open to all"
+        )
+    if read_token and read_token == args.token:
+        raise ConfigError("--dashboard-read-token: must differ from --token")
+    if not args.http_listen:
+        return {"http_listen": "", "dashboard_read_token": read_token}
+    http_listen = check_address("--http-listen", args.http_listen)
+    if http_listen == listen:
+        raise ConfigError(f"--http-listen: {http_listen} is the gRPC --listen address")
+    if http_listen == args.metrics_listen:
+        raise ConfigError(f"--http-listen: {http_listen} is the --metrics-listen address")
+    _check_exposure(args, "--http-listen", http_listen, tls)
+    return {"http_listen": http_listen, "dashboard_read_token": read_token}
 
 
 def add_worker_flags(parser: EnvDefaultsParser) -> None:

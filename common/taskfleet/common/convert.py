@@ -15,7 +15,9 @@ from taskfleet.common.model import (
     JSON,
     Lease,
     LeaseRef,
+    MasterInfo,
     Outcome,
+    PendingName,
     QueueCounts,
     Stats,
     Task,
@@ -67,7 +69,8 @@ def timestamp(unix_s: float) -> Timestamp:
 def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
     """The spec as sent, with empty fields defaulted (validation is the master's)."""
     # Positional (name, queue, payload, content_type, priority, max_attempts,
-    # timeout_s, not_before, idempotency_key, metadata): keywords cost more per task.
+    # timeout_s, not_before, idempotency_key, metadata, result_ttl_s, expires_at):
+    # keywords cost more per task.
     return TaskSpec(
         pb.name,
         pb.queue or DEFAULT_QUEUE,
@@ -80,6 +83,7 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         pb.idempotency_key,
         dict(pb.metadata) if pb.metadata else {},
         seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
+        unix_from_timestamp(pb.expires_at, "expires_at") if pb.HasField("expires_at") else 0.0,
     )
 
 
@@ -120,6 +124,8 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.timeout.FromNanoseconds(round(spec.timeout_s * 1e9))
     if spec.not_before:
         pb.not_before.FromNanoseconds(round(spec.not_before * 1e9))
+    if spec.expires_at:
+        pb.expires_at.FromNanoseconds(round(spec.expires_at * 1e9))
     if spec.result_ttl_s:
         pb.result_ttl.FromNanoseconds(round(spec.result_ttl_s * 1e9))
 
@@ -236,6 +242,10 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
         _fill_error(pb.error, outcome.error)
     if outcome.max_attempts != 1:
         pb.max_attempts = outcome.max_attempts
+    if outcome.no_retry:
+        pb.no_retry = True
+    if outcome.retry_delay_s:
+        pb.retry_delay.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
@@ -247,6 +257,10 @@ def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:
         pb.result_content_type or JSON,
         error_from_proto(pb.error) if pb.HasField("error") else None,
         pb.max_attempts or 1,
+        pb.no_retry,
+        seconds_from_duration(pb.retry_delay, "outcome.retry_delay")
+        if pb.HasField("retry_delay")
+        else 0.0,
     )
 
 
@@ -280,10 +294,26 @@ def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
             running=w.running,
             peer=w.peer,
             connected_at=timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in stats.workers
     ]
-    return tasks_pb2.Stats(queues=queues, workers=workers)
+    masters = [
+        tasks_pb2.MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=timestamp(m.started_at),
+            seen_at=timestamp(m.seen_at),
+        )
+        for m in stats.masters
+    ]
+    pending = [
+        tasks_pb2.PendingName(queue=p.queue, name=p.name, count=p.count)
+        for p in stats.pending_names
+    ]
+    return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters, pending_names=pending)
 
 
 def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
@@ -302,7 +332,20 @@ def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
             running=w.running,
             peer=w.peer,
             connected_at=unix_from_timestamp(w.connected_at),
+            master_id=w.master_id,
         )
         for w in pb.workers
     ]
-    return Stats(queues, workers)
+    masters = [
+        MasterInfo(
+            master_id=m.master_id,
+            hostname=m.hostname,
+            pid=m.pid,
+            listen=m.listen,
+            started_at=unix_from_timestamp(m.started_at),
+            seen_at=unix_from_timestamp(m.seen_at),
+        )
+        for m in pb.masters
+    ]
+    pending = [PendingName(p.queue, p.name, p.count) for p in pb.pending_names]
+    return Stats(queues, workers, masters, pending)

@@ -53,6 +53,10 @@ class Unavailable(TaskfleetError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StoreUnavailable(Unavailable):
+    """The master's database cannot be reached; calls work again once it answers."""
+
+
 class DeadlineExceeded(TaskfleetError):
     """A call or a wait ran out of time."""
 
@@ -72,14 +76,32 @@ class ConfigError(TaskfleetError):
 
 
 class TaskFailed(TaskfleetError):
-    """A task ended FAILED or CANCELLED; raised by clients that wait for a result."""
+    """A task ended FAILED (or CANCELLED: see ``TaskCancelled``); raised by clients
+    that wait for a result. ``type``, ``message`` and ``remote_traceback`` are
+    the task's own error, as the worker reported it."""
 
-    def __init__(self, task_id: str, state: str, error_type: str, message: str) -> None:
+    def __init__(
+        self, task_id: str, state: str, error_type: str, message: str, remote_traceback: str = ""
+    ) -> None:
         super().__init__(f"task {task_id} {state}: {error_type}: {message}")
         self.task_id = task_id
         self.state = state
         self.error_type = error_type
         self.error_message = message
+        self.remote_traceback = remote_traceback
+
+    @property
+    def type(self) -> str:
+        return self.error_type
+
+    @property
+    def message(self) -> str:
+        return self.error_message
+
+
+class TaskCancelled(TaskFailed):
+    """A task ended CANCELLED. A TaskFailed, so code that catches failures alone
+    still sees cancels."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[TaskfleetError]] = {

@@ -50,6 +50,9 @@ class TaskSpec:
     idempotency_key: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     result_ttl_s: float = 0.0  # kept this long after it ends; 0: the master's default
+    # Unix time it must start by, else it ends CANCELLED Expired; 0: no limit. Not
+    # Task.expires_at, which is when a finished task is deleted.
+    expires_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,9 @@ class Outcome:
     ``state`` is SUCCEEDED, FAILED or CANCELLED. What a FAILED attempt leads to
     is the master's decision: another attempt after a backoff while the task
     has attempts left of ``max_attempts`` (which the worker resolves from the
-    spec or its ``@task`` default), else the end.
+    spec or its ``@task`` default), else the end. ``no_retry`` (an exception its
+    ``@task`` does not retry) ends it at once; ``retry_delay_s`` (a ``Retry``
+    the task raised, or its ``@task`` backoff) replaces the master's backoff.
     """
 
     ref: LeaseRef
@@ -117,6 +122,8 @@ class Outcome:
     result_content_type: str = JSON
     error: TaskError | None = None
     max_attempts: int = 1
+    no_retry: bool = False
+    retry_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +147,47 @@ class WorkerInfo:
     running: int
     peer: str
     connected_at: float
+    master_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MasterInfo:
+    """A master serving the store: one alone, or several sharing a database."""
+
+    master_id: str
+    hostname: str
+    pid: int
+    listen: str
+    started_at: float
+    seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PendingName:
+    """How many PENDING tasks of ``queue`` are named ``name``."""
+
+    queue: str
+    name: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Counts per queue and the connected workers."""
+    """Counts per queue, the connected workers and the masters; on request, the
+    pending tasks per queue and name."""
 
     queues: list[QueueCounts]
     workers: list[WorkerInfo]
+    masters: list[MasterInfo] = field(default_factory=list)
+    pending_names: list[PendingName] = field(default_factory=list)
+
+    def unserved(self) -> list[PendingName]:
+        """Pending tasks no connected worker takes: none serves their queue, or
+        none of those that do registers their name."""
+        return [p for p in self.pending_names if not any(_takes(w, p) for w in self.workers)]
+
+
+def _takes(worker: WorkerInfo, pending: PendingName) -> bool:
+    return pending.queue in worker.queues and (
+        not worker.task_names or pending.name in worker.task_names
+    )

@@ -100,7 +100,7 @@ class WaitProgress:
 
 
 def print_stats(stats: Stats) -> None:
-    """``stats`` as two rich tables on stdout: queues by state, then workers."""
+    """``stats`` as rich tables on stdout: queues by state, workers, masters."""
     from rich.console import Console
     from rich.table import Table
 
@@ -129,7 +129,23 @@ def print_stats(stats: Stats) -> None:
             w.worker_id, w.hostname, ",".join(w.queues), str(w.concurrency), str(w.running)
         )
 
+    masters = Table(title="Masters", title_justify="left")
+    for column in ("MASTER", "HOST", "LISTEN"):
+        masters.add_column(column, no_wrap=column == "MASTER")
+    for m in stats.masters:
+        masters.add_row(m.master_id, m.hostname, m.listen)
+
     console = Console()
     console.print(queues)
     console.print()
     console.print(workers)
+    if stats.unserved():
+        unserved = Table(title="Pending tasks no connected worker takes", title_justify="left")
+        for column in ("QUEUE", "NAME", "PENDING"):
+            unserved.add_column(column, justify="right" if column == "PENDING" else "left")
+        for p in stats.unserved():
+            unserved.add_row(p.queue, p.name, str(p.count), style="yellow")
+        console.print()
+        console.print(unserved)
+    console.print()
+    console.print(masters)

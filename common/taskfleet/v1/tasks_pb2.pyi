@@ -98,6 +98,7 @@ class TaskSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     RESULT_TTL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a function registered with @task on some worker. Required."""
     queue: _builtins.str
@@ -136,6 +137,13 @@ class TaskSpec(_message.Message):
         idempotency key); unset or zero means the master's --result-ttl-s.
         """
 
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Start by then, or not at all: a task not started by this time ends
+        CANCELLED with error type Expired instead of running late (periodic work
+        that piled up while no worker ran). Unset: no limit.
+        """
+
     def __init__(
         self,
         *,
@@ -150,10 +158,11 @@ class TaskSpec(_message.Message):
         idempotency_key: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         result_ttl: _duration_pb2.Duration | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,12 +534,19 @@ class GetStatsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PENDING_NAMES_FIELD_NUMBER: _builtins.int
+    pending_names: _builtins.bool
+    """Also count PENDING tasks per queue and name (Stats.pending_names): a scan
+    of the pending tasks, so only callers that show it ask.
+    """
     def __init__(
         self,
+        *,
+        pending_names: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_names", b"pending_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,6 +754,7 @@ class WorkerInfo(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    MASTER_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Identifier the worker chose (host, pid and a random suffix)."""
     hostname: _builtins.str
@@ -750,6 +767,8 @@ class WorkerInfo(_message.Message):
     """Tasks currently leased to it."""
     peer: _builtins.str
     """Peer address as the master sees it."""
+    master_id: _builtins.str
+    """The master whose stream it holds (see Stats.masters)."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues the worker takes tasks from."""
@@ -774,14 +793,61 @@ class WorkerInfo(_message.Message):
         running: _builtins.int = ...,
         peer: _builtins.str = ...,
         connected_at: _timestamp_pb2.Timestamp | None = ...,
+        master_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "connected_at", b"connected_at", "hostname", b"hostname", "peer", b"peer", "pid", b"pid", "queues", b"queues", "running", b"running", "task_names", b"task_names", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "connected_at", b"connected_at", "hostname", b"hostname", "master_id", b"master_id", "peer", b"peer", "pid", b"pid", "queues", b"queues", "running", b"running", "task_names", b"task_names", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class MasterInfo(_message.Message):
+    """A master serving the same store (one alone, several on a shared database)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    LISTEN_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    SEEN_AT_FIELD_NUMBER: _builtins.int
+    master_id: _builtins.str
+    """Identifier the master chose at start (host, pid and a random suffix)."""
+    hostname: _builtins.str
+    """Host the master runs on."""
+    pid: _builtins.int
+    """Process id of the master on its host."""
+    listen: _builtins.str
+    """The address it listens on, as its --listen flag says."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last said it was alive; a master silent for long is forgotten."""
+
+    def __init__(
+        self,
+        *,
+        master_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        listen: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        seen_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_at", b"seen_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "listen", b"listen", "master_id", b"master_id", "pid", b"pid", "seen_at", b"seen_at", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MasterInfo: _TypeAlias = MasterInfo  # noqa: Y015
 
 @_typing.final
 class Stats(_message.Message):
@@ -791,24 +857,68 @@ class Stats(_message.Message):
 
     QUEUES_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    MASTERS_FIELD_NUMBER: _builtins.int
+    PENDING_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueStats]:
         """One entry per queue that has ever held a task, sorted by name."""
 
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
-        """Workers connected now."""
+        """Workers connected now, to any master of the store."""
+
+    @_builtins.property
+    def masters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MasterInfo]:
+        """The masters serving the store, this one included, sorted by id."""
+
+    @_builtins.property
+    def pending_names(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingName]:
+        """When asked for: PENDING tasks per queue and name, the largest counts
+        first, at most 100 (a name no connected worker registers waits for ever).
+        """
 
     def __init__(
         self,
         *,
         queues: _abc.Iterable[Global___QueueStats] | None = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        masters: _abc.Iterable[Global___MasterInfo] | None = ...,
+        pending_names: _abc.Iterable[Global___PendingName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masters", b"masters", "pending_names", b"pending_names", "queues", b"queues", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class PendingName(_message.Message):
+    """How many PENDING tasks of one queue have one name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Queue name."""
+    name: _builtins.str
+    """Task name."""
+    count: _builtins.int
+    """PENDING tasks of that queue with that name."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingName: _TypeAlias = PendingName  # noqa: Y015

@@ -137,7 +137,7 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Counts per queue and state, and the connected workers.
+        """Counts per queue and state, the connected workers and the masters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

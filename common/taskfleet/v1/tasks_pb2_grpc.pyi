@@ -54,7 +54,7 @@ class TaskServiceStub:
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetStatsRequest, _tasks_pb2.Stats]
-    """Counts per queue and state, and the connected workers."""
+    """Counts per queue and state, the connected workers and the masters."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
     """Tasks newest first, filtered by queue, name and state, with keyset paging."""
     RetryTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RetryTaskRequest, _tasks_pb2.Task]
@@ -89,7 +89,7 @@ class TaskServiceAsyncStub(TaskServiceStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Cancel a task: a PENDING one never runs, a RUNNING one is stopped."""
     GetStats: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetStatsRequest, _tasks_pb2.Stats]  # type: ignore[assignment]
-    """Counts per queue and state, and the connected workers."""
+    """Counts per queue and state, the connected workers and the masters."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Tasks newest first, filtered by queue, name and state, with keyset paging."""
     RetryTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RetryTaskRequest, _tasks_pb2.Task]  # type: ignore[assignment]
@@ -163,7 +163,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.Stats, _abc.Awaitable[_tasks_pb2.Stats]]:
-        """Counts per queue and state, and the connected workers."""
+        """Counts per queue and state, the connected workers and the masters."""
 
     @_abc_1.abstractmethod
     def ListTasks(

@@ -163,6 +163,8 @@ class Outcome(_message.Message):
     RESULT_CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NO_RETRY_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
     state: _tasks_pb2.TaskState.ValueType
     """SUCCEEDED or FAILED; CANCELLED when the worker stopped it on request."""
     result: _builtins.bytes
@@ -174,6 +176,10 @@ class Outcome(_message.Message):
     it (the spec's max_attempts, else its @task default); 0 means 1. The
     master decides whether the task runs again: lost leases do not count.
     """
+    no_retry: _builtins.bool
+    """When FAILED: the task raised an exception its @task does not retry (not
+    one of its retry_on types), so it ends now whatever attempts remain.
+    """
     @_builtins.property
     def lease(self) -> Global___LeaseRef:
         """Which lease the outcome belongs to."""
@@ -181,6 +187,12 @@ class Outcome(_message.Message):
     @_builtins.property
     def error(self) -> _tasks_pb2.TaskError:
         """Failure when FAILED."""
+
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """When FAILED and the task runs again: after this long (the task raised
+        Retry(delay_s), or its @task names a backoff); unset: the master's backoff.
+        """
 
     def __init__(
         self,
@@ -191,10 +203,12 @@ class Outcome(_message.Message):
         result_content_type: _builtins.str = ...,
         error: _tasks_pb2.TaskError | None = ...,
         max_attempts: _builtins.int = ...,
+        no_retry: _builtins.bool = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "retry_delay", b"retry_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "max_attempts", b"max_attempts", "result", b"result", "result_content_type", b"result_content_type", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "max_attempts", b"max_attempts", "no_retry", b"no_retry", "result", b"result", "result_content_type", b"result_content_type", "retry_delay", b"retry_delay", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from taskfleet.common.errors import StoreUnavailable
 from taskfleet.common.model import Task, TaskSpec
 from taskfleet.master.lifecycle import LifecycleListener
 from taskfleet.master.loop import LoopBridge
@@ -53,6 +54,8 @@ class DueTimer(LifecycleListener):
             now = time.time()
             try:
                 ready_at = await self._bridge.workers.run(self._store.next_ready_at, now)
+            except StoreUnavailable:  # the store watch says so, once
+                ready_at = now + RETRY_AFTER_ERROR_S
             except Exception:
                 log.exception("cannot read when the next delayed task is due; retrying")
                 ready_at = now + RETRY_AFTER_ERROR_S

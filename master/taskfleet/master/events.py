@@ -68,6 +68,13 @@ class CompletionHub(LifecycleListener):
     def finished(self, tasks: Sequence[Task]) -> None:
         self.publish(tasks)
 
+    def waited(self, task_ids: Iterable[str] | None = None) -> list[str]:
+        """Those of ``task_ids`` (all, for None) that someone waits for."""
+        with self._lock:
+            if task_ids is None:
+                return list(self._by_task)
+            return [task_id for task_id in task_ids if task_id in self._by_task]
+
     def publish(self, tasks: Iterable[Task]) -> None:
         with self._lock:
             if not self._by_task:

@@ -18,7 +18,8 @@ TASKFLEET_SERVICES = (
 
 class Health:
     """The health service of one master: SERVING once ``serving`` is called,
-    NOT_SERVING for good once ``draining`` is."""
+    NOT_SERVING while its store is unreachable (``not_serving``), and for good
+    once ``draining`` is."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -28,8 +29,15 @@ class Health:
         )
 
     async def serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_serving(self) -> None:
+        """NOT_SERVING until ``serving`` is called again (ignored once draining)."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_all(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", *TASKFLEET_SERVICES):
-            await self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self._servicer.set(service, status)
 
     async def draining(self) -> None:
         await self._servicer.enter_graceful_shutdown()

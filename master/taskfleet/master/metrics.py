@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from taskfleet.common.errors import StoreUnusable
+from taskfleet.common.errors import StoreUnavailable, StoreUnusable
 from taskfleet.common.metrics_http import MetricsEndpoint
 from taskfleet.common.model import QueueCounts, Task, TaskSpec, TaskState, WorkerInfo
 from taskfleet.master.lifecycle import LifecycleListener
@@ -135,7 +135,7 @@ class _StateCollector(Collector):
         )
         try:
             queue_counts = self._queue_counts()
-        except StoreUnusable:
+        except (StoreUnusable, StoreUnavailable):
             queue_counts = []  # the store has said so once; the other gauges still count
         for counts in queue_counts:
             for state in TaskState:

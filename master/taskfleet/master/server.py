@@ -11,10 +11,11 @@ import grpc
 
 from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
-from taskfleet.common.errors import ConfigError, StoreUnusable
+from taskfleet.common.errors import ConfigError, StoreUnavailable, StoreUnusable
 from taskfleet.common.model import TaskState
 from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
+from taskfleet.master.dashboard.app import Dashboard
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
@@ -45,8 +46,12 @@ class Master:
         self.config = config
         self.runtime = MasterRuntime(
             config,
-            open_store(config.store, StorePolicy(config.result_ttl_s, config.max_lost_leases)),
-            metrics=MasterMetrics(bool(config.metrics_listen)),
+            open_store(
+                config.store,
+                StorePolicy(config.result_ttl_s, config.max_lost_leases),
+                poll_only=config.poll_only,
+            ),
+            metrics=MasterMetrics(bool(config.metrics_listen or config.http_listen)),
         )
         interceptors: list[ServerInterceptor] = (
             [TokenInterceptor(config.token, config.worker_token)]
@@ -65,11 +70,15 @@ class Master:
             WorkerService(self.runtime), self._server
         )
         self._health = Health(self._server)
-        # A damaged store file: NOT_SERVING for good, as when draining.
+        # A damaged store file: NOT_SERVING for good, as when draining. A lost
+        # database: NOT_SERVING until it answers again.
         self.runtime.store.on_unusable = self._store_unusable
+        self.runtime.store.on_unavailable = self.runtime.store_watch.trouble
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
+        self._dashboard = Dashboard(self.runtime, config) if config.http_listen else None
         self._due: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.port = 0
 
     def _store_unusable(self) -> None:
@@ -90,14 +99,21 @@ class Master:
             self.port = 0
         if self.port == 0:
             raise ConfigError(f"--listen: cannot bind {self.config.listen} (in use?)")
-        if self.config.metrics_listen:
-            self._serve_metrics()
+        self._serve_metrics()
+        if self._dashboard is not None:
+            await self._dashboard.start()
         if self._manager is not None:
             self._manager.start()
+        if self.runtime.cluster is not None:
+            await asyncio.to_thread(self.runtime.cluster.start)
         await self._health.serving()
         await self._server.start()
         self._reaper.start()
         self._due = asyncio.create_task(self.runtime.due.run(), name="due-timer")
+        self._watch = asyncio.create_task(
+            self.runtime.store_watch.run(self._health, redacted(self.config.store)),
+            name="store-watch",
+        )
         log.info(
             "master listening on %s (store %s, %s)",
             self.config.listen,
@@ -116,12 +132,17 @@ class Master:
         await self._drain()
         rt.sessions.close_all()
         rt.hub.wake_all()
+        if self._dashboard is not None:
+            await self._dashboard.stop()
         await self._server.stop(self.config.grace_s)
-        if self._due is not None:
-            self._due.cancel()
+        for task in (self._due, self._watch):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self._reaper.join)
         if self._manager is not None:
             await asyncio.to_thread(self._manager.stop)
+        if rt.cluster is not None:
+            await asyncio.to_thread(rt.cluster.stop)
         await asyncio.to_thread(rt.metrics.close)  # before the store its scrapes read
         await asyncio.to_thread(rt.bridge.close)
         await asyncio.to_thread(rt.store.close)
@@ -146,12 +167,15 @@ class Master:
         try:
             self.runtime.lifecycle.expire()
             return any(q.counts.get(TaskState.RUNNING, 0) for q in self.runtime.store.stats())
-        except StoreUnusable:
+        except (StoreUnusable, StoreUnavailable):
             return False  # nothing to wait for: no result could be recorded
 
     def _serve_metrics(self) -> None:
+        """Prometheus metrics, read at --metrics-listen and --http-listen alike."""
         metrics = self.runtime.metrics
         metrics.watch(self.runtime.store.stats, self.runtime.sessions.infos)
+        if not self.config.metrics_listen:
+            return
         try:
             metrics.serve(self.config.metrics_listen)
         except OSError as exc:

@@ -102,9 +102,15 @@ class Sessions(LifecycleListener):
     def cancelled(self, task: Task) -> None:
         # If it was running, its worker stops it now rather than at the next
         # heartbeat; a worker that no longer holds that lease ignores this.
-        session = self.get(task.worker_id) if task.worker_id else None
+        if task.worker_id:
+            self.revoke(task.worker_id, [LeaseRef(task.id, task.lease)])
+
+    def revoke(self, worker_id: str, refs: Sequence[LeaseRef]) -> bool:
+        """Tell ``worker_id`` to stop ``refs``; whether it has a stream here."""
+        session = self.get(worker_id)
         if session is not None:
-            self._bridge.call(session.revoke, [LeaseRef(task.id, task.lease)])
+            self._bridge.call(session.revoke, refs)
+        return session is not None
 
     def work_available(
         self,

@@ -11,7 +11,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import Stats, Task
+from taskfleet.common.model import Task
 from taskfleet.master import queries
 from taskfleet.master.loop import LoopQueue
 from taskfleet.master.rpc import Context, streaming, unary
@@ -163,8 +163,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def GetStats(
         self, request: tasks_pb2.GetStatsRequest, context: Context
     ) -> tasks_pb2.Stats:
-        counts = await self._rt.bridge.producers.run(self._rt.store.stats)
-        return convert.stats_to_proto(Stats(counts, self._rt.sessions.infos()))
+        stats = await self._rt.bridge.producers.run(self._rt.stats, request.pending_names)
+        return convert.stats_to_proto(stats)
 
 
 class _HasTasks(Protocol):

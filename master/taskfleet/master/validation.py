@@ -4,6 +4,7 @@ so the master never stores bytes it would later hand out as broken JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from taskfleet.common.batching import metadata_bytes
@@ -73,7 +74,10 @@ def checked_outcome(outcome: Outcome) -> Outcome:
     """``outcome``, or a final ``ResultNotSerializable`` failure in its place when
     its JSON result is not standard JSON (NaN or Infinity from a worker not
     written in Python, say): Python's own workers refuse such a result the same
-    way, and running the task again would give the same bytes."""
+    way, and running the task again would give the same bytes. A negative
+    retry delay counts as none (the master's backoff applies)."""
+    if outcome.retry_delay_s < 0:
+        outcome = dataclasses.replace(outcome, retry_delay_s=0.0)
     if outcome.state is not TaskState.SUCCEEDED or outcome.result_content_type != JSON:
         return outcome
     if not outcome.result:

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from taskfleet.common import convert
 from taskfleet.common.context import bound_context
-from taskfleet.common.errors import InvalidArgument, StoreUnusable, Unavailable
+from taskfleet.common.errors import InvalidArgument, StoreUnavailable, StoreUnusable, Unavailable
 from taskfleet.common.model import Lease, LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.rpc import Context, streaming
@@ -48,7 +48,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             # UNAVAILABLE, not a welcome: the worker backs off and reconnects elsewhere
             # or to the next master, instead of holding this one for its whole grace.
             raise Unavailable("master is shutting down")
-        session = WorkerSession(_worker_info(first.hello, context.peer()))
+        if not self._rt.store_watch.available:
+            # Refused before a session is made, so a worker retrying through an
+            # outage costs no log lines; its held leases wait for the next try.
+            raise StoreUnavailable(self._rt.store_watch.problem)
+        session = WorkerSession(_worker_info(first.hello, context.peer(), self._rt.me.master_id))
         self._rt.sessions.add(session)
         log.info(
             "worker %s connected from %s: queues=%s concurrency=%d",
@@ -141,6 +145,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         async def give_back() -> None:
             try:
                 released = await self._rt.bridge.workers.run(self._rt.lifecycle.release, refs)
+            except StoreUnavailable as exc:
+                log.warning("%d undelivered leases will lapse instead: %s", len(refs), exc)
+                return
             except Exception:  # maybe the store closes as the master stops
                 log.exception("could not give back %d undelivered leases", len(refs))
                 return
@@ -190,6 +197,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 session.failure = exc
             except StoreUnusable:
                 pass  # the store has said so once, and health says NOT_SERVING
+            except StoreUnavailable as exc:
+                # The stream ends with the reason: the worker keeps running its
+                # tasks, reconnects with backoff and sends again what was not
+                # acknowledged, with the leases it holds.
+                session.failure = exc
             except Exception:
                 log.exception("worker stream failed")
             finally:
@@ -246,7 +258,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         session.ack_results(results.seq, max(0, results.credit))
 
 
-def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:
+def _worker_info(hello: worker_pb2.Hello, peer: str, master_id: str) -> WorkerInfo:
     if not hello.worker_id:
         raise InvalidArgument("hello.worker_id: must not be empty")
     if not hello.queues:
@@ -263,4 +275,5 @@ def _worker_info(hello: worker_pb2.Hello, peer: str) -> WorkerInfo:
         running=0,
         peer=peer,
         connected_at=time.time(),
+        master_id=master_id,
     )

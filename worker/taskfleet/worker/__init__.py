@@ -1,6 +1,6 @@
-"""The taskfleet worker runtime. Task authors need only these two names."""
+"""The taskfleet worker runtime. Task authors need only these names."""
 
 from taskfleet.worker.context import TaskContext, current_task
-from taskfleet.worker.registry import task
+from taskfleet.worker.registry import Retry, task
 
-__all__ = ["TaskContext", "current_task", "task"]
+__all__ = ["Retry", "TaskContext", "current_task", "task"]

@@ -5,22 +5,32 @@ pool in its threads. It never raises, so a task can break neither the loop of a
 pool process nor a pool thread: not by what it raises, nor by a return value or
 an exception that the encoding here chokes on. A child the task forked never
 leaves it: it ends in ``os._exit`` before any pool code runs in it.
+
+An ``async def`` task runs to completion on an event loop of the thread that
+runs it (one loop per pool thread or process, kept for the next async task),
+so ``current_task()`` works inside it and a slot runs one task at a time, async
+or not; a task that wants concurrency inside itself awaits ``asyncio.gather``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import threading
 import traceback
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taskfleet.common import codec
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import LeaseRef, TaskError
 from taskfleet.worker.context import TaskContext, task_context
-from taskfleet.worker.registry import REGISTRY
+from taskfleet.worker.registry import REGISTRY, Retry
 
 _MAX_NAMES_LISTED = 20
+_loops = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +51,17 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """How one attempt ended; ``result`` is the JSON return value when ``ok``."""
+    """How one attempt ended; ``result`` is the JSON return value when ``ok``.
+    A failure says whether it is worth another attempt, and after how long (0:
+    as the master decides)."""
 
     ref: LeaseRef
     ok: bool
     result: bytes = b""
     error: TaskError | None = None
     cancelled: bool = False
+    no_retry: bool = False
+    retry_delay_s: float = 0.0
 
 
 def failed(ref: LeaseRef, error_type: str, message: str, *, cancelled: bool = False) -> JobResult:
@@ -76,12 +90,31 @@ def run_job(job: Job) -> JobResult:
     try:
         with task_context(context):
             value = definition.func(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = _await(value)
     # BaseException too: a task calling sys.exit() must fail, not end the pool.
     except BaseException as exc:
         _exit_if_forked(pid, 1)
-        return _raised(job.ref, exc)
+        result = _raised(job.ref, exc)
+        if isinstance(exc, Retry):
+            return replace(result, retry_delay_s=exc.delay_s)
+        if definition.retry_on is not None and not isinstance(exc, definition.retry_on):
+            return replace(result, no_retry=True)
+        return replace(result, retry_delay_s=definition.retry_delay_s(job.attempt))
     _exit_if_forked(pid, 0)
     return _encoded(job.ref, value)
+
+
+def _await(awaitable: Awaitable[Any]) -> Any:
+    """What an async task's awaitable gives, on this thread's own event loop."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+
+    async def wait() -> Any:
+        return await awaitable
+
+    return loop.run_until_complete(wait())
 
 
 def _exit_if_forked(pid: int, code: int) -> None:

@@ -14,9 +14,9 @@ start; then one _WireResult per _WireJob it receives. None asks it to exit.
 Both travel as plain tuples pickled by hand: a slots dataclass pickles through
 Python-level __getstate__/__setstate__, several times dearer than a tuple, on
 every task. A _WireJob is (task_id, lease, name, queue, attempt, payload,
-content_type, timeout_s, metadata); a _WireResult is (ok, result, error) with
-error None or (type, message, traceback). Results come back in job order, so
-they carry no ref.
+content_type, timeout_s, metadata); a _WireResult is (ok, result, error,
+no_retry, retry_delay_s) with error None or (type, message, traceback). Results
+come back in job order, so they carry no ref.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from taskfleet.worker.execute import Job, run_job, safe_str
 from taskfleet.worker.registry import import_task_modules
 
 _WireJob = tuple[str, int, str, str, int, bytes, str, float, dict[str, str]]
-WireResult = tuple[bool, bytes, tuple[str, str, str] | None]
+WireResult = tuple[bool, bytes, tuple[str, str, str] | None, bool, float]
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _MAGIC = b"tfP1"
 _HEADER = struct.Struct("!4sI")  # magic, length of the pickle that follows
@@ -107,11 +107,13 @@ def loads(body: bytes) -> object:
 
 def check_result(message: object) -> WireResult:
     """``message`` if it has the shape of a _WireResult, else Malformed."""
-    if type(message) is tuple and len(message) == 3:
-        ok, result, error = message
+    if type(message) is tuple and len(message) == 5:
+        ok, result, error, no_retry, retry_delay_s = message
         if (
             type(ok) is bool
             and type(result) is bytes
+            and type(no_retry) is bool
+            and type(retry_delay_s) is float
             and (
                 error is None
                 or (
@@ -158,11 +160,13 @@ def _run_wire(wire: _WireJob) -> bytes:
                 result.ok,
                 result.result,
                 None if error is None else (error.type, error.message, error.traceback),
+                result.no_retry,
+                float(result.retry_delay_s),
             )
         )
     except Exception as exc:  # a result past the frame's 4 GiB, say
         why = f"the encoded result does not fit in a message: {safe_str(exc)}"
-        return frame((False, b"", ("ResultNotSerializable", why, "")))
+        return frame((False, b"", ("ResultNotSerializable", why, ""), False, 0.0))
 
 
 def _hide(conn: Connection[object, object]) -> int:

@@ -279,7 +279,7 @@ class ProcessPool(Pool):
         elif not child.jobs:
             raise Malformed("a result with no job running")
         else:
-            ok, result, error = check_result(message)
+            ok, result, error, no_retry, retry_delay_s = check_result(message)
             job = child.jobs.popleft()
             self._job_s += JOB_S_WEIGHT * (time.time() - child.started_at - self._job_s)
             if child.jobs:
@@ -287,7 +287,14 @@ class ProcessPool(Pool):
             else:
                 child.deadline = None
             self._ledger.finish(
-                JobResult(job.ref, ok, result, None if error is None else TaskError(*error))
+                JobResult(
+                    job.ref,
+                    ok,
+                    result,
+                    None if error is None else TaskError(*error),
+                    no_retry=no_retry,
+                    retry_delay_s=retry_delay_s,
+                )
             )
 
     def _lose(self, child: _Child, reason: str) -> None:

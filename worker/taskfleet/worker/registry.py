@@ -11,11 +11,13 @@ import importlib
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.worker.task_function import TaskFunction
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,41 +28,83 @@ class TaskDefinition:
     func: Callable[..., Any]
     max_attempts: int = 1
     timeout_s: float = 0.0  # 0: no limit
+    # The exceptions worth another attempt; None: every one.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    backoff_s: float = 0.0  # 0: the master's backoff
+    backoff_max_s: float = 0.0  # 0: no cap
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """The wait before the attempt after ``attempt`` (1-based) failed; 0 leaves
+        it to the master."""
+        if not self.backoff_s:
+            return 0.0
+        delay_s = self.backoff_s * 2.0 ** min(attempt - 1, 30)
+        return min(delay_s, self.backoff_max_s) if self.backoff_max_s else delay_s
+
+
+class Retry(Exception):
+    """Raise in a task to run it again after ``delay_s`` seconds.
+
+    It counts as an attempt: with none left, the task ends FAILED with error
+    type ``Retry``."""
+
+    def __init__(self, delay_s: float = 0.0, message: str = "") -> None:
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        super().__init__(message or f"the task asked to run again in {delay_s:g} s")
+        self.delay_s = delay_s
 
 
 REGISTRY: dict[str, TaskDefinition] = {}
 
 
 @overload
-def task(func: F, /) -> F: ...
+def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
 
 
 @overload
 def task(
-    *, name: str | None = None, max_attempts: int = 1, timeout_s: float = 0.0
-) -> Callable[[F], F]: ...
+    *,
+    name: str | None = None,
+    max_attempts: int = 1,
+    timeout_s: float = 0.0,
+    retry_on: Iterable[type[BaseException]] | None = None,
+    backoff_s: float = 0.0,
+    backoff_max_s: float = 0.0,
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
 def task(
-    func: F | None = None,
+    func: Callable[P, R] | None = None,
     /,
     *,
     name: str | None = None,
     max_attempts: int = 1,
     timeout_s: float = 0.0,
-) -> F | Callable[[F], F]:
+    retry_on: Iterable[type[BaseException]] | None = None,
+    backoff_s: float = 0.0,
+    backoff_max_s: float = 0.0,
+) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Register a function as a task, under its ``__name__`` unless ``name`` is given.
 
     ``max_attempts`` and ``timeout_s`` are defaults for tasks whose spec leaves
-    them at zero. The function itself is returned unchanged, so it can still be
-    called directly (and pickled by reference into pool processes).
+    them at zero. A failed attempt is retried while attempts remain, for any
+    exception, or only for those ``retry_on`` names (others end the task at
+    once); after ``backoff_s`` doubling up to ``backoff_max_s``, or the master's
+    backoff when 0. What comes back still runs the function when called, and
+    also submits it: ``f.submit(...)``, ``f.submit_with(...)`` (task_function.py).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    if timeout_s < 0:
-        raise ValueError("timeout_s must not be negative")
+    if timeout_s < 0 or backoff_s < 0 or backoff_max_s < 0:
+        raise ValueError("timeout_s, backoff_s and backoff_max_s must not be negative")
+    retry_types = None if retry_on is None else tuple(retry_on)
+    if retry_types is not None and not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in retry_types
+    ):
+        raise TypeError("retry_on: name exception classes, such as (ConnectionError,)")
 
-    def register(f: F) -> F:
+    def register(f: Callable[P, R]) -> TaskFunction[P, R]:
         task_name = name or f.__name__
         existing = REGISTRY.get(task_name)
         if (
@@ -71,8 +115,10 @@ def task(
             raise ValueError(
                 f"task name {task_name!r} is already registered by {_qualname(existing.func)}"
             )
-        REGISTRY[task_name] = TaskDefinition(task_name, f, max_attempts, timeout_s)
-        return f
+        REGISTRY[task_name] = TaskDefinition(
+            task_name, f, max_attempts, timeout_s, retry_types, backoff_s, backoff_max_s
+        )
+        return TaskFunction(f, task_name)
 
     return register(func) if func is not None else register
 

@@ -24,8 +24,10 @@ __all__ = [
 _SQLITE = "sqlite:"
 
 
-def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
-    """The store ``url`` names: ``memory``, ``sqlite:PATH`` or a PostgreSQL URL.
+def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY, *, poll_only: bool = False) -> Store:
+    """The store ``url`` names: ``memory``, ``sqlite:PATH`` or a PostgreSQL URL
+    (with ``poll_only``, reached through a pooler that cannot hold prepared
+    statements).
 
     Raises ``ConfigError`` for any other form, or when the SQLite file or the
     database cannot be opened, so a bad flag stops the master with a message,
@@ -40,14 +42,14 @@ def open_store(url: str, policy: StorePolicy = DEFAULT_POLICY) -> Store:
         except sqlite3.Error as exc:
             raise ConfigError(f"--store {url}: cannot open {path}: {exc}") from exc
     if url.startswith(POSTGRES_SCHEMES):
-        return _open_postgres(url, policy)
+        return _open_postgres(url, policy, prepare=not poll_only)
     raise ConfigError(
         f"--store {redacted(url)!r} is not valid: use 'memory', 'sqlite:PATH' "
         "or 'postgresql://USER@HOST[:PORT]/DB'"
     )
 
 
-def _open_postgres(dsn: str, policy: StorePolicy) -> Store:
+def _open_postgres(dsn: str, policy: StorePolicy, *, prepare: bool) -> Store:
     """A PostgresStore; imported here so that psycopg is needed only by those who use it."""
     try:
         from taskfleet.master.store.postgres import PostgresStore
@@ -56,4 +58,4 @@ def _open_postgres(dsn: str, policy: StorePolicy) -> Store:
             f"--store postgresql://... needs psycopg ({exc.name} is not installed): "
             "pip install 'taskfleet[postgres]'"
         ) from None
-    return PostgresStore(dsn, policy)
+    return PostgresStore(dsn, policy, prepare=prepare)

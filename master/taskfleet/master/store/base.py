@@ -25,22 +25,26 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import NotFound
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
+    MasterInfo,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskError,
     TaskSpec,
     TaskState,
+    WorkerInfo,
 )
 
 WORKER_LOST = "WorkerLost"
@@ -62,6 +66,14 @@ class StorePolicy:
 
 
 DEFAULT_POLICY = StorePolicy()
+
+
+def retry_delay_s(policy: StorePolicy, outcome: Outcome, used: int) -> float | None:
+    """How long until the task of a FAILED ``outcome`` runs again, having used
+    ``used`` attempts; None when it ends now."""
+    if outcome.no_retry or used >= outcome.max_attempts:
+        return None
+    return outcome.retry_delay_s or policy.retry_backoff_s(used)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +138,9 @@ class Store(abc.ABC):
     # Called once (from the failing call's thread) when the store finds it can no
     # longer be used, e.g. a damaged file: the master then reports NOT_SERVING.
     on_unusable: Callable[[], None] | None = None
+    # Called once (from the failing call's thread) when the server of a networked
+    # store is lost: calls then fail with StoreUnavailable until ``ping`` succeeds.
+    on_unavailable: Callable[[], None] | None = None
     # Whether calls wait on a disk, a lock or a network, so that the master's event
     # loop must hand them to a thread; a store that only computes says False.
     blocks: ClassVar[bool] = True
@@ -247,5 +262,46 @@ class Store(abc.ABC):
         """Task counts per queue and state, sorted by queue name; every state present.
         A queue is listed while it holds a task."""
 
+    @abc.abstractmethod
+    def pending_names(self, limit: int) -> list[PendingName]:
+        """PENDING tasks counted per queue and name, the largest counts first (then
+        by queue and name), at most ``limit``. A scan of the pending tasks."""
+
+    def ping(self) -> None:  # noqa: B027 - a store in the master's process is always there
+        """Raise ``StoreUnavailable`` unless the store answers; cheap enough to call
+        every second. After an outage, the first ping that succeeds makes the store
+        usable again."""
+
+    def bus(self) -> Bus | None:
+        """How masters sharing this store reach each other, or None for a store
+        that only one master can use (memory, SQLite)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources; the store is unusable afterwards."""
+
+
+class Bus(Protocol):
+    """What masters sharing one store tell each other; see master/cluster.py.
+
+    Calls block on the database and are safe from any thread."""
+
+    def beat(
+        self, me: MasterInfo, workers: Sequence[WorkerInfo], forget_after_s: float
+    ) -> tuple[list[MasterInfo], list[WorkerInfo]]:
+        """Record that ``me`` is alive with ``workers`` connected, forget masters
+        silent for ``forget_after_s``; every live master, and the workers of the
+        others."""
+
+    def leave(self, master_id: str) -> None:
+        """Forget this master and its workers (it is stopping)."""
+
+    def notify(self, messages: Sequence[str]) -> None:
+        """Send ``messages`` to every listening master, this one included."""
+
+    def listen(self, deliver: Callable[[str | None], None], stop: threading.Event) -> None:
+        """Hand each message any master sends to ``deliver`` until ``stop`` is set;
+        None when the connection was lost and regained (messages may be missed)."""
+
+    def finished(self, task_ids: Sequence[str]) -> list[Task]:
+        """Those of ``task_ids`` that are final (unknown ids are left out)."""

@@ -9,6 +9,7 @@ O(log n) without searching a heap.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -20,6 +21,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskSpec,
@@ -36,6 +38,7 @@ from taskfleet.master.store.base import (
     expires_at,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
 
@@ -262,6 +265,16 @@ class MemoryStore(Store):
         with self._lock:
             return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
 
+    def pending_names(self, limit: int) -> list[PendingName]:
+        with self._lock:
+            counted = collections.Counter(
+                (s.task.spec.queue, s.task.spec.name)
+                for s in self._slots.values()
+                if s.task.state is TaskState.PENDING
+            )
+        ranked = sorted(counted.items(), key=lambda item: (-item[1], item[0]))
+        return [PendingName(queue, name, n) for (queue, name), n in ranked[:limit]]
+
     def _matching(
         self, query: TaskQuery, states: frozenset[TaskState], cursor: int | None
     ) -> Iterator[_Slot]:
@@ -399,15 +412,17 @@ class MemoryStore(Store):
             task.error = None
             self._finish(slot, TaskState.SUCCEEDED, now)
         elif outcome.state is TaskState.CANCELLED:
+            task.error = outcome.error or task.error
             self._finish(slot, TaskState.CANCELLED, now)
         else:
             task.error = outcome.error
             used = attempts_used(task.attempts, slot.attempt_base, task.lost_leases)
-            if used >= outcome.max_attempts:
+            delay_s = retry_delay_s(self.policy, outcome, used)
+            if delay_s is None:
                 self._finish(slot, TaskState.FAILED, now)
             else:
                 self._set_state(slot, TaskState.PENDING)
-                self._enqueue(slot, now + self.policy.retry_backoff_s(used), now)
+                self._enqueue(slot, now + delay_s, now)
 
     def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)
@@ -433,6 +448,7 @@ def _own(spec: TaskSpec) -> TaskSpec:
         spec.idempotency_key,
         dict(spec.metadata),
         spec.result_ttl_s,
+        spec.expires_at,
     )
 
 

@@ -28,13 +28,27 @@ every writer updates among them) a flush sooner.
 The schema is versioned: migrations run at open inside one transaction that
 holds an advisory lock, so masters started together apply them once.
 
-For now one master uses a database at a time: masters sharing one would need
-to wake each other's waiting workers and clients, which comes next.
+Any number of masters can share one database: every statement is correct
+against the others' (claims skip locked rows, updates are fenced), and
+housekeeping (``expire``, ``prune``) skips rows another master holds, so all
+masters run it at once and each lapsed lease is returned once. What the
+masters tell each other (wake-ups, results, revocations) goes over the bus
+(postgres_bus.py).
+
+When the server goes away (stopped, restarted, unreachable), a call fails
+with ``StoreUnavailable`` within ``_POOL_TIMEOUT_S``, and from then on at once,
+without waiting on a pool whose connections all died with the server: the
+master's watch calls ``ping`` until the database answers, and that first
+answer brings a fresh pool. No connection is checked when it is taken from
+the pool: psycopg_pool's check costs a round trip per call (a one-row get
+took 193 us instead of 123 us, best of 20 runs on this machine). A dead one
+fails the call it serves instead, and that failure is what starts the watch.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -42,9 +56,24 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
-from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument
-from taskfleet.common.model import Lease, LeaseRef, Outcome, QueueCounts, Task, TaskSpec, TaskState
+from taskfleet.common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    StoreUnavailable,
+)
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    PendingName,
+    QueueCounts,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.common.store_urls import redacted
+from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
@@ -55,13 +84,16 @@ from taskfleet.master.store.base import (
     attempts_used,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
+from taskfleet.master.store.postgres_bus import PostgresBus
 from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
     PENDING,
+    PENDING_NAMES,
     RUNNING,
     SUCCEEDED,
     default_expiry,
@@ -82,7 +114,14 @@ _MIGRATION_LOCK = 0x7461736B666C6565
 # inserted at the same time) run again; more than this many losses is a bug.
 _RACE_RETRIES = 5
 _POOL_MAX_SIZE = 4
+_PREPARE_THRESHOLD = 5
 _CONNECT_TIMEOUT_S = 10
+# How long a call waits for a pooled connection: psycopg_pool's 30 s would hold
+# every caller (and the master's store threads) that long when the server dies.
+_POOL_TIMEOUT_S = 5.0
+# A ping while the database is away: a server that is down refuses at once, a
+# host that is cut off must not hold the watch for long.
+_PING_CONNECT_TIMEOUT_S = 3
 
 _COUNT_FUNCTION = """
 CREATE FUNCTION taskfleet_count() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -179,6 +218,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS"
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
+    2: postgres_bus.MIGRATION,
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by double precision NOT NULL DEFAULT 0",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -190,14 +232,15 @@ _EXPIRES = "CASE WHEN t.result_ttl_s > 0 THEN %(now)s + t.result_ttl_s ELSE %(ex
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at)
+    created_at, start_by)
     SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
-        ready_at, %s::float8 FROM unnest(
+        ready_at, %s::float8, start_by FROM unnest(
         %b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::int[], %b::int[],
-        %b::float8[], %b::float8[], %b::text[], %b::text[], %b::float8[], %b::float8[]
+        %b::float8[], %b::float8[], %b::text[], %b::text[], %b::float8[], %b::float8[],
+        %b::float8[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-        not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
+        not_before, idempotency_key, metadata, result_ttl_s, ready_at, start_by)"""
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
@@ -238,12 +281,15 @@ _RECORD = f"""UPDATE tasks t SET
     result = CASE WHEN r.state = {SUCCEEDED} THEN r.result ELSE t.result END,
     result_content_type = CASE WHEN r.state = {SUCCEEDED} THEN r.result_content_type
         ELSE t.result_content_type END,
-    error_type = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_type
+    error_type = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_type
         ELSE t.error_type END,
-    error_message = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_message
+    error_message = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_message
         ELSE t.error_message END,
-    error_traceback = CASE r.state WHEN {SUCCEEDED} THEN NULL
-        WHEN {FAILED} THEN r.error_traceback ELSE t.error_traceback END,
+    error_traceback = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_traceback
+        ELSE t.error_traceback END,
     ready = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at <= %(now)s ELSE t.ready END,
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
@@ -278,19 +324,35 @@ class PostgresStore(Store):
 
     blocks = True
 
-    def __init__(self, dsn: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
+    def __init__(
+        self, dsn: str, policy: StorePolicy = DEFAULT_POLICY, *, prepare: bool = True
+    ) -> None:
         self.policy = policy
+        self._dsn = dsn
+        self._prepare = prepare
         self._where = redacted(dsn)
         try:
             with psycopg.connect(dsn, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
                 self._migrate(conn)
         except psycopg.OperationalError as exc:
             raise ConfigError(f"cannot use {self._where}: {_first_line(exc)}") from None
-        self._pool = ConnectionPool(
-            dsn,
+        self._pool = self._new_pool()
+        self._lost_lock = threading.Lock()
+        self._lost = ""  # why the database is unreachable, while it is
+
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(
+            self._dsn,
             min_size=1,
             max_size=_POOL_MAX_SIZE,
-            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S, "autocommit": True},
+            kwargs={
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+                "autocommit": True,
+                # None: never prepare (a transaction-mode pooler cannot hold them);
+                # otherwise psycopg prepares a statement on its fifth run.
+                "prepare_threshold": _PREPARE_THRESHOLD if self._prepare else None,
+            },
+            timeout=_POOL_TIMEOUT_S,
             name="taskfleet-store",
             open=True,
         )
@@ -317,8 +379,11 @@ class PostgresStore(Store):
         """``work`` on a pooled connection, in one transaction if ``atomic``; run
         again when it lost a race to another."""
         for attempt in range(_RACE_RETRIES):
+            if self._lost:
+                raise StoreUnavailable(self._lost)
+            pool = self._pool
             try:
-                with self._pool.connection() as conn:
+                with pool.connection() as conn:
                     if not atomic:
                         return work(conn)
                     with conn.transaction():
@@ -326,7 +391,47 @@ class PostgresStore(Store):
             except _RACES:
                 if attempt == _RACE_RETRIES - 1:
                     raise
+            except psycopg.OperationalError as exc:
+                if not _unreachable(exc):
+                    raise
+                raise self._lose(exc, pool) from None
         raise AssertionError("unreachable")
+
+    def _lose(self, exc: psycopg.OperationalError, pool: ConnectionPool) -> StoreUnavailable:
+        """Note that the server is gone: calls fail at once until ``ping`` finds it
+        back, and the master hears of it once. A call in flight when the server
+        died may have committed or not; its caller learns only that it failed.
+        A call that failed on a pool already replaced tells nothing new."""
+        with self._lost_lock:
+            first = not self._lost and pool is self._pool
+            if first:
+                self._lost = f"database unreachable: {_first_line(exc)}"
+            message = self._lost or f"database unreachable: {_first_line(exc)}"
+        if first and self.on_unavailable is not None:
+            self.on_unavailable()
+        return StoreUnavailable(message)
+
+    def ping(self) -> None:
+        if not self._lost:
+            try:
+                self._run(lambda conn: conn.execute("SELECT 1"))
+                return
+            except StoreUnavailable:
+                pass  # maybe only the pool's connections died, with a server now back
+        try:
+            with psycopg.connect(
+                self._dsn, connect_timeout=_PING_CONNECT_TIMEOUT_S, autocommit=True
+            ) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            # The pool's connections died with the server, and its own reconnecting
+            # would back off to minutes and log every attempt: closed (once).
+            self._pool.close()
+            raise StoreUnavailable(f"database unreachable: {_first_line(exc)}") from None
+        dead, self._pool = self._pool, self._new_pool()
+        with self._lost_lock:
+            self._lost = ""
+        dead.close()
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         keys = [spec.idempotency_key for spec in specs if spec.idempotency_key]
@@ -340,7 +445,7 @@ class PostgresStore(Store):
                 ).fetchall()
                 known = dict(rows)
             ids: list[str] = []
-            columns: list[list[Any]] = [[] for _ in range(13)]
+            columns: list[list[Any]] = [[] for _ in range(14)]
             for spec in specs:
                 key = spec.idempotency_key
                 if key and key in known:
@@ -363,6 +468,7 @@ class PostgresStore(Store):
                     json.dumps(spec.metadata) if spec.metadata else "{}",
                     spec.result_ttl_s,
                     max(spec.not_before, now),
+                    spec.expires_at,
                 )
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)
@@ -485,9 +591,8 @@ class PostgresStore(Store):
         count = used.get((outcome.ref.task_id, outcome.ref.lease))
         if outcome.state is not TaskState.FAILED or count is None:
             return None
-        if count >= outcome.max_attempts:
-            return None
-        return now + self.policy.retry_backoff_s(count)
+        delay_s = retry_delay_s(self.policy, outcome, count)
+        return None if delay_s is None else now + delay_s
 
     def retry(self, task_id: str, now: float) -> Task:
         def work(conn: psycopg.Connection[Any]) -> Any:
@@ -543,7 +648,7 @@ class PostgresStore(Store):
             lapsed = conn.execute(
                 f"""SELECT seq, worker_id, lost_leases, lost_by FROM tasks
                 WHERE state = {RUNNING} AND lease_deadline <= %s
-                ORDER BY lease_deadline, seq FOR UPDATE""",
+                ORDER BY lease_deadline, seq FOR UPDATE SKIP LOCKED""",
                 (now,),
             ).fetchall()
             if not lapsed:
@@ -625,8 +730,26 @@ class PostgresStore(Store):
         )
         return queue_counts(rows)
 
+    def pending_names(self, limit: int) -> list[PendingName]:
+        rows = self._run(
+            lambda conn: conn.execute(PENDING_NAMES.replace("?", "%s"), (limit,)).fetchall()
+        )
+        return [PendingName(*row) for row in rows]
+
+    def bus(self) -> PostgresBus:
+        return PostgresBus(self._run, self._dsn)
+
     def close(self) -> None:
         self._pool.close()
+
+
+def _unreachable(exc: psycopg.OperationalError) -> bool:
+    """Whether ``exc`` says the server is gone (or cannot be reached) rather than
+    refusing one statement: no SQLSTATE (the connection broke, or the pool had
+    none to give), a connection exception (08) or an operator intervention such
+    as a shutdown (57P)."""
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at, lost_leases, expires_at"""
+    created_at, started_at, finished_at, lost_leases, expires_at, start_by"""
 
 
 def default_expiry(policy: StorePolicy, now: float) -> float:
@@ -76,6 +76,11 @@ def in_order(rows: Iterable[Sequence[Any]], task_ids: Sequence[str]) -> list[Tas
     return [by_id[task_id] for task_id in task_ids]
 
 
+# PENDING tasks per queue and name (store.pending_names), in qmark style.
+PENDING_NAMES = f"""SELECT queue, name, count(*) FROM tasks WHERE state = {PENDING}
+    GROUP BY queue, name ORDER BY count(*) DESC, queue, name LIMIT ?"""
+
+
 def queue_counts(rows: Iterable[Sequence[Any]]) -> list[QueueCounts]:
     """Stats from (queue, state, n) rows sorted by queue."""
     by_queue: dict[str, dict[TaskState, int]] = {}
@@ -113,6 +118,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         finished_at,
         lost_leases,
         expires_at,
+        start_by,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -128,6 +134,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         idempotency_key,
         json.loads(metadata) if metadata != "{}" else {},
         result_ttl_s,
+        start_by,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(

@@ -40,6 +40,7 @@ from taskfleet.common.model import (
     Lease,
     LeaseRef,
     Outcome,
+    PendingName,
     QueueCounts,
     Task,
     TaskSpec,
@@ -55,6 +56,7 @@ from taskfleet.master.store.base import (
     attempts_used,
     new_task_id,
     not_found,
+    retry_delay_s,
     worker_lost_error,
 )
 from taskfleet.master.store.rows import (
@@ -62,6 +64,7 @@ from taskfleet.master.store.rows import (
     COLUMNS,
     FAILED,
     PENDING,
+    PENDING_NAMES,
     RUNNING,
     SUCCEEDED,
     default_expiry,
@@ -177,12 +180,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         END
         """,
     ),
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by REAL NOT NULL DEFAULT 0",),
 }
 _SCHEMA_VERSION = max(_MIGRATIONS)
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, start_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 # A finished task's deletion time: its own TTL, else the policy's (passed in as
 # the second parameter, already added to now; 0 for never).
@@ -337,6 +342,7 @@ class SqliteStore(Store):
                         int(ready_at <= now),
                         ready_at,
                         now,
+                        spec.expires_at,
                     )
                 )
                 ids.append(task_id)
@@ -412,7 +418,7 @@ class SqliteStore(Store):
         with self._write() as db:
             for outcome in outcomes:
                 fence = (outcome.ref.task_id, outcome.ref.lease)
-                retry_delay_s = None
+                delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
                     counts = db.execute(
@@ -421,10 +427,8 @@ class SqliteStore(Store):
                     ).fetchone()
                     if counts is None:
                         continue  # stale
-                    used = attempts_used(*counts)
-                    if used < outcome.max_attempts:
-                        retry_delay_s = self.policy.retry_backoff_s(used)
-                changes, params = _outcome_update(outcome, now, expiry, retry_delay_s)
+                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
+                changes, params = _outcome_update(outcome, now, expiry, delay_s)
                 row = db.execute(
                     f"UPDATE tasks SET {changes} WHERE {_FENCE} RETURNING {COLUMNS}",
                     (*params, *fence),
@@ -550,6 +554,11 @@ class SqliteStore(Store):
             rows = db.execute("SELECT queue, state, n FROM counts ORDER BY queue").fetchall()
         return queue_counts(rows)
 
+    def pending_names(self, limit: int) -> list[PendingName]:
+        with self._read() as db:
+            rows = db.execute(PENDING_NAMES, (limit,)).fetchall()
+        return [PendingName(*row) for row in rows]
+
     def close(self) -> None:
         with self._lock:  # even when unusable
             self._db.close()
@@ -596,11 +605,11 @@ def _known_id(db: sqlite3.Connection, key: str) -> str | None:
 
 
 def _outcome_update(
-    outcome: Outcome, now: float, expiry: tuple[float, float], retry_delay_s: float | None
+    outcome: Outcome, now: float, expiry: tuple[float, float], delay_s: float | None
 ) -> tuple[str, tuple[Any, ...]]:
     """The SET clause and its parameters that apply ``outcome`` to its task's row;
     ``expiry`` holds the parameters of ``_EXPIRES``; a FAILED outcome runs again
-    after ``retry_delay_s`` unless it is None."""
+    after ``delay_s`` unless it is None."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
@@ -608,7 +617,14 @@ def _outcome_update(
             (outcome.result, outcome.result_content_type, now, *expiry),
         )
     if outcome.state is TaskState.CANCELLED:
-        return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        error = outcome.error
+        if error is None:
+            return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        return (  # with why, as when it expired unstarted
+            f"""state = {CANCELLED}, error_type = ?, error_message = ?, error_traceback = ?,
+            finished_at = ?, {_EXPIRES}""",
+            (error.type, error.message, error.traceback, now, *expiry),
+        )
     if outcome.state is not TaskState.FAILED:
         # Raised inside the transaction, so the whole batch rolls back.
         raise InvalidArgument(
@@ -620,12 +636,12 @@ def _outcome_update(
         (None, None, None) if error is None else (error.type, error.message, error.traceback)
     )
     error_set = "error_type = ?, error_message = ?, error_traceback = ?"
-    if retry_delay_s is None:
+    if delay_s is None:
         return (
             f"state = {FAILED}, {error_set}, finished_at = ?, {_EXPIRES}",
             (*error_params, now, *expiry),
         )
-    ready_at = now + retry_delay_s
+    ready_at = now + delay_s
     return (
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
         (int(ready_at <= now), ready_at, *error_params),

@@ -1,0 +1,27 @@
+"""taskfleet's Python client, in one import:
+
+    from taskfleet.client import Client, AsyncClient, TaskHandle, TaskFailed, TaskCancelled
+
+``Client`` is the blocking client (``taskfleet.common.client``, where it lives,
+keeps working). ``configure`` sets the client that ``@task`` functions submit
+through; without it, one is made from ``TASKFLEET_MASTER`` and the other
+variables the CLI reads.
+"""
+
+from taskfleet.client.aio import AsyncClient, AsyncTaskHandle
+from taskfleet.client.defaults import configure, default_client
+from taskfleet.client.handle import TaskHandle, TaskSnapshot
+from taskfleet.common.client import Client
+from taskfleet.common.errors import TaskCancelled, TaskFailed
+
+__all__ = [
+    "AsyncClient",
+    "AsyncTaskHandle",
+    "Client",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskSnapshot",
+    "configure",
+    "default_client",
+]

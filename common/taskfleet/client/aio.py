@@ -1,0 +1,243 @@
+"""``AsyncClient``: the client for asyncio programs, on ``grpc.aio``.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        print(await client.run("square", [7], timeout_s=10))   # 49
+
+The same calls as ``Client``, awaited; one channel serves any number of
+coroutines at once (a FastAPI handler per request, thousands of ``run``s
+under ``asyncio.gather``) with no thread per call. A wait resumes after a lost
+stream as ``Client.wait`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpc
+
+from taskfleet.client.handle import TaskSnapshot, snapshot
+from taskfleet.client.mapping import Named, aimap
+from taskfleet.common import convert
+from taskfleet.common.backoff import backoff_s
+from taskfleet.common.batching import cut, spec_bytes
+from taskfleet.common.channel import CHANNEL_OPTIONS
+from taskfleet.common.client import (
+    CALL_TIMEOUT_S,
+    RESUME_WAIT_S,
+    SUBMIT_BATCH,
+    WAIT_CHUNK,
+    make_spec,
+    task_result,
+)
+from taskfleet.common.config import DEFAULT_MASTER
+from taskfleet.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from taskfleet.common.model import Stats, Task, TaskSpec
+from taskfleet.common.tls import client_tls
+from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+R = TypeVar("R")
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+)
+
+
+class AsyncClient:
+    """A connection to a master for asyncio code; ``async with`` it, or ``close()``.
+    ``token`` and the TLS files are as ``Client`` takes them."""
+
+    def __init__(
+        self,
+        master: str = DEFAULT_MASTER,
+        *,
+        token: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> None:
+        tls = client_tls(tls_ca, tls_cert, tls_key)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(master, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                master, tls.credentials(), options=CHANNEL_OPTIONS
+            )
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    # -- producing -----------------------------------------------------------
+
+    async def submit(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncTaskHandle[Any]:
+        """Enqueue ``name(*args, **kwargs)``; ``options`` as ``Client.submit``."""
+        (task_id,) = await self.submit_many([make_spec(name, args, kwargs, **options)])
+        return AsyncTaskHandle(task_id, self)
+
+    async def submit_many(self, specs: Iterable[TaskSpec]) -> list[str]:
+        """Enqueue many tasks in batches cut by count and bytes; their ids in order."""
+        ids: list[str] = []
+        for batch in cut(list(specs), spec_bytes, max_count=SUBMIT_BATCH):
+            request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
+            response = await self._call(self._stub.Submit, request)
+            ids += response.task_ids
+        return ids
+
+    async def run(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """Submit and wait for the decoded result in one round trip (SubmitAndWait)."""
+        spec = make_spec(name, args, kwargs, **options)
+        request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if timeout_s is not None:
+            request.timeout.CopyFrom(convert.duration(timeout_s))
+        task_id = ""
+        try:
+            async for response in self._stub.SubmitAndWait(request, metadata=self._metadata):
+                task_id = task_id or response.task_ids[0]
+                for pb in response.tasks:
+                    return task_result(convert.task_from_proto(pb))
+        except grpc.RpcError as exc:
+            if not task_id or exc.code() not in _RESUMABLE:
+                raise from_rpc_error(exc) from None
+        if task_id and (deadline is None or time.monotonic() < deadline):
+            return await self.result(task_id, _left(deadline))
+        raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
+
+    async def map(self, task: str | Named, items: Iterable[Any]) -> list[Any]:
+        """``task(item)`` for each item, results in the items' order, as
+        ``multiprocessing.Pool.map``; the first failure raises ``TaskFailed``
+        naming the item. Submitted a window at a time (mapping.py)."""
+        return [result async for result in aimap(self, task, items, ordered=True)]
+
+    def imap_unordered(self, task: str | Named, items: Iterable[Any]) -> AsyncIterator[Any]:
+        """``task(item)`` for each item, results as they finish."""
+        return aimap(self, task, items, ordered=False)
+
+    # -- reading -------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        pb = await self._call(self._stub.GetTask, tasks_pb2.GetTaskRequest(task_id=task_id))
+        return convert.task_from_proto(pb)
+
+    async def cancel(self, task_id: str) -> Task:
+        request = tasks_pb2.CancelTaskRequest(task_id=task_id)
+        return convert.task_from_proto(await self._call(self._stub.CancelTask, request))
+
+    async def stats(self) -> Stats:
+        pb = await self._call(self._stub.GetStats, tasks_pb2.GetStatsRequest())
+        return convert.stats_from_proto(pb)
+
+    async def result(self, task_id: str, timeout_s: float | None = None) -> Any:
+        """The decoded result of one task; raises as ``Client.result`` does."""
+        async for task in self.wait([task_id], timeout_s):
+            return task_result(task)
+        raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
+
+    async def wait(
+        self, task_ids: Sequence[str], timeout_s: float | None = None
+    ) -> AsyncIterator[Task]:
+        """Each task as it becomes final, until all are or ``timeout_s`` passes."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        distinct = list(dict.fromkeys(task_ids))
+        for start in range(0, len(distinct), WAIT_CHUNK):
+            async for task in self._wait_chunk(distinct[start : start + WAIT_CHUNK], deadline):
+                yield task
+
+    async def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> AsyncIterator[Task]:
+        waiting = dict.fromkeys(task_ids)
+        outage_started: float | None = None
+        attempt = 0
+        while waiting:
+            request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
+            if deadline is not None:
+                request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
+            try:
+                async for batch in self._stub.WaitTasksBatched(request, metadata=self._metadata):
+                    outage_started, attempt = None, 0
+                    for pb in batch.tasks:
+                        task = convert.task_from_proto(pb)
+                        if task.id in waiting:
+                            del waiting[task.id]
+                            yield task
+                if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                    return
+                cause = "the master ended the wait early"
+            except grpc.RpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise from_rpc_error(exc) from None
+                cause = str(from_rpc_error(exc))
+            now = time.monotonic()
+            outage_started = outage_started or now
+            give_up = outage_started + RESUME_WAIT_S
+            if deadline is not None:
+                give_up = min(give_up, deadline)
+            if now >= give_up:
+                raise Unavailable(
+                    f"lost the master while waiting for {len(waiting)} task(s): {cause}"
+                )
+            attempt += 1
+            await asyncio.sleep(min(backoff_s(attempt, base_s=0.1, cap_s=2.0), give_up - now))
+
+    async def _call(self, method: Callable[..., Awaitable[Any]], request: Any) -> Any:
+        try:
+            return await method(request, timeout=CALL_TIMEOUT_S, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class AsyncTaskHandle(str, Generic[R]):
+    """``TaskHandle`` for an ``AsyncClient``: the id, with awaitable calls."""
+
+    _client: AsyncClient
+
+    def __new__(cls, task_id: str, client: AsyncClient) -> AsyncTaskHandle[R]:
+        handle = super().__new__(cls, task_id)
+        handle._client = client
+        return handle
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))
+
+    @property
+    def id(self) -> str:
+        return str(self)
+
+    async def get(self) -> TaskSnapshot:
+        return snapshot(await self._client.get(self.id))
+
+    async def result(self, timeout_s: float | None = None) -> R:
+        value: R = await self._client.result(self.id, timeout_s)
+        return value
+
+    async def cancel(self) -> TaskSnapshot:
+        return snapshot(await self._client.cancel(self.id))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)

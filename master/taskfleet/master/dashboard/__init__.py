@@ -1,0 +1,1 @@
+"""The web dashboard a master serves at ``--http-listen`` (see ``app``)."""
