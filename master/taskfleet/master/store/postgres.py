@@ -485,7 +485,7 @@ class PostgresStore(Store):
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         rows = self._run(
             lambda conn: conn.execute(
-                f"SELECT {COLUMNS} FROM tasks WHERE id = ANY(%b)", (list(task_ids),)
+                f"SELECT {COLUMNS} FROM tasks WHERE id = ANY(%b)", (list(task_ids),), binary=True
             ).fetchall()
         )
         return in_order(rows, task_ids)
