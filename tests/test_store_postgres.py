@@ -14,7 +14,7 @@ import pytest
 from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import TaskSpec, TaskState
+from taskfleet.common.model import Outcome, TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, redacted
 from taskfleet.master.store import postgres as postgres_store
 from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore
@@ -226,3 +226,36 @@ def test_a_lease_does_not_leave_its_connection_committing_without_waiting() -> N
         finally:
             store.close()
     assert setting == "on"
+
+
+def test_a_crash_of_the_server_keeps_every_recorded_outcome_and_every_task() -> None:
+    with pg.own_server() as server:
+        # Given tasks claimed (a commit that does not wait for the disk), and the
+        # outcomes of half of them recorded (one that does)
+        store = PostgresStore(server.admin_dsn)
+        try:
+            ids = store.submit([TaskSpec(name="noop", queue="q") for _ in range(6)], 1.0)
+            leases = store.lease("w", ["q"], None, 6, 30.0, 2.0)
+            assert len(leases) == 6
+            done = [lease.ref for lease in leases[:3]]
+            store.record([Outcome(ref, TaskState.SUCCEEDED, result=b"7") for ref in done], 3.0)
+
+            # When the server crashes at once (no shutdown checkpoint) and starts again
+            server.stop("immediate")
+        finally:
+            store.close()
+        server.start()
+
+        # Then the outcomes are there, with the claims they came from, and no task is lost
+        store = PostgresStore(server.admin_dsn)
+        try:
+            tasks = {task.id: task for task in store.get_many(ids)}
+        finally:
+            store.close()
+    assert sorted(tasks) == sorted(ids)
+    for ref in done:
+        assert tasks[ref.task_id].state is TaskState.SUCCEEDED
+        assert tasks[ref.task_id].result == b"7"
+        assert tasks[ref.task_id].lease == ref.lease
+    rest = [task for task_id, task in tasks.items() if task_id not in {r.task_id for r in done}]
+    assert {task.state for task in rest} <= {TaskState.RUNNING, TaskState.PENDING}
