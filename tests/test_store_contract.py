@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from taskfleet.common.errors import ConfigError, FailedPrecondition, NotFound
+from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -437,7 +438,7 @@ def test_release_returns_the_task_ready_at_once_without_counting_the_attempt(
 def test_cancel_pending_task_is_never_leased(store: Store) -> None:
     task_id = submit_one(store)
 
-    cancelled = store.cancel(task_id, NOW + 1)
+    (cancelled,) = store.cancel(task_id, NOW + 1)
 
     assert (cancelled.state, cancelled.finished_at) == (TaskState.CANCELLED, NOW + 1)
     assert store.get(task_id) == cancelled
@@ -457,7 +458,7 @@ def test_cancel_running_task_makes_its_lease_stale(store: Store) -> None:
     task_id = submit_one(store)
     (leased,) = lease(store)
 
-    cancelled = store.cancel(task_id, NOW + 1)
+    (cancelled,) = store.cancel(task_id, NOW + 1)
 
     assert cancelled.state is TaskState.CANCELLED
     assert store.extend("w1", [leased.ref], LEASE_S, NOW + 2) == [leased.ref]
@@ -643,3 +644,129 @@ def test_pending_names_counts_pending_tasks_per_queue_and_name(store: Store) -> 
         PendingName("q", "later", 1),
     ]
     assert store.pending_names(2) == [PendingName("q", "a", 2), PendingName("r", "a", 2)]
+
+
+# dependencies (store/deps.py)
+
+
+def args_of(task: Task) -> list[Any]:
+    return list(json.loads(task.spec.payload)["args"])
+
+
+def test_a_child_waits_for_its_parent_and_gets_its_result(store: Store) -> None:
+    # Given a parent and a child passed its result, submitted together
+    parent, child = store.submit(
+        [spec("a"), spec("b", payload=b'{"args":[10],"kwargs":{}}', depends_on=("$0",), pass_results=True)],
+        NOW,
+    )
+    assert store.get(child).state is TaskState.PENDING
+    assert store.get(child).spec.depends_on == (parent,)
+    assert store.next_ready_at(NOW) is None
+    # Only the parent is handed out
+    (leased,) = lease(store)
+    assert leased.task.id == parent
+    assert lease(store) == []
+
+    # When the parent succeeds, the record reports the child as readied
+    changed = store.record([succeeded(leased.ref, b"[1, 2]")], NOW + 1)
+
+    assert [(t.id, t.state) for t in changed] == [
+        (parent, TaskState.SUCCEEDED),
+        (child, TaskState.PENDING),
+    ]
+    (next_lease,) = lease(store, now=NOW + 1)
+    assert next_lease.task.id == child
+    assert args_of(next_lease.task) == [[1, 2], 10]
+
+
+def test_a_child_of_several_parents_runs_after_the_last_with_results_in_order(
+    store: Store,
+) -> None:
+    first, second, callback = store.submit(
+        [spec("a"), spec("a"), spec("sum", depends_on=("$1", "$0"), pass_results=True)], NOW
+    )
+    by_id = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+    assert set(by_id) == {first, second}
+
+    assert [t.id for t in store.record([succeeded(by_id[first], b"1")], NOW)] == [first]
+    assert lease(store) == []
+    store.record([succeeded(by_id[second], b"2")], NOW)
+
+    (leased,) = lease(store)
+    assert leased.task.id == callback
+    assert args_of(leased.task) == [2, 1]
+
+
+def test_a_parent_that_already_succeeded_counts_as_done(store: Store) -> None:
+    parent = submit_one(store)
+    (leased,) = lease(store)
+    store.record([succeeded(leased.ref, b'"x"')], NOW)
+
+    (child,) = store.submit([spec("b", depends_on=(parent,), pass_results=True)], NOW)
+
+    (leased,) = lease(store)
+    assert leased.task.id == child
+    assert args_of(leased.task) == ["x"]
+
+
+def test_a_failed_parent_cancels_its_dependents_transitively_at_once(store: Store) -> None:
+    # Given a parent, two children and a grandchild waiting for one of them
+    parent, child, other, grandchild, free = store.submit(
+        [
+            spec("a"),
+            spec("b", depends_on=("$0",)),
+            spec("b", depends_on=("$0",)),
+            spec("c", depends_on=("$1",)),
+            spec("d"),
+        ],
+        NOW,
+    )
+    (leased,) = lease(store, names=("a",))
+
+    # When the parent fails for good
+    changed = store.record([failed(leased.ref)], NOW + 1)
+
+    # Then the record reports the whole tree CANCELLED ParentFailed
+    assert changed[0].id == parent and changed[0].state is TaskState.FAILED
+    ended = {t.id: t for t in changed[1:]}
+    assert set(ended) == {child, other, grandchild}
+    for task in ended.values():
+        assert task.state is TaskState.CANCELLED
+        assert task.error is not None and task.error.type == "ParentFailed"
+        assert task.finished_at == NOW + 1
+    assert ended[grandchild].error.message == f"parent task {child} ended CANCELLED"
+    assert store.get(grandchild).state is TaskState.CANCELLED
+    assert store.get(free).state is TaskState.PENDING
+    # and retrying the parent leaves them cancelled
+    store.retry(parent, NOW + 2)
+    assert store.get(child).state is TaskState.CANCELLED
+
+
+def test_cancelling_a_parent_returns_the_dependents_it_cancelled(store: Store) -> None:
+    parent, child, grandchild = store.submit(
+        [spec("a"), spec("b", depends_on=("$0",)), spec("c", depends_on=("$1",))], NOW
+    )
+
+    cancelled = store.cancel(parent, NOW)
+
+    assert [(t.id, t.state) for t in cancelled] == [
+        (parent, TaskState.CANCELLED),
+        (child, TaskState.CANCELLED),
+        (grandchild, TaskState.CANCELLED),
+    ]
+    assert counts(store)["q"][TaskState.CANCELLED] == 3
+
+
+def test_unknown_or_failed_parents_refuse_the_whole_batch_naming_the_field(
+    store: Store,
+) -> None:
+    gone = submit_one(store)
+    store.cancel(gone, NOW)
+    before = counts(store)
+
+    with pytest.raises(InvalidArgument, match=r"tasks\[1\]\.depends_on\[1\]: no task 0123"):
+        store.submit([spec(), spec(depends_on=("$0", "0123"))], NOW)
+    with pytest.raises(FailedPrecondition, match=rf"tasks\[0\]\.depends_on\[0\]: task {gone}"):
+        store.submit([spec(depends_on=(gone,))], NOW)
+
+    assert counts(store) == before

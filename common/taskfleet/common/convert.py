@@ -82,6 +82,8 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         pb.idempotency_key,
         dict(pb.metadata) if pb.metadata else {},
         seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
+        tuple(pb.depends_on) if pb.depends_on else (),
+        pb.pass_results,
     )
 
 
@@ -124,6 +126,10 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.not_before.FromNanoseconds(round(spec.not_before * 1e9))
     if spec.result_ttl_s:
         pb.result_ttl.FromNanoseconds(round(spec.result_ttl_s * 1e9))
+    if spec.depends_on:
+        pb.depends_on.extend(spec.depends_on)
+    if spec.pass_results:
+        pb.pass_results = True
 
 
 def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:

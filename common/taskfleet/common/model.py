@@ -50,6 +50,11 @@ class TaskSpec:
     idempotency_key: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     result_ttl_s: float = 0.0  # kept this long after it ends; 0: the master's default
+    # Parents that must succeed first: task ids, or "$N" for the Nth (0-based) spec
+    # of the same Submit; the store keeps them resolved to ids.
+    depends_on: tuple[str, ...] = ()
+    # The parents' results are prepended to the positional arguments, in order.
+    pass_results: bool = False
 
 
 @dataclass(frozen=True, slots=True)

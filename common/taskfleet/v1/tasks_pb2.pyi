@@ -98,6 +98,8 @@ class TaskSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     RESULT_TTL_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    PASS_RESULTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a function registered with @task on some worker. Required."""
     queue: _builtins.str
@@ -118,6 +120,10 @@ class TaskSpec(_message.Message):
     """A repeated Submit with the same key returns the first task's id instead
     of creating another task.
     """
+    pass_results: _builtins.bool
+    """Prepend the parents' results (in depends_on order) to the positional
+    arguments; needs application/json.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Hard time limit for one attempt; unset or zero means no limit."""
@@ -136,6 +142,14 @@ class TaskSpec(_message.Message):
         idempotency key); unset or zero means the master's --result-ttl-s.
         """
 
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Parents that must all succeed before this task runs: ids of existing
+        tasks, or "$N" for the Nth spec (0-based) earlier in the same request.
+        Until then the task is PENDING but not handed out; a parent that ends
+        FAILED or CANCELLED ends it CANCELLED with error type ParentFailed.
+        """
+
     def __init__(
         self,
         *,
@@ -150,10 +164,12 @@ class TaskSpec(_message.Message):
         idempotency_key: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         result_ttl: _duration_pb2.Duration | None = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        pass_results: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

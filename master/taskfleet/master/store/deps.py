@@ -1,0 +1,218 @@
+"""Task dependencies, shared by the stores: a task with parents (``depends_on``)
+waits, PENDING but never leased, until every parent SUCCEEDED; a parent that
+ends FAILED or CANCELLED ends its waiting dependents CANCELLED ``ParentFailed``,
+transitively. Both happen in the store, in the transaction that ends the
+parent, so no master polls for them and every master sharing a database sees
+the child become ready at once.
+
+A waiting task is kept as a delayed one whose ready time is infinite, so the
+lease path needs no new condition; the SQL stores count its unfinished parents
+in ``waiting`` and list the edges to them in ``task_deps`` (an edge is deleted
+when its parent ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from taskfleet.common.errors import FailedPrecondition, InvalidArgument
+from taskfleet.common.model import TaskError, TaskSpec, TaskState
+
+PARENT_FAILED = "ParentFailed"
+# The ready time of a task that waits for its parents: later than any real time.
+WAITING_AT = math.inf
+
+
+def resolve(specs: Sequence[TaskSpec], ids: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each spec's parents as task ids, ``$N`` replaced by the id given to spec N
+    (validation made sure N points backwards)."""
+    return [
+        tuple(ids[int(p[1:])] if p.startswith("$") else p for p in spec.depends_on)
+        for spec in specs
+    ]
+
+
+def check_parent(field: str, parent_id: str, state: TaskState | None) -> None:
+    """Refuse a parent that does not exist (INVALID_ARGUMENT) or that already
+    failed (FAILED_PRECONDITION: the new task could never run)."""
+    if state is None:
+        raise InvalidArgument(
+            f"{field}: no task {parent_id} (finished tasks are deleted when their "
+            "result TTL runs out)"
+        )
+    if state in (TaskState.FAILED, TaskState.CANCELLED):
+        raise FailedPrecondition(
+            f"{field}: task {parent_id} already ended {state.name}, so this task could never run"
+        )
+
+
+def parent_failed_error(parent_id: str, state: TaskState) -> TaskError:
+    """The error of a dependent cancelled because ``parent_id`` ended in ``state``."""
+    return TaskError(PARENT_FAILED, f"parent task {parent_id} ended {state.name}")
+
+
+def is_parent_failed(error: TaskError | None) -> bool:
+    return error is not None and error.type == PARENT_FAILED
+
+
+def with_results(payload: bytes, results: Sequence[bytes]) -> bytes:
+    """``payload`` with the parents' JSON ``results`` prepended to its args."""
+    body = json.loads(payload) if payload else {}
+    values = [json.loads(r) if r else None for r in results]
+    body["args"] = [*values, *body.get("args", [])]
+    body.setdefault("kwargs", {})
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+class SqlDeps:
+    """Dependencies for the SQL stores, in the caller's transaction ``db`` (a
+    sqlite3 or psycopg connection); ``mark`` is the placeholder (``?`` or ``%s``)
+    and ``lock`` the clause that keeps a parent from ending while a child is
+    added (PostgreSQL's ``FOR SHARE``; SQLite locks the whole file anyway)."""
+
+    def __init__(self, mark: str, lock: str, states: dict[int, TaskState]) -> None:
+        self._m = mark
+        self._lock = lock
+        self._states = states
+
+    def _q(self, sql: str, n: int = 0) -> str:
+        marks = ", ".join([self._m] * n)
+        return sql.replace("?", self._m).replace("(*)", f"({marks})")
+
+    def add(
+        self,
+        db: Any,
+        specs: Sequence[TaskSpec],
+        ids: Sequence[str],
+        new: Sequence[bool],
+        now: float,
+    ) -> None:
+        """Make the newly inserted ``specs`` (``new[i]``) that have parents wait for
+        them; a parent already SUCCEEDED counts as done (its result is passed now)."""
+        parents_of = resolve(specs, ids)
+        for i, spec in enumerate(specs):
+            parents = parents_of[i]
+            if not new[i] or not parents:
+                continue
+            unique = list(dict.fromkeys(parents))
+            rows = db.execute(
+                self._q(f"SELECT id, state, result FROM tasks WHERE id IN (*){self._lock}", len(unique)),
+                unique,
+            ).fetchall()
+            found = {r[0]: (self._states[r[1]], bytes(r[2])) for r in rows}
+            for j, parent in enumerate(parents):
+                state = found.get(parent, (None, b""))[0]
+                check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
+            open_parents = [p for p in unique if found[p][0] is not TaskState.SUCCEEDED]
+            payload = spec.payload
+            if not open_parents and spec.pass_results:
+                payload = with_results(payload, [found[p][1] for p in parents])
+            ready_at = max(spec.not_before, now) if not open_parents else WAITING_AT
+            db.execute(
+                self._q(
+                    """UPDATE tasks SET depends_on = ?, pass_results = ?, waiting = ?,
+                    ready = ?, ready_at = ?, payload = ? WHERE id = ?"""
+                ),
+                (
+                    json.dumps(list(parents)),
+                    spec.pass_results,
+                    len(open_parents),
+                    ready_at <= now,
+                    ready_at,
+                    payload,
+                    ids[i],
+                ),
+            )
+            if open_parents:
+                db.executemany(
+                    self._q("INSERT INTO task_deps (parent, child) VALUES (?, ?)"),
+                    [(p, ids[i]) for p in open_parents],
+                )
+
+    def settle(
+        self,
+        db: Any,
+        ended: Sequence[tuple[str, TaskState]],
+        now: float,
+        default_expiry: float,
+        columns: str,
+        from_row: Callable[[Any], Any],
+    ) -> list[Any]:
+        """Follow parents that just ended (id, final state): ready the children whose
+        last parent succeeded, cancel the dependents of failed ones. The tasks
+        changed, as they are now, readied ones first."""
+        ready: list[str] = []
+        cancelled: list[Any] = []
+        frontier = [(i, s) for i, s in ended if s.is_final]
+        while frontier:
+            parent_id, state = frontier.pop()
+            children = [
+                r[0]
+                for r in db.execute(
+                    self._q("DELETE FROM task_deps WHERE parent = ? RETURNING child"),
+                    (parent_id,),
+                ).fetchall()
+            ]
+            if not children:
+                continue
+            if state is TaskState.SUCCEEDED:
+                ready += self._ready(db, children, now)
+                continue
+            error = parent_failed_error(parent_id, state)
+            rows = db.execute(
+                self._q(
+                    f"""UPDATE tasks SET state = {TaskState.CANCELLED.value}, error_type = ?,
+                    error_message = ?, error_traceback = '', finished_at = ?,
+                    expires_at = CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END
+                    WHERE id IN (*) AND state = {TaskState.PENDING.value} RETURNING {columns}""",
+                    len(children),
+                ),
+                (error.type, error.message, now, now, default_expiry, *children),
+            ).fetchall()
+            for row in rows:
+                task = from_row(row)
+                cancelled.append(task)
+                frontier.append((task.id, TaskState.CANCELLED))
+        if not ready:
+            return cancelled
+        rows = db.execute(
+            self._q(f"SELECT {columns} FROM tasks WHERE id IN (*)", len(ready)), ready
+        ).fetchall()
+        return [*map(from_row, rows), *cancelled]
+
+    def _ready(self, db: Any, children: list[str], now: float) -> list[str]:
+        """One parent of each of ``children`` succeeded; ready those with none left."""
+        rows = db.execute(
+            self._q(
+                f"""UPDATE tasks SET waiting = waiting - 1 WHERE id IN (*)
+                AND state = {TaskState.PENDING.value}
+                RETURNING id, waiting, not_before, pass_results, depends_on, payload""",
+                len(children),
+            ),
+            children,
+        ).fetchall()
+        readied = []
+        for task_id, waiting, not_before, pass_results, depends_on, payload in rows:
+            if waiting > 0:
+                continue
+            payload = bytes(payload)
+            if pass_results:
+                parents = json.loads(depends_on)
+                unique = list(dict.fromkeys(parents))
+                found = dict(
+                    db.execute(
+                        self._q("SELECT id, result FROM tasks WHERE id IN (*)", len(unique)),
+                        unique,
+                    ).fetchall()
+                )
+                payload = with_results(payload, [bytes(found.get(p, b"")) for p in parents])
+            ready_at = max(not_before, now)
+            db.execute(
+                self._q("UPDATE tasks SET ready = ?, ready_at = ?, payload = ? WHERE id = ?"),
+                (ready_at <= now, ready_at, payload, task_id),
+            )
+            readied.append(task_id)
+        return readied
