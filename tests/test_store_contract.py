@@ -770,3 +770,16 @@ def test_unknown_or_failed_parents_refuse_the_whole_batch_naming_the_field(
         store.submit([spec(depends_on=(gone,))], NOW)
 
     assert counts(store) == before
+
+
+def test_parents_that_succeed_in_one_record_ready_their_child(store: Store) -> None:
+    first, second, callback = store.submit(
+        [spec("a"), spec("a"), spec("sum", depends_on=("$0", "$1"), pass_results=True)], NOW
+    )
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+
+    changed = store.record([succeeded(refs[first], b"1"), succeeded(refs[second], b"2")], NOW)
+
+    assert [t.id for t in changed if t.state is TaskState.PENDING] == [callback]
+    (leased,) = lease(store)
+    assert args_of(leased.task) == [1, 2]

@@ -13,6 +13,7 @@ when its parent ends).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -73,10 +74,9 @@ class SqlDeps:
     and ``lock`` the clause that keeps a parent from ending while a child is
     added (PostgreSQL's ``FOR SHARE``; SQLite locks the whole file anyway)."""
 
-    def __init__(self, mark: str, lock: str, states: dict[int, TaskState]) -> None:
+    def __init__(self, mark: str, lock: str) -> None:
         self._m = mark
         self._lock = lock
-        self._states = states
 
     def _q(self, sql: str, n: int = 0) -> str:
         marks = ", ".join([self._m] * n)
@@ -102,7 +102,7 @@ class SqlDeps:
                 self._q(f"SELECT id, state, result FROM tasks WHERE id IN (*){self._lock}", len(unique)),
                 unique,
             ).fetchall()
-            found = {r[0]: (self._states[r[1]], bytes(r[2])) for r in rows}
+            found = {r[0]: (TaskState(r[1]), bytes(r[2])) for r in rows}
             for j, parent in enumerate(parents):
                 state = found.get(parent, (None, b""))[0]
                 check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
@@ -146,36 +146,32 @@ class SqlDeps:
         changed, as they are now, readied ones first."""
         ready: list[str] = []
         cancelled: list[Any] = []
-        frontier = [(i, s) for i, s in ended if s.is_final]
-        while frontier:
-            parent_id, state = frontier.pop()
-            children = [
-                r[0]
-                for r in db.execute(
-                    self._q("DELETE FROM task_deps WHERE parent = ? RETURNING child"),
-                    (parent_id,),
-                ).fetchall()
-            ]
-            if not children:
-                continue
-            if state is TaskState.SUCCEEDED:
-                ready += self._ready(db, children, now)
-                continue
-            error = parent_failed_error(parent_id, state)
-            rows = db.execute(
-                self._q(
-                    f"""UPDATE tasks SET state = {TaskState.CANCELLED.value}, error_type = ?,
-                    error_message = ?, error_traceback = '', finished_at = ?,
-                    expires_at = CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END
-                    WHERE id IN (*) AND state = {TaskState.PENDING.value} RETURNING {columns}""",
-                    len(children),
-                ),
-                (error.type, error.message, now, now, default_expiry, *children),
+        # One round per generation: the edges of every parent that ended in it.
+        state_of = {task_id: state for task_id, state in ended if state.is_final}
+        while state_of:
+            edges = db.execute(
+                self._q("DELETE FROM task_deps WHERE parent IN (*) RETURNING parent, child", len(state_of)),
+                list(state_of),
             ).fetchall()
-            for row in rows:
-                task = from_row(row)
-                cancelled.append(task)
-                frontier.append((task.id, TaskState.CANCELLED))
+            succeeded = [c for p, c in edges if state_of[p] is TaskState.SUCCEEDED]
+            ready += self._ready(db, succeeded, now) if succeeded else []
+            failed_parent = {c: p for p, c in edges if state_of[p] is not TaskState.SUCCEEDED}
+            next_round: dict[str, TaskState] = {}
+            for child, parent in failed_parent.items():
+                error = parent_failed_error(parent, state_of[parent])
+                row = db.execute(
+                    self._q(
+                        f"""UPDATE tasks SET state = {TaskState.CANCELLED.value}, error_type = ?,
+                        error_message = ?, error_traceback = '', finished_at = ?, expires_at =
+                        CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END
+                        WHERE id = ? AND state = {TaskState.PENDING.value} RETURNING {columns}"""
+                    ),
+                    (error.type, error.message, now, now, default_expiry, child),
+                ).fetchone()
+                if row is not None:
+                    cancelled.append(from_row(row))
+                    next_round[child] = TaskState.CANCELLED
+            state_of = next_round
         if not ready:
             return cancelled
         rows = db.execute(
@@ -185,15 +181,21 @@ class SqlDeps:
 
     def _ready(self, db: Any, children: list[str], now: float) -> list[str]:
         """One parent of each of ``children`` succeeded; ready those with none left."""
-        rows = db.execute(
-            self._q(
-                f"""UPDATE tasks SET waiting = waiting - 1 WHERE id IN (*)
-                AND state = {TaskState.PENDING.value}
-                RETURNING id, waiting, not_before, pass_results, depends_on, payload""",
-                len(children),
-            ),
-            children,
-        ).fetchall()
+        # Parents that ended in one call: a child may have lost several at once.
+        by_count: dict[int, list[str]] = {}
+        for child, n in collections.Counter(children).items():
+            by_count.setdefault(n, []).append(child)
+        rows = []
+        for n, ids in by_count.items():
+            rows += db.execute(
+                self._q(
+                    f"""UPDATE tasks SET waiting = waiting - ? WHERE id IN (*)
+                    AND state = {TaskState.PENDING.value}
+                    RETURNING id, waiting, not_before, pass_results, depends_on, payload""",
+                    len(ids),
+                ),
+                (n, *ids),
+            ).fetchall()
         readied = []
         for task_id, waiting, not_before, pass_results, depends_on, payload in rows:
             if waiting > 0:
