@@ -127,9 +127,10 @@ class SqlDeps:
                 ),
             )
             if open_parents:
-                db.executemany(
-                    self._q("INSERT INTO task_deps (parent, child) VALUES (?, ?)"),
-                    [(p, ids[i]) for p in open_parents],
+                values = ", ".join(["(?, ?)"] * len(open_parents))
+                db.execute(
+                    self._q(f"INSERT INTO task_deps (parent, child) VALUES {values}"),
+                    [value for p in open_parents for value in (p, ids[i])],
                 )
 
     def settle(
