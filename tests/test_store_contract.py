@@ -783,3 +783,18 @@ def test_parents_that_succeed_in_one_record_ready_their_child(store: Store) -> N
     assert [t.id for t in changed if t.state is TaskState.PENDING] == [callback]
     (leased,) = lease(store)
     assert args_of(leased.task) == [1, 2]
+
+
+def test_gather_results_passes_the_parents_results_as_one_list(store: Store) -> None:
+    parents = [spec("square") for _ in range(3)]
+    callback = spec("sum", depends_on=("$0", "$1", "$2"), gather_results=True)
+    *parent_ids, callback_id = store.submit([*parents, callback], NOW)
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+    for i, parent in enumerate(parent_ids):
+        store.record([succeeded(refs[parent], str(i * i).encode())], NOW)
+
+    (leased,) = lease(store)
+
+    assert leased.task.id == callback_id
+    assert args_of(leased.task) == [[0, 1, 4]]
+    assert leased.task.spec.gather_results and not leased.task.spec.pass_results

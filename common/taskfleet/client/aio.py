@@ -101,6 +101,12 @@ class AsyncClient:
             ids += response.task_ids
         return ids
 
+    async def submit_workflow(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Enqueue ``specs`` in ONE Submit, as ``Client.submit_workflow``."""
+        request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in specs])
+        response = await self._call(self._stub.Submit, request)
+        return list(response.task_ids)
+
     async def run(
         self,
         name: str,

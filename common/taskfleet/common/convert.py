@@ -84,6 +84,7 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
         tuple(pb.depends_on) if pb.depends_on else (),
         pb.pass_results,
+        pb.gather_results,
     )
 
 
@@ -130,6 +131,8 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.depends_on.extend(spec.depends_on)
     if spec.pass_results:
         pb.pass_results = True
+    if spec.gather_results:
+        pb.gather_results = True
 
 
 def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:

@@ -55,6 +55,8 @@ class TaskSpec:
     depends_on: tuple[str, ...] = ()
     # The parents' results are prepended to the positional arguments, in order.
     pass_results: bool = False
+    # ... or passed as one list, the first positional argument (a chord's callback).
+    gather_results: bool = False
 
 
 @dataclass(frozen=True, slots=True)

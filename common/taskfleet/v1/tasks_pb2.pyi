@@ -100,6 +100,7 @@ class TaskSpec(_message.Message):
     RESULT_TTL_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     PASS_RESULTS_FIELD_NUMBER: _builtins.int
+    GATHER_RESULTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a function registered with @task on some worker. Required."""
     queue: _builtins.str
@@ -123,6 +124,10 @@ class TaskSpec(_message.Message):
     pass_results: _builtins.bool
     """Prepend the parents' results (in depends_on order) to the positional
     arguments; needs application/json.
+    """
+    gather_results: _builtins.bool
+    """Pass the parents' results as one list, the first positional argument
+    (a chord's callback); not with pass_results.
     """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -166,10 +171,11 @@ class TaskSpec(_message.Message):
         result_ttl: _duration_pb2.Duration | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         pass_results: _builtins.bool = ...,
+        gather_results: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

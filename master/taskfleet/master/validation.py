@@ -28,7 +28,7 @@ def validate_specs(specs: Sequence[TaskSpec], max_payload_bytes: int) -> None:
         raise ResourceExhausted(f"tasks: at most {MAX_BATCH} tasks per Submit, got {len(specs)}")
     for i, spec in enumerate(specs):
         _validate_spec(f"tasks[{i}]", spec, max_payload_bytes)
-        if spec.depends_on or spec.pass_results:
+        if spec.depends_on or spec.pass_results or spec.gather_results:
             _validate_depends_on(f"tasks[{i}]", i, spec)
 
 
@@ -75,8 +75,11 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
 def _validate_depends_on(field: str, index: int, spec: TaskSpec) -> None:
     """``$N`` must name an earlier spec of the same request, so a request can never
     hold a cycle; ids are checked by the store, which knows them."""
-    if spec.pass_results and spec.content_type != JSON:
-        raise InvalidArgument(f"{field}.pass_results: needs content_type {JSON}")
+    for option, on in (("pass_results", spec.pass_results), ("gather_results", spec.gather_results)):
+        if on and spec.content_type != JSON:
+            raise InvalidArgument(f"{field}.{option}: needs content_type {JSON}")
+    if spec.pass_results and spec.gather_results:
+        raise InvalidArgument(f"{field}.gather_results: set pass_results or gather_results, not both")
     for j, parent in enumerate(spec.depends_on):
         where = f"{field}.depends_on[{j}]"
         if not parent.startswith("$"):

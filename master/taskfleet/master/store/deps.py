@@ -59,11 +59,18 @@ def is_parent_failed(error: TaskError | None) -> bool:
     return error is not None and error.type == PARENT_FAILED
 
 
-def with_results(payload: bytes, results: Sequence[bytes]) -> bytes:
-    """``payload`` with the parents' JSON ``results`` prepended to its args."""
+def results_mode(spec: TaskSpec) -> int:
+    """How a task takes its parents' results, as the SQL stores keep it: 0 not at
+    all, 1 each prepended (``pass_results``), 2 as one list (``gather_results``)."""
+    return 2 if spec.gather_results else int(spec.pass_results)
+
+
+def with_results(payload: bytes, results: Sequence[bytes], mode: int) -> bytes:
+    """``payload`` with the parents' JSON ``results`` prepended to its args, each
+    (mode 1) or as one list (mode 2)."""
     body = json.loads(payload) if payload else {}
     values = [json.loads(r) if r else None for r in results]
-    body["args"] = [*values, *body.get("args", [])]
+    body["args"] = [*(values if mode == 1 else [values]), *body.get("args", [])]
     body.setdefault("kwargs", {})
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
@@ -108,8 +115,9 @@ class SqlDeps:
                 check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
             open_parents = [p for p in unique if found[p][0] is not TaskState.SUCCEEDED]
             payload = spec.payload
-            if not open_parents and spec.pass_results:
-                payload = with_results(payload, [found[p][1] for p in parents])
+            mode = results_mode(spec)
+            if not open_parents and mode:
+                payload = with_results(payload, [found[p][1] for p in parents], mode)
             ready_at = max(spec.not_before, now) if not open_parents else WAITING_AT
             db.execute(
                 self._q(
@@ -118,7 +126,7 @@ class SqlDeps:
                 ),
                 (
                     json.dumps(list(parents)),
-                    spec.pass_results,
+                    mode,
                     len(open_parents),
                     ready_at <= now,
                     ready_at,
@@ -198,11 +206,11 @@ class SqlDeps:
                 (n, *ids),
             ).fetchall()
         readied = []
-        for task_id, waiting, not_before, pass_results, depends_on, payload in rows:
+        for task_id, waiting, not_before, mode, depends_on, payload in rows:
             if waiting > 0:
                 continue
             payload = bytes(payload)
-            if pass_results:
+            if mode:
                 parents = json.loads(depends_on)
                 unique = list(dict.fromkeys(parents))
                 found = dict(
@@ -211,7 +219,7 @@ class SqlDeps:
                         unique,
                     ).fetchall()
                 )
-                payload = with_results(payload, [bytes(found.get(p, b"")) for p in parents])
+                payload = with_results(payload, [bytes(found.get(p, b"")) for p in parents], mode)
             ready_at = max(not_before, now)
             db.execute(
                 self._q("UPDATE tasks SET ready = ?, ready_at = ?, payload = ? WHERE id = ?"),

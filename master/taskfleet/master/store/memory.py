@@ -41,7 +41,13 @@ from taskfleet.master.store.base import (
     retry_delay_s,
     worker_lost_error,
 )
-from taskfleet.master.store.deps import check_parent, parent_failed_error, resolve, with_results
+from taskfleet.master.store.deps import (
+    check_parent,
+    parent_failed_error,
+    resolve,
+    results_mode,
+    with_results,
+)
 
 # (-priority, seq, task_id): the heap top is the next task to hand out.
 _ReadyEntry = tuple[int, int, str]
@@ -150,9 +156,11 @@ class MemoryStore(Store):
 
     def _ready_child(self, slot: _Slot, now: float) -> None:
         spec = slot.task.spec
-        if spec.pass_results and spec.depends_on:
+        mode = results_mode(spec)
+        if mode and spec.depends_on:
             results = [self._slots[p].task.result for p in spec.depends_on]
-            slot.task.spec = dataclasses.replace(spec, payload=with_results(spec.payload, results))
+            payload = with_results(spec.payload, results, mode)
+            slot.task.spec = dataclasses.replace(spec, payload=payload)
         self._enqueue(slot, spec.not_before, now)
 
     def _settle(self, ended: _Slot, now: float) -> None:
@@ -535,6 +543,7 @@ def _own(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
         spec.result_ttl_s,
         depends_on,
         spec.pass_results,
+        spec.gather_results,
     )
 
 

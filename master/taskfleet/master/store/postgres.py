@@ -213,7 +213,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Dependencies (store/deps.py): a waiting task is delayed until ready_at = Infinity.
     3: (
         "ALTER TABLE tasks ADD COLUMN depends_on text NOT NULL DEFAULT '[]'",
-        "ALTER TABLE tasks ADD COLUMN pass_results boolean NOT NULL DEFAULT false",
+        "ALTER TABLE tasks ADD COLUMN pass_results smallint NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN waiting integer NOT NULL DEFAULT 0",
         "CREATE TABLE task_deps (parent text NOT NULL, child text NOT NULL)",
         "CREATE INDEX task_deps_parent ON task_deps (parent)",

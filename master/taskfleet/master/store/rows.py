@@ -136,7 +136,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         json.loads(metadata) if metadata != "{}" else {},
         result_ttl_s,
         tuple(json.loads(depends_on)) if depends_on != "[]" else (),
-        bool(pass_results),
+        pass_results == 1,  # the mode of store/deps.py: 1 each, 2 as one list
+        pass_results == 2,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(
