@@ -15,6 +15,7 @@ from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import TaskState
 
 import flowtasks
+import pg
 from procs import MasterProc, WorkerProc
 
 StartWorker = Callable[..., WorkerProc]
@@ -146,3 +147,33 @@ def _chain_ids(client: Client, last_id: str) -> list[str]:
     while parents := client.get(ids[0]).spec.depends_on:
         ids.insert(0, parents[0])
     return ids
+
+
+def test_on_postgresql_a_child_readied_through_one_master_runs_on_a_worker_of_another(
+    start_master: Callable[..., MasterProc], start_worker: StartWorker
+) -> None:
+    # Given two masters on one database, each with a worker for one queue only
+    with pg.database() as db:
+        a, b = start_master(store=db), start_master(store=db)
+        start_worker(a, tasks="flowtasks", queues="first")
+        start_worker(b, tasks="flowtasks", queues="second")
+        steps = chain(
+            flowtasks.add.s(1, 2).set(queue="first"),
+            flowtasks.mul.s(5).set(queue="second"),
+            flowtasks.add.s(1).set(queue="first"),
+        )
+        with a.client() as client:
+            # When a chain alternates between them
+            handle = steps.submit(client=client)
+
+            # Then each step is readied in the database and picked up by the other side
+            assert handle.result(timeout_s=TIMEOUT_S) == (1 + 2) * 5 + 1
+            # and a failure through B cancels A's waiting dependents at once
+            failing = [
+                signature("fail", ["no"], queue="second").spec(),
+                signature("add", [1], queue="first").spec(["$0"], pass_results=True),
+            ]
+            parent, child = client.submit_workflow(failing)
+            ended = {t.id: t for t in client.wait([parent, child], timeout_s=TIMEOUT_S)}
+        assert ended[child].state is TaskState.CANCELLED
+        assert ended[child].finished_at == ended[parent].finished_at
