@@ -656,7 +656,10 @@ def args_of(task: Task) -> list[Any]:
 def test_a_child_waits_for_its_parent_and_gets_its_result(store: Store) -> None:
     # Given a parent and a child passed its result, submitted together
     parent, child = store.submit(
-        [spec("a"), spec("b", payload=b'{"args":[10],"kwargs":{}}', depends_on=("$0",), pass_results=True)],
+        [
+            spec("a"),
+            spec("b", payload=b'{"args":[10],"kwargs":{}}', depends_on=("$0",), pass_results=True),
+        ],
         NOW,
     )
     assert store.get(child).state is TaskState.PENDING

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import flowtasks
 import pytest
 
 from taskfleet.client import AsyncClient, chain, chord, group, signature
@@ -14,7 +15,6 @@ from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import TaskState
 
-import flowtasks
 import pg
 from procs import MasterProc, WorkerProc
 
@@ -60,9 +60,7 @@ def test_the_async_client_submits_a_group_and_a_chain(
     async def main() -> tuple[list[int], int]:
         async with AsyncClient(master.address) as client:
             members = await group(flowtasks.square.s(i) for i in range(5)).submit_async(client)
-            last = await chain(signature("add", [2, 3]), signature("mul", [4])).submit_async(
-                client
-            )
+            last = await chain(signature("add", [2, 3]), signature("mul", [4])).submit_async(client)
             results = [await h.result(timeout_s=TIMEOUT_S) for h in members]
             return results, await last.result(timeout_s=TIMEOUT_S)
 
@@ -108,9 +106,7 @@ def test_a_task_may_depend_on_existing_tasks(
     assert client.result(done, timeout_s=TIMEOUT_S) == 16
     running = client.submit("square", [5])
 
-    (child,) = client.submit_workflow(
-        [signature("add").spec([done, running], pass_results=True)]
-    )
+    (child,) = client.submit_workflow([signature("add").spec([done, running], pass_results=True)])
 
     assert client.result(child, timeout_s=TIMEOUT_S) == 16 + 25
     # A parent that already failed could never let the child run

@@ -75,11 +75,16 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
 def _validate_depends_on(field: str, index: int, spec: TaskSpec) -> None:
     """``$N`` must name an earlier spec of the same request, so a request can never
     hold a cycle; ids are checked by the store, which knows them."""
-    for option, on in (("pass_results", spec.pass_results), ("gather_results", spec.gather_results)):
+    for option, on in (
+        ("pass_results", spec.pass_results),
+        ("gather_results", spec.gather_results),
+    ):
         if on and spec.content_type != JSON:
             raise InvalidArgument(f"{field}.{option}: needs content_type {JSON}")
     if spec.pass_results and spec.gather_results:
-        raise InvalidArgument(f"{field}.gather_results: set pass_results or gather_results, not both")
+        raise InvalidArgument(
+            f"{field}.gather_results: set pass_results or gather_results, not both"
+        )
     for j, parent in enumerate(spec.depends_on):
         where = f"{field}.depends_on[{j}]"
         if not parent.startswith("$"):

@@ -106,7 +106,9 @@ class SqlDeps:
                 continue
             unique = list(dict.fromkeys(parents))
             rows = db.execute(
-                self._q(f"SELECT id, state, result FROM tasks WHERE id IN (*){self._lock}", len(unique)),
+                self._q(
+                    f"SELECT id, state, result FROM tasks WHERE id IN (*){self._lock}", len(unique)
+                ),
                 unique,
             ).fetchall()
             found = {r[0]: (TaskState(r[1]), bytes(r[2])) for r in rows}
@@ -159,7 +161,10 @@ class SqlDeps:
         state_of = {task_id: state for task_id, state in ended if state.is_final}
         while state_of:
             edges = db.execute(
-                self._q("DELETE FROM task_deps WHERE parent IN (*) RETURNING parent, child", len(state_of)),
+                self._q(
+                    "DELETE FROM task_deps WHERE parent IN (*) RETURNING parent, child",
+                    len(state_of),
+                ),
                 list(state_of),
             ).fetchall()
             succeeded = [c for p, c in edges if state_of[p] is TaskState.SUCCEEDED]

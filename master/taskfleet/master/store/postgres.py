@@ -620,7 +620,7 @@ class PostgresStore(Store):
     def cancel(self, task_id: str, now: float) -> list[Task]:
         params = {"now": now, "expiry": default_expiry(self.policy, now), "id": task_id}
 
-        def work(conn: psycopg.Connection[Any]) -> Any:
+        def work(conn: psycopg.Connection[Any]) -> list[Task] | TaskState:
             row = conn.execute(
                 f"""UPDATE tasks t SET state = {CANCELLED}, finished_at = %(now)s,
                 expires_at = {_EXPIRES} WHERE id = %(id)s AND state IN ({PENDING}, {RUNNING})

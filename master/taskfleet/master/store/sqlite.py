@@ -569,7 +569,8 @@ class SqliteStore(Store):
                 f"SELECT min(ready_at) FROM tasks WHERE {_DELAYED} AND ready_at > ?", (now,)
             ).fetchone()
         # Tasks waiting for parents are delayed for ever (deps.WAITING_AT).
-        return None if row[0] is None or math.isinf(row[0]) else row[0]  # type: ignore[no-any-return]
+        ready_at: float | None = row[0]
+        return None if ready_at is None or math.isinf(ready_at) else ready_at
 
     def stats(self) -> list[QueueCounts]:
         with self._read() as db:
