@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import pickle
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +152,24 @@ def test_map_keeps_the_items_order_over_several_windows_and_names_a_failed_item(
             assert failed.value.type == "ValueError"
 
     asyncio.run(main())
+
+
+def test_a_task_not_started_by_its_expiry_ends_cancelled_expired_without_running(
+    master: MasterProc, start_worker: StartWorker, queue_name: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    with master.client() as client:
+        # Queued while no worker serves the queue; one of them expires meanwhile.
+        late = e2etasks.record.submit_with(
+            args=(str(marker), "late"), queue=queue_name, expires_s=0.2, client=client
+        )
+        kept = e2etasks.record.submit_with(
+            args=(str(marker), "kept"), queue=queue_name, expires_s=600, client=client
+        )
+        poll(lambda: time.time() > client.get(late.id).spec.expires_at, what="the expiry")
+        start_worker(master, queues=queue_name)
+        assert kept.result(timeout_s=30) == "kept"
+        with pytest.raises(TaskCancelled) as cancelled:
+            late.result(timeout_s=30)
+    assert cancelled.value.type == "Expired"
+    assert marker.read_text() == "kept\n"  # the expired one never ran

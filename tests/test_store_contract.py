@@ -646,6 +646,18 @@ def test_pending_names_counts_pending_tasks_per_queue_and_name(store: Store) -> 
     assert store.pending_names(2) == [PendingName("q", "a", 2), PendingName("r", "a", 2)]
 
 
+def test_a_spec_keeps_its_start_by_time_and_a_cancel_may_say_why(store: Store) -> None:
+    task_id = submit_one(store, expires_at=NOW + 5.5)
+    assert store.get(task_id).spec.expires_at == NOW + 5.5
+    (leased,) = lease(store)
+    assert leased.task.spec.expires_at == NOW + 5.5
+
+    why = TaskError("Expired", "not started in time")
+    (ended,) = store.record([Outcome(leased.ref, TaskState.CANCELLED, error=why)], NOW)
+    assert (ended.state, ended.error) == (TaskState.CANCELLED, why)
+    assert store.get(task_id).error == why
+
+
 # dependencies (store/deps.py)
 
 

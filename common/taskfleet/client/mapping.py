@@ -7,23 +7,37 @@ so a long iterable is neither held in memory nor waited for task by task.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from taskfleet.common.client import make_spec, task_result
 from taskfleet.common.errors import TaskCancelled, TaskFailed
-from taskfleet.common.model import Task
-
-if TYPE_CHECKING:
-    from taskfleet.client.aio import AsyncClient
-    from taskfleet.common.client import Client
+from taskfleet.common.model import Task, TaskSpec
 
 WINDOW = 1_000
 
 
 class Named(Protocol):
     name: str
+
+
+class Client(Protocol):
+    """What ``imap`` needs of a ``Client``."""
+
+    def submit_many(self, specs: Iterable[TaskSpec]) -> list[str]: ...
+
+    def wait(self, task_ids: Sequence[str], timeout_s: float | None = None) -> Iterator[Task]: ...
+
+
+class AsyncClient(Protocol):
+    """What ``aimap`` needs of an ``AsyncClient``."""
+
+    async def submit_many(self, specs: Iterable[TaskSpec]) -> list[str]: ...
+
+    def wait(
+        self, task_ids: Sequence[str], timeout_s: float | None = None
+    ) -> AsyncIterator[Task]: ...
 
 
 def task_name(task: str | Named) -> str:

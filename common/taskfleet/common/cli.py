@@ -121,7 +121,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     shared_args = [_json_or_word(a) for a in args.args]
     shared_kwargs = dict(_key_value(kv, "--kwarg", _json_or_word) for kv in args.kwarg)
     calls = read_calls(sys.stdin.buffer) if args.from_stdin else [Call(0, [], {})]
-    not_before = time.time() + args.delay_s if args.delay_s else None
+    now = time.time()
+    not_before = now + args.delay_s if args.delay_s else None
+    expires_at = now + args.expires_s if args.expires_s else None
     metadata = dict(_key_value(kv, "--meta", str) for kv in args.meta)
     try:
         specs = [
@@ -134,6 +136,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
                 max_attempts=args.max_attempts,
                 timeout_s=args.timeout_s or 0.0,
                 not_before=not_before,
+                expires_at=expires_at,
                 idempotency_key=f"{args.idempotency_key}:{n}"
                 if args.idempotency_key and args.from_stdin
                 else args.idempotency_key,

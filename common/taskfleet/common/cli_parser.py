@@ -68,6 +68,11 @@ def build_parser() -> flags.EnvDefaultsParser:
     submit.add_flag(
         "--delay-s", type=flags.delay_float, help="do not start before this many seconds from now"
     )
+    submit.add_flag(
+        "--expires-s",
+        type=flags.delay_float,
+        help="if not started within this many seconds, end CANCELLED (Expired) instead",
+    )
     submit.add_flag("--idempotency-key", type=text, default="", help="dedupe repeated submits")
     submit.add_flag(
         "--meta",

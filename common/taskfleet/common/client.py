@@ -114,6 +114,7 @@ class Client:
         not_before: float | dt.datetime | None = None,
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
+        expires_at: float | dt.datetime | None = None,
     ) -> str:
         """Enqueue ``name(*args, **kwargs)``; returns the task id."""
         spec = make_spec(
@@ -127,6 +128,7 @@ class Client:
             not_before=not_before,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            expires_at=expires_at,
         )
         return self.submit_many([spec])[0]
 
@@ -356,10 +358,15 @@ def make_spec(
     not_before: float | dt.datetime | None = None,
     idempotency_key: str = "",
     metadata: Mapping[str, str] | None = None,
+    expires_at: float | dt.datetime | None = None,
 ) -> TaskSpec:
-    """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload."""
+    """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload. Times are unix
+    seconds or datetimes: ``not_before`` holds it back, ``expires_at`` is when it
+    must have started by (else it ends CANCELLED Expired)."""
     if isinstance(not_before, dt.datetime):
         not_before = not_before.timestamp()
+    if isinstance(expires_at, dt.datetime):
+        expires_at = expires_at.timestamp()
     return TaskSpec(
         name=name,
         queue=queue,
@@ -371,6 +378,7 @@ def make_spec(
         not_before=not_before or 0.0,
         idempotency_key=idempotency_key,
         metadata=dict(metadata or {}),
+        expires_at=expires_at or 0.0,
     )
 
 

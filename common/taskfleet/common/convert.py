@@ -69,7 +69,8 @@ def timestamp(unix_s: float) -> Timestamp:
 def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
     """The spec as sent, with empty fields defaulted (validation is the master's)."""
     # Positional (name, queue, payload, content_type, priority, max_attempts,
-    # timeout_s, not_before, idempotency_key, metadata): keywords cost more per task.
+    # timeout_s, not_before, idempotency_key, metadata, result_ttl_s, expires_at):
+    # keywords cost more per task.
     return TaskSpec(
         pb.name,
         pb.queue or DEFAULT_QUEUE,
@@ -82,6 +83,7 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         pb.idempotency_key,
         dict(pb.metadata) if pb.metadata else {},
         seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
+        unix_from_timestamp(pb.expires_at, "expires_at") if pb.HasField("expires_at") else 0.0,
         tuple(pb.depends_on) if pb.depends_on else (),
         pb.pass_results,
         pb.gather_results,
@@ -125,6 +127,8 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.timeout.FromNanoseconds(round(spec.timeout_s * 1e9))
     if spec.not_before:
         pb.not_before.FromNanoseconds(round(spec.not_before * 1e9))
+    if spec.expires_at:
+        pb.expires_at.FromNanoseconds(round(spec.expires_at * 1e9))
     if spec.result_ttl_s:
         pb.result_ttl.FromNanoseconds(round(spec.result_ttl_s * 1e9))
     if spec.depends_on:

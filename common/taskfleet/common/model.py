@@ -50,6 +50,9 @@ class TaskSpec:
     idempotency_key: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     result_ttl_s: float = 0.0  # kept this long after it ends; 0: the master's default
+    # Unix time it must start by, else it ends CANCELLED Expired; 0: no limit. Not
+    # Task.expires_at, which is when a finished task is deleted.
+    expires_at: float = 0.0
     # Parents that must succeed first: task ids, or "$N" for the Nth (0-based) spec
     # of the same Submit; the store keeps them resolved to ids.
     depends_on: tuple[str, ...] = ()

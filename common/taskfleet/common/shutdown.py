@@ -20,6 +20,8 @@ from types import FrameType
 from typing import NoReturn
 
 EXIT_FORCED = 130  # 128 + SIGINT: what a shell reports for a process stopped by Ctrl-C
+# A worker drained, but some tasks (or results) were not done within its grace.
+EXIT_GRACE_EXPIRED = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -98,6 +98,7 @@ class TaskSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     RESULT_TTL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     PASS_RESULTS_FIELD_NUMBER: _builtins.int
     GATHER_RESULTS_FIELD_NUMBER: _builtins.int
@@ -148,6 +149,13 @@ class TaskSpec(_message.Message):
         """
 
     @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Start by then, or not at all: a task not started by this time ends
+        CANCELLED with error type Expired instead of running late (periodic work
+        that piled up while no worker ran). Unset: no limit.
+        """
+
+    @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Parents that must all succeed before this task runs: ids of existing
         tasks, or "$N" for the Nth spec (0-based) earlier in the same request.
@@ -169,13 +177,14 @@ class TaskSpec(_message.Message):
         idempotency_key: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         result_ttl: _duration_pb2.Duration | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         pass_results: _builtins.bool = ...,
         gather_results: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "expires_at", b"expires_at", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,10 +36,10 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from taskfleet.common.identity import process_name
 from taskfleet.common.model import LeaseRef, MasterInfo, Task, TaskSpec, WorkerInfo
 from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
@@ -58,9 +58,7 @@ _POLL_CHUNK = 10_000  # task ids per poll query
 def new_master(listen: str) -> MasterInfo:
     """This master as others see it: an id unique across hosts and restarts."""
     now = time.time()
-    hostname = socket.gethostname()
-    master_id = f"{hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    return MasterInfo(master_id, hostname, os.getpid(), listen, now, now)
+    return MasterInfo(process_name(), socket.gethostname(), os.getpid(), listen, now, now)
 
 
 class Cluster(LifecycleListener):

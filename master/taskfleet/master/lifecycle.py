@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
-from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
+from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
 from taskfleet.master.store.base import FINAL_STATES, Store, TaskQuery
 from taskfleet.master.store.deps import is_parent_failed
 from taskfleet.master.validation import validate_specs
@@ -132,7 +132,17 @@ class Lifecycle:
         limit: int,
         lease_s: float,
     ) -> list[Lease]:
-        return self.store.lease(worker_id, queues, names, limit, lease_s, time.time())
+        """Up to ``limit`` ready tasks for the worker. A task past the time it had to
+        start by (``TaskSpec.expires_at``) is not handed out: it ends CANCELLED
+        with error type Expired, and the worker's slot goes to the next task."""
+        now = time.time()
+        leases = self.store.lease(worker_id, queues, names, limit, lease_s, now)
+        if not any(0 < lease.task.spec.expires_at <= now for lease in leases):
+            return leases
+        expired = [lease for lease in leases if 0 < lease.task.spec.expires_at <= now]
+        self.record([_expired(lease) for lease in expired])
+        self._work_available([lease.task.spec for lease in expired])  # slots came free
+        return [lease for lease in leases if not 0 < lease.task.spec.expires_at <= now]
 
     def extend(self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float) -> list[LeaseRef]:
         """Renew ``refs``; the stale ones, which the worker must stop."""
@@ -211,3 +221,9 @@ class Lifecycle:
                 getattr(listener, hook)(*args)
             except Exception:
                 log.exception("lifecycle listener %s.%s failed", type(listener).__name__, hook)
+
+
+def _expired(lease: Lease) -> Outcome:
+    late_s = time.time() - lease.task.spec.expires_at
+    message = f"not started by its expires_at ({late_s:.3f} s ago); it did not run"
+    return Outcome(lease.ref, TaskState.CANCELLED, error=TaskError("Expired", message))

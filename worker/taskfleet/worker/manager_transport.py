@@ -18,10 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import os
 import queue
-import secrets
-import socket
 import threading
 import time
 from collections import deque
@@ -34,9 +31,10 @@ from taskfleet.common.addresses import host_port
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError, InvalidArgument
+from taskfleet.common.identity import process_name
 from taskfleet.common.model import JSON, LeaseRef
 from taskfleet.common.reconnect import reconnect_policy
-from taskfleet.common.shutdown import on_stop_signals
+from taskfleet.common.shutdown import EXIT_GRACE_EXPIRED, on_stop_signals
 from taskfleet.worker.execute import Job, JobResult
 from taskfleet.worker.manager_link import ManagerLink, ManagerRefused
 from taskfleet.worker.pool import Pool, abandon_broken
@@ -45,7 +43,6 @@ from taskfleet.worker.registry import TaskDefinition
 
 log = logging.getLogger("taskfleet.worker.manager")
 
-EXIT_GRACE_EXPIRED = 1  # drained, but some results were not put within the grace
 EXIT_REFUSED = 2  # the manager refused the authkey or does not serve the two queues
 FETCH_WAIT_S = 1.0  # how long one get waits on the manager; bounds how long a drain waits
 PUT_WAIT_S = 10.0  # how long one put waits for room in a bounded result queue
@@ -71,7 +68,7 @@ class ManagerTransport:
         self.config = config
         self.definition = definition
         self.address = host_port(config.master)
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.worker_id = process_name()
         self.pool: Pool = make_pool(config.pool, config.slots, config.tasks, self._on_done)
         self._authkey = config.authkey.encode()
         self._lock = threading.Condition()

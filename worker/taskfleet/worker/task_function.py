@@ -63,18 +63,22 @@ class TaskFunction(Generic[P, R]):
         max_attempts: int = 0,
         timeout_s: float = 0.0,
         delay_s: float = 0.0,
+        expires_s: float = 0.0,
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
         client: Client | None = None,
     ) -> TaskHandle[R]:
         """Run on a worker with options: ``timeout_s`` is the task's own time
         limit (how long a caller waits is ``handle.result(timeout_s=...)``),
-        ``delay_s`` holds it back that long; ``client`` overrides the default."""
+        ``delay_s`` holds it back that long, ``expires_s`` cancels it (error type
+        Expired) if it has not started within that long; ``client`` overrides
+        the default."""
         from taskfleet.client.defaults import default_client
         from taskfleet.client.handle import TaskHandle
 
-        if delay_s < 0:
-            raise ValueError("delay_s must not be negative")
+        if delay_s < 0 or expires_s < 0:
+            raise ValueError("delay_s and expires_s must not be negative")
+        now = time.time()
         through = client if client is not None else default_client()
         task_id = through.submit(
             self.name,
@@ -84,7 +88,8 @@ class TaskFunction(Generic[P, R]):
             priority=priority,
             max_attempts=max_attempts,
             timeout_s=timeout_s,
-            not_before=time.time() + delay_s if delay_s else None,
+            not_before=now + delay_s if delay_s else None,
+            expires_at=now + expires_s if expires_s else None,
             idempotency_key=idempotency_key,
             metadata=metadata,
         )

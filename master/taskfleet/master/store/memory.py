@@ -500,6 +500,7 @@ class MemoryStore(Store):
             task.error = None
             self._finish(slot, TaskState.SUCCEEDED, now)
         elif outcome.state is TaskState.CANCELLED:
+            task.error = outcome.error or task.error
             self._finish(slot, TaskState.CANCELLED, now)
         else:
             task.error = outcome.error
@@ -541,6 +542,7 @@ def _own(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
         spec.idempotency_key,
         dict(spec.metadata),
         spec.result_ttl_s,
+        spec.expires_at,
         depends_on,
         spec.pass_results,
         spec.gather_results,

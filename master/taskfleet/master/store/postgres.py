@@ -210,8 +210,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskfleet_count()",
     ),
     2: postgres_bus.MIGRATION,
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by double precision NOT NULL DEFAULT 0",),
     # Dependencies (store/deps.py): a waiting task is delayed until ready_at = Infinity.
-    3: (
+    4: (
         "ALTER TABLE tasks ADD COLUMN depends_on text NOT NULL DEFAULT '[]'",
         "ALTER TABLE tasks ADD COLUMN pass_results smallint NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN waiting integer NOT NULL DEFAULT 0",
@@ -231,14 +233,15 @@ _EXPIRES = "CASE WHEN t.result_ttl_s > 0 THEN %(now)s + t.result_ttl_s ELSE %(ex
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at)
+    created_at, start_by)
     SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
-        ready_at, %s::float8 FROM unnest(
+        ready_at, %s::float8, start_by FROM unnest(
         %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::int[],
-        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[]
+        %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[],
+        %s::float8[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-        not_before, idempotency_key, metadata, result_ttl_s, ready_at)"""
+        not_before, idempotency_key, metadata, result_ttl_s, ready_at, start_by)"""
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
@@ -262,12 +265,15 @@ _RECORD = f"""UPDATE tasks t SET
     result = CASE WHEN r.state = {SUCCEEDED} THEN r.result ELSE t.result END,
     result_content_type = CASE WHEN r.state = {SUCCEEDED} THEN r.result_content_type
         ELSE t.result_content_type END,
-    error_type = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_type
+    error_type = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_type
         ELSE t.error_type END,
-    error_message = CASE r.state WHEN {SUCCEEDED} THEN NULL WHEN {FAILED} THEN r.error_message
+    error_message = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_message
         ELSE t.error_message END,
-    error_traceback = CASE r.state WHEN {SUCCEEDED} THEN NULL
-        WHEN {FAILED} THEN r.error_traceback ELSE t.error_traceback END,
+    error_traceback = CASE WHEN r.state = {SUCCEEDED} THEN NULL
+        WHEN r.state = {FAILED} OR r.error_type IS NOT NULL THEN r.error_traceback
+        ELSE t.error_traceback END,
     ready = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at <= %(now)s ELSE t.ready END,
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
@@ -423,7 +429,7 @@ class PostgresStore(Store):
                 ).fetchall()
                 known = dict(rows)
             ids: list[str] = []
-            columns: list[list[Any]] = [[] for _ in range(13)]
+            columns: list[list[Any]] = [[] for _ in range(14)]
             for spec in specs:
                 key = spec.idempotency_key
                 if key and key in known:
@@ -446,6 +452,7 @@ class PostgresStore(Store):
                     json.dumps(spec.metadata) if spec.metadata else "{}",
                     spec.result_ttl_s,
                     max(spec.not_before, now),
+                    spec.expires_at,
                 )
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)

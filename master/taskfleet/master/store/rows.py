@@ -23,7 +23,8 @@ LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at, lost_leases, expires_at, depends_on, pass_results"""
+    created_at, started_at, finished_at, lost_leases, expires_at, start_by,
+    depends_on, pass_results"""
 
 
 def default_expiry(policy: StorePolicy, now: float) -> float:
@@ -118,6 +119,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         finished_at,
         lost_leases,
         expires_at,
+        start_by,
         depends_on,
         pass_results,
     ) = row
@@ -135,6 +137,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         idempotency_key,
         json.loads(metadata) if metadata != "{}" else {},
         result_ttl_s,
+        start_by,
         tuple(json.loads(depends_on)) if depends_on != "[]" else (),
         pass_results == 1,  # the mode of store/deps.py: 1 each, 2 as one list
         pass_results == 2,

@@ -182,8 +182,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         END
         """,
     ),
+    # TaskSpec.expires_at: the time a task must start by (0: none).
+    3: ("ALTER TABLE tasks ADD COLUMN start_by REAL NOT NULL DEFAULT 0",),
     # Dependencies (store/deps.py): a waiting task is delayed until ready_at = Inf.
-    3: (
+    4: (
         "ALTER TABLE tasks ADD COLUMN depends_on TEXT NOT NULL DEFAULT '[]'",
         "ALTER TABLE tasks ADD COLUMN pass_results INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
@@ -196,7 +198,7 @@ _DEPS = SqlDeps("?", "")
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, start_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 # A finished task's deletion time: its own TTL, else the policy's (passed in as
 # the second parameter, already added to now; 0 for never).
@@ -353,6 +355,7 @@ class SqliteStore(Store):
                         int(ready_at <= now),
                         ready_at,
                         now,
+                        spec.expires_at,
                     )
                 )
                 ids.append(task_id)
@@ -640,7 +643,14 @@ def _outcome_update(
             (outcome.result, outcome.result_content_type, now, *expiry),
         )
     if outcome.state is TaskState.CANCELLED:
-        return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        error = outcome.error
+        if error is None:
+            return f"state = {CANCELLED}, finished_at = ?, {_EXPIRES}", (now, *expiry)
+        return (  # with why, as when it expired unstarted
+            f"""state = {CANCELLED}, error_type = ?, error_message = ?, error_traceback = ?,
+            finished_at = ?, {_EXPIRES}""",
+            (error.type, error.message, error.traceback, now, *expiry),
+        )
     if outcome.state is not TaskState.FAILED:
         # Raised inside the transaction, so the whole batch rolls back.
         raise InvalidArgument(
