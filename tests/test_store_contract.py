@@ -813,3 +813,31 @@ def test_gather_results_passes_the_parents_results_as_one_list(store: Store) -> 
     assert leased.task.id == callback_id
     assert args_of(leased.task) == [[0, 1, 4]]
     assert leased.task.spec.gather_results and not leased.task.spec.pass_results
+
+
+def test_a_parent_with_thousands_of_children_readies_them_all(store: Store) -> None:
+    parent, *children = store.submit(
+        [spec("a"), *(spec("b", depends_on=("$0",)) for _ in range(2_500))], NOW
+    )
+    (leased,) = lease(store, names=("a",))
+
+    changed = store.record([succeeded(leased.ref)], NOW)
+
+    assert sorted(t.id for t in changed[1:]) == sorted(children)
+    assert len(lease(store, names=("b",), limit=3_000)) == 2_500
+
+
+def test_a_parent_lost_too_often_cancels_its_dependents_in_the_same_expire(store: Store) -> None:
+    parent, child = store.submit([spec("a"), spec("b", depends_on=("$0",))], NOW)
+    now = NOW
+    for _ in range(POLICY.max_lost_leases + 1):
+        assert leased_ids(lease(store, now=now)) == [parent]
+        now += LEASE_S + 1
+        lapsed = store.expire(now)
+
+    assert [(t.id, t.state) for t in lapsed] == [
+        (parent, TaskState.FAILED),
+        (child, TaskState.CANCELLED),
+    ]
+    assert lapsed[0].error is not None and lapsed[0].error.type == "WorkerLost"
+    assert lapsed[1].error is not None and lapsed[1].error.type == "ParentFailed"

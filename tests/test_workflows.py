@@ -5,15 +5,19 @@ a failed parent cancels its whole tree at once, bad references are refused."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import flowtasks
+import grpc
 import pytest
 
 from taskfleet.client import AsyncClient, chain, chord, group, signature
+from taskfleet.common import convert
 from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import TaskState
+from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 import pg
 from procs import MasterProc, WorkerProc
@@ -173,3 +177,20 @@ def test_on_postgresql_a_child_readied_through_one_master_runs_on_a_worker_of_an
             ended = {t.id: t for t in client.wait([parent, child], timeout_s=TIMEOUT_S)}
         assert ended[child].state is TaskState.CANCELLED
         assert ended[child].finished_at == ended[parent].finished_at
+
+
+def test_submit_and_wait_takes_dollar_references_and_reports_the_whole_chain(
+    master: MasterProc, start_worker: StartWorker
+) -> None:
+    start_worker(master, tasks="flowtasks")
+    specs = chain(flowtasks.add.s(2, 2), flowtasks.mul.s(10)).specs()
+    request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(s) for s in specs])
+    with grpc.insecure_channel(master.address) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        responses = list(stub.SubmitAndWait(request, timeout=TIMEOUT_S))
+
+    first, second = responses[0].task_ids
+    finished = {t.id: t for r in responses[1:] for t in r.tasks}
+    assert set(finished) == {first, second}
+    assert list(finished[second].spec.depends_on) == [first]
+    assert json.loads(finished[second].result) == 40

@@ -85,6 +85,8 @@ def _validate_depends_on(field: str, index: int, spec: TaskSpec) -> None:
         raise InvalidArgument(
             f"{field}.gather_results: set pass_results or gather_results, not both"
         )
+    if len(spec.depends_on) > MAX_BATCH:
+        raise InvalidArgument(f"{field}.depends_on: at most {MAX_BATCH} parents")
     for j, parent in enumerate(spec.depends_on):
         where = f"{field}.depends_on[{j}]"
         if not parent.startswith("$"):

@@ -23,6 +23,9 @@ from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import TaskError, TaskSpec, TaskState
 
 PARENT_FAILED = "ParentFailed"
+# Children updated per statement: far below SQLite's and PostgreSQL's limits on
+# parameters, however many children one parent has.
+_CHUNK = 1_000
 # The ready time of a task that waits for its parents: later than any real time.
 WAITING_AT = math.inf
 
@@ -188,10 +191,25 @@ class SqlDeps:
             state_of = next_round
         if not ready:
             return cancelled
-        rows = db.execute(
-            self._q(f"SELECT {columns} FROM tasks WHERE id IN (*)", len(ready)), ready
-        ).fetchall()
+        rows = []
+        for start in range(0, len(ready), _CHUNK):
+            chunk = ready[start : start + _CHUNK]
+            sql = self._q(f"SELECT {columns} FROM tasks WHERE id IN (*)", len(chunk))
+            rows += db.execute(sql, chunk).fetchall()
         return [*map(from_row, rows), *cancelled]
+
+    def _count_down(self, db: Any, n: int, ids: list[str]) -> list[Any]:
+        """Take ``n`` succeeded parents off each of ``ids``; their rows as now."""
+        rows: list[Any] = db.execute(
+            self._q(
+                f"""UPDATE tasks SET waiting = waiting - ? WHERE id IN (*)
+                AND state = {TaskState.PENDING.value}
+                RETURNING id, waiting, not_before, pass_results, depends_on, payload""",
+                len(ids),
+            ),
+            (n, *ids),
+        ).fetchall()
+        return rows
 
     def _ready(self, db: Any, children: list[str], now: float) -> list[str]:
         """One parent of each of ``children`` succeeded; ready those with none left."""
@@ -200,16 +218,9 @@ class SqlDeps:
         for child, n in collections.Counter(children).items():
             by_count.setdefault(n, []).append(child)
         rows = []
-        for n, ids in by_count.items():
-            rows += db.execute(
-                self._q(
-                    f"""UPDATE tasks SET waiting = waiting - ? WHERE id IN (*)
-                    AND state = {TaskState.PENDING.value}
-                    RETURNING id, waiting, not_before, pass_results, depends_on, payload""",
-                    len(ids),
-                ),
-                (n, *ids),
-            ).fetchall()
+        for n, all_ids in by_count.items():
+            for start in range(0, len(all_ids), _CHUNK):
+                rows += self._count_down(db, n, all_ids[start : start + _CHUNK])
         readied = []
         for task_id, waiting, not_before, mode, depends_on, payload in rows:
             if waiting > 0:
