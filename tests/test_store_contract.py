@@ -816,7 +816,7 @@ def test_gather_results_passes_the_parents_results_as_one_list(store: Store) -> 
 
 
 def test_a_parent_with_thousands_of_children_readies_them_all(store: Store) -> None:
-    parent, *children = store.submit(
+    _parent, *children = store.submit(
         [spec("a"), *(spec("b", depends_on=("$0",)) for _ in range(2_500))], NOW
     )
     (leased,) = lease(store, names=("a",))
