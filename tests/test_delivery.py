@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from taskfleet.common import client as client_module
+from taskfleet.common import channel as channel_module
 from taskfleet.common.channel import open_channel
 from taskfleet.common.client import Client, make_spec, task_result
 from taskfleet.common.model import Task, TaskState
@@ -413,7 +413,7 @@ def test_client_retries_keyed_submits_through_a_cut_without_duplicates(
     proxy = make_proxy(master)
     calls = SubmitCalls()
     monkeypatch.setattr(
-        client_module,
+        channel_module,
         "open_channel",
         lambda target, token="", **tls: grpc.intercept_channel(
             open_channel(target, token, **tls), calls

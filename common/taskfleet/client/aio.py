@@ -30,6 +30,7 @@ from taskfleet.common.client import (
     SUBMIT_BATCH,
     WAIT_CHUNK,
     make_spec,
+    take_final,
     task_result,
 )
 from taskfleet.common.config import DEFAULT_MASTER
@@ -186,11 +187,8 @@ class AsyncClient:
             try:
                 async for batch in self._stub.WaitTasksBatched(request, metadata=self._metadata):
                     outage_started, attempt = None, 0
-                    for pb in batch.tasks:
-                        task = convert.task_from_proto(pb)
-                        if task.id in waiting:
-                            del waiting[task.id]
-                            yield task
+                    for task in take_final(batch, waiting):
+                        yield task
                 if not waiting or (deadline is not None and time.monotonic() >= deadline):
                     return
                 cause = "the master ended the wait early"

@@ -1,13 +1,20 @@
-"""The one factory for gRPC channels: keepalive, message size limits, auth."""
+"""The one factory for gRPC channels: keepalive, message size limits, auth; and
+the channel of a client that fails over between masters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
+from taskfleet.common.addresses import AddressRing
 from taskfleet.common.tls import ClientTls
+
+StubT = TypeVar("StubT")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -93,3 +100,76 @@ def open_channel(target: str, token: str = "", *, tls: ClientTls | None = None) 
     if token:
         channel = grpc.intercept_channel(channel, _BearerToken(token))
     return channel
+
+
+@dataclass(eq=False)
+class Link(Generic[StubT]):
+    """A channel to one master of the ring, with its stub and the calls using it."""
+
+    address: str
+    channel: grpc.Channel
+    stub: StubT
+    calls: int = 0
+
+
+class FailoverChannel(Generic[StubT]):
+    """One channel at a time, to the current master of ``masters``.
+
+    A call borrows the current link (``use``); one that finds its master gone
+    calls ``move_on``, and the calls after it go to the next master on a fresh
+    channel, which dials at once (an old one waits out gRPC's reconnect
+    backoff). The old channel closes when the last call on it ends: closing it
+    earlier would cut calls still running on it.
+    """
+
+    def __init__(
+        self,
+        masters: AddressRing,
+        make_stub: Callable[[grpc.Channel], StubT],
+        token: str = "",
+        *,
+        tls: ClientTls | None = None,
+    ) -> None:
+        self.masters = masters
+        self._make_stub = make_stub
+        self._token = token
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._link = self._open(masters.current)
+
+    def _open(self, address: str) -> Link[StubT]:
+        channel = open_channel(address, self._token, tls=self._tls)
+        return Link(address, channel, self._make_stub(channel))
+
+    @contextmanager
+    def use(self) -> Iterator[Link[StubT]]:
+        """The current link, held open for as long as the ``with`` block runs."""
+        with self._lock:
+            link = self._link
+            link.calls += 1
+        try:
+            yield link
+        finally:
+            with self._lock:
+                link.calls -= 1
+                stale = link is not self._link and not link.calls
+            if stale:
+                link.channel.close()
+
+    def move_on(self, link: Link[StubT]) -> None:
+        """After a call on ``link`` found its master unavailable: send the next calls
+        to the next master (once, however many calls on ``link`` failed)."""
+        with self._lock:
+            if link is not self._link:
+                return
+            address = self.masters.move_on(link.address)
+            if address == link.address:  # a ring of one keeps its channel
+                return
+            self._link = self._open(address)
+            stale = not link.calls
+        if stale:
+            link.channel.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._link.channel.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 import taskfleet.common.grpc_logs  # noqa: F401 - first: it must run before grpc is imported
 from taskfleet.common import cli_operate
-from taskfleet.common.addresses import check_address
+from taskfleet.common.addresses import parse_address_list
 from taskfleet.common.cli_output import (
     outcome_text,
     print_result,
@@ -71,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Unavailable as exc:
         where = getattr(args, "master", "")
+        which = "any master of" if "," in where else "the master at"
         print(
-            f"taskfleet {args.command}: error: cannot reach the master at {where}: {exc}",
+            f"taskfleet {args.command}: error: cannot reach {which} {where}: {exc}",
             file=sys.stderr,
         )
         return EXIT_TASK_FAILED
@@ -104,9 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         worker = worker_config(args)
         setup_logging(worker.log_level, worker.log_format)
         return run_worker(worker)
-    check_address("--master", args.master)
     with Client(
-        args.master,
+        ",".join(parse_address_list("--master", args.master)),
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

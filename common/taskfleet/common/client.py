@@ -6,22 +6,26 @@
 
 Failures come back as taskfleet's own exceptions (``NotFound``,
 ``InvalidArgument``, ``TaskFailed``, ...), never as raw gRPC errors.
+
+``Client("10.0.0.1:50051,10.0.0.2:50051")`` fails over between masters that
+share one store: a call that finds its master unavailable goes on to the next.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import tenacity
 
 from taskfleet.common import convert
+from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import MAX_ITEM_BYTES, cut, spec_bytes
-from taskfleet.common.channel import open_channel
+from taskfleet.common.channel import FailoverChannel, Link
 from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import (
@@ -36,6 +40,7 @@ from taskfleet.common.model import DEFAULT_QUEUE, JSON, Stats, Task, TaskSpec, T
 from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
+T = TypeVar("T")
 SUBMIT_BATCH = 1_000
 CALL_TIMEOUT_S = 30.0
 # The master refuses a wait for more ids than this in one call (WaitTasks and
@@ -57,17 +62,38 @@ _RESUMABLE = frozenset(
 RETRY_UNAVAILABLE_S = 5.0
 
 
+class _TryNext(Exception):
+    """A call found its master unavailable and may be sent again, to the next one."""
+
+    def __init__(self, error: Unavailable) -> None:
+        self.error = error
+
+
 def _retry_unavailable() -> tenacity.Retrying:
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(Unavailable),
+        retry=tenacity.retry_if_exception_type(_TryNext),
         wait=lambda state: backoff_s(state.attempt_number, base_s=0.1, cap_s=2.0),
         stop=tenacity.stop_after_delay(RETRY_UNAVAILABLE_S),
         reraise=True,
     )
 
 
+def _never_sent(exc: grpc.RpcError) -> bool:
+    """Whether a call failed before it reached any master (gRPC could not connect),
+    so sending it again cannot repeat what it did."""
+    return str(from_rpc_error(exc)).startswith("failed to connect")
+
+
 class Client:
-    """A connection to one master. Thread-safe; close it (or use ``with``) when done.
+    """A connection to a master, or to one of a list that fails over. Thread-safe;
+    close it (or use ``with``) when done.
+
+    ``master`` is ``HOST:PORT`` or ``HOST:PORT,HOST:PORT,...``: masters sharing
+    one store. The client uses one at a time; a call that finds it unavailable
+    moves on to the next, round-robin, and is sent again there when that is
+    safe: reads and waits always, a submit only when every task in it has an
+    idempotency key, and any call that never reached a master. A bad address
+    raises ``ConfigError``.
 
     ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` (a PEM file)
     connects over TLS, trusting that CA; ``tls_cert`` and ``tls_key`` add a client
@@ -83,9 +109,9 @@ class Client:
         tls_cert: str = "",
         tls_key: str = "",
     ) -> None:
+        masters = AddressRing(parse_address_list("master", master))
         tls = client_tls(tls_ca, tls_cert, tls_key)
-        self._channel = open_channel(master, token, tls=tls)
-        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._channel = FailoverChannel(masters, tasks_pb2_grpc.TaskServiceStub, token, tls=tls)
         # Whether the master has ever answered: a wait then resumes for longer,
         # since the master is more likely restarting than at a wrong address.
         self._reached = False
@@ -98,6 +124,11 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+
+    @property
+    def masters(self) -> AddressRing:
+        """The masters this client uses, and the current one."""
+        return self._channel.masters
 
     # -- producing -----------------------------------------------------------
 
@@ -136,8 +167,9 @@ class Client:
         """Enqueue many tasks, in batches cut by count and bytes; returns their ids
         in order. A failed batch raises; the batches before it stay submitted.
 
-        A batch is retried on UNAVAILABLE only when every task in it has an
-        idempotency key, so a retry can never create duplicates.
+        A batch cut off on UNAVAILABLE is sent again (to the next master of a list)
+        only when every task in it has an idempotency key, or when it never
+        reached a master, so a retry can never create duplicates.
         """
         return [task_id for batch_ids in self.submit_batches(specs) for task_id in batch_ids]
 
@@ -165,19 +197,14 @@ class Client:
 
     def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:
         request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
-        if all(s.idempotency_key for s in batch):
-            response = _retry_unavailable()(self._call, self._stub.Submit, request)
-        else:
-            response = self._call(self._stub.Submit, request)
-        return list(response.task_ids)
+        keyed = all(s.idempotency_key for s in batch)
+        return list(self._call("Submit", request, repeatable=keyed).task_ids)
 
     # -- reading -------------------------------------------------------------
 
     def get(self, task_id: str) -> Task:
         """The task as the master has it now."""
-        pb = _retry_unavailable()(
-            self._call, self._stub.GetTask, tasks_pb2.GetTaskRequest(task_id=task_id)
-        )
+        pb = self._call("GetTask", tasks_pb2.GetTaskRequest(task_id=task_id))
         return convert.task_from_proto(pb)
 
     def wait(self, task_ids: Sequence[str], timeout_s: float | None = None) -> Iterator[Task]:
@@ -205,26 +232,24 @@ class Client:
             if deadline is not None:
                 # Past the deadline, a zero timeout still reports the tasks final by then.
                 request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
-            stream = self._stub.WaitTasksBatched(request)
-            try:
-                for batch in stream:
-                    outage_started, attempt, self._reached = None, 0, True
-                    for pb in batch.tasks:
-                        task = convert.task_from_proto(pb)
-                        if task.id in waiting:
-                            del waiting[task.id]
-                            yield task
-                if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                    return  # all final, or the master's timeout (it starts after ours)
-                cause, self._reached = "the master ended the wait early", True
-            except grpc.RpcError as exc:
-                if exc.code() not in _RESUMABLE:
-                    raise from_rpc_error(exc) from None
-                cause = str(from_rpc_error(exc))
-                # A call cut off, not one that never connected (gRPC's words for that).
-                self._reached |= not cause.startswith("failed to connect")
-            finally:
-                stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+            with self._channel.use() as link:
+                stream = link.stub.WaitTasksBatched(request)
+                try:
+                    for batch in stream:
+                        outage_started, attempt, self._reached = None, 0, True
+                        yield from take_final(batch, waiting)
+                    if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                        return  # all final, or the master's timeout (it starts after ours)
+                    cause, self._reached = "the master ended the wait early", True
+                except grpc.RpcError as exc:
+                    if exc.code() not in _RESUMABLE:
+                        raise from_rpc_error(exc) from None
+                    cause = str(from_rpc_error(exc))
+                    self._reached |= not _never_sent(exc)
+                finally:
+                    stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+                # Stopping or gone: the wait resumes on the next master, if there is one.
+                self._channel.move_on(link)
             now = time.monotonic()
             outage_started = outage_started or now
             give_up = outage_started + (RESUME_WAIT_S if self._reached else RETRY_UNAVAILABLE_S)
@@ -264,32 +289,53 @@ class Client:
         then ``result`` in one round trip (SubmitAndWait). ``options`` are
         ``submit``'s keyword arguments.
 
-        Raises ``TaskFailed`` if it ended FAILED or CANCELLED, and
+        Raises ``TaskFailed`` if it ended FAILED or CANCELLED,
         ``DeadlineExceeded`` if it is not final within ``timeout_s`` (it stays
-        queued; its id is in the message).
+        queued; its id is in the message), and ``Unavailable`` if the master was
+        lost before it said it stored the task, unless the spec has an
+        idempotency key (then it is sent again, as ``submit_many`` does).
         """
         spec = make_spec(name, args, kwargs, **options)
         request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
-        task_id = ""
-        try:
-            for response in self._stub.SubmitAndWait(request):
-                task_id = task_id or response.task_ids[0]
-                for pb in response.tasks:
-                    return task_result(convert.task_from_proto(pb))
-        except grpc.RpcError as exc:
-            if not task_id or exc.code() not in _RESUMABLE:
-                raise from_rpc_error(exc) from None
-        if task_id and (deadline is None or time.monotonic() < deadline):
+        task_id, task = self._on_master(
+            lambda link: self._submit_and_wait(link, request),
+            repeatable=bool(spec.idempotency_key),
+        )
+        if task is not None:
+            return task_result(task)
+        if deadline is None or time.monotonic() < deadline:
             # Submitted, but the stream ended early (a restart): wait for it instead.
             return self.result(task_id, None if deadline is None else deadline - time.monotonic())
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
+    def _submit_and_wait(
+        self, link: Link[tasks_pb2_grpc.TaskServiceStub], request: tasks_pb2.SubmitAndWaitRequest
+    ) -> tuple[str, Task | None]:
+        """One SubmitAndWait: the task id and the final task, or None if the stream
+        ended once the task was stored. Raises RpcError if it was not."""
+        task_id = ""
+        try:
+            for response in link.stub.SubmitAndWait(request):
+                task_id = task_id or response.task_ids[0]
+                self._reached = True
+                for pb in response.tasks:
+                    return task_id, convert.task_from_proto(pb)
+        except grpc.RpcError as exc:
+            if not task_id or exc.code() not in _RESUMABLE:
+                raise
+            self._channel.move_on(link)  # the wait resumes on the next master
+        if not task_id:
+            raise DeadlineExceeded("the master ended SubmitAndWait before storing the task")
+        return task_id, None
+
     def cancel(self, task_id: str) -> Task:
         """Cancel a PENDING or RUNNING task; returns it as it is now."""
-        pb = self._call(self._stub.CancelTask, tasks_pb2.CancelTaskRequest(task_id=task_id))
+        pb = self._call(
+            "CancelTask", tasks_pb2.CancelTaskRequest(task_id=task_id), repeatable=False
+        )
         return convert.task_from_proto(pb)
 
     def stats(self, *, pending_names: bool = False) -> Stats:
@@ -297,7 +343,7 @@ class Client:
         ``pending_names``, the pending tasks per queue and name (a scan of them
         in the store), which ``Stats.unserved()`` reads."""
         request = tasks_pb2.GetStatsRequest(pending_names=pending_names)
-        pb = _retry_unavailable()(self._call, self._stub.GetStats, request)
+        pb = self._call("GetStats", request)
         return convert.stats_from_proto(pb)
 
     # -- operating -----------------------------------------------------------
@@ -319,7 +365,7 @@ class Client:
             page_size=page_size,
         )
         while True:
-            page = _retry_unavailable()(self._call, self._stub.ListTasks, request)
+            page = self._call("ListTasks", request)
             for pb in page.tasks:
                 yield convert.task_from_proto(pb)
             if not page.next_page_token:
@@ -328,22 +374,50 @@ class Client:
 
     def retry(self, task_id: str) -> Task:
         """Run a FAILED or CANCELLED task again, with a fresh attempt budget."""
-        pb = self._call(self._stub.RetryTask, tasks_pb2.RetryTaskRequest(task_id=task_id))
+        pb = self._call("RetryTask", tasks_pb2.RetryTaskRequest(task_id=task_id), repeatable=False)
         return convert.task_from_proto(pb)
 
     def purge(self, *, queue: str = "", states: Iterable[TaskState] = ()) -> int:
         """Delete finished tasks of ``queue`` (every queue when empty) in ``states``
         (every final state when empty); returns how many."""
         request = tasks_pb2.PurgeTasksRequest(queue=queue, states=[int(s) for s in states])  # type: ignore[misc]
-        return int(self._call(self._stub.PurgeTasks, request).count)
+        return int(self._call("PurgeTasks", request, repeatable=False).count)
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: str, request: Any, *, repeatable: bool = True) -> Any:
+        """The unary call ``method`` on the current master (see ``_on_master``)."""
+
+        def call(link: Link[tasks_pb2_grpc.TaskServiceStub]) -> Any:
+            response = getattr(link.stub, method)(request, timeout=CALL_TIMEOUT_S)
+            self._reached = True
+            return response
+
+        return self._on_master(call, repeatable=repeatable)
+
+    def _on_master(
+        self, call: Callable[[Link[tasks_pb2_grpc.TaskServiceStub]], T], *, repeatable: bool
+    ) -> T:
+        """``call`` on the current master. When it finds that master unavailable, the
+        next master becomes current, and ``call`` is made again there (with backoff,
+        for RETRY_UNAVAILABLE_S) if it is ``repeatable`` or never reached a master;
+        otherwise it may have done its work, and ``Unavailable`` says so."""
+
+        def once() -> T:
+            with self._channel.use() as link:
+                try:
+                    return call(link)
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                    if not isinstance(error, Unavailable):
+                        raise error from None
+                    self._channel.move_on(link)
+                    if repeatable or _never_sent(exc):
+                        raise _TryNext(error) from None
+                    raise error from None
+
         try:
-            response = method(request, timeout=CALL_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        self._reached = True
-        return response
+            return _retry_unavailable()(once)
+        except _TryNext as exc:
+            raise exc.error from None
 
 
 def make_spec(
@@ -380,6 +454,18 @@ def make_spec(
         metadata=dict(metadata or {}),
         expires_at=expires_at or 0.0,
     )
+
+
+def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Task]:
+    """The tasks of a wait's ``batch`` that are still in ``waiting``, taken off it:
+    a wait asked again after a lost stream hears again of tasks it had."""
+    final = []
+    for pb in batch.tasks:
+        task = convert.task_from_proto(pb)
+        if task.id in waiting:
+            del waiting[task.id]
+            final.append(task)
+    return final
 
 
 def task_result(task: Task) -> Any:

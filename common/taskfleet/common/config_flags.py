@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from taskfleet.common.addresses import check_address, is_loopback
+from taskfleet.common.addresses import check_address, is_loopback, parse_address_list
 from taskfleet.common.config import DEFAULT_MASTER, MasterConfig, WorkerConfig
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.flags import (
@@ -21,6 +21,8 @@ from taskfleet.common.flags import (
     utf8_text,
 )
 from taskfleet.common.tls import client_tls, server_tls
+
+MASTER_HELP = "HOST:PORT of the master, or HOST:PORT,HOST:PORT,... to fail over between masters"
 
 
 def add_master_flags(parser: EnvDefaultsParser) -> None:
@@ -172,7 +174,7 @@ def _dashboard_settings(args: argparse.Namespace, listen: str, tls: bool) -> dic
 
 def add_worker_flags(parser: EnvDefaultsParser) -> None:
     d = WorkerConfig()
-    parser.add_flag("--master", default=d.master, help="HOST:PORT of the master")
+    parser.add_flag("--master", default=d.master, help=MASTER_HELP)
     parser.add_flag(
         "--tasks",
         type=comma_list,
@@ -225,7 +227,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     if not args.queues:
         raise ConfigError("--queues: name at least one queue")
     return WorkerConfig(
-        master=check_address("--master", args.master),
+        master=",".join(parse_address_list("--master", args.master)),
         tasks=args.tasks,
         queues=args.queues,
         concurrency=args.concurrency,
@@ -320,6 +322,8 @@ def _add_manager_transport_flags(parser: EnvDefaultsParser) -> None:
 
 def _manager_transport_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.transport == "manager":
+        if "," in args.master:
+            raise ConfigError("--master: one HOST:PORT with --transport manager, got a list")
         if not args.authkey:
             raise ConfigError("--authkey: required with --transport manager")
         if not args.manager_task.strip():
@@ -334,9 +338,7 @@ def _manager_transport_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_client_flags(parser: EnvDefaultsParser) -> None:
-    parser.add_flag(
-        "--master", default=DEFAULT_MASTER, type=utf8_text, help="HOST:PORT of the master"
-    )
+    parser.add_flag("--master", default=DEFAULT_MASTER, type=utf8_text, help=MASTER_HELP)
     parser.add_flag("--token", default="", type=utf8_text, help="bearer token for the master")
     _add_client_tls_flags(parser)
     parser.add_flag("--json", action="store_true", help="print JSON for scripts")

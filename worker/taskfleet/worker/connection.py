@@ -1,5 +1,6 @@
 """The worker's connection to the master: one stream at a time, opened with a
-Hello, read until it ends, and opened again with the one reconnect policy.
+Hello, read until it ends, and opened again with the one reconnect policy, to
+the next master of ``--master``'s list when it has several.
 
 ``Connection.run`` is the ``connection`` thread. It reads what the master
 sends and hands it, as plain Jobs, LeaseRefs and sequence numbers, to its
@@ -20,6 +21,7 @@ from typing import Protocol
 import grpc
 
 from taskfleet.common import convert
+from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.channel import open_channel
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import (
@@ -84,6 +86,7 @@ class Connection:
         self.config = config
         self.worker_id = worker_id
         self.registry = registry
+        self.masters = AddressRing(parse_address_list("--master", config.master))
         self._lock = lock
         self._peer = peer
         self._stopped = stopped  # set when the worker stops: no more reconnects
@@ -96,17 +99,14 @@ class Connection:
     def _dial(self) -> grpc.Channel:
         """The channel for the next attempt to connect: the one place that says
         which master to call."""
-        return open_channel(self.config.master, self.config.token, tls=self.config.tls)
+        return open_channel(self.masters.current, self.config.token, tls=self.config.tls)
 
     def run(self) -> None:
         """Connect, serve, reconnect, until the worker stops or the master refuses
         it for good (then ``refused`` says why)."""
         while not self._stopped.is_set():
             retrying = reconnect_policy(
-                _worth_retrying,
-                lambda exc: log.warning(
-                    "master %s unreachable (%s); retrying", self.config.master, _rpc_reason(exc)
-                ),
+                _worth_retrying, lambda exc: self._move_on("unreachable", _rpc_reason(exc))
             )
             try:
                 retrying(self._serve_stream)
@@ -115,8 +115,14 @@ class Connection:
                 return
             except StreamEnded as exc:
                 if not self._stopped.is_set():
-                    log.warning("connection to master lost (%s); reconnecting", exc)
+                    self._move_on("lost", str(exc))
                     self._stopped.wait(first_reconnect_s())
+
+    def _move_on(self, what: str, reason: str) -> None:
+        """After a failed dial or a lost stream, dial the next master of the list."""
+        failed = self.masters.current
+        following = self.masters.move_on(failed)
+        log.warning("master %s %s (%s); reconnecting to %s", failed, what, reason, following)
 
     def send(self, message: worker_pb2.WorkerMessage | None) -> None:
         """Send on the current stream, if there is one; None closes it."""
@@ -164,7 +170,7 @@ class Connection:
                 self._lock.notify_all()
             for batch in resend:
                 outbox.put(messages.results(*batch))
-            log.info("connected to master %s", self.config.master)
+            log.info("connected to master %s", self.masters.current)
             try:
                 for message in responses:
                     self.last_heard = time.monotonic()

@@ -79,7 +79,7 @@ class Worker:
             thread.start()
         signalled = threading.Event()
         on_stop_signals(signalled, log, "draining")
-        print(f"taskfleet worker {self.worker_id} serving {self.config.master}", flush=True)
+        print(f"taskfleet worker {self.worker_id} serving {self.connection.masters}", flush=True)
         while not signalled.wait(0.5):
             if self.connection.refused is not None:
                 # Retrying cannot help: the master refuses this worker as it is set up.
