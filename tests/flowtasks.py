@@ -16,7 +16,7 @@ def mul(a: int, b: int) -> int:
 
 
 @task
-def square(n: int) -> int:
+def square_of(n: int) -> int:
     return n * n
 
 

@@ -45,7 +45,7 @@ def test_a_chord_sums_a_hundred_squares(
     master: MasterProc, client: Client, start_worker: StartWorker
 ) -> None:
     start_worker(master, tasks="flowtasks")
-    squares = group(flowtasks.square.s(i) for i in range(100))
+    squares = group(flowtasks.square_of.s(i) for i in range(100))
 
     handle = chord(squares, flowtasks.total.s()).submit(client=client)
 
@@ -63,7 +63,7 @@ def test_the_async_client_submits_a_group_and_a_chain(
 
     async def main() -> tuple[list[int], int]:
         async with AsyncClient(master.address) as client:
-            members = await group(flowtasks.square.s(i) for i in range(5)).submit_async(client)
+            members = await group(flowtasks.square_of.s(i) for i in range(5)).submit_async(client)
             last = await chain(signature("add", [2, 3]), signature("mul", [4])).submit_async(client)
             results = [await h.result(timeout_s=TIMEOUT_S) for h in members]
             return results, await last.result(timeout_s=TIMEOUT_S)
@@ -79,7 +79,7 @@ def test_a_failed_parent_cancels_a_two_level_tree_at_once(
         signature("fail", ["no"]).spec(),
         signature("add", [1]).spec(["$0"], pass_results=True),
         signature("add", [1]).spec(["$1"], pass_results=True),
-        signature("square", [3]).spec(),
+        signature("square_of", [3]).spec(),
     ]
     parent, child, grandchild, free = client.submit_workflow(specs)
     assert client.get(grandchild).state is TaskState.PENDING
@@ -105,10 +105,10 @@ def test_a_failed_parent_cancels_a_two_level_tree_at_once(
 def test_a_task_may_depend_on_existing_tasks(
     master: MasterProc, client: Client, start_worker: StartWorker
 ) -> None:
-    done = client.submit("square", [4])
+    done = client.submit("square_of", [4])
     start_worker(master, tasks="flowtasks")
     assert client.result(done, timeout_s=TIMEOUT_S) == 16
-    running = client.submit("square", [5])
+    running = client.submit("square_of", [5])
 
     (child,) = client.submit_workflow([signature("add").spec([done, running], pass_results=True)])
 
@@ -133,7 +133,7 @@ def test_self_forward_and_unknown_references_are_refused_naming_the_field(
     client: Client, depends_on: list[str], message: str
 ) -> None:
     before = client.stats().queues
-    specs = [make_spec("square", [1]), signature("add", [1, 2]).spec(depends_on)]
+    specs = [make_spec("square_of", [1]), signature("add", [1, 2]).spec(depends_on)]
 
     with pytest.raises(InvalidArgument, match=message):
         client.submit_workflow(specs)
