@@ -841,3 +841,19 @@ def test_a_parent_lost_too_often_cancels_its_dependents_in_the_same_expire(store
     ]
     assert lapsed[0].error is not None and lapsed[0].error.type == "WorkerLost"
     assert lapsed[1].error is not None and lapsed[1].error.type == "ParentFailed"
+
+
+def test_a_result_that_is_not_json_is_passed_as_its_text(store: Store) -> None:
+    # A worker not written in Python may answer in another content type; the
+    # parent's outcome must still be recorded, and the child gets the text.
+    parent, child = store.submit([spec("a"), spec("b", depends_on=("$0",), pass_results=True)], NOW)
+    (leased,) = lease(store)
+    outcome = Outcome(
+        leased.ref, TaskState.SUCCEEDED, result=b"plain", result_content_type="text/plain"
+    )
+
+    store.record([outcome], NOW)
+
+    assert store.get(parent).state is TaskState.SUCCEEDED
+    (leased,) = lease(store)
+    assert (leased.task.id, args_of(leased.task)) == (child, ["plain"])

@@ -72,10 +72,20 @@ def with_results(payload: bytes, results: Sequence[bytes], mode: int) -> bytes:
     """``payload`` with the parents' JSON ``results`` prepended to its args, each
     (mode 1) or as one list (mode 2)."""
     body = json.loads(payload) if payload else {}
-    values = [json.loads(r) if r else None for r in results]
+    values = [_value(r) for r in results]
     body["args"] = [*(values if mode == 1 else [values]), *body.get("args", [])]
     body.setdefault("kwargs", {})
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _value(result: bytes) -> Any:
+    """A parent's result as an argument: its JSON value, or its text when a worker
+    not written in Python sent another content type (never an error here, which
+    would undo the parent's own outcome)."""
+    try:
+        return json.loads(result) if result else None
+    except ValueError:
+        return result.decode(errors="replace")
 
 
 class SqlDeps:
