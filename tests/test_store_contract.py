@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from taskfleet.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
+from taskfleet.common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -857,3 +863,31 @@ def test_a_result_that_is_not_json_is_passed_as_its_text(store: Store) -> None:
     assert store.get(parent).state is TaskState.SUCCEEDED
     (leased,) = lease(store)
     assert (leased.task.id, args_of(leased.task)) == (child, ["plain"])
+
+
+def test_results_too_large_to_pass_fail_the_child_and_cancel_its_dependents(
+    store: Store,
+) -> None:
+    big = b'"' + b"x" * (13 * 1024 * 1024) + b'"'  # two of them are over 24 MiB
+    first, second, child, grandchild = store.submit(
+        [
+            spec("a"),
+            spec("a"),
+            spec("b", depends_on=("$0", "$1"), pass_results=True),
+            spec("c", depends_on=("$2",)),
+        ],
+        NOW,
+    )
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+
+    changed = store.record([succeeded(refs[first], big), succeeded(refs[second], big)], NOW)
+
+    ended = {t.id: t for t in changed[2:]}
+    assert set(ended) == {child, grandchild}
+    assert ended[child].state is TaskState.FAILED
+    assert ended[child].error is not None and ended[child].error.type == "ArgumentsTooLarge"
+    assert ended[grandchild].state is TaskState.CANCELLED
+    assert lease(store) == []
+    # A new task on those finished parents is refused at submit
+    with pytest.raises(ResourceExhausted, match=r"tasks\[0\]\.depends_on: its parents' results"):
+        store.submit([spec("b", depends_on=(first, second), pass_results=True)], NOW)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
 from taskfleet.master.store.base import FINAL_STATES, Store, TaskQuery
-from taskfleet.master.store.deps import is_parent_failed
+from taskfleet.master.store.deps import ended_by_parents
 from taskfleet.master.validation import validate_specs
 
 log = logging.getLogger("taskfleet.master.lifecycle")
@@ -102,12 +102,12 @@ class Lifecycle:
         return task
 
     def retry(self, task_id: str) -> Task:
-        # A dependent cancelled with its failed parent would run without the
-        # parent's result: the parent is the one to retry, and the dependent to
-        # submit again.
-        if is_parent_failed(self.store.get(task_id).error):
+        # A dependent ended by its parents (ParentFailed, ArgumentsTooLarge) would
+        # run without their results: retry the parent, and submit it again.
+        error = self.store.get(task_id).error
+        if ended_by_parents(error):
             raise FailedPrecondition(
-                f"task {task_id} was cancelled because a parent failed (ParentFailed); "
+                f"task {task_id} was ended by its parents ({error.type if error else ''}); "
                 "retry the parent and submit this task again"
             )
         task = self.store.retry(task_id, time.time())
@@ -179,8 +179,8 @@ class Lifecycle:
         if not lapsed:
             return lapsed
         # The store adds the dependents of tasks that ended WorkerLost.
-        dependents = [t for t in lapsed if t.state.is_final and is_parent_failed(t.error)]
-        lapsed = [t for t in lapsed if not (t.state.is_final and is_parent_failed(t.error))]
+        dependents = [t for t in lapsed if t.state.is_final and ended_by_parents(t.error)]
+        lapsed = [t for t in lapsed if not (t.state.is_final and ended_by_parents(t.error))]
         finals = [t for t in lapsed if t.state.is_final]
         log.warning(
             "%d leases lapsed: %s%s",

@@ -206,7 +206,8 @@ class Store(abc.ABC):
         ``max_attempts`` (see ``attempts_used``), makes it PENDING again, ready
         after ``policy.retry_backoff_s``; else it ends FAILED. Returns the tasks
         the outcomes changed, as they are now, then their dependents that became
-        ready or ended CANCELLED ParentFailed (see store/deps.py).
+        ready or ended (CANCELLED ParentFailed, FAILED ArgumentsTooLarge; see
+        store/deps.py).
         """
 
     @abc.abstractmethod

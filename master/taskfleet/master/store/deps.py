@@ -19,10 +19,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from taskfleet.common.errors import FailedPrecondition, InvalidArgument
+from taskfleet.common.batching import MAX_ITEM_BYTES
+from taskfleet.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from taskfleet.common.model import TaskError, TaskSpec, TaskState
 
 PARENT_FAILED = "ParentFailed"
+ARGUMENTS_TOO_LARGE = "ArgumentsTooLarge"
 # Children updated per statement: far below SQLite's and PostgreSQL's limits on
 # parameters, however many children one parent has.
 _CHUNK = 1_000
@@ -53,13 +55,21 @@ def check_parent(field: str, parent_id: str, state: TaskState | None) -> None:
         )
 
 
+def check_size(field: str, payload: bytes) -> None:
+    """Refuse at submit a task that its finished parents' results make too large."""
+    error = too_large(payload)
+    if error is not None:
+        raise ResourceExhausted(f"{field}.depends_on: {error.message}")
+
+
 def parent_failed_error(parent_id: str, state: TaskState) -> TaskError:
     """The error of a dependent cancelled because ``parent_id`` ended in ``state``."""
     return TaskError(PARENT_FAILED, f"parent task {parent_id} ended {state.name}")
 
 
-def is_parent_failed(error: TaskError | None) -> bool:
-    return error is not None and error.type == PARENT_FAILED
+def ended_by_parents(error: TaskError | None) -> bool:
+    """Whether a task was ended by its parents rather than run."""
+    return error is not None and error.type in (PARENT_FAILED, ARGUMENTS_TOO_LARGE)
 
 
 def results_mode(spec: TaskSpec) -> int:
@@ -76,6 +86,18 @@ def with_results(payload: bytes, results: Sequence[bytes], mode: int) -> bytes:
     body["args"] = [*(values if mode == 1 else [values]), *body.get("args", [])]
     body.setdefault("kwargs", {})
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def too_large(payload: bytes) -> TaskError | None:
+    """The error of a task whose parents' results made its arguments larger than
+    any master hands out, or None."""
+    if len(payload) <= MAX_ITEM_BYTES:
+        return None
+    return TaskError(
+        ARGUMENTS_TOO_LARGE,
+        f"its parents' results make {len(payload)} bytes of arguments, over the limit of "
+        f"{MAX_ITEM_BYTES}; return large data on shared storage and pass its path instead",
+    )
 
 
 def _value(result: bytes) -> Any:
@@ -133,6 +155,7 @@ class SqlDeps:
             mode = results_mode(spec)
             if not open_parents and mode:
                 payload = with_results(payload, [found[p][1] for p in parents], mode)
+                check_size(f"tasks[{i}]", payload)
             ready_at = max(spec.not_before, now) if not open_parents else WAITING_AT
             db.execute(
                 self._q(
@@ -169,7 +192,7 @@ class SqlDeps:
         last parent succeeded, cancel the dependents of failed ones. The tasks
         changed, as they are now, readied ones first."""
         ready: list[str] = []
-        cancelled: list[Any] = []
+        cancelled: list[Any] = []  # and failed: ended by their parents
         # One round per generation: the edges of every parent that ended in it.
         state_of = {task_id: state for task_id, state in ended if state.is_final}
         while state_of:
@@ -181,14 +204,19 @@ class SqlDeps:
                 list(state_of),
             ).fetchall()
             succeeded = [c for p, c in edges if state_of[p] is TaskState.SUCCEEDED]
-            ready += self._ready(db, succeeded, now) if succeeded else []
+            readied, unfit = self._ready(db, succeeded, now) if succeeded else ([], [])
+            ready += readied
+            ending = [(c, TaskState.FAILED, error) for c, error in unfit]
             failed_parent = {c: p for p, c in edges if state_of[p] is not TaskState.SUCCEEDED}
+            ending += [
+                (c, TaskState.CANCELLED, parent_failed_error(p, state_of[p]))
+                for c, p in failed_parent.items()
+            ]
             next_round: dict[str, TaskState] = {}
-            for child, parent in failed_parent.items():
-                error = parent_failed_error(parent, state_of[parent])
+            for child, state, error in ending:
                 row = db.execute(
                     self._q(
-                        f"""UPDATE tasks SET state = {TaskState.CANCELLED.value}, error_type = ?,
+                        f"""UPDATE tasks SET state = {state.value}, error_type = ?,
                         error_message = ?, error_traceback = '', finished_at = ?, expires_at =
                         CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END
                         WHERE id = ? AND state = {TaskState.PENDING.value} RETURNING {columns}"""
@@ -197,7 +225,7 @@ class SqlDeps:
                 ).fetchone()
                 if row is not None:
                     cancelled.append(from_row(row))
-                    next_round[child] = TaskState.CANCELLED
+                    next_round[child] = state
             state_of = next_round
         if not ready:
             return cancelled
@@ -221,8 +249,12 @@ class SqlDeps:
         ).fetchall()
         return rows
 
-    def _ready(self, db: Any, children: list[str], now: float) -> list[str]:
-        """One parent of each of ``children`` succeeded; ready those with none left."""
+    def _ready(
+        self, db: Any, children: list[str], now: float
+    ) -> tuple[list[str], list[tuple[str, TaskError]]]:
+        """One parent of each of ``children`` succeeded; ready those with none left.
+        Those, and the ones whose arguments the results made too large (to end
+        FAILED with that error)."""
         # Parents that ended in one call: a child may have lost several at once.
         by_count: dict[int, list[str]] = {}
         for child, n in collections.Counter(children).items():
@@ -231,7 +263,8 @@ class SqlDeps:
         for n, all_ids in by_count.items():
             for start in range(0, len(all_ids), _CHUNK):
                 rows += self._count_down(db, n, all_ids[start : start + _CHUNK])
-        readied = []
+        readied: list[str] = []
+        unfit: list[tuple[str, TaskError]] = []
         for task_id, waiting, not_before, mode, depends_on, payload in rows:
             if waiting > 0:
                 continue
@@ -246,10 +279,14 @@ class SqlDeps:
                     ).fetchall()
                 )
                 payload = with_results(payload, [bytes(found.get(p, b"")) for p in parents], mode)
+                error = too_large(payload)
+                if error is not None:
+                    unfit.append((task_id, error))
+                    continue
             ready_at = max(not_before, now)
             db.execute(
                 self._q("UPDATE tasks SET ready = ?, ready_at = ?, payload = ? WHERE id = ?"),
                 (ready_at <= now, ready_at, payload, task_id),
             )
             readied.append(task_id)
-        return readied
+        return readied, unfit

@@ -24,6 +24,7 @@ from taskfleet.common.model import (
     PendingName,
     QueueCounts,
     Task,
+    TaskError,
     TaskSpec,
     TaskState,
 )
@@ -43,9 +44,11 @@ from taskfleet.master.store.base import (
 )
 from taskfleet.master.store.deps import (
     check_parent,
+    check_size,
     parent_failed_error,
     resolve,
     results_mode,
+    too_large,
     with_results,
 )
 
@@ -97,7 +100,7 @@ class MemoryStore(Store):
         with self._lock:
             ids, new = self._assign_ids(specs)
             parents_of = resolve(specs, ids)
-            self._check_parents(parents_of, ids, new)
+            self._check_parents(specs, parents_of, ids, new)
             for i, spec in enumerate(specs):
                 if not new[i]:
                     continue
@@ -130,9 +133,14 @@ class MemoryStore(Store):
         return ids, new
 
     def _check_parents(
-        self, parents_of: Sequence[Sequence[str]], ids: Sequence[str], new: Sequence[bool]
+        self,
+        specs: Sequence[TaskSpec],
+        parents_of: Sequence[Sequence[str]],
+        ids: Sequence[str],
+        new: Sequence[bool],
     ) -> None:
-        """Refuse the batch before any of it is stored if a parent is unknown or failed."""
+        """Refuse the batch before any of it is stored if a parent is unknown or
+        failed, or finished parents' results make a task too large."""
         batch = {task_id for task_id, is_new in zip(ids, new, strict=True) if is_new}
         for i, parents in enumerate(parents_of):
             for j, parent in enumerate(parents if new[i] else ()):
@@ -140,6 +148,15 @@ class MemoryStore(Store):
                     slot = self._slots.get(parent)
                     state = None if slot is None else slot.task.state
                     check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
+            done = all(
+                p not in batch and self._slots[p].task.state is TaskState.SUCCEEDED for p in parents
+            )
+            if new[i] and parents and done and results_mode(specs[i]):
+                check_size(f"tasks[{i}]", self._with_results(specs[i], parents))
+
+    def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
+        results = [self._slots[p].task.result for p in parents]
+        return with_results(spec.payload, results, results_mode(spec))
 
     def _wait_or_enqueue(self, slot: _Slot, now: float) -> None:
         """Queue a new task, or make it wait for its unfinished parents."""
@@ -154,14 +171,18 @@ class MemoryStore(Store):
         else:
             self._ready_child(slot, now)
 
-    def _ready_child(self, slot: _Slot, now: float) -> None:
+    def _ready_child(self, slot: _Slot, now: float) -> TaskError | None:
+        """Queue a task whose parents all succeeded, with their results if it takes
+        them; the error instead when they make it too large (it is not queued)."""
         spec = slot.task.spec
-        mode = results_mode(spec)
-        if mode and spec.depends_on:
-            results = [self._slots[p].task.result for p in spec.depends_on]
-            payload = with_results(spec.payload, results, mode)
+        if results_mode(spec) and spec.depends_on:
+            payload = self._with_results(spec, spec.depends_on)
+            error = too_large(payload)
+            if error is not None:
+                return error
             slot.task.spec = dataclasses.replace(spec, payload=payload)
         self._enqueue(slot, spec.not_before, now)
+        return None
 
     def _settle(self, ended: _Slot, now: float) -> None:
         """Ready the children whose last parent just succeeded, or cancel the
@@ -175,13 +196,19 @@ class MemoryStore(Store):
                     continue
                 if parent.state is TaskState.SUCCEEDED:
                     child.waiting -= 1
-                    if not child.waiting:
-                        self._ready_child(child, now)
-                        self._settled.append(child)
-                    continue
-                self._settled.append(child)
-                child.task.error = parent_failed_error(parent.id, parent.state)
-                self._end(child, TaskState.CANCELLED, now)
+                    if child.waiting:
+                        continue
+                    self._settled.append(child)
+                    error = self._ready_child(child, now)
+                    if error is None:
+                        continue
+                    end = TaskState.FAILED
+                else:
+                    self._settled.append(child)
+                    error = parent_failed_error(parent.id, parent.state)
+                    end = TaskState.CANCELLED
+                child.task.error = error
+                self._end(child, end, now)
                 work.append(child)
 
     def _take_settled(self) -> list[Task]:
