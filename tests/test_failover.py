@@ -8,6 +8,7 @@ Masters sharing one PostgreSQL database are tested in test_multimaster.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from taskfleet.client import AsyncClient
 from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import ConfigError, Unavailable
@@ -335,3 +337,24 @@ def test_a_manager_worker_takes_one_address() -> None:
         "--tasks", "e2etasks", "--master", "127.0.0.1:1,127.0.0.1:2",
     )  # fmt: skip
     refused(proc, "--master", "one HOST:PORT with --transport manager", code=EXIT_USAGE)
+
+
+def test_async_client_fails_over_as_the_blocking_one_does(
+    start_master: StartMaster, start_worker: StartWorker
+) -> None:
+    # Given masters A and B with a worker each, and B alone behind a closed address
+    a, b = start_master(), start_master()
+    worker_a, worker_b = start_worker(a), start_worker(b)
+
+    async def main() -> None:
+        async with AsyncClient(f"{closed_address()},{b.address}") as client:
+            assert await client.run("square", [5], timeout_s=20) == 25
+            handle = await client.submit("square", [4])
+            assert await handle.result(timeout_s=20) == 16
+        async with AsyncClient(f"{a.address},{b.address}") as client:
+            assert [w.pid for w in (await client.stats()).workers] == [worker_a.pid]
+            a.kill()  # when A is killed, the next calls are answered by B
+            assert [w.pid for w in (await client.stats()).workers] == [worker_b.pid]
+            assert await client.run("square", [9], timeout_s=20) == 81
+
+    asyncio.run(main())

@@ -173,3 +173,18 @@ def test_a_task_not_started_by_its_expiry_ends_cancelled_expired_without_running
             late.result(timeout_s=30)
     assert cancelled.value.type == "Expired"
     assert marker.read_text() == "kept\n"  # the expired one never ran
+
+
+def test_the_blocking_client_maps_and_hands_back_handles(
+    master: MasterProc, start_worker: StartWorker
+) -> None:
+    start_worker(master, concurrency=8)
+    with master.client() as client:
+        handle = client.submit("square", [6])
+        assert isinstance(handle, TaskHandle) and handle.result(timeout_s=30) == 36
+        assert client.map(e2etasks.square, range(1_500)) == [n * n for n in range(1_500)]
+        assert sorted(client.imap_unordered("square", range(20))) == [n * n for n in range(20)]
+        lazily = client.imap("not_seven", range(10))
+        assert [next(lazily) for _ in range(7)] == list(range(7))
+        with pytest.raises(TaskFailed, match="map item 7"):
+            next(lazily)

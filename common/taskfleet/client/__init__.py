@@ -12,9 +12,9 @@ variables the CLI reads.
 from taskfleet.client.aio import AsyncClient, AsyncTaskHandle
 from taskfleet.client.canvas import Signature, chain, chord, group, signature
 from taskfleet.client.defaults import configure, default_client
-from taskfleet.client.handle import TaskHandle, TaskSnapshot
 from taskfleet.common.client import Client
 from taskfleet.common.errors import TaskCancelled, TaskFailed
+from taskfleet.common.handle import TaskHandle, TaskSnapshot
 
 __all__ = [
     "AsyncClient",

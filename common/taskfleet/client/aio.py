@@ -5,8 +5,11 @@
 
 The same calls as ``Client``, awaited; one channel serves any number of
 coroutines at once (a FastAPI handler per request, thousands of ``run``s
-under ``asyncio.gather``) with no thread per call. A wait resumes after a lost
-stream as ``Client.wait`` does.
+under ``asyncio.gather``) with no thread per call. Failover is ``Client``'s:
+``master`` may list several masters sharing a store, a call that finds its
+master unavailable moves on to the next and is sent again when that is safe
+(reads, keyed submits, calls that never reached a master), and a wait resumes
+after a lost stream.
 """
 
 from __future__ import annotations
@@ -18,25 +21,28 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
-from taskfleet.client.handle import TaskSnapshot, snapshot
-from taskfleet.client.mapping import Named, aimap
 from taskfleet.common import convert
+from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import cut, spec_bytes
 from taskfleet.common.channel import CHANNEL_OPTIONS
 from taskfleet.common.client import (
     CALL_TIMEOUT_S,
     RESUME_WAIT_S,
+    RETRY_UNAVAILABLE_S,
     SUBMIT_BATCH,
     WAIT_CHUNK,
     make_spec,
+    never_sent,
     take_final,
     task_result,
 )
 from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from taskfleet.common.handle import TaskSnapshot, snapshot
+from taskfleet.common.mapping import Named, aimap
 from taskfleet.common.model import Stats, Task, TaskSpec
-from taskfleet.common.tls import client_tls
+from taskfleet.common.tls import ClientTls, client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 if TYPE_CHECKING:
@@ -61,15 +67,29 @@ class AsyncClient:
         tls_cert: str = "",
         tls_key: str = "",
     ) -> None:
-        tls = client_tls(tls_ca, tls_cert, tls_key)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(master, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                master, tls.credentials(), options=CHANNEL_OPTIONS
-            )
+        self._masters = AddressRing(parse_address_list("master", master))
+        self._tls = client_tls(tls_ca, tls_cert, tls_key)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._address = self._masters.current
+        self._channel = _open(self._address, self._tls)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def _move_on(self, address: str) -> None:
+        """After a call to ``address`` found it unavailable: the next calls go to the
+        next master, on a fresh channel (once, however many calls failed there).
+        The old channel closes in the background, letting its calls end."""
+        if address != self._address:
+            return
+        following = self._masters.move_on(address)
+        if following == address:  # a ring of one keeps its channel
+            return
+        old, self._address = self._channel, following
+        self._channel = _open(following, self._tls)
+        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        closing = asyncio.get_running_loop().create_task(old.close(CALL_TIMEOUT_S))
+        self._retired.add(closing)
+        closing.add_done_callback(self._retired.discard)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -79,6 +99,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._channel.close(None)
+        for closing in list(self._retired):
+            await closing
 
     # -- producing -----------------------------------------------------------
 
@@ -97,15 +119,17 @@ class AsyncClient:
         """Enqueue many tasks in batches cut by count and bytes; their ids in order."""
         ids: list[str] = []
         for batch in cut(list(specs), spec_bytes, max_count=SUBMIT_BATCH):
-            request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
-            response = await self._call(self._stub.Submit, request)
-            ids += response.task_ids
+            ids += await self._submit_batch(batch)
         return ids
 
     async def submit_workflow(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Enqueue ``specs`` in ONE Submit, as ``Client.submit_workflow``."""
-        request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in specs])
-        response = await self._call(self._stub.Submit, request)
+        return await self._submit_batch(list(specs))
+
+    async def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:
+        request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
+        keyed = all(s.idempotency_key for s in batch)
+        response = await self._call("Submit", request, repeatable=keyed)
         return list(response.task_ids)
 
     async def run(
@@ -125,11 +149,17 @@ class AsyncClient:
             request.timeout.CopyFrom(convert.duration(timeout_s))
         task_id = ""
         try:
-            async for response in self._stub.SubmitAndWait(request, metadata=self._metadata):
+            address, stub = self._address, self._stub
+            async for response in stub.SubmitAndWait(request, metadata=self._metadata):
                 task_id = task_id or response.task_ids[0]
                 for pb in response.tasks:
                     return task_result(convert.task_from_proto(pb))
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._move_on(address)
+                if not task_id and never_sent(exc):  # nothing submitted: submit elsewhere
+                    (task_id,) = await self.submit_many([spec])
+                    return await self.result(task_id, _left(deadline))
             if not task_id or exc.code() not in _RESUMABLE:
                 raise from_rpc_error(exc) from None
         if task_id and (deadline is None or time.monotonic() < deadline):
@@ -149,15 +179,15 @@ class AsyncClient:
     # -- reading -------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task:
-        pb = await self._call(self._stub.GetTask, tasks_pb2.GetTaskRequest(task_id=task_id))
+        pb = await self._call("GetTask", tasks_pb2.GetTaskRequest(task_id=task_id))
         return convert.task_from_proto(pb)
 
     async def cancel(self, task_id: str) -> Task:
         request = tasks_pb2.CancelTaskRequest(task_id=task_id)
-        return convert.task_from_proto(await self._call(self._stub.CancelTask, request))
+        return convert.task_from_proto(await self._call("CancelTask", request, repeatable=False))
 
     async def stats(self) -> Stats:
-        pb = await self._call(self._stub.GetStats, tasks_pb2.GetStatsRequest())
+        pb = await self._call("GetStats", tasks_pb2.GetStatsRequest())
         return convert.stats_from_proto(pb)
 
     async def result(self, task_id: str, timeout_s: float | None = None) -> Any:
@@ -185,7 +215,8 @@ class AsyncClient:
             if deadline is not None:
                 request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
             try:
-                async for batch in self._stub.WaitTasksBatched(request, metadata=self._metadata):
+                address, stub = self._address, self._stub
+                async for batch in stub.WaitTasksBatched(request, metadata=self._metadata):
                     outage_started, attempt = None, 0
                     for task in take_final(batch, waiting):
                         yield task
@@ -195,6 +226,8 @@ class AsyncClient:
             except grpc.RpcError as exc:
                 if exc.code() not in _RESUMABLE:
                     raise from_rpc_error(exc) from None
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._move_on(address)
                 cause = str(from_rpc_error(exc))
             now = time.monotonic()
             outage_started = outage_started or now
@@ -208,11 +241,26 @@ class AsyncClient:
             attempt += 1
             await asyncio.sleep(min(backoff_s(attempt, base_s=0.1, cap_s=2.0), give_up - now))
 
-    async def _call(self, method: Callable[..., Awaitable[Any]], request: Any) -> Any:
-        try:
-            return await method(request, timeout=CALL_TIMEOUT_S, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    async def _call(self, method: str, request: Any, *, repeatable: bool = True) -> Any:
+        """The unary call ``method`` on the current master; on UNAVAILABLE the next
+        master becomes current, and the call is made again there (with backoff,
+        for RETRY_UNAVAILABLE_S) if it is ``repeatable`` or never reached one."""
+        give_up = time.monotonic() + RETRY_UNAVAILABLE_S
+        attempt = 0
+        while True:
+            address, stub = self._address, self._stub
+            try:
+                call: Callable[..., Awaitable[Any]] = getattr(stub, method)
+                return await call(request, timeout=CALL_TIMEOUT_S, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if not isinstance(error, Unavailable):
+                    raise error from None
+                self._move_on(address)
+                if not (repeatable or never_sent(exc)) or time.monotonic() >= give_up:
+                    raise error from None
+            attempt += 1
+            await asyncio.sleep(backoff_s(attempt, base_s=0.1, cap_s=2.0))
 
 
 class AsyncTaskHandle(str, Generic[R]):
@@ -241,6 +289,12 @@ class AsyncTaskHandle(str, Generic[R]):
 
     async def cancel(self) -> TaskSnapshot:
         return snapshot(await self._client.cancel(self.id))
+
+
+def _open(address: str, tls: ClientTls | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS)
 
 
 def _left(deadline: float | None) -> float | None:

@@ -22,13 +22,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from taskfleet.common.client import make_spec
+from taskfleet.common.calls import make_spec
 from taskfleet.common.model import TaskSpec
 
 if TYPE_CHECKING:
     from taskfleet.client.aio import AsyncClient, AsyncTaskHandle
-    from taskfleet.client.handle import TaskHandle
     from taskfleet.common.client import Client
+    from taskfleet.common.handle import TaskHandle
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +85,7 @@ class _EndsInOne(_Workflow):
     def submit(self, client: Client | None = None) -> TaskHandle[Any]:
         """Submit every task in one call; the last one's handle (its result is the
         workflow's). ``client`` defaults to the one ``configure`` set."""
-        from taskfleet.client.handle import TaskHandle
+        from taskfleet.common.handle import TaskHandle
 
         through, ids = self._ids(client)
         return TaskHandle(ids[-1], through)
@@ -117,7 +117,7 @@ class Group(_Workflow):
 
     def submit(self, client: Client | None = None) -> list[TaskHandle[Any]]:
         """Submit every member in one call; their handles in order."""
-        from taskfleet.client.handle import TaskHandle
+        from taskfleet.common.handle import TaskHandle
 
         through, ids = self._ids(client)
         return [TaskHandle(task_id, through) for task_id in ids]

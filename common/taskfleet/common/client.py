@@ -25,18 +25,19 @@ from taskfleet.common import convert
 from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import MAX_ITEM_BYTES, cut, spec_bytes
+from taskfleet.common.calls import make_spec as make_spec  # re-exported: its old home
+from taskfleet.common.calls import task_result as task_result
 from taskfleet.common.channel import FailoverChannel, Link
-from taskfleet.common.codec import decode_result, encode_args
 from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import (
     DeadlineExceeded,
     ResourceExhausted,
-    TaskCancelled,
-    TaskFailed,
     Unavailable,
     from_rpc_error,
 )
-from taskfleet.common.model import DEFAULT_QUEUE, JSON, Stats, Task, TaskSpec, TaskState
+from taskfleet.common.handle import TaskHandle
+from taskfleet.common.mapping import Named, imap, imap_unordered
+from taskfleet.common.model import DEFAULT_QUEUE, Stats, Task, TaskSpec, TaskState
 from taskfleet.common.tls import client_tls
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
@@ -78,7 +79,7 @@ def _retry_unavailable() -> tenacity.Retrying:
     )
 
 
-def _never_sent(exc: grpc.RpcError) -> bool:
+def never_sent(exc: grpc.RpcError) -> bool:
     """Whether a call failed before it reached any master (gRPC could not connect),
     so sending it again cannot repeat what it did."""
     return str(from_rpc_error(exc)).startswith("failed to connect")
@@ -146,8 +147,9 @@ class Client:
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
         expires_at: float | dt.datetime | None = None,
-    ) -> str:
-        """Enqueue ``name(*args, **kwargs)``; returns the task id."""
+    ) -> TaskHandle[Any]:
+        """Enqueue ``name(*args, **kwargs)``; returns its handle, which is the task
+        id (a ``str``) with ``result``, ``get``, ``state`` and ``cancel``."""
         spec = make_spec(
             name,
             args,
@@ -161,7 +163,7 @@ class Client:
             metadata=metadata,
             expires_at=expires_at,
         )
-        return self.submit_many([spec])[0]
+        return TaskHandle(self.submit_many([spec])[0], self)
 
     def submit_many(self, specs: Iterable[TaskSpec]) -> list[str]:
         """Enqueue many tasks, in batches cut by count and bytes; returns their ids
@@ -245,7 +247,7 @@ class Client:
                     if exc.code() not in _RESUMABLE:
                         raise from_rpc_error(exc) from None
                     cause = str(from_rpc_error(exc))
-                    self._reached |= not _never_sent(exc)
+                    self._reached |= not never_sent(exc)
                 finally:
                     stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
                 # Stopping or gone: the wait resumes on the next master, if there is one.
@@ -338,6 +340,20 @@ class Client:
         )
         return convert.task_from_proto(pb)
 
+    def map(self, task: str | Named, items: Iterable[Any]) -> list[Any]:
+        """``task(item)`` for each item, results in the items' order, as
+        ``multiprocessing.Pool.map``; the first failure raises ``TaskFailed``
+        naming the item. Submitted a window at a time (see mapping.py)."""
+        return list(imap(self, task, items))
+
+    def imap(self, task: str | Named, items: Iterable[Any]) -> Iterator[Any]:
+        """``map``, lazily: results in order as they can be given."""
+        return imap(self, task, items)
+
+    def imap_unordered(self, task: str | Named, items: Iterable[Any]) -> Iterator[Any]:
+        """``task(item)`` for each item, results as they finish."""
+        return imap_unordered(self, task, items)
+
     def stats(self, *, pending_names: bool = False) -> Stats:
         """Counts per queue and state, the connected workers and the masters; with
         ``pending_names``, the pending tasks per queue and name (a scan of them
@@ -410,7 +426,7 @@ class Client:
                     if not isinstance(error, Unavailable):
                         raise error from None
                     self._channel.move_on(link)
-                    if repeatable or _never_sent(exc):
+                    if repeatable or never_sent(exc):
                         raise _TryNext(error) from None
                     raise error from None
 
@@ -418,42 +434,6 @@ class Client:
             return _retry_unavailable()(once)
         except _TryNext as exc:
             raise exc.error from None
-
-
-def make_spec(
-    name: str,
-    args: Sequence[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    *,
-    queue: str = DEFAULT_QUEUE,
-    priority: int = 0,
-    max_attempts: int = 0,
-    timeout_s: float = 0.0,
-    not_before: float | dt.datetime | None = None,
-    idempotency_key: str = "",
-    metadata: Mapping[str, str] | None = None,
-    expires_at: float | dt.datetime | None = None,
-) -> TaskSpec:
-    """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload. Times are unix
-    seconds or datetimes: ``not_before`` holds it back, ``expires_at`` is when it
-    must have started by (else it ends CANCELLED Expired)."""
-    if isinstance(not_before, dt.datetime):
-        not_before = not_before.timestamp()
-    if isinstance(expires_at, dt.datetime):
-        expires_at = expires_at.timestamp()
-    return TaskSpec(
-        name=name,
-        queue=queue,
-        payload=encode_args(list(args), dict(kwargs or {})),
-        content_type=JSON,
-        priority=priority,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        not_before=not_before or 0.0,
-        idempotency_key=idempotency_key,
-        metadata=dict(metadata or {}),
-        expires_at=expires_at or 0.0,
-    )
 
 
 def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Task]:
@@ -466,18 +446,3 @@ def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Tas
             del waiting[task.id]
             final.append(task)
     return final
-
-
-def task_result(task: Task) -> Any:
-    """The decoded result of a final task; raises ``TaskFailed`` unless it SUCCEEDED."""
-    if task.state == TaskState.SUCCEEDED:
-        return decode_result(task.result, task.result_content_type)
-    error = task.error
-    failure = TaskCancelled if task.state is TaskState.CANCELLED else TaskFailed
-    raise failure(
-        task.id,
-        task.state.name,
-        error.type if error else task.state.name,
-        error.message if error else "",
-        error.traceback if error else "",
-    )

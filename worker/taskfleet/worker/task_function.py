@@ -16,8 +16,8 @@ from taskfleet.common.model import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
     from taskfleet.client.canvas import Signature
-    from taskfleet.client.handle import TaskHandle
     from taskfleet.common.client import Client
+    from taskfleet.common.handle import TaskHandle
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,7 +74,7 @@ class TaskFunction(Generic[P, R]):
         Expired) if it has not started within that long; ``client`` overrides
         the default."""
         from taskfleet.client.defaults import default_client
-        from taskfleet.client.handle import TaskHandle
+        from taskfleet.common.handle import TaskHandle
 
         if delay_s < 0 or expires_s < 0:
             raise ValueError("delay_s and expires_s must not be negative")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
-from taskfleet.common.client import make_spec, task_result
+from taskfleet.common.calls import make_spec, task_result
 from taskfleet.common.errors import TaskCancelled, TaskFailed
 from taskfleet.common.model import Task, TaskSpec
 
