@@ -48,6 +48,7 @@ fails the call it serves instead, and that failure is what starts the watch.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -87,6 +88,7 @@ from taskfleet.master.store.base import (
     retry_delay_s,
     worker_lost_error,
 )
+from taskfleet.master.store.deps import SqlDeps
 from taskfleet.master.store.postgres_bus import PostgresBus
 from taskfleet.master.store.rows import (
     CANCELLED,
@@ -221,7 +223,17 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: postgres_bus.MIGRATION,
     # TaskSpec.expires_at: the time a task must start by (0: none).
     3: ("ALTER TABLE tasks ADD COLUMN start_by double precision NOT NULL DEFAULT 0",),
+    # Dependencies (store/deps.py): a waiting task is delayed until ready_at = Infinity.
+    4: (
+        "ALTER TABLE tasks ADD COLUMN depends_on text NOT NULL DEFAULT '[]'",
+        "ALTER TABLE tasks ADD COLUMN pass_results smallint NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN waiting integer NOT NULL DEFAULT 0",
+        "CREATE TABLE task_deps (parent text NOT NULL, child text NOT NULL)",
+        "CREATE INDEX task_deps_parent ON task_deps (parent)",
+    ),
 }
+# FOR SHARE: a parent cannot end between the check of its state and the edge to it.
+_DEPS = SqlDeps("%s", " FOR SHARE")
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 TCOLUMNS_ = ", ".join(f"t.{c.strip()}" for c in COLUMNS.split(","))
@@ -473,11 +485,15 @@ class PostgresStore(Store):
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)
                 ids.append(task_id)
+            inserted = set(columns[0])
             if columns[0]:
                 conn.execute(_INSERT, (PENDING, now, now, *columns))
+            if with_parents:
+                _DEPS.add(conn, specs, ids, [task_id in inserted for task_id in ids], now)
             return ids
 
-        return self._run(work, atomic=bool(keys))
+        with_parents = any(spec.depends_on for spec in specs)
+        return self._run(work, atomic=bool(keys) or with_parents)
 
     def get(self, task_id: str) -> Task:
         return self.get_many([task_id])[0]
@@ -580,9 +596,17 @@ class PostgresStore(Store):
             }
             rows = conn.execute(_RECORD, params, binary=True).fetchall()
             rows.sort(key=lambda row: row[0])
-            return [task_from_row(row[1:]) for row in rows]
+            changed = [task_from_row(row[1:]) for row in rows]
+            return changed + self._settle(conn, changed, now)
 
-        return self._run(work, atomic=bool(failed))
+        # Atomic: the dependents of the tasks that end are settled in the same transaction.
+        return self._run(work, atomic=True)
+
+    def _settle(self, conn: psycopg.Connection[Any], changed: list[Task], now: float) -> list[Task]:
+        """The dependents of the tasks that just ended, readied or cancelled."""
+        ended = [(t.id, t.state) for t in changed if t.state.is_final]
+        expiry = default_expiry(self.policy, now)
+        return _DEPS.settle(conn, ended, now, expiry, COLUMNS, task_from_row) if ended else []
 
     def _retry_at(
         self, outcome: Outcome, used: dict[tuple[str, int], int], now: float
@@ -626,22 +650,25 @@ class PostgresStore(Store):
             )
         )
 
-    def cancel(self, task_id: str, now: float) -> Task:
+    def cancel(self, task_id: str, now: float) -> list[Task]:
         params = {"now": now, "expiry": default_expiry(self.policy, now), "id": task_id}
 
-        def work(conn: psycopg.Connection[Any]) -> Any:
+        def work(conn: psycopg.Connection[Any]) -> list[Task] | TaskState:
             row = conn.execute(
                 f"""UPDATE tasks t SET state = {CANCELLED}, finished_at = %(now)s,
                 expires_at = {_EXPIRES} WHERE id = %(id)s AND state IN ({PENDING}, {RUNNING})
                 RETURNING {COLUMNS}""",
                 params,
             ).fetchone()
-            return row if row is not None else _state_of(conn, task_id)
+            if row is None:
+                return _state_of(conn, task_id)
+            task = task_from_row(row)
+            return [task, *self._settle(conn, [task], now)]
 
-        found = self._run(work)
+        found = self._run(work, atomic=True)
         if isinstance(found, TaskState):
             raise FailedPrecondition(f"task {task_id} is already {found.name}")
-        return task_from_row(found)
+        return found
 
     def expire(self, now: float) -> list[Task]:
         def work(conn: psycopg.Connection[Any]) -> list[Task]:
@@ -674,7 +701,8 @@ class PostgresStore(Store):
                 params["messages"].append(error.message if error else None)
             rows = conn.execute(_EXPIRE, params).fetchall()
             rows.sort(key=lambda row: row[0])
-            return [task_from_row(row[1:]) for row in rows]
+            lapsed_tasks = [task_from_row(row[1:]) for row in rows]
+            return lapsed_tasks + self._settle(conn, lapsed_tasks, now)
 
         return self._run(work, atomic=True)
 
@@ -720,7 +748,8 @@ class PostgresStore(Store):
                 f"SELECT min(ready_at) FROM tasks WHERE {_DELAYED} AND ready_at > %s", (now,)
             ).fetchone()
         )
-        return None if row is None else row[0]
+        # Tasks waiting for parents are delayed for ever (deps.WAITING_AT).
+        return None if row is None or row[0] is None or math.isinf(row[0]) else row[0]
 
     def stats(self) -> list[QueueCounts]:
         rows = self._run(

@@ -23,7 +23,8 @@ LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at, lost_leases, expires_at, start_by"""
+    created_at, started_at, finished_at, lost_leases, expires_at, start_by,
+    depends_on, pass_results"""
 
 
 def default_expiry(policy: StorePolicy, now: float) -> float:
@@ -119,6 +120,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         lost_leases,
         expires_at,
         start_by,
+        depends_on,
+        pass_results,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -135,6 +138,9 @@ def task_from_row(row: Sequence[Any]) -> Task:
         json.loads(metadata) if metadata != "{}" else {},
         result_ttl_s,
         start_by,
+        tuple(json.loads(depends_on)) if depends_on != "[]" else (),
+        pass_results == 1,  # the mode of store/deps.py: 1 each, 2 as one list
+        pass_results == 2,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(
