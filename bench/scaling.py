@@ -107,7 +107,7 @@ def main() -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for round_number in range(args.rounds):
             for count in (1, 2):
-                store = stack.enter_context(pg.store_url("postgres", tmp))
+                store = stack.enter_context(pg.store_url("postgres", tmp, durable=True))
                 masters = Masters(store, count)
                 try:
                     figures[count].append(masters.run(args.w1))

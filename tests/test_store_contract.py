@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import threading
@@ -13,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from taskfleet.common.errors import ConfigError, FailedPrecondition, NotFound
+from taskfleet.common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -437,7 +444,7 @@ def test_release_returns_the_task_ready_at_once_without_counting_the_attempt(
 def test_cancel_pending_task_is_never_leased(store: Store) -> None:
     task_id = submit_one(store)
 
-    cancelled = store.cancel(task_id, NOW + 1)
+    (cancelled,) = store.cancel(task_id, NOW + 1)
 
     assert (cancelled.state, cancelled.finished_at) == (TaskState.CANCELLED, NOW + 1)
     assert store.get(task_id) == cancelled
@@ -457,7 +464,7 @@ def test_cancel_running_task_makes_its_lease_stale(store: Store) -> None:
     task_id = submit_one(store)
     (leased,) = lease(store)
 
-    cancelled = store.cancel(task_id, NOW + 1)
+    (cancelled,) = store.cancel(task_id, NOW + 1)
 
     assert cancelled.state is TaskState.CANCELLED
     assert store.extend("w1", [leased.ref], LEASE_S, NOW + 2) == [leased.ref]
@@ -655,3 +662,232 @@ def test_a_spec_keeps_its_start_by_time_and_a_cancel_may_say_why(store: Store) -
     (ended,) = store.record([Outcome(leased.ref, TaskState.CANCELLED, error=why)], NOW)
     assert (ended.state, ended.error) == (TaskState.CANCELLED, why)
     assert store.get(task_id).error == why
+
+
+# dependencies (store/deps.py)
+
+
+def args_of(task: Task) -> list[Any]:
+    return list(json.loads(task.spec.payload)["args"])
+
+
+def test_a_child_waits_for_its_parent_and_gets_its_result(store: Store) -> None:
+    # Given a parent and a child passed its result, submitted together
+    parent, child = store.submit(
+        [
+            spec("a"),
+            spec("b", payload=b'{"args":[10],"kwargs":{}}', depends_on=("$0",), pass_results=True),
+        ],
+        NOW,
+    )
+    assert store.get(child).state is TaskState.PENDING
+    assert store.get(child).spec.depends_on == (parent,)
+    assert store.next_ready_at(NOW) is None
+    # Only the parent is handed out
+    (leased,) = lease(store)
+    assert leased.task.id == parent
+    assert lease(store) == []
+
+    # When the parent succeeds, the record reports the child as readied
+    changed = store.record([succeeded(leased.ref, b"[1, 2]")], NOW + 1)
+
+    assert [(t.id, t.state) for t in changed] == [
+        (parent, TaskState.SUCCEEDED),
+        (child, TaskState.PENDING),
+    ]
+    (next_lease,) = lease(store, now=NOW + 1)
+    assert next_lease.task.id == child
+    assert args_of(next_lease.task) == [[1, 2], 10]
+
+
+def test_a_child_of_several_parents_runs_after_the_last_with_results_in_order(
+    store: Store,
+) -> None:
+    first, second, callback = store.submit(
+        [spec("a"), spec("a"), spec("sum", depends_on=("$1", "$0"), pass_results=True)], NOW
+    )
+    by_id = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+    assert set(by_id) == {first, second}
+
+    assert [t.id for t in store.record([succeeded(by_id[first], b"1")], NOW)] == [first]
+    assert lease(store) == []
+    store.record([succeeded(by_id[second], b"2")], NOW)
+
+    (leased,) = lease(store)
+    assert leased.task.id == callback
+    assert args_of(leased.task) == [2, 1]
+
+
+def test_a_parent_that_already_succeeded_counts_as_done(store: Store) -> None:
+    parent = submit_one(store)
+    (leased,) = lease(store)
+    store.record([succeeded(leased.ref, b'"x"')], NOW)
+
+    (child,) = store.submit([spec("b", depends_on=(parent,), pass_results=True)], NOW)
+
+    (leased,) = lease(store)
+    assert leased.task.id == child
+    assert args_of(leased.task) == ["x"]
+
+
+def test_a_failed_parent_cancels_its_dependents_transitively_at_once(store: Store) -> None:
+    # Given a parent, two children and a grandchild waiting for one of them
+    parent, child, other, grandchild, free = store.submit(
+        [
+            spec("a"),
+            spec("b", depends_on=("$0",)),
+            spec("b", depends_on=("$0",)),
+            spec("c", depends_on=("$1",)),
+            spec("d"),
+        ],
+        NOW,
+    )
+    (leased,) = lease(store, names=("a",))
+
+    # When the parent fails for good
+    changed = store.record([failed(leased.ref)], NOW + 1)
+
+    # Then the record reports the whole tree CANCELLED ParentFailed
+    assert changed[0].id == parent and changed[0].state is TaskState.FAILED
+    ended = {t.id: t for t in changed[1:]}
+    assert set(ended) == {child, other, grandchild}
+    for task in ended.values():
+        assert task.state is TaskState.CANCELLED
+        assert task.error is not None and task.error.type == "ParentFailed"
+        assert task.finished_at == NOW + 1
+    assert ended[grandchild].error.message == f"parent task {child} ended CANCELLED"
+    assert store.get(grandchild).state is TaskState.CANCELLED
+    assert store.get(free).state is TaskState.PENDING
+    # and retrying the parent leaves them cancelled
+    store.retry(parent, NOW + 2)
+    assert store.get(child).state is TaskState.CANCELLED
+
+
+def test_cancelling_a_parent_returns_the_dependents_it_cancelled(store: Store) -> None:
+    parent, child, grandchild = store.submit(
+        [spec("a"), spec("b", depends_on=("$0",)), spec("c", depends_on=("$1",))], NOW
+    )
+
+    cancelled = store.cancel(parent, NOW)
+
+    assert [(t.id, t.state) for t in cancelled] == [
+        (parent, TaskState.CANCELLED),
+        (child, TaskState.CANCELLED),
+        (grandchild, TaskState.CANCELLED),
+    ]
+    assert counts(store)["q"][TaskState.CANCELLED] == 3
+
+
+def test_unknown_or_failed_parents_refuse_the_whole_batch_naming_the_field(
+    store: Store,
+) -> None:
+    gone = submit_one(store)
+    store.cancel(gone, NOW)
+    before = counts(store)
+
+    with pytest.raises(InvalidArgument, match=r"tasks\[1\]\.depends_on\[1\]: no task 0123"):
+        store.submit([spec(), spec(depends_on=("$0", "0123"))], NOW)
+    with pytest.raises(FailedPrecondition, match=rf"tasks\[0\]\.depends_on\[0\]: task {gone}"):
+        store.submit([spec(depends_on=(gone,))], NOW)
+
+    assert counts(store) == before
+
+
+def test_parents_that_succeed_in_one_record_ready_their_child(store: Store) -> None:
+    first, second, callback = store.submit(
+        [spec("a"), spec("a"), spec("sum", depends_on=("$0", "$1"), pass_results=True)], NOW
+    )
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+
+    changed = store.record([succeeded(refs[first], b"1"), succeeded(refs[second], b"2")], NOW)
+
+    assert [t.id for t in changed if t.state is TaskState.PENDING] == [callback]
+    (leased,) = lease(store)
+    assert args_of(leased.task) == [1, 2]
+
+
+def test_gather_results_passes_the_parents_results_as_one_list(store: Store) -> None:
+    parents = [spec("square") for _ in range(3)]
+    callback = spec("sum", depends_on=("$0", "$1", "$2"), gather_results=True)
+    *parent_ids, callback_id = store.submit([*parents, callback], NOW)
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+    for i, parent in enumerate(parent_ids):
+        store.record([succeeded(refs[parent], str(i * i).encode())], NOW)
+
+    (leased,) = lease(store)
+
+    assert leased.task.id == callback_id
+    assert args_of(leased.task) == [[0, 1, 4]]
+    assert leased.task.spec.gather_results and not leased.task.spec.pass_results
+
+
+def test_a_parent_with_thousands_of_children_readies_them_all(store: Store) -> None:
+    _parent, *children = store.submit(
+        [spec("a"), *(spec("b", depends_on=("$0",)) for _ in range(2_500))], NOW
+    )
+    (leased,) = lease(store, names=("a",))
+
+    changed = store.record([succeeded(leased.ref)], NOW)
+
+    assert sorted(t.id for t in changed[1:]) == sorted(children)
+    assert len(lease(store, names=("b",), limit=3_000)) == 2_500
+
+
+def test_a_parent_lost_too_often_cancels_its_dependents_in_the_same_expire(store: Store) -> None:
+    parent, child = store.submit([spec("a"), spec("b", depends_on=("$0",))], NOW)
+    now = NOW
+    for _ in range(POLICY.max_lost_leases + 1):
+        assert leased_ids(lease(store, now=now)) == [parent]
+        now += LEASE_S + 1
+        lapsed = store.expire(now)
+
+    assert [(t.id, t.state) for t in lapsed] == [
+        (parent, TaskState.FAILED),
+        (child, TaskState.CANCELLED),
+    ]
+    assert lapsed[0].error is not None and lapsed[0].error.type == "WorkerLost"
+    assert lapsed[1].error is not None and lapsed[1].error.type == "ParentFailed"
+
+
+def test_a_result_that_is_not_json_is_passed_as_its_text(store: Store) -> None:
+    # A worker not written in Python may answer in another content type; the
+    # parent's outcome must still be recorded, and the child gets the text.
+    parent, child = store.submit([spec("a"), spec("b", depends_on=("$0",), pass_results=True)], NOW)
+    (leased,) = lease(store)
+    outcome = Outcome(
+        leased.ref, TaskState.SUCCEEDED, result=b"plain", result_content_type="text/plain"
+    )
+
+    store.record([outcome], NOW)
+
+    assert store.get(parent).state is TaskState.SUCCEEDED
+    (leased,) = lease(store)
+    assert (leased.task.id, args_of(leased.task)) == (child, ["plain"])
+
+
+def test_results_too_large_to_pass_fail_the_child_and_cancel_its_dependents(
+    store: Store,
+) -> None:
+    big = b'"' + b"x" * (13 * 1024 * 1024) + b'"'  # two of them are over 24 MiB
+    first, second, child, grandchild = store.submit(
+        [
+            spec("a"),
+            spec("a"),
+            spec("b", depends_on=("$0", "$1"), pass_results=True),
+            spec("c", depends_on=("$2",)),
+        ],
+        NOW,
+    )
+    refs = {lease_.task.id: lease_.ref for lease_ in lease(store)}
+
+    changed = store.record([succeeded(refs[first], big), succeeded(refs[second], big)], NOW)
+
+    ended = {t.id: t for t in changed[2:]}
+    assert set(ended) == {child, grandchild}
+    assert ended[child].state is TaskState.FAILED
+    assert ended[child].error is not None and ended[child].error.type == "ArgumentsTooLarge"
+    assert ended[grandchild].state is TaskState.CANCELLED
+    assert lease(store) == []
+    # A new task on those finished parents is refused at submit
+    with pytest.raises(ResourceExhausted, match=r"tasks\[0\]\.depends_on: its parents' results"):
+        store.submit([spec("b", depends_on=(first, second), pass_results=True)], NOW)

@@ -368,7 +368,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         self.finish(entry, TaskState.CANCELLED)
 
-        cancelled = self.store.cancel(task_id, self.now)
+        (cancelled,) = self.store.cancel(task_id, self.now)
 
         assert cancelled == entry.task
 

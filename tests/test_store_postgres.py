@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,8 +14,9 @@ import pytest
 from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import TaskSpec, TaskState
+from taskfleet.common.model import Outcome, TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, redacted
+from taskfleet.master.store import postgres as postgres_store
 from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore
 
 import pg
@@ -170,3 +172,90 @@ def test_a_master_on_postgres_runs_tasks_and_keeps_them_across_kill_9(
             assert client.run("square", [12], queue=queue_name, timeout_s=60) == 144
         master.stop()
     assert PASSWORD not in master.output()
+
+
+def test_a_lease_by_names_reads_only_its_names_not_the_whole_queue() -> None:
+    # Given 2,000 ready tasks of one name in a queue, on a new table (no statistics)
+    with pg.database() as url:
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(2000)], 1.0)
+
+            # When the claim of a worker that serves that name and others is planned
+            params = {
+                "queues": ["q"],
+                "names": ["add", "fail", "noop", "square"],
+                "limit": 50,
+                "worker": "w",
+                "now": 2.0,
+                "deadline": 32.0,
+            }
+            with psycopg.connect(url) as conn:
+                [plan] = conn.execute(
+                    "EXPLAIN (FORMAT JSON) " + postgres_store._CLAIM_BY_NAME, params
+                ).fetchone()
+        finally:
+            store.close()
+
+    # Then it takes each name's tasks from the index by name, rather than reading
+    # every ready task of the queue for each name that has none
+    scans = {node["Index Name"] for node in _plan_nodes(plan[0]["Plan"]) if "Index Name" in node}
+    assert "tasks_ready_by_name" in scans
+    assert "tasks_ready_by_queue" not in scans
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_a_lease_does_not_leave_its_connection_committing_without_waiting() -> None:
+    # Given a database whose commits wait for the disk (the tests' server does not)
+    with pg.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET synchronous_commit = on')
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(3)], 1.0)
+
+            # When a lease claims tasks (its commit does not wait for the flush)
+            assert len(store.lease("w", ["q"], None, 3, 30.0, 2.0)) == 3
+
+            # Then the connection it used waits again for what comes next (a record)
+            with store._pool.connection() as conn:
+                [setting] = conn.execute("SHOW synchronous_commit").fetchone()
+        finally:
+            store.close()
+    assert setting == "on"
+
+
+def test_a_crash_of_the_server_keeps_every_recorded_outcome_and_every_task() -> None:
+    with pg.own_server() as server:
+        # Given tasks claimed (a commit that does not wait for the disk), and the
+        # outcomes of half of them recorded (one that does)
+        store = PostgresStore(server.admin_dsn)
+        try:
+            ids = store.submit([TaskSpec(name="noop", queue="q") for _ in range(6)], 1.0)
+            leases = store.lease("w", ["q"], None, 6, 30.0, 2.0)
+            assert len(leases) == 6
+            done = [lease.ref for lease in leases[:3]]
+            store.record([Outcome(ref, TaskState.SUCCEEDED, result=b"7") for ref in done], 3.0)
+
+            # When the server crashes at once (no shutdown checkpoint) and starts again
+            server.stop("immediate")
+        finally:
+            store.close()
+        server.start()
+
+        # Then the outcomes are there, with the claims they came from, and no task is lost
+        store = PostgresStore(server.admin_dsn)
+        try:
+            tasks = {task.id: task for task in store.get_many(ids)}
+        finally:
+            store.close()
+    assert sorted(tasks) == sorted(ids)
+    for ref in done:
+        assert tasks[ref.task_id].state is TaskState.SUCCEEDED
+        assert tasks[ref.task_id].result == b"7"
+        assert tasks[ref.task_id].lease == ref.lease
+    rest = [task for task_id, task in tasks.items() if task_id not in {r.task_id for r in done}]
+    assert {task.state for task in rest} <= {TaskState.RUNNING, TaskState.PENDING}

@@ -1,6 +1,7 @@
 """taskfleet's Python client, in one import:
 
     from taskfleet.client import Client, AsyncClient, TaskHandle, TaskFailed, TaskCancelled
+    from taskfleet.client import chain, chord, group, signature  # workflows
 
 ``Client`` is the blocking client (``taskfleet.common.client``, where it lives,
 keeps working). ``configure`` sets the client that ``@task`` functions submit
@@ -9,6 +10,7 @@ variables the CLI reads.
 """
 
 from taskfleet.client.aio import AsyncClient, AsyncTaskHandle
+from taskfleet.client.canvas import Signature, chain, chord, group, signature
 from taskfleet.client.defaults import configure, default_client
 from taskfleet.common.client import Client
 from taskfleet.common.errors import TaskCancelled, TaskFailed
@@ -18,10 +20,15 @@ __all__ = [
     "AsyncClient",
     "AsyncTaskHandle",
     "Client",
+    "Signature",
     "TaskCancelled",
     "TaskFailed",
     "TaskHandle",
     "TaskSnapshot",
+    "chain",
+    "chord",
     "configure",
     "default_client",
+    "group",
+    "signature",
 ]

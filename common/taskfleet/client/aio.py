@@ -119,11 +119,18 @@ class AsyncClient:
         """Enqueue many tasks in batches cut by count and bytes; their ids in order."""
         ids: list[str] = []
         for batch in cut(list(specs), spec_bytes, max_count=SUBMIT_BATCH):
-            request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
-            keyed = all(s.idempotency_key for s in batch)
-            response = await self._call("Submit", request, repeatable=keyed)
-            ids += response.task_ids
+            ids += await self._submit_batch(batch)
         return ids
+
+    async def submit_workflow(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Enqueue ``specs`` in ONE Submit, as ``Client.submit_workflow``."""
+        return await self._submit_batch(list(specs))
+
+    async def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:
+        request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
+        keyed = all(s.idempotency_key for s in batch)
+        response = await self._call("Submit", request, repeatable=keyed)
+        return list(response.task_ids)
 
     async def run(
         self,

@@ -183,6 +183,11 @@ class Client:
         """
         return [task_id for batch_ids in self.submit_batches(specs) for task_id in batch_ids]
 
+    def submit_workflow(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Enqueue ``specs`` in ONE Submit, all or none, so ``$N`` in their
+        ``depends_on`` names the Nth of them (see taskfleet.client.canvas)."""
+        return self._submit_batch(list(specs))
+
     def submit_batches(self, specs: Iterable[TaskSpec]) -> Iterator[list[str]]:
         """``submit_many`` one batch at a time: yields the ids of each batch as soon
         as the master has stored it, so a caller can record them before the next

@@ -86,6 +86,9 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         dict(pb.metadata) if pb.metadata else {},
         seconds_from_duration(pb.result_ttl, "result_ttl") if pb.HasField("result_ttl") else 0.0,
         unix_from_timestamp(pb.expires_at, "expires_at") if pb.HasField("expires_at") else 0.0,
+        tuple(pb.depends_on) if pb.depends_on else (),
+        pb.pass_results,
+        pb.gather_results,
     )
 
 
@@ -130,6 +133,12 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.expires_at.FromNanoseconds(round(spec.expires_at * 1e9))
     if spec.result_ttl_s:
         pb.result_ttl.FromNanoseconds(round(spec.result_ttl_s * 1e9))
+    if spec.depends_on:
+        pb.depends_on.extend(spec.depends_on)
+    if spec.pass_results:
+        pb.pass_results = True
+    if spec.gather_results:
+        pb.gather_results = True
 
 
 def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:

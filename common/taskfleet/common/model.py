@@ -53,6 +53,13 @@ class TaskSpec:
     # Unix time it must start by, else it ends CANCELLED Expired; 0: no limit. Not
     # Task.expires_at, which is when a finished task is deleted.
     expires_at: float = 0.0
+    # Parents that must succeed first: task ids, or "$N" for the Nth (0-based) spec
+    # of the same Submit; the store keeps them resolved to ids.
+    depends_on: tuple[str, ...] = ()
+    # The parents' results are prepended to the positional arguments, in order.
+    pass_results: bool = False
+    # ... or passed as one list, the first positional argument (a chord's callback).
+    gather_results: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,9 @@ class TaskSpec(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     RESULT_TTL_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    PASS_RESULTS_FIELD_NUMBER: _builtins.int
+    GATHER_RESULTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a function registered with @task on some worker. Required."""
     queue: _builtins.str
@@ -148,6 +151,14 @@ class TaskSpec(_message.Message):
     idempotency_key: _builtins.str
     """A repeated Submit with the same key returns the first task's id instead
     of creating another task.
+    """
+    pass_results: _builtins.bool
+    """Prepend the parents' results (in depends_on order) to the positional
+    arguments; needs application/json.
+    """
+    gather_results: _builtins.bool
+    """Pass the parents' results as one list, the first positional argument
+    (a chord's callback); not with pass_results.
     """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -174,6 +185,14 @@ class TaskSpec(_message.Message):
         that piled up while no worker ran). Unset: no limit.
         """
 
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Parents that must all succeed before this task runs: ids of existing
+        tasks, or "$N" for the Nth spec (0-based) earlier in the same request.
+        Until then the task is PENDING but not handed out; a parent that ends
+        FAILED or CANCELLED ends it CANCELLED with error type ParentFailed.
+        """
+
     def __init__(
         self,
         *,
@@ -189,10 +208,13 @@ class TaskSpec(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         result_ttl: _duration_pb2.Duration | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        pass_results: _builtins.bool = ...,
+        gather_results: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "expires_at", b"expires_at", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,8 +1015,8 @@ class Schedule(_message.Message):
     """What to do with ticks missed while no master ran; fire once by default."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
-        """The task each tick submits; it must not set not_before, expires_at or
-        idempotency_key.
+        """The task each tick submits; it must not set not_before, expires_at,
+        idempotency_key or depends_on.
         """
 
     @_builtins.property

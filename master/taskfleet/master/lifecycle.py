@@ -19,10 +19,11 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 
-from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
 from taskfleet.master import schedules
 from taskfleet.master.store.base import FINAL_STATES, FiredTick, Store, TaskQuery
+from taskfleet.master.store.deps import ended_by_parents
 from taskfleet.master.validation import validate_specs
 
 log = logging.getLogger("taskfleet.master.lifecycle")
@@ -96,12 +97,21 @@ class Lifecycle:
         return task_ids
 
     def cancel(self, task_id: str) -> Task:
-        task = self.store.cancel(task_id, time.time())
+        """Cancel the task, and with it every task that waits for it (ParentFailed)."""
+        task, *dependents = self.store.cancel(task_id, time.time())
         self._emit("cancelled", task)
-        self._emit("finished", [task])
+        self._emit("finished", [task, *dependents])
         return task
 
     def retry(self, task_id: str) -> Task:
+        # A dependent ended by its parents (ParentFailed, ArgumentsTooLarge) would
+        # run without their results: retry the parent, and submit it again.
+        error = self.store.get(task_id).error
+        if ended_by_parents(error):
+            raise FailedPrecondition(
+                f"task {task_id} was ended by its parents ({error.type if error else ''}); "
+                "retry the parent and submit this task again"
+            )
         task = self.store.retry(task_id, time.time())
         self._work_available([task.spec])
         return task
@@ -170,13 +180,17 @@ class Lifecycle:
     def record(self, outcomes: Sequence[Outcome]) -> list[Task]:
         """Apply attempt outcomes; the tasks they changed."""
         changed = self.store.record(outcomes, time.time()) if outcomes else []
+        # The store adds the dependents the outcomes readied or cancelled.
+        recorded = {o.ref.task_id for o in outcomes}
         finals = [t for t in changed if t.state.is_final]
-        retried = [t for t in changed if t.state is TaskState.PENDING]
+        retried = [t for t in changed if t.state is TaskState.PENDING and t.id in recorded]
+        readied = [t for t in changed if t.state is TaskState.PENDING and t.id not in recorded]
         if finals:
             self._emit("finished", finals)
         if retried:
             self._emit("retried", retried)
-            self._work_available([t.spec for t in retried])
+        if retried or readied:
+            self._work_available([t.spec for t in retried + readied])
         return changed
 
     def release(self, refs: Sequence[LeaseRef]) -> int:
@@ -193,6 +207,9 @@ class Lifecycle:
         lapsed = self.store.expire(time.time())
         if not lapsed:
             return lapsed
+        # The store adds the dependents of tasks that ended WorkerLost.
+        dependents = [t for t in lapsed if t.state.is_final and ended_by_parents(t.error)]
+        lapsed = [t for t in lapsed if not (t.state.is_final and ended_by_parents(t.error))]
         finals = [t for t in lapsed if t.state.is_final]
         log.warning(
             "%d leases lapsed: %s%s",
@@ -201,8 +218,8 @@ class Lifecycle:
             f"; {len(finals)} tasks FAILED WorkerLost" if finals else "",
         )
         self._emit("lost", lapsed)
-        if finals:
-            self._emit("finished", finals)
+        if finals or dependents:
+            self._emit("finished", finals + dependents)
         if len(finals) < len(lapsed):
             self._work_available([t.spec for t in lapsed if not t.state.is_final])
         return lapsed

@@ -69,6 +69,10 @@ def validated(schedule: Schedule, max_payload_bytes: int, now: float) -> Schedul
         raise InvalidArgument(
             "schedule.spec.expires_at: a time, which every tick after it would pass"
         )
+    if spec.depends_on or spec.pass_results or spec.gather_results:
+        raise InvalidArgument(
+            "schedule.spec.depends_on: a schedule's task cannot wait for other tasks"
+        )
     if spec.idempotency_key:
         raise InvalidArgument(
             "schedule.spec.idempotency_key: every tick submits a new task, so a key would "

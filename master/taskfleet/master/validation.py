@@ -28,6 +28,8 @@ def validate_specs(specs: Sequence[TaskSpec], max_payload_bytes: int) -> None:
         raise ResourceExhausted(f"tasks: at most {MAX_BATCH} tasks per Submit, got {len(specs)}")
     for i, spec in enumerate(specs):
         _validate_spec(f"tasks[{i}]", spec, max_payload_bytes)
+        if spec.depends_on or spec.pass_results or spec.gather_results:
+            _validate_depends_on(f"tasks[{i}]", i, spec)
 
 
 def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
@@ -68,6 +70,40 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise InvalidArgument(f"{field}.not_before: must not be before 1970")
     if spec.not_before > MAX_UNIX_S:
         raise InvalidArgument(f"{field}.not_before: must not be after 9999-12-31")
+
+
+def _validate_depends_on(field: str, index: int, spec: TaskSpec) -> None:
+    """``$N`` must name an earlier spec of the same request, so a request can never
+    hold a cycle; ids are checked by the store, which knows them."""
+    for option, on in (
+        ("pass_results", spec.pass_results),
+        ("gather_results", spec.gather_results),
+    ):
+        if on and spec.content_type != JSON:
+            raise InvalidArgument(f"{field}.{option}: needs content_type {JSON}")
+    if spec.pass_results and spec.gather_results:
+        raise InvalidArgument(
+            f"{field}.gather_results: set pass_results or gather_results, not both"
+        )
+    if len(spec.depends_on) > MAX_BATCH:
+        raise InvalidArgument(f"{field}.depends_on: at most {MAX_BATCH} parents")
+    for j, parent in enumerate(spec.depends_on):
+        where = f"{field}.depends_on[{j}]"
+        if not parent.startswith("$"):
+            if not parent.strip():
+                raise InvalidArgument(f"{where}: must not be empty")
+            continue
+        number = parent[1:]
+        if not number.isdigit() or not number.isascii():
+            raise InvalidArgument(f"{where}: {parent!r} is neither a task id nor $N")
+        if int(number) >= index:
+            raise InvalidArgument(
+                f"{where}: {parent} must name an earlier task of this request "
+                f"($0 to ${index - 1}); a task cannot depend on itself or a later one"
+                if index
+                else f"{where}: {parent} must name an earlier task of this request, "
+                "and this is the first"
+            )
 
 
 def checked_outcome(outcome: Outcome) -> Outcome:

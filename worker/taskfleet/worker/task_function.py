@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from taskfleet.common.model import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
+    from taskfleet.client.canvas import Signature
     from taskfleet.common.client import Client
     from taskfleet.common.handle import TaskHandle
 
@@ -39,6 +40,14 @@ class TaskFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<task {self.name!r} {self.func!r}>"
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """This call as a signature, not submitted: a step of ``chain``, ``group`` or
+        ``chord`` (taskfleet.client.canvas). Loose types: a chain step is also
+        passed the previous step's result."""
+        from taskfleet.client.canvas import Signature
+
+        return Signature(self.name, args, kwargs)
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Run on a worker with these arguments, through the default client."""

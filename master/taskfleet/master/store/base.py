@@ -162,6 +162,11 @@ class Store(abc.ABC):
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         """Enqueue ``specs`` atomically as PENDING; return their ids in order.
 
+        A spec with ``depends_on`` (ids, or ``$N`` for spec N of this batch) waits,
+        PENDING but never leased, until every parent SUCCEEDED (see store/deps.py).
+        An unknown parent raises InvalidArgument, one already FAILED or CANCELLED
+        FailedPrecondition, each naming ``tasks[i].depends_on[j]``.
+
         A spec whose ``idempotency_key`` is already known (from an earlier
         call or earlier in the same batch) is not enqueued again: the earlier
         task's id is returned in its place. A spec with ``not_before`` in the
@@ -213,7 +218,9 @@ class Store(abc.ABC):
         error and, while the task has used fewer than the outcome's
         ``max_attempts`` (see ``attempts_used``), makes it PENDING again, ready
         after ``policy.retry_backoff_s``; else it ends FAILED. Returns the tasks
-        the outcomes changed, as they are now.
+        the outcomes changed, as they are now, then their dependents that became
+        ready or ended (CANCELLED ParentFailed, FAILED ArgumentsTooLarge; see
+        store/deps.py).
         """
 
     @abc.abstractmethod
@@ -230,8 +237,9 @@ class Store(abc.ABC):
         the attempt not counted. Returns how many were released."""
 
     @abc.abstractmethod
-    def cancel(self, task_id: str, now: float) -> Task:
-        """End a PENDING or RUNNING task as CANCELLED and return it.
+    def cancel(self, task_id: str, now: float) -> list[Task]:
+        """End a PENDING or RUNNING task as CANCELLED; return it, then the dependents
+        that ended CANCELLED ParentFailed with it.
 
         Raises ``NotFound`` for an unknown id and ``FailedPrecondition`` for a
         task already final. A RUNNING task's worker learns of it from
@@ -245,7 +253,8 @@ class Store(abc.ABC):
 
         A task that has already lost ``policy.max_lost_leases`` leases ends FAILED
         with ``worker_lost_error`` instead. Returns the lapsed tasks as they are
-        now, in the order their leases lapsed.
+        now, in the order their leases lapsed, then the dependents of those that
+        ended (CANCELLED ParentFailed).
         """
 
     @abc.abstractmethod

@@ -25,6 +25,7 @@ from taskfleet.common.model import (
     QueueCounts,
     Schedule,
     Task,
+    TaskError,
     TaskSpec,
     TaskState,
 )
@@ -44,6 +45,15 @@ from taskfleet.master.store.base import (
     schedule_not_found,
     worker_lost_error,
 )
+from taskfleet.master.store.deps import (
+    check_parent,
+    check_size,
+    parent_failed_error,
+    resolve,
+    results_mode,
+    too_large,
+    with_results,
+)
 
 # (-priority, seq, task_id): the heap top is the next task to hand out.
 _ReadyEntry = tuple[int, int, str]
@@ -59,6 +69,7 @@ class _Slot:
     deadline: float = 0.0  # RUNNING: when the lease lapses
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
     attempt_base: int = 0  # attempts when RetryTask last gave a fresh budget
+    waiting: int = 0  # parents not yet SUCCEEDED; the task is in no heap meanwhile
 
 
 class MemoryStore(Store):
@@ -84,33 +95,135 @@ class MemoryStore(Store):
         # pruned ids leave holes that _compact_order closes now and then.
         self._order: list[str] = []
         self._order_seq: list[int] = []
+        # Waiting children of each unfinished parent, and the tasks that a call
+        # readied or cancelled through them (reported with the call's own).
+        self._children: dict[str, list[str]] = {}
+        self._settled: list[_Slot] = []
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
-        ids = []
         with self._lock:
-            for spec in specs:
-                known = self._by_key.get(spec.idempotency_key) if spec.idempotency_key else None
-                if known is not None:
-                    ids.append(known)
-                    continue
-                ids.append(self._insert(spec, now))
+            return self._submit(specs, now)
+
+    def _submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
+        """``submit`` under the lock (a fired schedule tick submits through it too)."""
+        ids, new = self._assign_ids(specs)
+        parents_of = resolve(specs, ids)
+        self._check_parents(specs, parents_of, ids, new)
+        for i, spec in enumerate(specs):
+            if not new[i]:
+                continue
+            spec = _own(spec, parents_of[i])
+            slot = _Slot(Task(ids[i], spec, created_at=now), next(self._seq))
+            self._slots[slot.task.id] = slot
+            self._order.append(slot.task.id)
+            self._order_seq.append(slot.seq)
+            if spec.idempotency_key:
+                self._by_key[spec.idempotency_key] = slot.task.id
+            counts = self._counts.get(spec.queue)
+            if counts is None:
+                counts = self._counts[spec.queue] = dict.fromkeys(TaskState, 0)
+            counts[TaskState.PENDING] += 1
+            self._wait_or_enqueue(slot, now)
         return ids
 
-    def _insert(self, spec: TaskSpec, now: float) -> str:
-        """Add a new PENDING task (under the lock); its id."""
-        spec = _own(spec)
-        slot = _Slot(Task(new_task_id(), spec, created_at=now), next(self._seq))
-        self._slots[slot.task.id] = slot
-        self._order.append(slot.task.id)
-        self._order_seq.append(slot.seq)
-        if spec.idempotency_key:
-            self._by_key[spec.idempotency_key] = slot.task.id
-        counts = self._counts.get(spec.queue)
-        if counts is None:
-            counts = self._counts[spec.queue] = dict.fromkeys(TaskState, 0)
-        counts[TaskState.PENDING] += 1
+    def _assign_ids(self, specs: Sequence[TaskSpec]) -> tuple[list[str], list[bool]]:
+        """Each spec's id, and whether it is new (not a known idempotency key)."""
+        ids: list[str] = []
+        new: list[bool] = []
+        seen: dict[str, str] = {}
+        for spec in specs:
+            key = spec.idempotency_key
+            known = (seen.get(key) or self._by_key.get(key)) if key else None
+            new.append(known is None)
+            ids.append(known or new_task_id())
+            if key:
+                seen[key] = ids[-1]
+        return ids, new
+
+    def _check_parents(
+        self,
+        specs: Sequence[TaskSpec],
+        parents_of: Sequence[Sequence[str]],
+        ids: Sequence[str],
+        new: Sequence[bool],
+    ) -> None:
+        """Refuse the batch before any of it is stored if a parent is unknown or
+        failed, or finished parents' results make a task too large."""
+        batch = {task_id for task_id, is_new in zip(ids, new, strict=True) if is_new}
+        for i, parents in enumerate(parents_of):
+            for j, parent in enumerate(parents if new[i] else ()):
+                if parent not in batch:
+                    slot = self._slots.get(parent)
+                    state = None if slot is None else slot.task.state
+                    check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
+            done = all(
+                p not in batch and self._slots[p].task.state is TaskState.SUCCEEDED for p in parents
+            )
+            if new[i] and parents and done and results_mode(specs[i]):
+                check_size(f"tasks[{i}]", self._with_results(specs[i], parents))
+
+    def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
+        results = [self._slots[p].task.result for p in parents]
+        return with_results(spec.payload, results, results_mode(spec))
+
+    def _wait_or_enqueue(self, slot: _Slot, now: float) -> None:
+        """Queue a new task, or make it wait for its unfinished parents."""
+        spec = slot.task.spec
+        parents = dict.fromkeys(spec.depends_on)
+        open_parents = [p for p in parents if self._slots[p].task.state is not TaskState.SUCCEEDED]
+        slot.waiting = len(open_parents)
+        for parent in open_parents:
+            self._children.setdefault(parent, []).append(slot.task.id)
+        if slot.waiting:
+            slot.delayed = True  # in no heap until its last parent succeeds
+        else:
+            self._ready_child(slot, now)
+
+    def _ready_child(self, slot: _Slot, now: float) -> TaskError | None:
+        """Queue a task whose parents all succeeded, with their results if it takes
+        them; the error instead when they make it too large (it is not queued)."""
+        spec = slot.task.spec
+        if results_mode(spec) and spec.depends_on:
+            payload = self._with_results(spec, spec.depends_on)
+            error = too_large(payload)
+            if error is not None:
+                return error
+            slot.task.spec = dataclasses.replace(spec, payload=payload)
         self._enqueue(slot, spec.not_before, now)
-        return slot.task.id
+        return None
+
+    def _settle(self, ended: _Slot, now: float) -> None:
+        """Ready the children whose last parent just succeeded, or cancel the
+        dependents of a parent that failed (transitively, without recursion)."""
+        work = [ended]
+        while work:
+            parent = work.pop().task
+            for child_id in self._children.pop(parent.id, ()):
+                child = self._slots.get(child_id)
+                if child is None or child.task.state is not TaskState.PENDING:
+                    continue
+                if parent.state is TaskState.SUCCEEDED:
+                    child.waiting -= 1
+                    if child.waiting:
+                        continue
+                    self._settled.append(child)
+                    error = self._ready_child(child, now)
+                    if error is None:
+                        continue
+                    end = TaskState.FAILED
+                else:
+                    self._settled.append(child)
+                    error = parent_failed_error(parent.id, parent.state)
+                    end = TaskState.CANCELLED
+                child.task.error = error
+                self._end(child, end, now)
+                work.append(child)
+
+    def _take_settled(self) -> list[Task]:
+        """The tasks this call readied or cancelled as dependents, as they are now."""
+        settled = [_copy(slot.task) for slot in dict.fromkeys(self._settled)]
+        self._settled.clear()
+        return settled
 
     def get(self, task_id: str) -> Task:
         with self._lock:
@@ -177,6 +290,7 @@ class MemoryStore(Store):
                     continue
                 self._apply(slot, outcome, now)
                 changed.append(_copy(slot.task))
+            changed += self._take_settled()
         return changed
 
     def retry(self, task_id: str, now: float) -> Task:
@@ -209,13 +323,13 @@ class MemoryStore(Store):
                 released += 1
         return released
 
-    def cancel(self, task_id: str, now: float) -> Task:
+    def cancel(self, task_id: str, now: float) -> list[Task]:
         with self._lock:
             slot = self._slot(task_id)
             if slot.task.state.is_final:
                 raise FailedPrecondition(f"task {task_id} is already {slot.task.state.name}")
             self._finish(slot, TaskState.CANCELLED, now)
-            return _copy(slot.task)
+            return [_copy(slot.task), *self._take_settled()]
 
     def expire(self, now: float) -> list[Task]:
         expired = []
@@ -231,6 +345,7 @@ class MemoryStore(Store):
                 if task.state is TaskState.RUNNING and current:
                     self._lose_lease(slot, now)
                     expired.append(_copy(task))
+            expired += self._take_settled()
         return expired
 
     def prune(self, now: float, limit: int) -> int:
@@ -433,6 +548,11 @@ class MemoryStore(Store):
                 self._enqueue(slot, now + delay_s, now)
 
     def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
+        self._end(slot, state, now)
+        if slot.task.id in self._children:
+            self._settle(slot, now)
+
+    def _end(self, slot: _Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)
         task = slot.task
         task.finished_at = now
@@ -443,7 +563,7 @@ class MemoryStore(Store):
     # -- schedules ---------------------------------------------------------------
 
     def add_schedule(self, schedule: Schedule) -> Schedule:
-        schedule = dataclasses.replace(schedule, id=new_task_id(), spec=_own(schedule.spec))
+        schedule = dataclasses.replace(schedule, id=new_task_id(), spec=_own(schedule.spec, ()))
         with self._lock:
             self._schedules[schedule.id] = schedule
         return schedule
@@ -491,7 +611,7 @@ class MemoryStore(Store):
             self._schedules[schedule_id] = dataclasses.replace(
                 schedule, next_fire=next_fire, last_fire=last_fire
             )
-            return None if fired is None else self._insert(fired.spec, now)
+            return None if fired is None else self._submit([fired.spec], now)[0]
 
     def _schedule(self, schedule_id: str) -> Schedule:
         schedule = self._schedules.get(schedule_id)
@@ -500,8 +620,9 @@ class MemoryStore(Store):
         return schedule
 
 
-def _own(spec: TaskSpec) -> TaskSpec:
-    """The spec with our own metadata dict, so the caller's later edits don't leak in."""
+def _own(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
+    """The spec with our own metadata dict, so the caller's later edits don't leak in,
+    and its parents as ids."""
     # Positional and explicit: dataclasses.replace costs several times more per task.
     return TaskSpec(
         spec.name,
@@ -516,6 +637,9 @@ def _own(spec: TaskSpec) -> TaskSpec:
         dict(spec.metadata),
         spec.result_ttl_s,
         spec.expires_at,
+        depends_on,
+        spec.pass_results,
+        spec.gather_results,
     )
 
 

@@ -33,7 +33,8 @@ LOST_BY_KEPT = 20  # worker ids a task remembers for its WorkerLost message
 COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
-    created_at, started_at, finished_at, lost_leases, expires_at, start_by"""
+    created_at, started_at, finished_at, lost_leases, expires_at, start_by,
+    depends_on, pass_results"""
 
 
 def spec_values(spec: TaskSpec) -> tuple[Any, ...]:
@@ -146,6 +147,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         lost_leases,
         expires_at,
         start_by,
+        depends_on,
+        pass_results,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -162,6 +165,9 @@ def task_from_row(row: Sequence[Any]) -> Task:
         json.loads(metadata) if metadata != "{}" else {},
         result_ttl_s,
         start_by,
+        tuple(json.loads(depends_on)) if depends_on != "[]" else (),
+        pass_results == 1,  # the mode of store/deps.py: 1 each, 2 as one list
+        pass_results == 2,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(
@@ -213,6 +219,7 @@ def schedule_from_row(row: Sequence[Any]) -> Schedule:
     schedule_id, spec_json, cron, interval_s, timezone, paused, missed, *times = row
     spec = json.loads(spec_json)
     spec["payload"] = base64.b64decode(spec["payload"])
+    spec["depends_on"] = tuple(spec.get("depends_on", ()))
     return Schedule(
         schedule_id,
         TaskSpec(**spec),

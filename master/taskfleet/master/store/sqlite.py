@@ -23,6 +23,7 @@ import fcntl
 import heapq
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -63,6 +64,7 @@ from taskfleet.master.store.base import (
     schedule_not_found,
     worker_lost_error,
 )
+from taskfleet.master.store.deps import SqlDeps
 from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
@@ -190,7 +192,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # TaskSpec.expires_at: the time a task must start by (0: none).
     3: ("ALTER TABLE tasks ADD COLUMN start_by REAL NOT NULL DEFAULT 0",),
+    # Dependencies (store/deps.py): a waiting task is delayed until ready_at = Inf.
     4: (
+        "ALTER TABLE tasks ADD COLUMN depends_on TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE tasks ADD COLUMN pass_results INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE task_deps (parent TEXT NOT NULL, child TEXT NOT NULL)",
+        "CREATE INDEX task_deps_parent ON task_deps (parent)",
+    ),
+    5: (
         # A schedule's spec is JSON (rows.schedule_row): it is read once per tick.
         """
         CREATE TABLE schedules (
@@ -211,6 +221,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 _SCHEMA_VERSION = max(_MIGRATIONS)
+_DEPS = SqlDeps("?", "")
 
 _INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
@@ -343,12 +354,14 @@ class SqliteStore(Store):
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         ids: list[str] = []
+        new: list[bool] = []
         rows = []
         with self._write() as db:
             seen: dict[str, str] = {}  # keys earlier in this batch, not yet inserted
             for spec in specs:
                 key = spec.idempotency_key
                 known = (seen.get(key) or _known_id(db, key)) if key else None
+                new.append(known is None)
                 if known is not None:
                     ids.append(known)
                     continue
@@ -358,6 +371,8 @@ class SqliteStore(Store):
                 rows.append(_task_row(task_id, spec, now))
                 ids.append(task_id)
             db.executemany(_INSERT, rows)
+            if any(spec.depends_on for spec in specs):
+                _DEPS.add(db, specs, ids, new, now)
         return ids
 
     def get(self, task_id: str) -> Task:
@@ -446,7 +461,14 @@ class SqliteStore(Store):
                 ).fetchone()
                 if row is not None:
                     changed.append(task_from_row(row))
+            changed += self._settle(db, changed, now)
         return changed
+
+    def _settle(self, db: sqlite3.Connection, changed: list[Task], now: float) -> list[Task]:
+        """The dependents of the tasks that just ended, readied or cancelled."""
+        ended = [(t.id, t.state) for t in changed if t.state.is_final]
+        expiry = default_expiry(self.policy, now)
+        return _DEPS.settle(db, ended, now, expiry, COLUMNS, task_from_row) if ended else []
 
     def retry(self, task_id: str, now: float) -> Task:
         with self._write() as db:
@@ -476,7 +498,7 @@ class SqliteStore(Store):
             )
             return released.rowcount
 
-    def cancel(self, task_id: str, now: float) -> Task:
+    def cancel(self, task_id: str, now: float) -> list[Task]:
         with self._write() as db:
             row = db.execute(
                 f"""UPDATE tasks SET state = {CANCELLED}, finished_at = ?, {_EXPIRES}
@@ -488,7 +510,8 @@ class SqliteStore(Store):
                 if state is None:
                     raise not_found(task_id)
                 raise FailedPrecondition(f"task {task_id} is already {TaskState(state[0]).name}")
-        return task_from_row(row)
+            task = task_from_row(row)
+            return [task, *self._settle(db, [task], now)]
 
     def expire(self, now: float) -> list[Task]:
         expired = []
@@ -521,6 +544,7 @@ class SqliteStore(Store):
                     (*params, seq),
                 ).fetchone()
                 expired.append(task_from_row(row))
+            expired += self._settle(db, expired, now)
         return expired
 
     def prune(self, now: float, limit: int) -> int:
@@ -558,7 +582,9 @@ class SqliteStore(Store):
             row = db.execute(
                 f"SELECT min(ready_at) FROM tasks WHERE {_DELAYED} AND ready_at > ?", (now,)
             ).fetchone()
-        return row[0]  # type: ignore[no-any-return]
+        # Tasks waiting for parents are delayed for ever (deps.WAITING_AT).
+        ready_at: float | None = row[0]
+        return None if ready_at is None or math.isinf(ready_at) else ready_at
 
     def stats(self) -> list[QueueCounts]:
         with self._read() as db:
