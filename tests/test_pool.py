@@ -114,10 +114,16 @@ def is_gone(pid: int) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def registered() -> None:
-    """Other tests may clear the registry; thread pools look pooltasks up in it."""
-    if "pooltasks.echo" not in REGISTRY:
-        importlib.reload(pooltasks)
+def registered() -> Iterator[None]:
+    """The registry holding pooltasks alone, as a worker started with
+    ``--tasks pooltasks`` has it (thread pools look tasks up in this process's
+    registry, which other test modules fill too); the rest is put back after."""
+    others = dict(REGISTRY)
+    REGISTRY.clear()
+    importlib.reload(pooltasks)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(others)
 
 
 @pytest.fixture
