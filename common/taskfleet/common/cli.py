@@ -43,7 +43,6 @@ from taskfleet.common.cli_submit import (
 )
 from taskfleet.common.client import Client, make_spec
 from taskfleet.common.config_flags import master_config, worker_config
-from taskfleet.common.context import setup_logging
 from taskfleet.common.errors import (
     ConfigError,
     InvalidArgument,
@@ -52,6 +51,7 @@ from taskfleet.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from taskfleet.common.logs import setup_logging
 from taskfleet.common.model import PendingName, Task, TaskState
 
 EXIT_TASK_FAILED = 1

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from taskfleet.common.context import bound_context, new_request_id
 from taskfleet.common.errors import InvalidArgument, TaskfleetError, status_for
+from taskfleet.common.logs import bound_context, new_request_id
 
 if TYPE_CHECKING:  # the stubs' generic does not exist at run time
     ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]

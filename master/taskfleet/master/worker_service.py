@@ -16,8 +16,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from taskfleet.common import convert
-from taskfleet.common.context import bound_context
 from taskfleet.common.errors import InvalidArgument, StoreUnavailable, StoreUnusable, Unavailable
+from taskfleet.common.logs import bound_context
 from taskfleet.common.model import Lease, LeaseRef, Outcome, TaskState, WorkerInfo
 from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.rpc import Context, streaming

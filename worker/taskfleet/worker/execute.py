@@ -26,8 +26,8 @@ from typing import Any
 from taskfleet.common import codec
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import LeaseRef, TaskError
-from taskfleet.worker.context import TaskContext, task_context
 from taskfleet.worker.registry import REGISTRY, Retry
+from taskfleet.worker.task_context import TaskContext, task_context
 
 _MAX_NAMES_LISTED = 20
 _loops = threading.local()

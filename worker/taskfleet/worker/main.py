@@ -6,8 +6,8 @@ import logging
 
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError
+from taskfleet.worker.master_transport import Worker
 from taskfleet.worker.registry import import_task_modules
-from taskfleet.worker.runtime import Worker
 
 log = logging.getLogger("taskfleet.worker")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 
-from taskfleet.common.context import bound_context, clipped
+from taskfleet.common.logs import bound_context, clipped
 from taskfleet.common.model import Outcome, TaskError, TaskState
 from taskfleet.common.result_limit import limit_outcome
 from taskfleet.worker.execute import Job, JobResult
