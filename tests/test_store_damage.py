@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskfleet.common.client import make_spec
 from taskfleet.common.errors import StoreUnusable
-from taskfleet.master.store.sqlite import FULL_CHECK_MAX_BYTES
+from taskfleet.master.store.sqlite_damage import FULL_CHECK_MAX_BYTES
 
 from procs import MasterProc, Proc, free_port, poll
 

@@ -14,7 +14,7 @@ import pytest
 from taskfleet.common.errors import InvalidArgument, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskSpec, TaskState
 from taskfleet.master.store import SqliteStore, Store, StorePolicy, TaskQuery, open_store
-from taskfleet.master.store.sqlite import _MIGRATIONS
+from taskfleet.master.store.sqlite_schema import MIGRATIONS
 
 from pg import store_url
 
@@ -265,7 +265,7 @@ def test_a_version_1_sqlite_file_is_migrated_and_keeps_its_tasks(tmp_path: Path)
     # Given a file written by the first schema, with a task in it
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path, isolation_level=None)
-    for statement in _MIGRATIONS[1]:
+    for statement in MIGRATIONS[1]:
         db.execute(statement)
     db.execute(
         """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
@@ -289,7 +289,7 @@ def test_a_version_1_sqlite_file_is_migrated_and_keeps_its_tasks(tmp_path: Path)
     finally:
         store.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == max(_MIGRATIONS)
+    assert version == max(MIGRATIONS)
 
 
 def test_a_stale_lease_ref_cannot_touch_a_pruned_task(open_with: OpenStore) -> None:

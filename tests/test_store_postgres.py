@@ -15,9 +15,9 @@ from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.model import Outcome, TaskSpec, TaskState
-from taskfleet.master.store import Store, open_store, redacted
-from taskfleet.master.store import postgres as postgres_store
-from taskfleet.master.store.postgres import SCHEMA_VERSION, PostgresStore
+from taskfleet.master.store import Store, open_store, postgres_sql, redacted
+from taskfleet.master.store.postgres import PostgresStore
+from taskfleet.master.store.postgres_schema import SCHEMA_VERSION
 
 import pg
 from procs import MasterProc, WorkerProc
@@ -192,7 +192,7 @@ def test_a_lease_by_names_reads_only_its_names_not_the_whole_queue() -> None:
             }
             with psycopg.connect(url) as conn:
                 [plan] = conn.execute(
-                    "EXPLAIN (FORMAT JSON) " + postgres_store._CLAIM_BY_NAME, params
+                    "EXPLAIN (FORMAT JSON) " + postgres_sql.CLAIM_BY_NAME, params
                 ).fetchone()
         finally:
             store.close()

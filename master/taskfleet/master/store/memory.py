@@ -4,13 +4,15 @@ Heaps use lazy deletion: a cancelled task, a renewed lease or a lease given
 back leaves its old heap entry in place, and the entry is dropped when it
 reaches the top and no longer matches the task. That keeps every operation
 O(log n) without searching a heap.
+
+The slot a task lives in is in memory_slots.py, dependency bookkeeping in
+memory_deps.py, schedules in memory_schedules.py.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import dataclasses
 import heapq
 import itertools
 import threading
@@ -25,14 +27,12 @@ from taskfleet.common.model import (
     QueueCounts,
     Schedule,
     Task,
-    TaskError,
     TaskSpec,
     TaskState,
 )
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
-    FiredTick,
     Store,
     StorePolicy,
     TaskPage,
@@ -42,37 +42,15 @@ from taskfleet.master.store.base import (
     new_task_id,
     not_found,
     retry_delay_s,
-    schedule_not_found,
     worker_lost_error,
 )
-from taskfleet.master.store.deps import (
-    check_parent,
-    check_size,
-    parent_failed_error,
-    resolve,
-    results_mode,
-    too_large,
-    with_results,
-)
-
-# (-priority, seq, task_id): the heap top is the next task to hand out.
-_ReadyEntry = tuple[int, int, str]
+from taskfleet.master.store.deps import resolve
+from taskfleet.master.store.memory_deps import MemoryDeps
+from taskfleet.master.store.memory_schedules import MemorySchedules
+from taskfleet.master.store.memory_slots import ReadyEntry, Slot, own_spec, snapshot
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _Slot:
-    """A task plus the scheduling facts the public model does not carry."""
-
-    task: Task
-    seq: int
-    delayed: bool = False  # PENDING but waiting in the delayed heap
-    deadline: float = 0.0  # RUNNING: when the lease lapses
-    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
-    attempt_base: int = 0  # attempts when RetryTask last gave a fresh budget
-    waiting: int = 0  # parents not yet SUCCEEDED; the task is in no heap meanwhile
-
-
-class MemoryStore(Store):
+class MemoryStore(MemoryDeps, MemorySchedules, Store):
     """Fast and volatile: a restart of the master loses every task."""
 
     # Each call holds the lock for microseconds and needs the GIL throughout: a
@@ -83,9 +61,9 @@ class MemoryStore(Store):
         self.policy = policy
         self._lock = threading.Lock()
         self._seq = itertools.count()
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         self._by_key: dict[str, str] = {}
-        self._ready: dict[str, dict[str, list[_ReadyEntry]]] = {}
+        self._ready: dict[str, dict[str, list[ReadyEntry]]] = {}
         self._delayed: list[tuple[float, int, str]] = []
         self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
         self._counts: dict[str, dict[TaskState, int]] = {}
@@ -98,7 +76,7 @@ class MemoryStore(Store):
         # Waiting children of each unfinished parent, and the tasks that a call
         # readied or cancelled through them (reported with the call's own).
         self._children: dict[str, list[str]] = {}
-        self._settled: list[_Slot] = []
+        self._settled: list[Slot] = []
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         with self._lock:
@@ -112,8 +90,8 @@ class MemoryStore(Store):
         for i, spec in enumerate(specs):
             if not new[i]:
                 continue
-            spec = _own(spec, parents_of[i])
-            slot = _Slot(Task(ids[i], spec, created_at=now), next(self._seq))
+            spec = own_spec(spec, parents_of[i])
+            slot = Slot(Task(ids[i], spec, created_at=now), next(self._seq))
             self._slots[slot.task.id] = slot
             self._order.append(slot.task.id)
             self._order_seq.append(slot.seq)
@@ -140,98 +118,13 @@ class MemoryStore(Store):
                 seen[key] = ids[-1]
         return ids, new
 
-    def _check_parents(
-        self,
-        specs: Sequence[TaskSpec],
-        parents_of: Sequence[Sequence[str]],
-        ids: Sequence[str],
-        new: Sequence[bool],
-    ) -> None:
-        """Refuse the batch before any of it is stored if a parent is unknown or
-        failed, or finished parents' results make a task too large."""
-        batch = {task_id for task_id, is_new in zip(ids, new, strict=True) if is_new}
-        for i, parents in enumerate(parents_of):
-            for j, parent in enumerate(parents if new[i] else ()):
-                if parent not in batch:
-                    slot = self._slots.get(parent)
-                    state = None if slot is None else slot.task.state
-                    check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
-            done = all(
-                p not in batch and self._slots[p].task.state is TaskState.SUCCEEDED for p in parents
-            )
-            if new[i] and parents and done and results_mode(specs[i]):
-                check_size(f"tasks[{i}]", self._with_results(specs[i], parents))
-
-    def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
-        results = [self._slots[p].task.result for p in parents]
-        return with_results(spec.payload, results, results_mode(spec))
-
-    def _wait_or_enqueue(self, slot: _Slot, now: float) -> None:
-        """Queue a new task, or make it wait for its unfinished parents."""
-        spec = slot.task.spec
-        parents = dict.fromkeys(spec.depends_on)
-        open_parents = [p for p in parents if self._slots[p].task.state is not TaskState.SUCCEEDED]
-        slot.waiting = len(open_parents)
-        for parent in open_parents:
-            self._children.setdefault(parent, []).append(slot.task.id)
-        if slot.waiting:
-            slot.delayed = True  # in no heap until its last parent succeeds
-        else:
-            self._ready_child(slot, now)
-
-    def _ready_child(self, slot: _Slot, now: float) -> TaskError | None:
-        """Queue a task whose parents all succeeded, with their results if it takes
-        them; the error instead when they make it too large (it is not queued)."""
-        spec = slot.task.spec
-        if results_mode(spec) and spec.depends_on:
-            payload = self._with_results(spec, spec.depends_on)
-            error = too_large(payload)
-            if error is not None:
-                return error
-            slot.task.spec = dataclasses.replace(spec, payload=payload)
-        self._enqueue(slot, spec.not_before, now)
-        return None
-
-    def _settle(self, ended: _Slot, now: float) -> None:
-        """Ready the children whose last parent just succeeded, or cancel the
-        dependents of a parent that failed (transitively, without recursion)."""
-        work = [ended]
-        while work:
-            parent = work.pop().task
-            for child_id in self._children.pop(parent.id, ()):
-                child = self._slots.get(child_id)
-                if child is None or child.task.state is not TaskState.PENDING:
-                    continue
-                if parent.state is TaskState.SUCCEEDED:
-                    child.waiting -= 1
-                    if child.waiting:
-                        continue
-                    self._settled.append(child)
-                    error = self._ready_child(child, now)
-                    if error is None:
-                        continue
-                    end = TaskState.FAILED
-                else:
-                    self._settled.append(child)
-                    error = parent_failed_error(parent.id, parent.state)
-                    end = TaskState.CANCELLED
-                child.task.error = error
-                self._end(child, end, now)
-                work.append(child)
-
-    def _take_settled(self) -> list[Task]:
-        """The tasks this call readied or cancelled as dependents, as they are now."""
-        settled = [_copy(slot.task) for slot in dict.fromkeys(self._settled)]
-        self._settled.clear()
-        return settled
-
     def get(self, task_id: str) -> Task:
         with self._lock:
-            return _copy(self._slot(task_id).task)
+            return snapshot(self._slot(task_id).task)
 
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         with self._lock:
-            return [_copy(self._slot(task_id).task) for task_id in task_ids]
+            return [snapshot(self._slot(task_id).task) for task_id in task_ids]
 
     def lease(
         self,
@@ -289,7 +182,7 @@ class MemoryStore(Store):
                 if slot is None:
                     continue
                 self._apply(slot, outcome, now)
-                changed.append(_copy(slot.task))
+                changed.append(snapshot(slot.task))
             changed += self._take_settled()
         return changed
 
@@ -308,7 +201,7 @@ class MemoryStore(Store):
             task.finished_at = task.expires_at = 0.0
             self._set_state(slot, TaskState.PENDING)
             self._enqueue(slot, now, now)
-            return _copy(task)
+            return snapshot(task)
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         released = 0
@@ -329,7 +222,7 @@ class MemoryStore(Store):
             if slot.task.state.is_final:
                 raise FailedPrecondition(f"task {task_id} is already {slot.task.state.name}")
             self._finish(slot, TaskState.CANCELLED, now)
-            return [_copy(slot.task), *self._take_settled()]
+            return [snapshot(slot.task), *self._take_settled()]
 
     def expire(self, now: float) -> list[Task]:
         expired = []
@@ -344,7 +237,7 @@ class MemoryStore(Store):
                 current = task.lease == lease and slot.deadline == deadline
                 if task.state is TaskState.RUNNING and current:
                     self._lose_lease(slot, now)
-                    expired.append(_copy(task))
+                    expired.append(snapshot(task))
             expired += self._take_settled()
         return expired
 
@@ -375,7 +268,7 @@ class MemoryStore(Store):
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
         with self._lock:
             found = list(itertools.islice(self._matching(query, query.states, cursor), limit + 1))
-            tasks = [_copy(slot.task) for slot in found[:limit]]
+            tasks = [snapshot(slot.task) for slot in found[:limit]]
         more = len(found) > limit
         return TaskPage(tasks, found[limit - 1].seq if more and limit else None)
 
@@ -400,7 +293,7 @@ class MemoryStore(Store):
 
     def _matching(
         self, query: TaskQuery, states: frozenset[TaskState], cursor: int | None
-    ) -> Iterator[_Slot]:
+    ) -> Iterator[Slot]:
         """Slots ``query`` matches (in ``states`` unless empty), newest first, older
         than ``cursor``."""
         end = len(self._order) if cursor is None else bisect.bisect_left(self._order_seq, cursor)
@@ -417,7 +310,7 @@ class MemoryStore(Store):
                 continue
             yield slot
 
-    def _delete(self, slot: _Slot) -> None:
+    def _delete(self, slot: Slot) -> None:
         task = slot.task
         del self._slots[task.id]
         if task.spec.idempotency_key and self._by_key.get(task.spec.idempotency_key) == task.id:
@@ -440,7 +333,7 @@ class MemoryStore(Store):
         self._order_seq = [seq for seq, _ in kept]
         self._order = [i for _, i in kept]
 
-    def _lose_lease(self, slot: _Slot, now: float) -> None:
+    def _lose_lease(self, slot: Slot, now: float) -> None:
         """A lease lapsed: put the task back, or end it once it has lost too many."""
         task = slot.task
         slot.lost_by.append(task.worker_id)
@@ -452,26 +345,26 @@ class MemoryStore(Store):
         self._set_state(slot, TaskState.PENDING)
         self._enqueue(slot, now, now)
 
-    def _slot(self, task_id: str) -> _Slot:
+    def _slot(self, task_id: str) -> Slot:
         slot = self._slots.get(task_id)
         if slot is None:
             raise not_found(task_id)
         return slot
 
-    def _valid(self, ref: LeaseRef) -> _Slot | None:
+    def _valid(self, ref: LeaseRef) -> Slot | None:
         """The slot ``ref`` fences, or None when the ref is stale."""
         slot = self._slots.get(ref.task_id)
         if slot is None or slot.task.state is not TaskState.RUNNING:
             return None
         return slot if slot.task.lease == ref.lease else None
 
-    def _set_state(self, slot: _Slot, state: TaskState) -> None:
+    def _set_state(self, slot: Slot, state: TaskState) -> None:
         counts = self._counts[slot.task.spec.queue]
         counts[slot.task.state] -= 1
         counts[state] += 1
         slot.task.state = state
 
-    def _enqueue(self, slot: _Slot, ready_at: float, now: float) -> None:
+    def _enqueue(self, slot: Slot, ready_at: float, now: float) -> None:
         """Put a PENDING task where ``lease`` finds it, or aside until ``ready_at``."""
         slot.delayed = ready_at > now
         if slot.delayed:
@@ -496,7 +389,7 @@ class MemoryStore(Store):
 
     def _heaps(
         self, queues: Collection[str], names: Collection[str] | None
-    ) -> Iterator[list[_ReadyEntry]]:
+    ) -> Iterator[list[ReadyEntry]]:
         # dict.fromkeys drops repeated queues or names, which would visit one heap twice.
         for queue in dict.fromkeys(queues):
             by_name = self._ready.get(queue, {})
@@ -507,7 +400,7 @@ class MemoryStore(Store):
                 if name in by_name:
                     yield by_name[name]
 
-    def _drop_stale(self, heap: list[_ReadyEntry]) -> None:
+    def _drop_stale(self, heap: list[ReadyEntry]) -> None:
         # A ready entry outlives its task only when the task was cancelled (and maybe
         # pruned since).
         while heap:
@@ -516,7 +409,7 @@ class MemoryStore(Store):
                 return
             heapq.heappop(heap)
 
-    def _start(self, slot: _Slot, worker_id: str, lease_s: float, now: float) -> Lease:
+    def _start(self, slot: Slot, worker_id: str, lease_s: float, now: float) -> Lease:
         task = slot.task
         self._set_state(slot, TaskState.RUNNING)
         task.attempts += 1
@@ -525,9 +418,9 @@ class MemoryStore(Store):
         task.started_at = now
         slot.deadline = now + lease_s
         heapq.heappush(self._running, (slot.deadline, slot.seq, task.id, task.lease))
-        return Lease(_copy(task), slot.deadline)
+        return Lease(snapshot(task), slot.deadline)
 
-    def _apply(self, slot: _Slot, outcome: Outcome, now: float) -> None:
+    def _apply(self, slot: Slot, outcome: Outcome, now: float) -> None:
         task = slot.task
         if outcome.state is TaskState.SUCCEEDED:
             task.result = outcome.result
@@ -547,121 +440,18 @@ class MemoryStore(Store):
                 self._set_state(slot, TaskState.PENDING)
                 self._enqueue(slot, now + delay_s, now)
 
-    def _finish(self, slot: _Slot, state: TaskState, now: float) -> None:
+    def _finish(self, slot: Slot, state: TaskState, now: float) -> None:
         self._end(slot, state, now)
         if slot.task.id in self._children:
             self._settle(slot, now)
 
-    def _end(self, slot: _Slot, state: TaskState, now: float) -> None:
+    def _end(self, slot: Slot, state: TaskState, now: float) -> None:
         self._set_state(slot, state)
         task = slot.task
         task.finished_at = now
         task.expires_at = expires_at(task.spec, now, self.policy)
         if task.expires_at:
             heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
-
-    # -- schedules ---------------------------------------------------------------
-
-    def add_schedule(self, schedule: Schedule) -> Schedule:
-        schedule = dataclasses.replace(schedule, id=new_task_id(), spec=_own(schedule.spec, ()))
-        with self._lock:
-            self._schedules[schedule.id] = schedule
-        return schedule
-
-    def get_schedule(self, schedule_id: str) -> Schedule:
-        with self._lock:
-            return self._schedule(schedule_id)
-
-    def list_schedules(self) -> list[Schedule]:
-        with self._lock:
-            return list(self._schedules.values())
-
-    def delete_schedule(self, schedule_id: str) -> None:
-        with self._lock:
-            self._schedule(schedule_id)
-            del self._schedules[schedule_id]
-
-    def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
-        with self._lock:
-            schedule = dataclasses.replace(
-                self._schedule(schedule_id), paused=paused, next_fire=next_fire
-            )
-            self._schedules[schedule_id] = schedule
-            return schedule
-
-    def due_schedules(self, now: float, limit: int) -> list[Schedule]:
-        with self._lock:
-            due = [s for s in self._schedules.values() if not s.paused and s.next_fire <= now]
-        return sorted(due, key=lambda s: s.next_fire)[:limit]
-
-    def next_schedule_fire(self) -> float | None:
-        with self._lock:
-            return min(
-                (s.next_fire for s in self._schedules.values() if not s.paused), default=None
-            )
-
-    def fire_schedule(
-        self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
-    ) -> str | None:
-        with self._lock:
-            schedule = self._schedules.get(schedule_id)
-            if schedule is None or schedule.paused or schedule.next_fire != due:
-                return None
-            last_fire = schedule.last_fire if fired is None else fired.tick
-            self._schedules[schedule_id] = dataclasses.replace(
-                schedule, next_fire=next_fire, last_fire=last_fire
-            )
-            return None if fired is None else self._submit([fired.spec], now)[0]
-
-    def _schedule(self, schedule_id: str) -> Schedule:
-        schedule = self._schedules.get(schedule_id)
-        if schedule is None:
-            raise schedule_not_found(schedule_id)
-        return schedule
-
-
-def _own(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
-    """The spec with our own metadata dict, so the caller's later edits don't leak in,
-    and its parents as ids."""
-    # Positional and explicit: dataclasses.replace costs several times more per task.
-    return TaskSpec(
-        spec.name,
-        spec.queue,
-        spec.payload,
-        spec.content_type,
-        spec.priority,
-        spec.max_attempts,
-        spec.timeout_s,
-        spec.not_before,
-        spec.idempotency_key,
-        dict(spec.metadata),
-        spec.result_ttl_s,
-        spec.expires_at,
-        depends_on,
-        spec.pass_results,
-        spec.gather_results,
-    )
-
-
-def _copy(task: Task) -> Task:
-    """A snapshot for the caller: the store's own Task keeps changing under the lock."""
-    # The spec is frozen and never replaced, so the snapshot can share it.
-    return Task(
-        task.id,
-        task.spec,
-        task.state,
-        task.attempts,
-        task.lease,
-        task.result,
-        task.result_content_type,
-        task.error,
-        task.worker_id,
-        task.created_at,
-        task.started_at,
-        task.finished_at,
-        task.lost_leases,
-        task.expires_at,
-    )
 
 
 def _check_outcomes(outcomes: Sequence[Outcome]) -> None:

@@ -1,0 +1,105 @@
+"""The SQLite store's statements shared by several methods, and the SET clause
+that applies an outcome to its task's row."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.master.store.deps import SqlDeps
+from taskfleet.master.store.rows import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    spec_values,
+)
+from taskfleet.master.store.sqlite_schema import READY
+
+DEPS = SqlDeps("?", "")
+
+INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
+    timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
+    created_at, start_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+# A finished task's deletion time: its own TTL, else the policy's (passed in as
+# the second parameter, already added to now; 0 for never).
+EXPIRES = "expires_at = CASE WHEN result_ttl_s > 0 THEN ? + result_ttl_s ELSE ? END"
+
+# INDEXED BY makes a plan that cannot use the intended index an error, not a table scan.
+CANDIDATES_BY_NAME = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready_by_name
+    WHERE {READY} AND queue = ? AND name = ? ORDER BY priority DESC, seq LIMIT ?"""
+CANDIDATES_BY_QUEUE = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready_by_queue
+    WHERE {READY} AND queue = ? ORDER BY priority DESC, seq LIMIT ?"""
+
+# The WHERE clause that fences an outcome or a release: the lease must be current.
+FENCE = f"id = ? AND state = {RUNNING} AND lease = ?"
+
+
+def task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
+    """The values of ``INSERT`` for a new task."""
+    ready_at = max(spec.not_before, now)
+    return (
+        task_id,
+        *spec_values(spec),
+        PENDING,
+        int(ready_at <= now),
+        ready_at,
+        now,
+        spec.expires_at,
+    )
+
+
+def known_id(db: sqlite3.Connection, key: str) -> str | None:
+    # The literal `!= ''` term lets SQLite use the partial unique index.
+    row = db.execute(
+        "SELECT id FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''", (key,)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def outcome_update(
+    outcome: Outcome, now: float, expiry: tuple[float, float], delay_s: float | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The SET clause and its parameters that apply ``outcome`` to its task's row;
+    ``expiry`` holds the parameters of ``EXPIRES``; a FAILED outcome runs again
+    after ``delay_s`` unless it is None."""
+    if outcome.state is TaskState.SUCCEEDED:
+        return (
+            f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
+            error_message = NULL, error_traceback = NULL, finished_at = ?, {EXPIRES}""",
+            (outcome.result, outcome.result_content_type, now, *expiry),
+        )
+    if outcome.state is TaskState.CANCELLED:
+        error = outcome.error
+        if error is None:
+            return f"state = {CANCELLED}, finished_at = ?, {EXPIRES}", (now, *expiry)
+        return (  # with why, as when it expired unstarted
+            f"""state = {CANCELLED}, error_type = ?, error_message = ?, error_traceback = ?,
+            finished_at = ?, {EXPIRES}""",
+            (error.type, error.message, error.traceback, now, *expiry),
+        )
+    if outcome.state is not TaskState.FAILED:
+        # Raised inside the transaction, so the whole batch rolls back.
+        raise InvalidArgument(
+            f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
+            f"or CANCELLED, not {outcome.state.name}"
+        )
+    error = outcome.error
+    error_params = (
+        (None, None, None) if error is None else (error.type, error.message, error.traceback)
+    )
+    error_set = "error_type = ?, error_message = ?, error_traceback = ?"
+    if delay_s is None:
+        return (
+            f"state = {FAILED}, {error_set}, finished_at = ?, {EXPIRES}",
+            (*error_params, now, *expiry),
+        )
+    ready_at = now + delay_s
+    return (
+        f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
+        (int(ready_at <= now), ready_at, *error_params),
+    )
