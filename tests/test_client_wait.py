@@ -145,7 +145,7 @@ def test_a_master_that_stays_away_is_unavailable_not_a_short_answer(
     # Given a wait whose stream is open, with a deadline of 3 s or none (then it
     # resumes for RESUME_WAIT_S, shortened here to 3 s)
     if deadline_s is None:
-        monkeypatch.setattr("taskfleet.common.client.RESUME_WAIT_S", 3.0)
+        monkeypatch.setattr("taskfleet.common.waits.RESUME_WAIT_S", 3.0)
     with durable_master.client() as client:
         done, pending = one_final_one_pending(client, queue_name)
         waiter = Waiter(lambda: client.wait([done, pending], timeout_s=deadline_s))

@@ -25,33 +25,29 @@ from taskfleet.common import convert
 from taskfleet.common.addresses import AddressRing, parse_address_list
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.batching import cut, spec_bytes
+from taskfleet.common.calls import make_spec, task_result
 from taskfleet.common.channel import CHANNEL_OPTIONS
-from taskfleet.common.client import (
-    CALL_TIMEOUT_S,
-    RESUME_WAIT_S,
-    RETRY_UNAVAILABLE_S,
-    SUBMIT_BATCH,
-    WAIT_CHUNK,
-    make_spec,
-    never_sent,
-    take_final,
-    task_result,
-)
+from taskfleet.common.client import CALL_TIMEOUT_S, SUBMIT_BATCH, never_sent
 from taskfleet.common.config import DEFAULT_MASTER
 from taskfleet.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from taskfleet.common.handle import TaskSnapshot, snapshot
 from taskfleet.common.mapping import Named, aimap
 from taskfleet.common.model import Stats, Task, TaskSpec
 from taskfleet.common.tls import ClientTls, client_tls
+from taskfleet.common.waits import (
+    RESUMABLE,
+    RETRY_UNAVAILABLE_S,
+    WAIT_CHUNK,
+    Resumption,
+    take_final,
+    wait_request,
+)
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 R = TypeVar("R")
-_RESUMABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
-)
 
 
 class AsyncClient:
@@ -74,6 +70,8 @@ class AsyncClient:
         self._channel = _open(self._address, self._tls)
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._retired: set[asyncio.Task[None]] = set()
+        # Whether a master has answered: a wait then resumes for longer (Client's rule).
+        self._reached = False
 
     def _move_on(self, address: str) -> None:
         """After a call to ``address`` found it unavailable: the next calls go to the
@@ -160,7 +158,7 @@ class AsyncClient:
                 if not task_id and never_sent(exc):  # nothing submitted: submit elsewhere
                     (task_id,) = await self.submit_many([spec])
                     return await self.result(task_id, _left(deadline))
-            if not task_id or exc.code() not in _RESUMABLE:
+            if not task_id or exc.code() not in RESUMABLE:
                 raise from_rpc_error(exc) from None
         if task_id and (deadline is None or time.monotonic() < deadline):
             return await self.result(task_id, _left(deadline))
@@ -208,38 +206,27 @@ class AsyncClient:
 
     async def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> AsyncIterator[Task]:
         waiting = dict.fromkeys(task_ids)
-        outage_started: float | None = None
-        attempt = 0
+        resumption = Resumption(deadline)
         while waiting:
-            request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
-            if deadline is not None:
-                request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
+            request = wait_request(waiting, deadline)
             try:
                 address, stub = self._address, self._stub
                 async for batch in stub.WaitTasksBatched(request, metadata=self._metadata):
-                    outage_started, attempt = None, 0
+                    resumption.heard()
+                    self._reached = True
                     for task in take_final(batch, waiting):
                         yield task
                 if not waiting or (deadline is not None and time.monotonic() >= deadline):
                     return
                 cause = "the master ended the wait early"
             except grpc.RpcError as exc:
-                if exc.code() not in _RESUMABLE:
+                if exc.code() not in RESUMABLE:
                     raise from_rpc_error(exc) from None
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self._move_on(address)
                 cause = str(from_rpc_error(exc))
-            now = time.monotonic()
-            outage_started = outage_started or now
-            give_up = outage_started + RESUME_WAIT_S
-            if deadline is not None:
-                give_up = min(give_up, deadline)
-            if now >= give_up:
-                raise Unavailable(
-                    f"lost the master while waiting for {len(waiting)} task(s): {cause}"
-                )
-            attempt += 1
-            await asyncio.sleep(min(backoff_s(attempt, base_s=0.1, cap_s=2.0), give_up - now))
+                self._reached |= not never_sent(exc)
+            await asyncio.sleep(resumption.pause_s(cause, len(waiting), reached=self._reached))
 
     async def _call(self, method: str, request: Any, *, repeatable: bool = True) -> Any:
         """The unary call ``method`` on the current master; on UNAVAILABLE the next

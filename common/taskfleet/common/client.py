@@ -47,28 +47,19 @@ from taskfleet.common.model import (
     TaskState,
 )
 from taskfleet.common.tls import client_tls
+from taskfleet.common.waits import (
+    RESUMABLE,
+    RETRY_UNAVAILABLE_S,
+    WAIT_CHUNK,
+    Resumption,
+    take_final,
+    wait_request,
+)
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 T = TypeVar("T")
 SUBMIT_BATCH = 1_000
 CALL_TIMEOUT_S = 30.0
-# The master refuses a wait for more ids than this in one call (WaitTasks and
-# WaitTasksBatched), so ``wait`` asks in chunks of this size.
-WAIT_CHUNK = 100_000
-# How long ``wait`` keeps resuming while a master it has reached before is
-# unreachable (a restart), within the wait's own deadline, before it raises
-# Unavailable. A master never reached gets RETRY_UNAVAILABLE_S, as other calls do.
-RESUME_WAIT_S = 30.0
-# What a wait stream ends with when the master stops or restarts, or the
-# connection drops: the wait is asked again rather than reported short.
-_RESUMABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
-)
-# How long a call is retried on UNAVAILABLE. By time, not by count: after a
-# failed connect gRPC waits about 1 s (then 1.6 s, ...) before it dials again,
-# and fails calls at once meanwhile, so a few quick retries would all fail
-# before the channel even tried to reconnect.
-RETRY_UNAVAILABLE_S = 5.0
 
 
 class _TryNext(Exception):
@@ -235,24 +226,20 @@ class Client:
     def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> Iterator[Task]:
         """Wait for at most WAIT_CHUNK tasks, resuming after a lost stream."""
         waiting = dict.fromkeys(task_ids)  # ordered, for the request
-        outage_started: float | None = None
-        attempt = 0
+        resumption = Resumption(deadline)
         while waiting:
-            request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
-            if deadline is not None:
-                # Past the deadline, a zero timeout still reports the tasks final by then.
-                request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
             with self._channel.use() as link:
-                stream = link.stub.WaitTasksBatched(request)
+                stream = link.stub.WaitTasksBatched(wait_request(waiting, deadline))
                 try:
                     for batch in stream:
-                        outage_started, attempt, self._reached = None, 0, True
+                        resumption.heard()
+                        self._reached = True
                         yield from take_final(batch, waiting)
                     if not waiting or (deadline is not None and time.monotonic() >= deadline):
                         return  # all final, or the master's timeout (it starts after ours)
                     cause, self._reached = "the master ended the wait early", True
                 except grpc.RpcError as exc:
-                    if exc.code() not in _RESUMABLE:
+                    if exc.code() not in RESUMABLE:
                         raise from_rpc_error(exc) from None
                     cause = str(from_rpc_error(exc))
                     self._reached |= not never_sent(exc)
@@ -260,20 +247,7 @@ class Client:
                     stream.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
                 # Stopping or gone: the wait resumes on the next master, if there is one.
                 self._channel.move_on(link)
-            now = time.monotonic()
-            outage_started = outage_started or now
-            give_up = outage_started + (RESUME_WAIT_S if self._reached else RETRY_UNAVAILABLE_S)
-            if deadline is not None:
-                give_up = min(give_up, deadline)
-            if now >= give_up:
-                if not self._reached:
-                    raise Unavailable(cause)
-                raise Unavailable(
-                    f"lost the master while waiting for {len(waiting)} task(s) and it did not "
-                    f"come back within {now - outage_started:.1f} s: {cause}"
-                )
-            attempt += 1
-            time.sleep(min(backoff_s(attempt, base_s=0.1, cap_s=2.0), give_up - now))
+            time.sleep(resumption.pause_s(cause, len(waiting), reached=self._reached))
 
     def result(self, task_id: str, timeout_s: float | None = None) -> Any:
         """Wait for one task and return its decoded result.
@@ -334,7 +308,7 @@ class Client:
                 for pb in response.tasks:
                     return task_id, convert.task_from_proto(pb)
         except grpc.RpcError as exc:
-            if not task_id or exc.code() not in _RESUMABLE:
+            if not task_id or exc.code() not in RESUMABLE:
                 raise
             self._channel.move_on(link)  # the wait resumes on the next master
         if not task_id:
@@ -481,15 +455,3 @@ class Client:
             return _retry_unavailable()(once)
         except _TryNext as exc:
             raise exc.error from None
-
-
-def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Task]:
-    """The tasks of a wait's ``batch`` that are still in ``waiting``, taken off it:
-    a wait asked again after a lost stream hears again of tasks it had."""
-    final = []
-    for pb in batch.tasks:
-        task = convert.task_from_proto(pb)
-        if task.id in waiting:
-            del waiting[task.id]
-            final.append(task)
-    return final
