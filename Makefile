@@ -30,11 +30,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Where run-master listens and run-worker connects: `make run-worker MASTER=host:6000`,
+# or TASKFLEET_MASTER (and TASKFLEET_LISTEN for the master) in the environment.
+MASTER ?= $(or $(TASKFLEET_MASTER),127.0.0.1:50051)
+LISTEN ?= $(or $(TASKFLEET_LISTEN),$(MASTER))
+
 run-master: install
-	$(BIN)/taskfleet master
+	$(BIN)/taskfleet master --listen $(LISTEN)
 
 run-worker: install
-	$(BIN)/taskfleet worker --master 127.0.0.1:50051 --tasks taskfleet.worker.examples
+	$(BIN)/taskfleet worker --master $(MASTER) --tasks taskfleet.worker.examples
 
 # Debian packages the tests use: iproute2's `ip` (master and workers in network
 # namespaces), node/npm (the Node.js example), PostgreSQL (the tests start a
