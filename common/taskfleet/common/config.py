@@ -7,7 +7,7 @@ They are filled from flags and ``TASKFLEET_*`` environment variables by
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from taskfleet.common.store_urls import redacted
 from taskfleet.common.tls import ClientTls, ServerTls
@@ -50,6 +50,8 @@ class MasterConfig:
     # Open streaming calls (WaitTasks, WaitTasksBatched, SubmitAndWait and worker
     # streams together) beyond this get RESOURCE_EXHAUSTED; unary calls never do.
     max_streams: int = 10_000
+    # Task name -> tasks per second it is leased at most, across all masters.
+    rate_limits: dict[str, float] = field(default_factory=dict)
     metrics_listen: str = ""  # HOST:PORT serving Prometheus /metrics; off while ""
     # HOST:PORT serving the web dashboard, its JSON API and /metrics; off while "".
     http_listen: str = ""

@@ -18,6 +18,7 @@ from taskfleet.common.flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    rate_limit,
     utf8_text,
 )
 from taskfleet.common.tls import client_tls, server_tls
@@ -91,6 +92,14 @@ def add_master_flags(parser: EnvDefaultsParser) -> None:
         help="masters sharing a PostgreSQL store poll instead of LISTEN/NOTIFY "
         "(PgBouncer in transaction mode)",
     )
+    parser.add_flag(
+        "--rate-limit",
+        action="append",
+        type=rate_limit,
+        metavar="NAME=N/s",
+        help="lease tasks of NAME at most N per second (or /m, /h) across all workers "
+        "and masters (repeatable)",
+    )
     _add_metrics_flag(parser)
     parser.add_flag(
         "--http-listen",
@@ -119,6 +128,9 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
     _check_exposure(args, "--listen", listen, tls is not None)
     if args.worker_token and args.worker_token == args.token:
         raise ConfigError("--worker-token: must differ from --token, or there is no point")
+    rate_limits = dict(args.rate_limit)
+    if len(rate_limits) < len(args.rate_limit):
+        raise ConfigError("--rate-limit: each task name may be limited once")
     return MasterConfig(
         listen=listen,
         store=args.store,
@@ -135,6 +147,7 @@ def master_config(args: argparse.Namespace) -> MasterConfig:
         max_lost_leases=args.max_lost_leases,
         max_streams=args.max_streams,
         poll_only=args.poll_only,
+        rate_limits=rate_limits,
         metrics_listen=_metrics_listen(args, listen),
         **_dashboard_settings(args, listen, tls is not None),
         insecure=args.insecure,

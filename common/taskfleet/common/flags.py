@@ -161,5 +161,25 @@ def item_bytes(text: str) -> int:
     return value
 
 
+_PER_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_limit(text: str) -> tuple[str, float]:
+    """``NAME=N/s`` (or ``/m``, ``/h``; a bare N is per second): a task name and
+    the tasks per second it may be leased at, above 0."""
+    name, sep, rate = text.rpartition("=")
+    count, _, unit = rate.strip().partition("/")
+    per = _PER_S.get(unit.strip() or "s")
+    try:
+        number = float(count)
+    except ValueError:
+        number = math.nan
+    if not sep or not name.strip() or per is None or not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"want NAME=N/s, NAME=N/m or NAME=N/h with N above 0, got {text!r}"
+        )
+    return utf8_text(name.strip()), number / per
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())

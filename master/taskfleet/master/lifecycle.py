@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
 from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
 from taskfleet.master import schedules
+from taskfleet.master.ratelimit import MAX_PENDING_NAMES, RateLimiter
 from taskfleet.master.store.base import FINAL_STATES, FiredTick, Store, TaskQuery
 from taskfleet.master.store.deps import ended_by_parents
 from taskfleet.master.validation import validate_specs
@@ -78,10 +79,12 @@ class Lifecycle:
         *,
         max_payload_bytes: int,
         listeners: Sequence[LifecycleListener] = (),
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.store = store
         self.max_payload_bytes = max_payload_bytes
         self._listeners = list(listeners)
+        self.limiter = limiter  # --rate-limit; see ratelimit.py
 
     def add_listener(self, listener: LifecycleListener) -> None:
         self._listeners.append(listener)
@@ -163,9 +166,18 @@ class Lifecycle:
     ) -> list[Lease]:
         """Up to ``limit`` ready tasks for the worker. A task past the time it had to
         start by (``TaskSpec.expires_at``) is not handed out: it ends CANCELLED
-        with error type Expired, and the worker's slot goes to the next task."""
+        with error type Expired, and the worker's slot goes to the next task.
+        Tasks of a rate-limited name beyond its tokens go back to PENDING at once."""
         now = time.time()
+        if self.limiter is not None:
+            names = self.limiter.open_names(names, self._pending_names)
+            if names is not None and not names:
+                return []
         leases = self.store.lease(worker_id, queues, names, limit, lease_s, now)
+        if self.limiter is not None and leases:
+            leases, excess = self.limiter.admit(leases)
+            if excess:
+                self.store.release(excess, now)
         if not any(0 < lease.task.spec.expires_at <= now for lease in leases):
             return leases
         expired = [lease for lease in leases if 0 < lease.task.spec.expires_at <= now]
@@ -240,6 +252,9 @@ class Lifecycle:
         if total:
             self._emit("pruned", total)
         return total
+
+    def _pending_names(self) -> set[str]:
+        return {p.name for p in self.store.pending_names(MAX_PENDING_NAMES)}
 
     def _work_available(self, specs: Sequence[TaskSpec]) -> None:
         self._emit("work_available", {s.queue for s in specs}, {s.name for s in specs}, len(specs))

@@ -22,6 +22,7 @@ from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import Lifecycle
 from taskfleet.master.loop import LoopBridge
 from taskfleet.master.metrics import MasterMetrics
+from taskfleet.master.ratelimit import LocalBuckets, RateLimiter
 from taskfleet.master.scheduler import Scheduler
 from taskfleet.master.sessions import Sessions
 from taskfleet.master.store.base import Store
@@ -86,6 +87,9 @@ class MasterRuntime:
             self.store,
             max_payload_bytes=self.config.max_payload_bytes,
             listeners=listeners if self.cluster is None else [*listeners, self.cluster],
+            limiter=RateLimiter(self.config.rate_limits, bus or LocalBuckets())
+            if self.config.rate_limits
+            else None,
         )
         self.scheduler = Scheduler(self.lifecycle, self.bridge)
 

@@ -371,3 +371,7 @@ class Bus(Protocol):
 
     def finished(self, task_ids: Sequence[str]) -> list[Task]:
         """Those of ``task_ids`` that are final (unknown ids are left out)."""
+
+    def take_tokens(self, key: str, want: int, rate_per_s: float, burst: float) -> int:
+        """Take up to ``want`` tokens of the shared bucket ``key``, atomically; see
+        ratelimit.Buckets."""

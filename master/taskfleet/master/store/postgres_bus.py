@@ -54,6 +54,32 @@ MIGRATION = (
     """,
 )
 
+# --rate-limit (ratelimit.py): one token bucket per task name, shared by all masters.
+RATE_MIGRATION = (
+    """
+    CREATE TABLE rate_buckets (
+        key text PRIMARY KEY,
+        tokens double precision NOT NULL,
+        taken integer NOT NULL,
+        at timestamptz NOT NULL
+    )
+    """,
+)
+
+# The bucket's tokens refilled for the time since its last take (by the database's
+# clock, so masters need not agree on the time), at most the burst.
+_AVAILABLE = "LEAST(%(burst)s, b.tokens + %(rate)s * GREATEST(0, extract(epoch FROM now() - b.at)))"
+_TAKE_TOKENS = f"""
+    INSERT INTO rate_buckets AS b (key, tokens, taken, at)
+    VALUES (%(key)s, %(burst)s - LEAST(%(want)s, floor(%(burst)s)),
+            LEAST(%(want)s, floor(%(burst)s)), now())
+    ON CONFLICT (key) DO UPDATE SET
+        tokens = {_AVAILABLE} - LEAST(%(want)s, floor({_AVAILABLE})),
+        taken = LEAST(%(want)s, floor({_AVAILABLE})),
+        at = GREATEST(b.at, now())
+    RETURNING taken
+"""
+
 _MASTER_COLUMNS = "master_id, hostname, pid, listen, started_at, seen_at"
 
 # The store's way of running statements: (work on a connection, in one transaction?).
@@ -68,6 +94,17 @@ class PostgresBus:
     def __init__(self, run: Run, dsn: str) -> None:
         self._run = run
         self._dsn = dsn
+
+    def take_tokens(self, key: str, want: int, rate_per_s: float, burst: float) -> int:
+        """One statement: PostgreSQL locks the row, and a take that waited for
+        another computes its SET from the row that one left."""
+        params = {"key": key, "want": want, "rate": rate_per_s, "burst": burst}
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(_TAKE_TOKENS, params).fetchone()
+            return int(row[0]) if row else 0
+
+        return int(self._run(work, True))
 
     def beat(
         self, me: MasterInfo, workers: Sequence[WorkerInfo], forget_after_s: float

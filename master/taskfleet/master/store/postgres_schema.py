@@ -144,6 +144,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """,
         "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
+    6: postgres_bus.RATE_MIGRATION,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
