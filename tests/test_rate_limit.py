@@ -8,6 +8,8 @@ asserts how fast anything runs.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +17,8 @@ import pytest
 from taskfleet.common.client import make_spec
 from taskfleet.common.model import TaskState
 from taskfleet.master.ratelimit import LocalBuckets, burst_of
+from taskfleet.master.store import open_store
+from taskfleet.master.store.base import Bus
 
 import pg
 from procs import MasterProc, WorkerProc
@@ -89,3 +93,29 @@ def test_a_bad_rate_limit_is_refused_naming_the_flag(value: str) -> None:
 def test_a_name_limited_twice_is_refused() -> None:
     proc = run("master", "--store", "memory", "--rate-limit", "a=1/s", "--rate-limit", "a=2/m")
     refused(proc, "--rate-limit", code=2)
+
+
+def test_takes_from_the_shared_bucket_are_atomic() -> None:
+    """Eight threads on two stores (two connection pools, as two masters have)
+    take one token at a time from a row refilled at 1/s: together they get the
+    burst plus the few refilled meanwhile, never a token twice."""
+    with pg.database() as db:
+        stores = [open_store(db) for _ in range(2)]
+        buses = [bus for store in stores if (bus := store.bus()) is not None]
+        taken: list[int] = []
+
+        def take(bus: Bus) -> None:
+            for _ in range(40):
+                taken.append(bus.take_tokens("k", 1, 1.0, 50.0))
+
+        threads = [threading.Thread(target=take, args=(buses[i % 2],)) for i in range(8)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        elapsed_s = time.monotonic() - started
+        for store in stores:
+            store.close()
+    assert len(taken) == 320
+    assert 50 <= sum(taken) <= 50 + elapsed_s + 1, (sum(taken), elapsed_s)
