@@ -16,8 +16,9 @@ import pytest
 
 from taskfleet.common.client import make_spec
 from taskfleet.common.model import TaskState
-from taskfleet.master.ratelimit import LocalBuckets, burst_of
-from taskfleet.master.store import open_store
+from taskfleet.master.lifecycle import Lifecycle
+from taskfleet.master.ratelimit import LocalBuckets, RateLimiter, burst_of
+from taskfleet.master.store import MemoryStore, open_store
 from taskfleet.master.store.base import Bus
 
 import pg
@@ -119,3 +120,34 @@ def test_takes_from_the_shared_bucket_are_atomic() -> None:
             store.close()
     assert len(taken) == 320
     assert 50 <= sum(taken) <= 50 + elapsed_s + 1, (sum(taken), elapsed_s)
+
+
+def test_lease_holds_back_a_limited_name_and_hands_out_the_rest() -> None:
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    limiter = RateLimiter({"a": 1.0}, LocalBuckets(clock), clock)
+    lifecycle = Lifecycle(MemoryStore(), max_payload_bytes=1024, limiter=limiter)
+    a_ids = lifecycle.submit([make_spec("a", [n]) for n in range(3)])
+    b_ids = lifecycle.submit([make_spec("b", [n]) for n in range(2)])
+
+    def lease(names: list[str] | None, limit: int = 10) -> list[str]:
+        leases = lifecycle.lease("w", ["default"], names, limit, 30.0)
+        return sorted(lease.task.id for lease in leases)
+
+    # One token for "a" (its burst): the other two go back to PENDING, their
+    # attempts not counted, and "b" is handed out beside them.
+    assert lease(["a", "b"]) == sorted([a_ids[0], *b_ids])
+    held = [lifecycle.store.get(i) for i in a_ids[1:]]
+    assert [(t.state, t.attempts) for t in held] == [(TaskState.PENDING, 0)] * 2
+    # Until the next token is due, "a" is not even asked for, with names or
+    # without: a later task of another name gets the one free slot.
+    assert lease(["a", "b"]) == [] and lease(None) == []
+    later = lifecycle.submit([make_spec("b", [9])])
+    assert lease(None, limit=1) == later
+    now[0] += 1.0
+    assert lease(None) == [a_ids[1]]
+    now[0] += 1.0
+    assert lease(["a"]) == [a_ids[2]]

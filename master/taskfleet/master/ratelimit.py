@@ -74,15 +74,21 @@ def burst_of(rate_per_s: float) -> float:
 class RateLimiter:
     """Keeps ``limits`` (task name -> tasks per second) over leases."""
 
-    def __init__(self, limits: Mapping[str, float], buckets: Buckets) -> None:
+    def __init__(
+        self,
+        limits: Mapping[str, float],
+        buckets: Buckets,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = dict(limits)
         self._buckets = buckets
+        self._clock = clock
         self._lock = threading.Lock()
         self._held_until: dict[str, float] = {}  # name -> monotonic time its next token is due
 
     def held_back(self) -> set[str]:
         """Limited names whose bucket was found empty and has not refilled yet."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             return {name for name, until in self._held_until.items() if until > now}
 
@@ -112,6 +118,6 @@ class RateLimiter:
             if taken < len(group):
                 excess.update(lease.ref.task_id for lease in group[taken:])
                 with self._lock:
-                    self._held_until[name] = time.monotonic() + 1.0 / rate_per_s
+                    self._held_until[name] = self._clock() + 1.0 / rate_per_s
         kept = [lease for lease in leases if lease.ref.task_id not in excess]
         return kept, [lease.ref for lease in leases if lease.ref.task_id in excess]
