@@ -202,3 +202,21 @@ def length(text: str) -> int:
 @task
 def blob(n_bytes: int) -> str:
     return "x" * n_bytes
+
+
+@task
+def progress_steps(gate: str, steps: int) -> str:
+    """Set progress ``steps`` times (k/(steps+1), "step k"), wait for ``gate``,
+    then set 1.0 "done" and return: the last update races the outcome."""
+    for k in range(1, steps + 1):
+        current_task().set_progress(k / (steps + 1), f"step {k}")
+    block_until(gate)
+    current_task().set_progress(1.0, "done")
+    return "finished"
+
+
+@task
+def bad_progress(fraction: Any) -> str:
+    """Set an invalid progress: the ValueError fails the task."""
+    current_task().set_progress(fraction)
+    return "unreachable"

@@ -26,6 +26,7 @@ from taskfleet.common.model import (
     LeaseRef,
     Outcome,
     PendingName,
+    Progress,
     Task,
     TaskError,
     TaskSpec,
@@ -272,6 +273,39 @@ def test_extend_reports_stale_refs(store: Store) -> None:
 
     assert stale == [LeaseRef(cancelled, 1), wrong_number, unknown]
     assert other_worker == [leases[0].ref]
+
+
+def test_set_progress_is_fenced_by_the_lease_and_kept_once_final(store: Store) -> None:
+    task_id, other_id = store.submit([spec(), spec()], NOW)
+    first, other = lease(store)
+    store.expire(NOW + LEASE_S + 1)  # both leases lapse: lease 1 is stale now
+    (again, _) = lease(store, now=NOW + LEASE_S + 2)
+    assert again.ref == LeaseRef(first.task.id, 2)
+
+    store.set_progress(
+        [
+            Progress(again.ref, 0.5, "half"),
+            Progress(first.ref, 0.9, "stale worker"),  # ignored: lease 1 is over
+            Progress(LeaseRef("nope", 1), 0.1, "unknown"),
+        ]
+    )
+    store.set_progress([Progress(LeaseRef(other_id, 1), 0.7, "stale too")])
+
+    assert (store.get(first.task.id).progress, store.get(first.task.id).progress_message) == (
+        0.5,
+        "half",
+    )
+    assert (store.get(other_id).progress, store.get(other_id).progress_message) == (0.0, "")
+    store.set_progress([Progress(again.ref, 0.75, "three quarters")])
+    store.record([succeeded(again.ref)], NOW + LEASE_S + 3)
+    store.set_progress([Progress(again.ref, 1.0, "after the end")])  # not RUNNING: ignored
+    final = store.get(task_id)
+    assert (final.state, final.progress, final.progress_message) == (
+        TaskState.SUCCEEDED,
+        0.75,
+        "three quarters",
+    )
+    assert other.task.id == other_id
 
 
 # record

@@ -60,6 +60,8 @@ def task_json(task: Task, *, local_times: bool = False) -> dict[str, Any]:
         "finished_at": time(task.finished_at),
         "lost_leases": task.lost_leases,
         "expires_at": time(task.expires_at),
+        "progress": task.progress,
+        "progress_message": task.progress_message,
     }
 
 

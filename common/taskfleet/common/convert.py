@@ -19,6 +19,7 @@ from taskfleet.common.model import (
     MissedTicks,
     Outcome,
     PendingName,
+    Progress,
     QueueCounts,
     Schedule,
     Stats,
@@ -183,6 +184,10 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
         pb.lost_leases = task.lost_leases
     if task.expires_at:
         pb.expires_at.FromNanoseconds(round(task.expires_at * 1e9))
+    if task.progress:
+        pb.progress = task.progress
+    if task.progress_message:
+        pb.progress_message = task.progress_message
 
 
 def assignments_to_proto(
@@ -228,7 +233,24 @@ def task_from_proto(pb: tasks_pb2.Task, lease: int = 0) -> Task:
         unix_from_timestamp(pb.finished_at) if pb.HasField("finished_at") else 0.0,
         pb.lost_leases,
         unix_from_timestamp(pb.expires_at) if pb.HasField("expires_at") else 0.0,
+        pb.progress,
+        pb.progress_message,
     )
+
+
+def progress_to_proto(update: Progress) -> worker_pb2.Progress:
+    return worker_pb2.Progress(
+        lease=ref_to_proto(update.ref), fraction=update.fraction, message=update.message
+    )
+
+
+def progress_from_proto(pb: worker_pb2.Progress) -> Progress:
+    """A worker's progress update; InvalidArgument for a fraction outside 0..1."""
+    if not 0.0 <= pb.fraction <= 1.0:
+        raise InvalidArgument(
+            f"progress.fraction of task {pb.lease.task_id} must be 0 to 1, not {pb.fraction}"
+        )
+    return Progress(ref_from_proto(pb.lease), pb.fraction, pb.message)
 
 
 def ref_to_proto(ref: LeaseRef) -> worker_pb2.LeaseRef:

@@ -89,6 +89,8 @@ class Task:
     finished_at: float = 0.0
     lost_leases: int = 0  # leases that lapsed (worker died, hung or was cut off)
     expires_at: float = 0.0  # when a finished task is deleted; 0: not finished, or never
+    progress: float = 0.0  # 0..1, as the task last set it (kept once it is final)
+    progress_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,16 @@ class LeaseRef:
 
     task_id: str
     lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a running task is, as its function said last: fenced by its lease
+    like a heartbeat, so a stale worker's word is ignored."""
+
+    ref: LeaseRef
+    fraction: float  # 0..1
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

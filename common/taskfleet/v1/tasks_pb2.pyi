@@ -269,6 +269,8 @@ class Task(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     LOST_LEASES_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PROGRESS_MESSAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier assigned by the master on Submit."""
     state: Global___TaskState.ValueType
@@ -285,6 +287,14 @@ class Task(_message.Message):
     """How many of its leases lapsed (its worker died, hung or was cut off);
     past the master's --max-lost-leases the task ends FAILED WorkerLost.
     """
+    progress: _builtins.float
+    """How far the task says it is, 0 to 1, from current_task().set_progress in
+    its latest attempt (coalesced: a few updates per second at most). A new
+    attempt keeps the last value until it sets its own; a finished task keeps
+    it as it was last set.
+    """
+    progress_message: _builtins.str
+    """The message that came with progress."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What was submitted, with defaults filled in."""
@@ -327,10 +337,12 @@ class Task(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         lost_leases: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        progress: _builtins.float = ...,
+        progress_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "expires_at", b"expires_at", "finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "expires_at", b"expires_at", "finished_at", b"finished_at", "id", b"id", "lost_leases", b"lost_leases", "result", b"result", "result_content_type", b"result_content_type", "spec", b"spec", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "expires_at", b"expires_at", "finished_at", b"finished_at", "id", b"id", "lost_leases", b"lost_leases", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "result_content_type", b"result_content_type", "spec", b"spec", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from taskfleet.v1 import tasks_pb2 as taskfleet_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskfleet/v1/worker.proto\x12\x0ctaskfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18taskfleet/v1/tasks.proto\"*\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\"\x98\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12$\n\x04held\x18\x07 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x17\n\x06\x43redit\x12\r\n\x05tasks\x18\x01 \x01(\x05\"1\n\tHeartbeat\x12$\n\x04held\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x98\x02\n\x07Outcome\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.taskfleet.v1.LeaseRef\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.taskfleet.v1.TaskState\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\x1b\n\x13result_content_type\x18\x04 \x01(\t\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.taskfleet.v1.TaskError\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x10\n\x08no_retry\x18\x08 \x01(\x08\x12.\n\x0bretry_delay\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x06\x10\x07R\x0bretry_after\"O\n\x07Results\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\'\n\x08outcomes\x18\x02 \x03(\x0b\x32\x15.taskfleet.v1.Outcome\x12\x0e\n\x06\x63redit\x18\x03 \x01(\x05\"1\n\x07Release\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\xe7\x01\n\rWorkerMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.taskfleet.v1.HelloH\x00\x12&\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x14.taskfleet.v1.CreditH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.taskfleet.v1.HeartbeatH\x00\x12(\n\x07results\x18\x04 \x01(\x0b\x32\x15.taskfleet.v1.ResultsH\x00\x12(\n\x07release\x18\x05 \x01(\x0b\x32\x15.taskfleet.v1.ReleaseH\x00\x42\x06\n\x04kind\"s\n\x07Welcome\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"U\n\nAssignment\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.taskfleet.v1.LeaseRef\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.taskfleet.v1.Task\"Q\n\x0b\x41ssignments\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.taskfleet.v1.Assignment\x12\x13\n\x0bresults_ack\x18\x02 \x01(\x03\"0\n\x06Revoke\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x19\n\nResultsAck\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"\x1c\n\x0cHeartbeatAck\x12\x0c\n\x04held\x18\x01 \x01(\x05\"\x81\x02\n\rMasterMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.taskfleet.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.taskfleet.v1.AssignmentsH\x00\x12&\n\x06revoke\x18\x03 \x01(\x0b\x32\x14.taskfleet.v1.RevokeH\x00\x12/\n\x0bresults_ack\x18\x04 \x01(\x0b\x32\x18.taskfleet.v1.ResultsAckH\x00\x12\x33\n\rheartbeat_ack\x18\x05 \x01(\x0b\x32\x1a.taskfleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind2X\n\rWorkerService\x12G\n\x07\x43onnect\x12\x1b.taskfleet.v1.WorkerMessage\x1a\x1b.taskfleet.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskfleet/v1/worker.proto\x12\x0ctaskfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18taskfleet/v1/tasks.proto\"*\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\"\x98\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12$\n\x04held\x18\x07 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x17\n\x06\x43redit\x12\r\n\x05tasks\x18\x01 \x01(\x05\"1\n\tHeartbeat\x12$\n\x04held\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x98\x02\n\x07Outcome\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.taskfleet.v1.LeaseRef\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.taskfleet.v1.TaskState\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\x1b\n\x13result_content_type\x18\x04 \x01(\t\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.taskfleet.v1.TaskError\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x10\n\x08no_retry\x18\x08 \x01(\x08\x12.\n\x0bretry_delay\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x06\x10\x07R\x0bretry_after\"O\n\x07Results\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\'\n\x08outcomes\x18\x02 \x03(\x0b\x32\x15.taskfleet.v1.Outcome\x12\x0e\n\x06\x63redit\x18\x03 \x01(\x05\"1\n\x07Release\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"T\n\x08Progress\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.taskfleet.v1.LeaseRef\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"8\n\rProgressBatch\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.Progress\"\x98\x02\n\rWorkerMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.taskfleet.v1.HelloH\x00\x12&\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x14.taskfleet.v1.CreditH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.taskfleet.v1.HeartbeatH\x00\x12(\n\x07results\x18\x04 \x01(\x0b\x32\x15.taskfleet.v1.ResultsH\x00\x12(\n\x07release\x18\x05 \x01(\x0b\x32\x15.taskfleet.v1.ReleaseH\x00\x12/\n\x08progress\x18\x06 \x01(\x0b\x32\x1b.taskfleet.v1.ProgressBatchH\x00\x42\x06\n\x04kind\"s\n\x07Welcome\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"U\n\nAssignment\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.taskfleet.v1.LeaseRef\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.taskfleet.v1.Task\"Q\n\x0b\x41ssignments\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.taskfleet.v1.Assignment\x12\x13\n\x0bresults_ack\x18\x02 \x01(\x03\"0\n\x06Revoke\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.taskfleet.v1.LeaseRef\"\x19\n\nResultsAck\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"\x1c\n\x0cHeartbeatAck\x12\x0c\n\x04held\x18\x01 \x01(\x05\"\x81\x02\n\rMasterMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.taskfleet.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.taskfleet.v1.AssignmentsH\x00\x12&\n\x06revoke\x18\x03 \x01(\x0b\x32\x14.taskfleet.v1.RevokeH\x00\x12/\n\x0bresults_ack\x18\x04 \x01(\x0b\x32\x18.taskfleet.v1.ResultsAckH\x00\x12\x33\n\rheartbeat_ack\x18\x05 \x01(\x0b\x32\x1a.taskfleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind2X\n\rWorkerService\x12G\n\x07\x43onnect\x12\x1b.taskfleet.v1.WorkerMessage\x1a\x1b.taskfleet.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,22 +47,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULTS']._serialized_end=738
   _globals['_RELEASE']._serialized_start=740
   _globals['_RELEASE']._serialized_end=789
-  _globals['_WORKERMESSAGE']._serialized_start=792
-  _globals['_WORKERMESSAGE']._serialized_end=1023
-  _globals['_WELCOME']._serialized_start=1025
-  _globals['_WELCOME']._serialized_end=1140
-  _globals['_ASSIGNMENT']._serialized_start=1142
-  _globals['_ASSIGNMENT']._serialized_end=1227
-  _globals['_ASSIGNMENTS']._serialized_start=1229
-  _globals['_ASSIGNMENTS']._serialized_end=1310
-  _globals['_REVOKE']._serialized_start=1312
-  _globals['_REVOKE']._serialized_end=1360
-  _globals['_RESULTSACK']._serialized_start=1362
-  _globals['_RESULTSACK']._serialized_end=1387
-  _globals['_HEARTBEATACK']._serialized_start=1389
-  _globals['_HEARTBEATACK']._serialized_end=1417
-  _globals['_MASTERMESSAGE']._serialized_start=1420
-  _globals['_MASTERMESSAGE']._serialized_end=1677
-  _globals['_WORKERSERVICE']._serialized_start=1679
-  _globals['_WORKERSERVICE']._serialized_end=1767
+  _globals['_PROGRESS']._serialized_start=791
+  _globals['_PROGRESS']._serialized_end=875
+  _globals['_PROGRESSBATCH']._serialized_start=877
+  _globals['_PROGRESSBATCH']._serialized_end=933
+  _globals['_WORKERMESSAGE']._serialized_start=936
+  _globals['_WORKERMESSAGE']._serialized_end=1216
+  _globals['_WELCOME']._serialized_start=1218
+  _globals['_WELCOME']._serialized_end=1333
+  _globals['_ASSIGNMENT']._serialized_start=1335
+  _globals['_ASSIGNMENT']._serialized_end=1420
+  _globals['_ASSIGNMENTS']._serialized_start=1422
+  _globals['_ASSIGNMENTS']._serialized_end=1503
+  _globals['_REVOKE']._serialized_start=1505
+  _globals['_REVOKE']._serialized_end=1553
+  _globals['_RESULTSACK']._serialized_start=1555
+  _globals['_RESULTSACK']._serialized_end=1580
+  _globals['_HEARTBEATACK']._serialized_start=1582
+  _globals['_HEARTBEATACK']._serialized_end=1610
+  _globals['_MASTERMESSAGE']._serialized_start=1613
+  _globals['_MASTERMESSAGE']._serialized_end=1870
+  _globals['_WORKERSERVICE']._serialized_start=1872
+  _globals['_WORKERSERVICE']._serialized_end=1960
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,16 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from taskfleet.common.errors import FailedPrecondition, InvalidArgument
-from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskError, TaskSpec, TaskState
+from taskfleet.common.model import (
+    Lease,
+    LeaseRef,
+    Outcome,
+    Progress,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.master import schedules
 from taskfleet.master.ratelimit import MAX_PENDING_NAMES, RateLimiter
 from taskfleet.master.store.base import FINAL_STATES, FiredTick, Store, TaskQuery
@@ -188,6 +197,11 @@ class Lifecycle:
     def extend(self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float) -> list[LeaseRef]:
         """Renew ``refs``; the stale ones, which the worker must stop."""
         return self.store.extend(worker_id, refs, lease_s, time.time()) if refs else []
+
+    def set_progress(self, updates: Sequence[Progress]) -> None:
+        """Store how far running tasks are; stale leases' updates are ignored."""
+        if updates:
+            self.store.set_progress(updates)
 
     def record(self, outcomes: Sequence[Outcome]) -> list[Task]:
         """Apply attempt outcomes; the tasks they changed."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument, StoreUnavailable, StoreUnusable, Unavailable
 from taskfleet.common.logs import bound_context
-from taskfleet.common.model import Lease, LeaseRef, Outcome, TaskState, WorkerInfo
+from taskfleet.common.model import Lease, LeaseRef, Outcome, Progress, TaskState, WorkerInfo
 from taskfleet.common.result_limit import limit_outcome
 from taskfleet.master.rpc import Context, streaming
 from taskfleet.master.runtime import MasterRuntime
@@ -219,6 +219,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             session.send(worker_pb2.MasterMessage(heartbeat_ack=worker_pb2.HeartbeatAck(held=held)))
         elif kind == "results":
             await self._record(session, message.results)
+        elif kind == "progress":
+            await self._progress(message.progress)
         elif kind == "release":
             refs = [convert.ref_from_proto(r) for r in message.release.leases]
             released = await self._rt.bridge.workers.run(self._rt.lifecycle.release, refs)
@@ -239,6 +241,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         if stale:
             session.revoke(stale)
         return len(held) - len(stale)
+
+    async def _progress(self, batch: worker_pb2.ProgressBatch) -> None:
+        updates: list[Progress] = []
+        for pb in batch.updates:
+            try:
+                updates.append(convert.progress_from_proto(pb))
+            except InvalidArgument as exc:
+                log.warning("ignoring progress of %s: %s", pb.lease.task_id, exc)
+        await self._rt.bridge.workers.run(self._rt.lifecycle.set_progress, updates)
 
     async def _record(self, session: WorkerSession, results: worker_pb2.Results) -> None:
         outcomes: list[Outcome] = []

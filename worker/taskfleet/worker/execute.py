@@ -85,6 +85,7 @@ def run_job(job: Job) -> JobResult:
         attempt=job.attempt,
         deadline=job.deadline,
         metadata=job.metadata,
+        lease=job.ref.lease,
     )
     pid = os.getpid()
     try:

@@ -34,8 +34,12 @@ from taskfleet.worker.outcomes import log_context, log_outcome, outcome_label, o
 from taskfleet.worker.pool import Pool, abandon_broken
 from taskfleet.worker.pools import make_pool
 from taskfleet.worker.registry import TaskDefinition
+from taskfleet.worker.task_context import set_progress_sink
 
 log = logging.getLogger("taskfleet.worker")
+
+# At most one progress batch this often: each task's latest update in it.
+PROGRESS_INTERVAL_S = 0.25
 
 
 class Worker:
@@ -50,6 +54,8 @@ class Worker:
         self.credit = Credit(self.pool.size, config.prefetch, gather_s=GATHER_S)
         self.batches = Batches(self.book, self.credit)
         self.stopped = threading.Event()  # set when the connection loop must end
+        self._progress: dict[LeaseRef, tuple[float, str]] = {}  # latest, not yet sent
+        self._progress_due = 0.0  # monotonic time the next progress batch may go
         self.connection = Connection(
             config, self.worker_id, registry, self._lock, self, self.stopped
         )
@@ -70,6 +76,7 @@ class Worker:
                 raise ConfigError(
                     f"--metrics-listen: cannot bind {self.config.metrics_listen} ({exc.strerror})"
                 ) from None
+        set_progress_sink(self._on_progress)
         self.pool.start()
         threads = [
             threading.Thread(target=self.connection.run, name="connection", daemon=True),
@@ -168,11 +175,14 @@ class Worker:
             # thread would add a hand-off to a lone task's round trip.
             idle = not self.book.running
             batch = self.batches.take(now) if idle and outbox is not None else None
+            progress = self._take_progress(now, True) if batch is not None else None
             if batch is None and (idle or self.batches.first_or_full()):
                 # The sender learns of an idle pool (a drain waits for the last job
                 # too), and, unless an ack will wake it anyway, of the first
                 # outcome (to time the gathering) and of a full batch.
                 self._lock.notify_all()
+        if progress is not None and outbox is not None:
+            outbox.put(progress)
         if batch is not None and outbox is not None:
             outbox.put(messages.results(*batch))
         if finished is not None and outcome is not None:
@@ -196,6 +206,25 @@ class Worker:
         size = self.pool.size
         return min(size, max(len(self.book.running), size - self.pool.free_slots()))
 
+    def _on_progress(self, ref: LeaseRef, fraction: float, message: str) -> None:
+        with self._lock:
+            if ref not in self.book.running:
+                return  # finished, revoked or never ours: the master would ignore it
+            first = not self._progress
+            self._progress[ref] = (fraction, message)
+            if first:
+                self._lock.notify_all()
+
+    def _take_progress(self, now: float, with_outcomes: bool) -> worker_pb2.WorkerMessage | None:
+        """The progress message to send now, if any is due, or goes ahead of a batch
+        of outcomes (so a finished task's last update is not lost behind its
+        outcome, which ends its lease). Called with the lock held."""
+        if not self._progress or (now < self._progress_due and not with_outcomes):
+            return None
+        updates, self._progress = self._progress, {}
+        self._progress_due = now + PROGRESS_INTERVAL_S
+        return messages.progress(updates)
+
     # -- sending -------------------------------------------------------------
 
     def _send_forever(self) -> None:
@@ -209,6 +238,8 @@ class Worker:
                     if connection.outbox is not None and self.batches.ready(now):
                         break
                     wait_s = next_heartbeat - now
+                    if self._progress:
+                        wait_s = min(wait_s, self._progress_due - now)
                     gather_s = self.batches.wait_s(now)
                     if gather_s is not None:
                         wait_s = min(wait_s, gather_s)
@@ -221,6 +252,7 @@ class Worker:
                     continue
                 messages_out: list[worker_pb2.WorkerMessage] = []
                 batch = self.batches.take(time.monotonic())
+                progress = self._take_progress(time.monotonic(), batch is not None)
                 credit = 0 if batch is not None else self.batches.take_credit()
                 if credit:
                     messages_out.append(messages.credit(credit))
@@ -232,6 +264,8 @@ class Worker:
                     self._start_prefetched()
                     held = self.book.held() + self.batches.held()
                     messages_out.append(messages.heartbeat(held))
+            if progress is not None:
+                outbox.put(progress)
             if batch is not None:
                 outbox.put(messages.results(*batch))
             for message in messages_out:

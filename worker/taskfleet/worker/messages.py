@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from taskfleet.common import convert
 from taskfleet.common.config import WorkerConfig
-from taskfleet.common.model import LeaseRef, Outcome
+from taskfleet.common.model import LeaseRef, Outcome, Progress
 from taskfleet.v1 import worker_pb2
 from taskfleet.worker.execute import Job
 from taskfleet.worker.registry import TaskDefinition
@@ -39,6 +39,18 @@ def heartbeat(held: Iterable[LeaseRef]) -> worker_pb2.WorkerMessage:
     """Renew the leases of ``held``."""
     return worker_pb2.WorkerMessage(
         heartbeat=worker_pb2.Heartbeat(held=[convert.ref_to_proto(r) for r in held])
+    )
+
+
+def progress(updates: dict[LeaseRef, tuple[float, str]]) -> worker_pb2.WorkerMessage:
+    """The latest progress of each task in ``updates``."""
+    return worker_pb2.WorkerMessage(
+        progress=worker_pb2.ProgressBatch(
+            updates=[
+                convert.progress_to_proto(Progress(ref, fraction, text))
+                for ref, (fraction, text) in updates.items()
+            ]
+        )
     )
 
 

@@ -16,7 +16,9 @@ Python-level __getstate__/__setstate__, several times dearer than a tuple, on
 every task. A _WireJob is (task_id, lease, name, queue, attempt, payload,
 content_type, timeout_s, metadata); a _WireResult is (ok, result, error,
 no_retry, retry_delay_s) with error None or (type, message, traceback). Results
-come back in job order, so they carry no ref.
+come back in job order, so they carry no ref. While a job runs, its
+``set_progress`` calls come as (fraction, message) frames, about the job the
+parent sent first of those without a result yet.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from multiprocessing.connection import Connection
 from taskfleet.common.model import LeaseRef
 from taskfleet.worker.execute import Job, run_job, safe_str
 from taskfleet.worker.registry import import_task_modules
+from taskfleet.worker.task_context import set_progress_sink
 
 _WireJob = tuple[str, int, str, str, int, bytes, str, float, dict[str, str]]
 WireResult = tuple[bool, bytes, tuple[str, str, str] | None, bool, float]
+WireProgress = tuple[float, str]
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _MAGIC = b"tfP1"
 _HEADER = struct.Struct("!4sI")  # magic, length of the pickle that follows
@@ -127,6 +131,20 @@ def check_result(message: object) -> WireResult:
     raise Malformed(f"a message of type {type(message).__name__} where a result was due")
 
 
+def is_progress(message: object) -> bool:
+    """Whether ``message`` is a progress frame's (a 2-tuple); check_progress checks it."""
+    return type(message) is tuple and len(message) == 2
+
+
+def check_progress(message: object) -> WireProgress:
+    """``message`` if it has the shape of a _WireProgress, else Malformed."""
+    if type(message) is tuple and len(message) == 2:
+        fraction, text = message
+        if type(fraction) is float and 0.0 <= fraction <= 1.0 and type(text) is str:
+            return fraction, text
+    raise Malformed("a progress message that set_progress cannot have sent")
+
+
 def to_wire(job: Job) -> bytes:
     """``job`` framed for a pool process."""
     return frame(
@@ -193,6 +211,7 @@ def child_main(conn: Connection[object, object], task_modules: Sequence[str]) ->
             write_all(fd, frame(f"{type(exc).__name__}: {safe_str(exc)}"))
             return
         write_all(fd, frame(None))
+        set_progress_sink(lambda _ref, fraction, message: write_all(fd, frame((fraction, message))))
         frames = Frames(fd)
         while True:
             for body in frames.read():

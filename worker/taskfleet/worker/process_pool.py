@@ -35,13 +35,16 @@ from taskfleet.worker.process_child import (
     STOP,
     Frames,
     Malformed,
+    check_progress,
     check_result,
     child_main,
     frame,
+    is_progress,
     loads,
     to_wire,
     write_all,
 )
+from taskfleet.worker.task_context import report_progress
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +281,9 @@ class ProcessPool(Pool):
             log.error("a pool process could not start: %s", message)
         elif not child.jobs:
             raise Malformed("a result with no job running")
+        elif is_progress(message):
+            fraction, text = check_progress(message)
+            report_progress(child.jobs[0].ref, fraction, text)
         else:
             ok, result, error, no_retry, retry_delay_s = check_result(message)
             job = child.jobs.popleft()

@@ -3,14 +3,26 @@ request context.
 
 The pool sets it around each call in the thread that runs the task, so it is
 right for every task even with many tasks at once in one thread pool.
+
+``set_progress`` hands the update to this process's progress sink: in a worker
+process the sender, which coalesces and sends it over the stream; in a process
+pool's child the channel to its parent, which hands it to its own sink.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from taskfleet.common.model import LeaseRef
+
+MAX_PROGRESS_MESSAGE_CHARS = 1000  # longer messages are cut to this
+
+# Takes (lease, fraction, message); called on the task's own thread, so it must be cheap.
+ProgressSink = Callable[[LeaseRef, float, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +35,35 @@ class TaskContext:
     attempt: int  # 1-based
     deadline: float | None  # unix time the hard time limit strikes, None without one
     metadata: Mapping[str, str] = field(default_factory=dict)
+    lease: int = field(default=0, repr=False)  # fences the task's progress updates
+
+    def set_progress(self, fraction: float, message: str = "") -> None:
+        """Say how far the task is, 0 to 1, for GetTask, the CLI and the dashboard.
+
+        Cheap enough to call in a loop: updates are coalesced to a few per second
+        per task, the last one always sent. Raises ValueError for a fraction
+        outside 0..1 (or not a number), TypeError for a message that is not a str.
+        """
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or math.isnan(fraction)
+            or not 0.0 <= fraction <= 1.0
+        ):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
+        if not isinstance(message, str):
+            raise TypeError(f"progress message must be a str, not {type(message).__name__}")
+        sink = _sink
+        if sink is not None:
+            sink(
+                LeaseRef(self.task_id, self.lease),
+                float(fraction),
+                message[:MAX_PROGRESS_MESSAGE_CHARS],
+            )
 
 
 _local = threading.local()
+_sink: ProgressSink | None = None
 
 
 def current_task() -> TaskContext:
@@ -34,6 +72,19 @@ def current_task() -> TaskContext:
     if context is None:
         raise RuntimeError("current_task() called outside a running task")
     return context
+
+
+def set_progress_sink(sink: ProgressSink | None) -> None:
+    """Where this process's ``set_progress`` calls go (None: nowhere)."""
+    global _sink
+    _sink = sink
+
+
+def report_progress(ref: LeaseRef, fraction: float, message: str) -> None:
+    """Hand an update that came from a pool process to this process's sink."""
+    sink = _sink
+    if sink is not None:
+        sink(ref, fraction, message)
 
 
 @contextmanager

@@ -71,6 +71,8 @@ def task_detail(task: Task) -> dict[str, Any]:
         ),
         "lost_leases": task.lost_leases,
         "expires_at": _time(task.expires_at),
+        "progress": task.progress,
+        "progress_message": task.progress_message,
     }
 
 

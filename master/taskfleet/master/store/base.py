@@ -39,6 +39,7 @@ from taskfleet.common.model import (
     MasterInfo,
     Outcome,
     PendingName,
+    Progress,
     QueueCounts,
     Schedule,
     Task,
@@ -209,6 +210,11 @@ class Store(abc.ABC):
         """Renew the valid leases among ``refs`` to ``now + lease_s``; return the stale
         ones (task not RUNNING, another lease number, or leased to another worker),
         which the worker must stop."""
+
+    @abc.abstractmethod
+    def set_progress(self, updates: Sequence[Progress]) -> None:
+        """Store the progress of the valid leases among ``updates``; ignore stale
+        ones. A task keeps the last value it set after it finishes."""
 
     @abc.abstractmethod
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:

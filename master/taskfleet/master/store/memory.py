@@ -24,6 +24,7 @@ from taskfleet.common.model import (
     LeaseRef,
     Outcome,
     PendingName,
+    Progress,
     QueueCounts,
     Schedule,
     Task,
@@ -172,6 +173,14 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                     self._running, (slot.deadline, slot.seq, slot.task.id, slot.task.lease)
                 )
         return stale
+
+    def set_progress(self, updates: Sequence[Progress]) -> None:
+        with self._lock:
+            for update in updates:
+                slot = self._valid(update.ref)
+                if slot is not None:
+                    slot.task.progress = update.fraction
+                    slot.task.progress_message = update.message
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         _check_outcomes(outcomes)

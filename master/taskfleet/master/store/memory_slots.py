@@ -65,4 +65,6 @@ def snapshot(task: Task) -> Task:
         task.finished_at,
         task.lost_leases,
         task.expires_at,
+        task.progress,
+        task.progress_message,
     )

@@ -57,6 +57,7 @@ from taskfleet.common.model import (
     LeaseRef,
     Outcome,
     PendingName,
+    Progress,
     QueueCounts,
     Task,
     TaskSpec,
@@ -228,6 +229,25 @@ class PostgresStore(PostgresSchedules, Store):
         )
         valid = set(renewed)
         return [ref for ref in refs if (ref.task_id, ref.lease) not in valid]
+
+    def set_progress(self, updates: Sequence[Progress]) -> None:
+        if not updates:
+            return
+        params = {
+            **ref_arrays([u.ref for u in updates]),
+            "fractions": [u.fraction for u in updates],
+            "messages": [u.message for u in updates],
+        }
+        self._run(
+            lambda conn: conn.execute(
+                """UPDATE tasks t SET progress = r.fraction, progress_message = r.message
+                FROM unnest(%(ids)b::text[], %(leases)b::int[], %(fractions)b::float8[],
+                    %(messages)b::text[]) AS r(id, lease, fraction, message)
+                WHERE """
+                + FENCE,
+                params,
+            )
+        )
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         for outcome in outcomes:

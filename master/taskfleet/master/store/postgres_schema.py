@@ -145,6 +145,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
     6: postgres_bus.RATE_MIGRATION,
+    # current_task().set_progress: the last value a task set.
+    7: (
+        "ALTER TABLE tasks ADD COLUMN progress double precision NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN progress_message text NOT NULL DEFAULT ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -34,7 +34,7 @@ COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, tim
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
     created_at, started_at, finished_at, lost_leases, expires_at, start_by,
-    depends_on, pass_results"""
+    depends_on, pass_results, progress, progress_message"""
 
 
 def spec_values(spec: TaskSpec) -> tuple[Any, ...]:
@@ -149,6 +149,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         start_by,
         depends_on,
         pass_results,
+        progress,
+        progress_message,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -185,6 +187,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         finished_at,
         lost_leases,
         expires_at,
+        progress,
+        progress_message,
     )
 
 

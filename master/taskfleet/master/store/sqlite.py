@@ -46,6 +46,7 @@ from taskfleet.common.model import (
     LeaseRef,
     Outcome,
     PendingName,
+    Progress,
     QueueCounts,
     Task,
     TaskSpec,
@@ -263,6 +264,13 @@ class SqliteStore(SqliteSchedules, Store):
                 if renewed.rowcount == 0:
                     stale.append(ref)
         return stale
+
+    def set_progress(self, updates: Sequence[Progress]) -> None:
+        with self._write() as db:
+            db.executemany(
+                f"UPDATE tasks SET progress = ?, progress_message = ? WHERE {FENCE}",
+                [(u.fraction, u.message, u.ref.task_id, u.ref.lease) for u in updates],
+            )
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         changed = []

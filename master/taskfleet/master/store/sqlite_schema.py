@@ -125,6 +125,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """,
         "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
+    # current_task().set_progress: the last value a task set.
+    6: (
+        "ALTER TABLE tasks ADD COLUMN progress REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN progress_message TEXT NOT NULL DEFAULT ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -13,6 +13,13 @@ function field(name, value) {
   return [tf.el("dt", {}, name), tf.el("dd", {}, value)];
 }
 
+// As the task last set it (kept once it is final); nothing if it never did.
+function progress(t) {
+  if (!t.progress && !t.progress_message) return "";
+  const percent = Math.round(t.progress * 100) + "%";
+  return t.progress_message ? percent + " \u2014 " + t.progress_message : percent;
+}
+
 function render(t) {
   shown = t;
   document.getElementById("task-id").textContent = t.id;
@@ -23,6 +30,7 @@ function render(t) {
   document.getElementById("fields").replaceChildren(
     ...field("Name", t.name), ...field("Queue", t.queue),
     ...field("Attempts", t.attempts + (t.max_attempts ? " of " + t.max_attempts : "")),
+    ...field("Progress", progress(t)),
     ...field("Lost leases", t.lost_leases || ""), ...field("Worker", worker),
     ...field("Priority", t.priority || ""), ...field("Time limit", t.timeout_s ? t.timeout_s + " s" : ""),
     ...field("Not before", tf.time(t.not_before)), ...field("Idempotency key", t.idempotency_key),
