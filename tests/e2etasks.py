@@ -207,10 +207,12 @@ def blob(n_bytes: int) -> str:
 @task
 def progress_steps(gate: str, steps: int) -> str:
     """Set progress ``steps`` times (k/(steps+1), "step k"), wait for ``gate``,
-    then set 1.0 "done" and return: the last update races the outcome."""
+    then set 0.9 and 1.0 "done" at once and return: the last update, held back by
+    the coalescing, races the outcome."""
     for k in range(1, steps + 1):
         current_task().set_progress(k / (steps + 1), f"step {k}")
     block_until(gate)
+    current_task().set_progress(0.9, "finishing")
     current_task().set_progress(1.0, "done")
     return "finished"
 
