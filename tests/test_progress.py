@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from taskfleet.common.model import TaskState
+from taskfleet.worker.process_child import Malformed, check_progress, is_progress
 
 from procs import Gates, MasterProc, WorkerProc, poll
 from test_cli import ok, run
@@ -69,3 +70,18 @@ def test_a_fraction_outside_0_to_1_raises_value_error_in_the_task(
     assert final.error is not None and final.error.type == "ValueError"
     assert "progress fraction must be a number from 0 to 1" in final.error.message
     assert (final.progress, final.progress_message) == (0.0, "")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [(1.5, "x"), (1, "x"), ("0.5", "x"), (0.5, b"x"), (float("nan"), "x"), (0.5, None)],
+)
+def test_a_progress_frame_that_set_progress_cannot_have_sent_is_malformed(
+    message: object,
+) -> None:
+    # A pool process's junk that happens to unpickle as a 2-tuple costs that
+    # process and its job (Malformed), never a wrong progress.
+    assert is_progress(message)
+    with pytest.raises(Malformed):
+        check_progress(message)
+    assert check_progress((0.5, "half")) == (0.5, "half")
