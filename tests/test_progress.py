@@ -11,6 +11,7 @@ import pytest
 from taskfleet.common.model import TaskState
 from taskfleet.worker.process_child import Malformed, check_progress, is_progress
 
+from dashboard_http import call, dashboard_master
 from procs import Gates, MasterProc, WorkerProc, poll
 from test_cli import ok, run
 
@@ -85,3 +86,27 @@ def test_a_progress_frame_that_set_progress_cannot_have_sent_is_malformed(
     with pytest.raises(Malformed):
         check_progress(message)
     assert check_progress((0.5, "half")) == (0.5, "half")
+
+
+def test_the_dashboard_task_page_data_carries_progress(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    gates: Gates,
+    queue_name: str,
+) -> None:
+    master, base = dashboard_master(start_master)
+    start_worker(master, queues=queue_name)
+    gate = gates.new("dashboard")
+    with master.client() as client:
+        task_id = client.submit("progress_steps", [gate, 1], queue=queue_name)
+        shown = poll(
+            lambda: (
+                (t := call(f"{base}/api/tasks/{task_id}").json())["progress_message"] == "step 1"
+                and t
+            ),
+            WAIT_S,
+            "the dashboard to show the progress",
+        )
+        assert (shown["state"], shown["progress"]) == ("running", 0.5)
+        Gates.open(gate)
+        list(client.wait([task_id], timeout_s=WAIT_S))
