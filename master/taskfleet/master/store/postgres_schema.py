@@ -145,6 +145,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
     6: postgres_bus.RATE_MIGRATION,
+    # Concurrency keys (master/concurrency.py): RUNNING tasks are counted per key.
+    7: (
+        "ALTER TABLE tasks ADD COLUMN ckey text NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN ckey_limit integer NOT NULL DEFAULT 0",
+        f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey <> ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

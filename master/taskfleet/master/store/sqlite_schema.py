@@ -125,6 +125,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """,
         "CREATE INDEX schedules_due ON schedules (next_fire) WHERE NOT paused",
     ),
+    # Concurrency keys (master/concurrency.py): RUNNING tasks are counted per key.
+    6: (
+        "ALTER TABLE tasks ADD COLUMN ckey TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN ckey_limit INTEGER NOT NULL DEFAULT 0",
+        f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey != ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
