@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +18,11 @@ import pytest
 
 from taskfleet.common.client import make_spec
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import Task, TaskSpec, TaskState
+from taskfleet.common.model import Outcome, Task, TaskSpec, TaskState
+from taskfleet.master.lifecycle import Lifecycle
+from taskfleet.master.store import open_store
 
+import pg
 from procs import Gates, MasterProc, WorkerProc
 
 StartMaster = Callable[..., MasterProc]
@@ -75,3 +80,41 @@ def test_a_limit_without_a_key_is_refused_naming_the_field(master: MasterProc) -
             client.submit_many([bad])
         with pytest.raises(InvalidArgument, match=r"tasks\[0\]\.concurrency_limit"):
             client.submit_many([keyed(make_spec("square", [2]), "a", 0)])
+
+
+def test_masters_sharing_postgresql_never_run_a_key_beyond_its_limit() -> None:
+    """Eight threads leasing through two stores (two pools, as two masters have)
+    race for 60 tasks of one key with a limit of 2: at no moment do more than two
+    leases they were given run, and every task ends SUCCEEDED once."""
+    with pg.database() as db:
+        lifecycles = [Lifecycle(open_store(db), max_payload_bytes=1024) for _ in range(2)]
+        ids = lifecycles[0].submit([keyed(make_spec("square", [n]), "k", 2) for n in range(60)])
+        lock = threading.Lock()
+        running = [0]
+        peak = [0]
+        done: list[str] = []
+
+        def work(lifecycle: Lifecycle) -> None:
+            deadline = time.monotonic() + 60
+            while len(done) < len(ids) and time.monotonic() < deadline:
+                leases = lifecycle.lease("w", ["default"], None, 2, 30.0)
+                with lock:
+                    running[0] += len(leases)
+                    peak[0] = max(peak[0], running[0])
+                for lease in leases:
+                    with lock:
+                        running[0] -= 1
+                        done.append(lease.task.id)
+                    lifecycle.record([Outcome(lease.ref, TaskState.SUCCEEDED, result=b"1")])
+
+        threads = [threading.Thread(target=work, args=(lifecycles[i % 2],)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        tasks = lifecycles[0].store.get_many(ids)
+        for lifecycle in lifecycles:
+            lifecycle.store.close()
+    assert sorted(done) == sorted(ids)
+    assert {t.state for t in tasks} == {TaskState.SUCCEEDED}
+    assert 1 <= peak[0] <= 2, peak
