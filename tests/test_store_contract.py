@@ -925,3 +925,45 @@ def test_results_too_large_to_pass_fail_the_child_and_cancel_its_dependents(
     # A new task on those finished parents is refused at submit
     with pytest.raises(ResourceExhausted, match=r"tasks\[0\]\.depends_on: its parents' results"):
         store.submit([spec("b", depends_on=(first, second), pass_results=True)], NOW)
+
+
+# concurrency keys (master/concurrency.py)
+
+
+def test_running_by_key_counts_running_tasks_per_key_with_the_smallest_limit(
+    store: Store,
+) -> None:
+    store.submit(
+        [
+            spec(concurrency_key="a", concurrency_limit=3),
+            spec(concurrency_key="a", concurrency_limit=2),
+            spec(concurrency_key="b", concurrency_limit=1),
+            spec(concurrency_key="b", concurrency_limit=1),
+            spec(),
+        ],
+        NOW,
+    )
+    assert store.running_by_key() == {}
+    leases = lease(store, limit=4)  # a, a, b, b: the unkeyed task stays PENDING
+    assert [one.task.spec.concurrency_key for one in leases] == ["a", "a", "b", "b"]
+    assert leases[1].task.spec.concurrency_limit == 2  # kept through the store
+    loads = store.running_by_key()
+    assert {key: (load.running, load.limit) for key, load in loads.items()} == {
+        "a": (2, 2),
+        "b": (2, 1),
+    }
+    store.record([succeeded(leases[0].ref)], NOW + 1)
+    assert store.release([leases[2].ref, leases[3].ref], NOW + 1) == 2
+    loads = store.running_by_key()
+    assert {key: (load.running, load.limit) for key, load in loads.items()} == {"a": (1, 2)}
+
+
+def test_lease_passes_over_excluded_keys_and_leaves_their_tasks_ready(store: Store) -> None:
+    busy = store.submit([spec(concurrency_key="busy", concurrency_limit=1)] * 5, NOW)
+    other = store.submit(
+        [spec(concurrency_key="other", concurrency_limit=1), spec(priority=-1)], NOW
+    )
+    leases = store.lease("w1", ("q",), None, 2, LEASE_S, NOW, exclude_keys={"busy"})
+    assert leased_ids(leases) == other
+    by_name = store.lease("w1", ("q",), ["add"], 9, LEASE_S, NOW, exclude_keys={"other"})
+    assert leased_ids(by_name) == busy  # still ready, in their order

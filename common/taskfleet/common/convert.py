@@ -90,6 +90,8 @@ def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
         tuple(pb.depends_on) if pb.depends_on else (),
         pb.pass_results,
         pb.gather_results,
+        pb.concurrency_key,
+        pb.concurrency_limit,
     )
 
 
@@ -140,6 +142,10 @@ def _fill_spec(pb: tasks_pb2.TaskSpec, spec: TaskSpec) -> None:
         pb.pass_results = True
     if spec.gather_results:
         pb.gather_results = True
+    if spec.concurrency_key:
+        pb.concurrency_key = spec.concurrency_key
+    if spec.concurrency_limit:
+        pb.concurrency_limit = spec.concurrency_limit
 
 
 def _fill_error(pb: tasks_pb2.TaskError, error: TaskError) -> None:

@@ -60,6 +60,9 @@ class TaskSpec:
     pass_results: bool = False
     # ... or passed as one list, the first positional argument (a chord's callback).
     gather_results: bool = False
+    # At most concurrency_limit RUNNING tasks share a non-empty concurrency_key.
+    concurrency_key: str = ""
+    concurrency_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)

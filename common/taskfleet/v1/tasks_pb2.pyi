@@ -132,6 +132,8 @@ class TaskSpec(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     PASS_RESULTS_FIELD_NUMBER: _builtins.int
     GATHER_RESULTS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a function registered with @task on some worker. Required."""
     queue: _builtins.str
@@ -159,6 +161,15 @@ class TaskSpec(_message.Message):
     gather_results: _builtins.bool
     """Pass the parents' results as one list, the first positional argument
     (a chord's callback); not with pass_results.
+    """
+    concurrency_key: _builtins.str
+    """Tasks sharing a non-empty key run at most concurrency_limit at a time
+    (e.g. one import per customer); the others wait PENDING, and keys at
+    their limit are passed over so other keys' tasks run meanwhile.
+    """
+    concurrency_limit: _builtins.int
+    """How many tasks of concurrency_key may be RUNNING at once; required (at
+    least 1) with a key, and tasks sharing a key should give the same limit.
     """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -211,10 +222,12 @@ class TaskSpec(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         pass_results: _builtins.bool = ...,
         gather_results: _builtins.bool = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "not_before", b"not_before", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "depends_on", b"depends_on", "expires_at", b"expires_at", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "depends_on", b"depends_on", "expires_at", b"expires_at", "gather_results", b"gather_results", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "name", b"name", "not_before", b"not_before", "pass_results", b"pass_results", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

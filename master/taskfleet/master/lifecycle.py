@@ -30,7 +30,7 @@ from taskfleet.common.model import (
     TaskSpec,
     TaskState,
 )
-from taskfleet.master import schedules
+from taskfleet.master import concurrency, schedules
 from taskfleet.master.ratelimit import MAX_PENDING_NAMES, RateLimiter
 from taskfleet.master.store.base import FINAL_STATES, FiredTick, Store, TaskQuery
 from taskfleet.master.store.deps import ended_by_parents
@@ -176,17 +176,28 @@ class Lifecycle:
         """Up to ``limit`` ready tasks for the worker. A task past the time it had to
         start by (``TaskSpec.expires_at``) is not handed out: it ends CANCELLED
         with error type Expired, and the worker's slot goes to the next task.
-        Tasks of a rate-limited name beyond its tokens go back to PENDING at once."""
+        Tasks of a rate-limited name beyond its tokens, or of a concurrency key
+        beyond its limit (concurrency.py), go back to PENDING at once."""
         now = time.time()
         if self.limiter is not None:
             names = self.limiter.open_names(names, self._pending_names)
             if names is not None and not names:
                 return []
-        leases = self.store.lease(worker_id, queues, names, limit, lease_s, now)
+        leases = self.store.lease(
+            worker_id,
+            queues,
+            names,
+            limit,
+            lease_s,
+            now,
+            exclude_keys=concurrency.full_keys(self.store),
+        )
+        leases, excess = concurrency.admit(self.store, leases)
         if self.limiter is not None and leases:
-            leases, excess = self.limiter.admit(leases)
-            if excess:
-                self.store.release(excess, now)
+            leases, over_rate = self.limiter.admit(leases)
+            excess += over_rate
+        if excess:
+            self.store.release(excess, now)
         if not any(0 < lease.task.spec.expires_at <= now for lease in leases):
             return leases
         expired = [lease for lease in leases if 0 < lease.task.spec.expires_at <= now]

@@ -70,6 +70,12 @@ def _validate_spec(field: str, spec: TaskSpec, max_payload_bytes: int) -> None:
         raise InvalidArgument(f"{field}.not_before: must not be before 1970")
     if spec.not_before > MAX_UNIX_S:
         raise InvalidArgument(f"{field}.not_before: must not be after 9999-12-31")
+    if len(spec.concurrency_key) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{field}.concurrency_key: longer than {MAX_NAME_CHARS} characters")
+    if spec.concurrency_key and spec.concurrency_limit < 1:
+        raise InvalidArgument(f"{field}.concurrency_limit: must be at least 1 with a key")
+    if spec.concurrency_limit and not spec.concurrency_key:
+        raise InvalidArgument(f"{field}.concurrency_key: must be set with concurrency_limit")
 
 
 def _validate_depends_on(field: str, index: int, spec: TaskSpec) -> None:

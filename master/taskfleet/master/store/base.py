@@ -55,6 +55,14 @@ MAX_PAGE_SIZE = 1_000
 
 
 @dataclass(frozen=True, slots=True)
+class KeyLoad:
+    """The RUNNING tasks of one concurrency key (master/concurrency.py)."""
+
+    running: int
+    limit: int  # the smallest concurrency_limit among them
+
+
+@dataclass(frozen=True, slots=True)
 class StorePolicy:
     """The lifecycle limits a store enforces itself, since it alone sees every lapse
     and every end."""
@@ -191,9 +199,12 @@ class Store(abc.ABC):
         limit: int,
         lease_s: float,
         now: float,
+        *,
+        exclude_keys: Collection[str] = (),
     ) -> list[Lease]:
         """Hand out up to ``limit`` ready tasks of ``queues`` whose name is in ``names``
-        (any name when ``names`` is None).
+        (any name when ``names`` is None), passing over tasks whose concurrency key
+        is in ``exclude_keys`` (they stay ready).
 
         Ready means PENDING with ``not_before`` and any retry backoff passed.
         Order: higher priority first, then submission order (across all the
@@ -202,6 +213,11 @@ class Store(abc.ABC):
         ``now + lease_s``. The cost must not grow with the number of queued
         tasks beyond O(log n).
         """
+
+    @abc.abstractmethod
+    def running_by_key(self) -> dict[str, KeyLoad]:
+        """For each concurrency key with RUNNING tasks, how many run and the smallest
+        limit among them. Indexed: the cost grows with RUNNING keyed tasks only."""
 
     @abc.abstractmethod
     def extend(

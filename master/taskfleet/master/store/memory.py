@@ -34,6 +34,7 @@ from taskfleet.common.model import (
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    KeyLoad,
     Store,
     StorePolicy,
     TaskPage,
@@ -68,6 +69,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self._delayed: list[tuple[float, int, str]] = []
         self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
         self._counts: dict[str, dict[TaskState, int]] = {}
+        self._keyed: dict[str, dict[str, int]] = {}  # key -> RUNNING task id -> its limit
         self._expiring: list[tuple[float, int, str]] = []  # expires_at, seq, id
         self._schedules: dict[str, Schedule] = {}  # in creation order
         # Ids in submission order with their seqs, for list_tasks' keyset paging;
@@ -135,8 +137,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         limit: int,
         lease_s: float,
         now: float,
+        *,
+        exclude_keys: Collection[str] = (),
     ) -> list[Lease]:
         leases: list[Lease] = []
+        passed_over: list[tuple[ReadyEntry, list[ReadyEntry]]] = []
         with self._lock:
             self._promote(now)
             # One entry per non-empty heap, keyed by its top: popping the best
@@ -149,14 +154,27 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             heapq.heapify(heads)
             while heads and len(leases) < limit:
                 heap = heads[0][1]
-                task_id = heapq.heappop(heap)[2]
-                leases.append(self._start(self._slots[task_id], worker_id, lease_s, now))
+                entry = heapq.heappop(heap)
+                slot = self._slots[entry[2]]
+                if slot.task.spec.concurrency_key in exclude_keys:
+                    passed_over.append((entry, heap))  # put back below, still ready
+                else:
+                    leases.append(self._start(slot, worker_id, lease_s, now))
                 self._drop_stale(heap)
                 if heap:
                     heapq.heapreplace(heads, (heap[0], heap))
                 else:
                     heapq.heappop(heads)
+            for entry, heap in passed_over:
+                heapq.heappush(heap, entry)
         return leases
+
+    def running_by_key(self) -> dict[str, KeyLoad]:
+        with self._lock:
+            return {
+                key: KeyLoad(len(running), min(running.values()))
+                for key, running in self._keyed.items()
+            }
 
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
@@ -371,6 +389,15 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         counts = self._counts[slot.task.spec.queue]
         counts[slot.task.state] -= 1
         counts[state] += 1
+        key = slot.task.spec.concurrency_key
+        if key and (slot.task.state is TaskState.RUNNING) != (state is TaskState.RUNNING):
+            running = self._keyed.setdefault(key, {})
+            if state is TaskState.RUNNING:
+                running[slot.task.id] = slot.task.spec.concurrency_limit
+            else:
+                running.pop(slot.task.id, None)
+                if not running:
+                    del self._keyed[key]
         slot.task.state = state
 
     def _enqueue(self, slot: Slot, ready_at: float, now: float) -> None:

@@ -44,6 +44,8 @@ def own_spec(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
         depends_on,
         spec.pass_results,
         spec.gather_results,
+        spec.concurrency_key,
+        spec.concurrency_limit,
     )
 
 

@@ -67,6 +67,7 @@ from taskfleet.common.store_urls import redacted
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    KeyLoad,
     Store,
     StorePolicy,
     TaskPage,
@@ -94,6 +95,7 @@ from taskfleet.master.store.postgres_sql import (
     REFS,
     ref_arrays,
     task_row,
+    without_keys,
 )
 from taskfleet.master.store.rows import (
     CANCELLED,
@@ -145,7 +147,7 @@ class PostgresStore(PostgresSchedules, Store):
                 ).fetchall()
                 known = dict(rows)
             ids: list[str] = []
-            columns: list[list[Any]] = [[] for _ in range(14)]
+            columns: list[list[Any]] = [[] for _ in range(16)]
             for spec in specs:
                 key = spec.idempotency_key
                 if key and key in known:
@@ -187,6 +189,8 @@ class PostgresStore(PostgresSchedules, Store):
         limit: int,
         lease_s: float,
         now: float,
+        *,
+        exclude_keys: Collection[str] = (),
     ) -> list[Lease]:
         if limit <= 0 or not queues or (names is not None and not names):
             return []
@@ -202,6 +206,9 @@ class PostgresStore(PostgresSchedules, Store):
         else:
             params["names"] = list(dict.fromkeys(names))
             sql = CLAIM_BY_NAME
+        if exclude_keys:
+            params["keys"] = sorted(exclude_keys)
+            sql = without_keys(sql)
 
         def work(conn: psycopg.Connection[Any]) -> list[Any]:
             conn.execute(
@@ -213,6 +220,15 @@ class PostgresStore(PostgresSchedules, Store):
         rows = self._run(work)
         rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING comes in no set order
         return [Lease(task_from_row(row[2:]), now + lease_s) for row in rows]
+
+    def running_by_key(self) -> dict[str, KeyLoad]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"""SELECT ckey, count(*), min(ckey_limit) FROM tasks
+                WHERE state = {RUNNING} AND ckey <> '' GROUP BY ckey"""
+            ).fetchall()
+        )
+        return {key: KeyLoad(running, limit) for key, running, limit in rows}
 
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float

@@ -150,6 +150,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN progress double precision NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN progress_message text NOT NULL DEFAULT ''",
     ),
+    # Concurrency keys (master/concurrency.py): RUNNING tasks are counted per key.
+    8: (
+        "ALTER TABLE tasks ADD COLUMN ckey text NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN ckey_limit integer NOT NULL DEFAULT 0",
+        f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey <> ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

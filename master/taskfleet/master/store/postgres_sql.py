@@ -32,15 +32,16 @@ EXPIRES = "CASE WHEN t.result_ttl_s > 0 THEN %(now)s + t.result_ttl_s ELSE %(exp
 
 INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at, start_by)
+    created_at, start_by, ckey, ckey_limit)
     SELECT id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
         not_before, idempotency_key, metadata, result_ttl_s, %s::smallint, ready_at <= %s,
-        ready_at, %s::float8, start_by FROM unnest(
+        ready_at, %s::float8, start_by, ckey, ckey_limit FROM unnest(
         %b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::int[], %b::int[],
         %b::float8[], %b::float8[], %b::text[], %b::text[], %b::float8[], %b::float8[],
-        %b::float8[]
+        %b::float8[], %b::text[], %b::int[]
     ) AS s(id, name, queue, payload, content_type, priority, max_attempts, timeout_s,
-        not_before, idempotency_key, metadata, result_ttl_s, ready_at, start_by)"""
+        not_before, idempotency_key, metadata, result_ttl_s, ready_at, start_by, ckey,
+        ckey_limit)"""
 
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
@@ -116,9 +117,21 @@ EXPIRE = f"""UPDATE tasks t SET lost_leases = t.lost_leases + 1, lost_by = r.los
     WHERE t.seq = r.seq RETURNING r.i, {TCOLUMNS}"""
 
 
+def without_keys(claim: str) -> str:
+    """``claim`` passing over tasks whose concurrency key is in ``%(keys)s``."""
+    return claim.replace(" ORDER BY ", " AND ckey <> ALL(%(keys)s::text[]) ORDER BY ", 1)
+
+
 def task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
     """One new task's element of each array ``INSERT`` unnests."""
-    return (task_id, *spec_values(spec), max(spec.not_before, now), spec.expires_at)
+    return (
+        task_id,
+        *spec_values(spec),
+        max(spec.not_before, now),
+        spec.expires_at,
+        spec.concurrency_key,
+        spec.concurrency_limit,
+    )
 
 
 def ref_arrays(refs: Sequence[LeaseRef]) -> dict[str, list[Any]]:

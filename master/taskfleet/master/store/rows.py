@@ -34,7 +34,7 @@ COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, tim
     not_before, idempotency_key, metadata, result_ttl_s, state, attempts, lease, worker_id,
     result, result_content_type, error_type, error_message, error_traceback,
     created_at, started_at, finished_at, lost_leases, expires_at, start_by,
-    depends_on, pass_results, progress, progress_message"""
+    depends_on, pass_results, progress, progress_message, ckey, ckey_limit"""
 
 
 def spec_values(spec: TaskSpec) -> tuple[Any, ...]:
@@ -151,6 +151,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         pass_results,
         progress,
         progress_message,
+        ckey,
+        ckey_limit,
     ) = row
     # Positional, and no JSON parse or enum call for the common defaults: this
     # runs for every row the master leases, records or reports.
@@ -170,6 +172,8 @@ def task_from_row(row: Sequence[Any]) -> Task:
         tuple(json.loads(depends_on)) if depends_on != "[]" else (),
         pass_results == 1,  # the mode of store/deps.py: 1 each, 2 as one list
         pass_results == 2,
+        ckey,
+        ckey_limit,
     )
     error = None if error_type is None else TaskError(error_type, error_message, error_traceback)
     return Task(

@@ -55,6 +55,7 @@ from taskfleet.common.model import (
 from taskfleet.master.store.base import (
     DEFAULT_POLICY,
     FINAL_STATES,
+    KeyLoad,
     Store,
     StorePolicy,
     TaskPage,
@@ -93,6 +94,7 @@ from taskfleet.master.store.sqlite_sql import (
     known_id,
     outcome_update,
     task_row,
+    without_keys,
 )
 
 log = logging.getLogger("taskfleet.master.store")
@@ -223,6 +225,8 @@ class SqliteStore(SqliteSchedules, Store):
         limit: int,
         lease_s: float,
         now: float,
+        *,
+        exclude_keys: Collection[str] = (),
     ) -> list[Lease]:
         if limit <= 0:
             return []
@@ -230,10 +234,15 @@ class SqliteStore(SqliteSchedules, Store):
         queue_list = list(dict.fromkeys(queues))
         queries: list[tuple[str, tuple[str | int, ...]]]
         if names is None:
-            queries = [(CANDIDATES_BY_QUEUE, (q, limit)) for q in queue_list]
+            queries = [(CANDIDATES_BY_QUEUE, (q,)) for q in queue_list]
         else:
             name_list = list(dict.fromkeys(names))
-            queries = [(CANDIDATES_BY_NAME, (q, n, limit)) for q in queue_list for n in name_list]
+            queries = [(CANDIDATES_BY_NAME, (q, n)) for q in queue_list for n in name_list]
+        if exclude_keys:
+            keys = json.dumps(sorted(exclude_keys))
+            queries = [(without_keys(sql), (*args, keys, limit)) for sql, args in queries]
+        else:
+            queries = [(sql, (*args, limit)) for sql, args in queries]
         deadline = now + lease_s
         with self._write() as db:
             db.execute(f"UPDATE tasks SET ready = 1 WHERE {DELAYED} AND ready_at <= ?", (now,))
@@ -250,6 +259,15 @@ class SqliteStore(SqliteSchedules, Store):
         order = {seq: i for i, seq in enumerate(chosen)}
         rows.sort(key=lambda row: order[row[0]])  # RETURNING comes in no set order
         return [Lease(task_from_row(row[1:]), deadline) for row in rows]
+
+    def running_by_key(self) -> dict[str, KeyLoad]:
+        with self._read() as db:
+            rows = db.execute(
+                f"""SELECT ckey, count(*), min(ckey_limit) FROM tasks
+                INDEXED BY tasks_running_by_key WHERE state = {RUNNING} AND ckey != ''
+                GROUP BY ckey"""
+            ).fetchall()
+        return {key: KeyLoad(running, limit) for key, running, limit in rows}
 
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float

@@ -130,6 +130,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN progress REAL NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN progress_message TEXT NOT NULL DEFAULT ''",
     ),
+    # Concurrency keys (master/concurrency.py): RUNNING tasks are counted per key.
+    7: (
+        "ALTER TABLE tasks ADD COLUMN ckey TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN ckey_limit INTEGER NOT NULL DEFAULT 0",
+        f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey != ''",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

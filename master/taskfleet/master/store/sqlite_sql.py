@@ -23,7 +23,8 @@ DEPS = SqlDeps("?", "")
 
 INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority, max_attempts,
     timeout_s, not_before, idempotency_key, metadata, result_ttl_s, state, ready, ready_at,
-    created_at, start_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, start_by, ckey, ckey_limit)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 # A finished task's deletion time: its own TTL, else the policy's (passed in as
 # the second parameter, already added to now; 0 for never).
@@ -34,6 +35,15 @@ CANDIDATES_BY_NAME = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready
     WHERE {READY} AND queue = ? AND name = ? ORDER BY priority DESC, seq LIMIT ?"""
 CANDIDATES_BY_QUEUE = f"""SELECT -priority, seq FROM tasks INDEXED BY tasks_ready_by_queue
     WHERE {READY} AND queue = ? ORDER BY priority DESC, seq LIMIT ?"""
+
+
+def without_keys(candidates: str) -> str:
+    """``candidates`` passing over tasks whose concurrency key is in a JSON list,
+    the parameter before the LIMIT."""
+    return candidates.replace(
+        " ORDER BY ", " AND ckey NOT IN (SELECT value FROM json_each(?)) ORDER BY ", 1
+    )
+
 
 # The WHERE clause that fences an outcome or a release: the lease must be current.
 FENCE = f"id = ? AND state = {RUNNING} AND lease = ?"
@@ -50,6 +60,8 @@ def task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
         ready_at,
         now,
         spec.expires_at,
+        spec.concurrency_key,
+        spec.concurrency_limit,
     )
 
 
