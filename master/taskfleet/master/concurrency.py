@@ -67,3 +67,24 @@ def admit(store: Store, leases: Sequence[Lease]) -> tuple[list[Lease], list[Leas
         excess.update(lease.ref.task_id for lease in group[keep:])
     kept = [lease for lease in leases if lease.ref.task_id not in excess]
     return kept, [lease.ref for lease in leases if lease.ref.task_id in excess]
+
+
+class KeyLimits:
+    """The two steps above, for one master's leases.
+
+    The first step costs a query per lease (a round trip on PostgreSQL) that
+    only matters once keyed tasks are about: until this master has leased one,
+    it is skipped, and the second step (which counts only leased keys) still
+    holds every limit. So a master whose tasks never name a key pays nothing."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._keys_seen = False
+
+    def full(self) -> set[str]:
+        return full_keys(self._store) if self._keys_seen else set()
+
+    def admit(self, leases: Sequence[Lease]) -> tuple[list[Lease], list[LeaseRef]]:
+        if not self._keys_seen:
+            self._keys_seen = any(lease.task.spec.concurrency_key for lease in leases)
+        return admit(self._store, leases)

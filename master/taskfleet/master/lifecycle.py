@@ -94,6 +94,7 @@ class Lifecycle:
         self.max_payload_bytes = max_payload_bytes
         self._listeners = list(listeners)
         self.limiter = limiter  # --rate-limit; see ratelimit.py
+        self._keys = concurrency.KeyLimits(store)
 
     def add_listener(self, listener: LifecycleListener) -> None:
         self._listeners.append(listener)
@@ -190,20 +191,21 @@ class Lifecycle:
             limit,
             lease_s,
             now,
-            exclude_keys=concurrency.full_keys(self.store),
+            exclude_keys=self._keys.full(),
         )
-        leases, excess = concurrency.admit(self.store, leases)
+        leases, excess = self._keys.admit(leases)
         if self.limiter is not None and leases:
             leases, over_rate = self.limiter.admit(leases)
             excess += over_rate
         if excess:
             self.store.release(excess, now)
-        if not any(0 < lease.task.spec.expires_at <= now for lease in leases):
-            return leases
         expired = [lease for lease in leases if 0 < lease.task.spec.expires_at <= now]
+        if not expired:
+            return leases
         self.record([_expired(lease) for lease in expired])
         self._work_available([lease.task.spec for lease in expired])  # slots came free
-        return [lease for lease in leases if not 0 < lease.task.spec.expires_at <= now]
+        gone = {lease.task.id for lease in expired}
+        return [lease for lease in leases if lease.task.id not in gone]
 
     def extend(self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float) -> list[LeaseRef]:
         """Renew ``refs``; the stale ones, which the worker must stop."""
