@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -19,7 +20,7 @@ from taskfleet.worker.process_child import Malformed, check_progress, is_progres
 import pg
 from dashboard_http import call, dashboard_master
 from procs import Gates, MasterProc, WorkerProc, poll
-from test_cli import ok, run
+from test_cli import TASKFLEET, _env, ok, run
 
 WAIT_S = 60.0
 # What progress_gated sets, step by step, with three gates.
@@ -234,6 +235,38 @@ def test_a_wait_stream_carries_progress_only_when_asked(
     # And bad input is refused as it always was
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert unknown in (refused.value.details() or "")
+
+
+def test_the_cli_wait_prints_progress_lines_when_asked(
+    master: MasterProc,
+    start_worker: Callable[..., WorkerProc],
+    gates: Gates,
+    queue_name: str,
+) -> None:
+    start_worker(master, pool="thread", queues=queue_name)
+    steps = [gates.new(f"cli-{k}") for k in range(1, len(STEPS) + 1)]
+    with master.client() as client:
+        task_id = client.submit("progress_gated", [steps], queue=queue_name)
+    # When `taskfleet wait --progress` runs, each line it prints opens its step's gate
+    command = [TASKFLEET, "wait", task_id, "--progress", "--master", master.address]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    ) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if " RUNNING " in line:
+                Gates.open(steps[int(line.split()[-1]) - 1])
+        assert proc.wait(timeout=WAIT_S) == 0, proc.stderr.read() if proc.stderr else ""
+    # Then it printed each step while the task ran, then the outcome
+    *updates, final = lines
+    assert list(dict.fromkeys(updates)) == [
+        f"{task_id} RUNNING 25% step 1",
+        f"{task_id} RUNNING 50% step 2",
+        f"{task_id} RUNNING 75% step 3",
+    ]
+    assert final == f"{task_id} SUCCEEDED finished"
 
 
 @pytest.fixture
