@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -13,7 +14,8 @@ import grpc
 import pytest
 
 from taskfleet.client import AsyncClient, TaskProgress
-from taskfleet.common.model import TaskState
+from taskfleet.common.model import LeaseRef, Progress, Task, TaskState
+from taskfleet.master.events import CompletionHub
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 from taskfleet.worker.process_child import Malformed, check_progress, is_progress
 
@@ -141,16 +143,18 @@ class Stepper:
         Gates.open(self.gates[int(update.message.split()[1]) - 1])
 
 
-def test_a_wait_that_asks_hears_each_progress_update_before_the_result(
-    master: MasterProc,
+def hear_steps(
+    waiter: MasterProc,
+    runner: MasterProc,
     start_worker: Callable[..., WorkerProc],
     gates: Gates,
     queue_name: str,
 ) -> None:
+    """A wait on ``waiter`` drives a gated task that a worker of ``runner`` runs."""
     # Given a task that sets 0.25, 0.5 and 0.75, each time waiting for a gate
-    start_worker(master, pool="thread", queues=queue_name)
+    start_worker(runner, pool="thread", queues=queue_name)
     stepper = Stepper(gates, "wait")
-    with master.client() as client:
+    with waiter.client() as client:
         handle = client.submit("progress_gated", [stepper.gates], queue=queue_name)
 
         # When a wait for its result opens each gate on hearing that step
@@ -160,6 +164,33 @@ def test_a_wait_that_asks_hears_each_progress_update_before_the_result(
     # not have finished otherwise), and then had the result
     assert stepper.heard == STEPS
     assert result == "finished"
+
+
+def test_a_wait_that_asks_hears_each_progress_update_before_the_result(
+    master: MasterProc,
+    start_worker: Callable[..., WorkerProc],
+    gates: Gates,
+    queue_name: str,
+) -> None:
+    hear_steps(master, master, start_worker, gates, queue_name)
+
+
+def test_the_hub_hands_progress_only_to_the_waits_that_asked_for_it() -> None:
+    hub = CompletionHub()
+    plain: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+    asked: queue.SimpleQueue[Task | Progress | None] = queue.SimpleQueue()
+    hub.subscribe(["t1"], plain)
+    subscription = hub.subscribe(["t1", "t2"], asked, asked)
+    half = Progress(LeaseRef("t1", 1), 0.5, "half")
+
+    hub.progressed([half, Progress(LeaseRef("t3", 1), 0.1, "not awaited")])
+
+    assert asked.get_nowait() == half and asked.empty()
+    assert plain.empty()
+    subscription.close()
+    hub.progressed([half])
+    assert asked.empty()
+    assert hub.waited() == ["t1"]
 
 
 def test_async_run_hears_progress_through_submit_and_wait(
@@ -282,16 +313,8 @@ def test_a_wait_on_one_master_hears_progress_of_a_task_run_through_another(
     gates: Gates,
     queue_name: str,
 ) -> None:
-    # Given two masters on one database, and a worker on B only
+    # Given two masters on one database: the waiter on A, the worker on B. After
+    # the first step (which A may read from the store when the wait starts), the
+    # task runs on only once the update B stored has reached A's waiter (NOTIFY).
     a, b = start_master(store=db), start_master(store=db)
-    start_worker(b, pool="thread", queues=queue_name)
-    stepper = Stepper(gates, "cluster")
-    with a.client() as client:
-        # When a wait on A drives the gated task that B's worker runs
-        handle = client.submit("progress_gated", [stepper.gates], queue=queue_name)
-        result = handle.result(timeout_s=WAIT_S, on_progress=stepper)
-
-    # Then A's waiter heard every step: after the first, the task runs on only
-    # once the update B stored has reached A's waiter (a NOTIFY between masters)
-    assert stepper.heard == STEPS
-    assert result == "finished"
+    hear_steps(a, b, start_worker, gates, queue_name)
