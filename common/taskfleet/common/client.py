@@ -304,9 +304,9 @@ class Client:
         idempotency key (then it is sent again, as ``submit_many`` does).
         """
         spec = make_spec(name, args, kwargs, **options)
-        request = tasks_pb2.SubmitAndWaitRequest(
-            tasks=[convert.spec_to_proto(spec)], progress=on_progress is not None
-        )
+        request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        if on_progress is not None:
+            request.progress = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))

@@ -48,9 +48,9 @@ def wait_request(
     """The request for the tasks still awaited, with what is left of the deadline
     (past it, a zero timeout still reports the tasks final by then), asking for
     progress when there is ``on_progress`` to hear it."""
-    request = tasks_pb2.WaitTasksBatchedRequest(
-        task_ids=list(waiting), progress=on_progress is not None
-    )
+    request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
+    if on_progress is not None:
+        request.progress = True
     if deadline is not None:
         request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
     return request

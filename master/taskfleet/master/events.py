@@ -71,24 +71,19 @@ class CompletionHub(LifecycleListener):
         self, task_ids: Iterable[str], finished: Inbox, progress: ProgressInbox | None = None
     ) -> Subscription:
         subscription = Subscription(self, frozenset(task_ids), finished, progress)
-        indexes = [self._by_task] if progress is None else [self._by_task, self._progress_by_task]
         with self._lock:
-            for index in indexes:
+            for task_id in subscription.task_ids:
+                self._by_task.setdefault(task_id, []).append(subscription)
+            if progress is not None:
                 for task_id in subscription.task_ids:
-                    index.setdefault(task_id, []).append(subscription)
+                    self._progress_by_task.setdefault(task_id, []).append(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        indexes = [self._by_task, self._progress_by_task]
         with self._lock:
-            for index in indexes if subscription.progress is not None else indexes[:1]:
-                for task_id in subscription.task_ids:
-                    waiters = index.get(task_id)
-                    if waiters is None:
-                        continue
-                    waiters.remove(subscription)
-                    if not waiters:
-                        del index[task_id]
+            _remove(self._by_task, subscription)
+            if subscription.progress is not None:
+                _remove(self._progress_by_task, subscription)
 
     def finished(self, tasks: Sequence[Task]) -> None:
         self.publish(tasks)
@@ -128,3 +123,13 @@ class CompletionHub(LifecycleListener):
             subscriptions = {id(s): s for ws in self._by_task.values() for s in ws}
         for subscription in subscriptions.values():
             subscription.wake()
+
+
+def _remove(index: dict[str, list[Subscription]], subscription: Subscription) -> None:
+    for task_id in subscription.task_ids:
+        waiters = index.get(task_id)
+        if waiters is None:
+            continue
+        waiters.remove(subscription)
+        if not waiters:
+            del index[task_id]

@@ -220,19 +220,15 @@ class _Batch(Generic[_Message]):
         """Add ``task``; True once the batch is full."""
         convert.fill_task(self._message.tasks.add(), task)
         self._bytes += len(task.spec.payload) + len(task.result)
-        return self._full()
+        return len(self._message.tasks) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
 
     def add_progress(self, update: Progress) -> bool:
         """Add ``update`` in place of any earlier one of its task (the master
         coalesces what a slow reader has not taken yet); True once full."""
         if update.ref.task_id not in self._progress:
-            self._bytes += len(update.message) + 50
+            self._bytes += len(update.message) + 50  # its id and framing, about
         self._progress[update.ref.task_id] = update
-        return self._full()
-
-    def _full(self) -> bool:
-        count = len(self._message.tasks) + len(self._progress)
-        return count >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
+        return len(self._progress) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
 
     def take(self) -> _Message:
         message, self._message, self._bytes = self._message, self._new(), 0
