@@ -50,7 +50,7 @@ import pg  # noqa: E402
 # A backstop only: each <peer>_side.py bounds each of its own waits.
 PEERS_TIMEOUT_S = 1800
 PEERS = ("celery", "dramatiq", "rq")
-# RQ forks a work horse per job (about 10 ms of CPU each here), so W1 and W2 run a
+# RQ forks a work horse per job (about 13 ms of CPU each here), so W1 and W2 run a
 # tenth of the tasks on it, or its three rounds alone would take a quarter of an
 # hour; its figures are per task all the same. W3 keeps its count.
 PEER_SHARE = {"rq": 10}
