@@ -260,12 +260,10 @@ def postmaster_pid(store_url: str) -> int | None:
     import psycopg
 
     with psycopg.connect(store_url) as conn:
-        row = conn.execute(
-            "SELECT setting FROM pg_settings WHERE name = 'data_directory'"
-        ).fetchone()
+        row = conn.execute("SHOW data_directory").fetchone()
     try:
-        return int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
-    except (OSError, IndexError, TypeError, ValueError):
+        return int((Path(row[0] if row else "") / "postmaster.pid").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
         return None
 
 
