@@ -15,8 +15,9 @@ DIST ?= dist
 #     PYZ_PIP_ARGS='--platform manylinux2014_aarch64 --python-version 3.12 --only-binary=:all:'
 PYZ_PYTHON ?= /usr/bin/env python$(shell $(BIN)/python -c 'import sys; print(*sys.version_info[:2], sep=".")')
 PYZ_PIP_ARGS ?=
-# A separate venv for the peer systems `make bench-peers` compares against (Celery
-# with Redis), so that none of their packages reaches the project's own .venv.
+# A separate venv for the peer systems `make bench-peers` compares against (Celery,
+# Dramatiq and RQ, each with Redis), so that none of their packages reaches the
+# project's own .venv.
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
@@ -119,10 +120,11 @@ bench-scaling: install
 bench-depth: install
 	$(BIN)/python bench/run.py --rounds 1 --depth 1000000
 
-# Celery 5 with a Redis broker and result backend, run in the same alternating
-# rounds as `make bench`. Debian's redis-server is installed only when missing
-# (as root); Celery and the redis client go into $(PEERS_VENV), pinned in
-# bench/peers-requirements.txt, and are reinstalled when that file changes.
+# Celery, Dramatiq and RQ, each with Redis as broker and result store, run in the
+# same alternating rounds as `make bench` (BENCH_ARGS passes options through, e.g.
+# BENCH_ARGS='--rounds 1 --peers rq'). Debian's redis-server is installed only when
+# missing (as root); the peers and the redis client go into $(PEERS_VENV), pinned
+# in bench/peers-requirements.txt, and are reinstalled when that file changes.
 peers-deps: $(PEERS_STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { \
 		apt-get update -qq && \
@@ -135,4 +137,4 @@ $(PEERS_STAMP): bench/peers-requirements.txt
 	touch $(PEERS_STAMP)
 
 bench-peers: install peers-deps
-	$(BIN)/python bench/run.py --peers --peers-python $(PEERS_VENV)/bin/python
+	$(BIN)/python bench/run.py --peers --peers-python $(PEERS_VENV)/bin/python $(BENCH_ARGS)

@@ -80,6 +80,13 @@ class ClassicCluster:
         self.results.get()
         return time.perf_counter() - start
 
+    def processes(self) -> dict[str, list[int]]:
+        """Its processes by role, for CPU per task (measuring.cpu_seconds)."""
+        return {
+            "server": [self._server.pid or 0],
+            "workers": [worker.pid or 0 for worker in self._workers],
+        }
+
     def close(self) -> None:
         for _ in self._workers:
             self.tasks.put(None)

@@ -4,10 +4,13 @@ Real processes as a user runs them: a master and two workers with default
 pools on this machine, beside the classic manager with two worker processes.
 Each workload runs alternately on each system, ``--rounds`` times, and the
 median is reported with the machine's load. Results also go to a JSON file.
+Beside each throughput, the CPU each process used per task, read from /proc
+(measuring.py), and the same workloads through a client made of the generated
+stubs alone (raw_client.py).
 
-With ``--peers`` (``make bench-peers``), Celery with Redis joins each round as one
-more system: bench/celery_side.py, run in .venv-peers' Python so that Celery stays
-out of taskfleet's own environment.
+With ``--peers`` (``make bench-peers``), Celery, Dramatiq and RQ, each with Redis,
+join each round as more systems: bench/<peer>_side.py, run in .venv-peers' Python
+so that none of them reaches taskfleet's own environment.
 
 The postgres store runs on a throwaway server with PostgreSQL's default
 durability (fsync, synchronous_commit and full_page_writes on), started as the
@@ -33,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from classic import ClassicCluster
-from measuring import free_port, percentile, poll, trip_figures
+from measuring import ROLES, free_port, poll, trip_figures, with_cpu
+from raw_client import RawClient
 
 from taskfleet.common.client import Client, make_spec
 
@@ -43,8 +47,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.append(str(BENCH.parent / "tests"))
 import pg  # noqa: E402
 
-# A backstop only: celery_side.py bounds each of its own waits.
+# A backstop only: each <peer>_side.py bounds each of its own waits.
 PEERS_TIMEOUT_S = 1800
+PEERS = ("celery", "dramatiq", "rq")
+# RQ forks a work horse per job (about 13 ms of CPU each here), so W1 and W2 run a
+# tenth of the tasks on it, or its three rounds alone would take a quarter of an
+# hour; its figures are per task all the same. W3 keeps its count.
+PEER_SHARE = {"rq": 10}
 
 
 class TaskfleetCluster:
@@ -73,7 +82,9 @@ class TaskfleetCluster:
             stdout=subprocess.DEVNULL,
         )
         self.client = Client(self.address)
+        self.raw = RawClient(self.address)
         poll(lambda: self._serving(), "master")
+        self.postmaster = postmaster_pid(store_url) if store == "postgres" else None
         self.workers = [
             subprocess.Popen(
                 [
@@ -126,6 +137,14 @@ class TaskfleetCluster:
         self.client.result(task_id, timeout_s=30)
         return time.perf_counter() - start
 
+    def processes(self) -> dict[str, list[int]]:
+        """Its processes by role, for CPU per task (measuring.cpu_seconds)."""
+        return {
+            "server": [self.master.pid],
+            "workers": [worker.pid for worker in self.workers],
+            "store": [] if self.postmaster is None else [self.postmaster],
+        }
+
     def master_rss_mb(self) -> float:
         with open(f"/proc/{self.master.pid}/status") as f:
             for line in f:
@@ -135,6 +154,7 @@ class TaskfleetCluster:
 
     def close(self) -> None:
         self.client.close()
+        self.raw.close()
         for proc in [*self.workers, self.master]:
             proc.send_signal(signal.SIGTERM)
         for proc in [*self.workers, self.master]:
@@ -163,8 +183,12 @@ def measure_classic(args: argparse.Namespace) -> dict[str, float]:
     classic = ClassicCluster(free_port())
     try:
         figures = {
-            "w1": args.w1 / classic.run_batch(["noop"] * args.w1),
-            "w2": args.w2 / classic.run_batch(list(range(args.w2))),
+            **with_cpu(
+                "w1", args.w1, classic.processes, lambda: classic.run_batch(["noop"] * args.w1)
+            ),
+            **with_cpu(
+                "w2", args.w2, classic.processes, lambda: classic.run_batch(list(range(args.w2)))
+            ),
         }
         trips = [classic.round_trip(7) for _ in range(args.w3)]
     finally:
@@ -173,41 +197,49 @@ def measure_classic(args: argparse.Namespace) -> dict[str, float]:
 
 
 def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
-    """One round of taskfleet on ``store``; only it has a submit-only figure, as
-    only it submits in batches."""
+    """One round of taskfleet on ``store``, through taskfleet's Client and through
+    the generated stubs alone (``raw``: W1s and the raw round trips); only
+    taskfleet has a submit-only figure, as only it submits in batches."""
     w1 = [("noop", ())] * args.w1
     w2 = [("square", (n,)) for n in range(args.w2)]
+    trip = ("square", (7,))
     cluster = TaskfleetCluster(store, result_ttl_s=args.result_ttl_s)
     try:
         figures = {
-            "w1": args.w1 / cluster.run_batch(w1),
-            "w2": args.w2 / cluster.run_batch(w2),
+            **with_cpu("w1", args.w1, cluster.processes, lambda: cluster.run_batch(w1)),
+            **with_cpu("w1s", args.w1, cluster.processes, lambda: cluster.raw.per_task_stream(w1)),
+            **with_cpu("w2", args.w2, cluster.processes, lambda: cluster.run_batch(w2)),
         }
-        trips = [cluster.round_trip(("square", (7,))) for _ in range(args.w3)]
-        two_calls = [cluster.round_trip_two_calls(("square", (7,))) for _ in range(args.w3)]
-        figures["w3_two_calls_p50_ms"] = percentile(two_calls, 0.50) * 1000
+        for prefix, one in (
+            ("w3", cluster.round_trip),
+            ("w3_two_calls", cluster.round_trip_two_calls),
+            ("w3_raw", cluster.raw.submit_and_wait),
+            ("w3_raw_two_calls", cluster.raw.submit_then_wait),
+        ):
+            figures.update(trip_figures([one(trip) for _ in range(args.w3)], prefix))
         figures["submit"] = args.submit / cluster.submit_only(args.submit)
     finally:
         cluster.close()
-    return {**figures, **trip_figures(trips)}
+    return figures
 
 
-def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
-    """One round of Celery + Redis: its figures (same names as ours) and its versions.
+def measure_peer(peer: str, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
+    """One round of ``peer`` with Redis: its figures (same names as ours) and its versions.
 
-    A subprocess in the peers' venv, which starts and stops its own Redis and
-    worker; a fresh one each round, as the other systems get.
+    A subprocess in the peers' venv (bench/<peer>_side.py), which starts and stops
+    its own Redis and workers; a fresh one each round, as the other systems get.
     """
+    share = PEER_SHARE.get(peer, 1)
     command = [
         args.peers_python,
-        str(BENCH / "celery_side.py"),
-        *("--w1", str(args.w1), "--w2", str(args.w2), "--w3", str(args.w3)),
+        str(BENCH / f"{peer}_side.py"),
+        *("--w1", str(args.w1 // share), "--w2", str(args.w2 // share), "--w3", str(args.w3)),
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         out, _ = proc.communicate(timeout=PEERS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.terminate()  # celery_side stops its worker and Redis on SIGTERM
+        proc.terminate()  # the side stops its workers and Redis on SIGTERM
         try:
             proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
@@ -219,6 +251,20 @@ def measure_celery(args: argparse.Namespace) -> tuple[dict[str, float], dict[str
     report = json.loads(out)
     versions = report.pop("versions")
     return report, versions
+
+
+def postmaster_pid(store_url: str) -> int | None:
+    """The pid of the PostgreSQL server behind ``store_url``, from its postmaster.pid,
+    so that its CPU (the postmaster and every backend below it) counts as "store";
+    None when the file cannot be read (a server on another machine or user)."""
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    try:
+        return int((Path(row[0] if row else "") / "postmaster.pid").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def postgres_settings() -> dict[str, str]:
@@ -234,15 +280,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = Figures()
     loads: list[float] = []
     peers: dict[str, dict[str, str]] = {}
-    systems = ("classic", *(["celery"] if args.peers else []), *args.stores)
+    systems = ("classic", *args.peers, *args.stores)
     for round_no in range(1, args.rounds + 1):
         for system in systems:
             loads.append(os.getloadavg()[0])
             print(f"round {round_no}: {system} ...", file=sys.stderr, flush=True)
             if system == "classic":
                 results = measure_classic(args)
-            elif system == "celery":
-                results, peers["celery"] = measure_celery(args)
+            elif system in PEERS:
+                results, peers[system] = measure_peer(system, args)
             else:
                 results = measure_taskfleet(system, args)
             for key, value in results.items():
@@ -293,56 +339,53 @@ def print_table(report: dict[str, Any]) -> None:
     med = report["medians"]
     p = report["params"]
     stores = p["stores"]
-    # What taskfleet is measured against: classic always, Celery too with --peers.
-    bases = ["classic", *(["celery"] if p.get("peers") else [])]
-    pairs = [(base, store) for base in bases for store in stores]
+    peers = p.get("peers") or []
+    systems = ["classic", *peers, *stores]
+    # Ratios: each store against classic; with peers, the first store against each.
+    pairs = [("classic", store) for store in stores] + [(peer, stores[0]) for peer in peers]
+    rows = [("workload", *systems, *(f"{store}/{base}" for base, store in pairs))]
 
-    def ratio_header(base: str, store: str) -> str:
-        # One baseline keeps the header `make bench` has always printed.
-        return f"{store}/{base}" if len(bases) > 1 else f"ratio {store}"
+    def value(system: str, key: str) -> float | None:
+        found = med.get(f"{system}.{key}")
+        return None if found is None or found != found else float(found)
 
-    rows = [
-        (
-            "workload",
-            *bases,
-            *(f"taskfleet {s}" for s in stores),
-            *(ratio_header(b, s) for b, s in pairs),
-        )
-    ]
+    def row(label: str, key: str, fmt: str, better: str = "", base_key: str = "") -> None:
+        """One line; ``better`` ("higher" or "lower") adds the ratios, each taken
+        against the base's ``base_key`` (``key`` unless given)."""
 
-    def row(label: str, key: str, fmt: str, higher_is_better: bool = True) -> None:
-        def value(system: str) -> float:
-            return float(med.get(f"{system}.{key}", float("nan")))
+        def ratio(base: str, system: str) -> str:
+            b, v = value(base, base_key or key), value(system, key)
+            if not better or b is None or not v:
+                return ""
+            return f"{(v / b if better == 'higher' else b / v):.2f}x"
 
-        def ratio(base: str, store: str) -> float:
-            b, v = value(base), value(store)
-            return (v / b if higher_is_better else b / v) if b == b and v else float("nan")
-
+        cells = [value(system, key) for system in systems]
+        if all(cell is None for cell in cells):
+            return
         rows.append(
             (
                 label,
-                *(fmt.format(value(s)) for s in (*bases, *stores)),
-                *(f"{ratio(b, s):.2f}x" for b, s in pairs),
+                *("-" if cell is None else fmt.format(cell) for cell in cells),
+                *(ratio(base, system) for base, system in pairs),
             )
         )
 
-    row(f"W1 {p['w1']:,} no-op tasks/s", "w1", "{:,.0f}")
-    row(f"W2 {p['w2']:,} n*n tasks/s", "w2", "{:,.0f}")
-    row("W3 round trip p50 ms", "w3_p50_ms", "{:.2f}", higher_is_better=False)
-    row("W3 round trip p99 ms", "w3_p99_ms", "{:.2f}", higher_is_better=False)
-
-    def taskfleet_only(label: str, key: str, fmt: str) -> None:
-        rows.append(
-            (
-                label,
-                *("-" for _ in bases),
-                *(fmt.format(med.get(f"{s}.{key}", float("nan"))) for s in stores),
-                *("" for _ in pairs),
-            )
-        )
-
-    taskfleet_only("W3 as two calls (submit, result) p50 ms", "w3_two_calls_p50_ms", "{:.2f}")
-    taskfleet_only(f"submit {p['submit']:,} (batches of 1,000)/s", "submit", "{:,.0f}")
+    row(f"W1 {p['w1']:,} no-op tasks/s", "w1", "{:,.0f}", "higher")
+    row("W1s same, stubs, per-task WaitTasks/s", "w1s", "{:,.0f}", "higher", base_key="w1")
+    row(f"W2 {p['w2']:,} n*n tasks/s", "w2", "{:,.0f}", "higher")
+    for label, prefix in (
+        ("W3 round trip (Client.run)", "w3"),
+        ("W3 Client submit, result", "w3_two_calls"),
+        ("W3 stubs SubmitAndWait", "w3_raw"),
+        ("W3 stubs Submit, WaitTasks", "w3_raw_two_calls"),
+    ):
+        row(f"{label} p50 ms", f"{prefix}_p50_ms", "{:.2f}", "lower" if prefix == "w3" else "")
+        row(f"{label} p99 ms", f"{prefix}_p99_ms", "{:.2f}", "lower" if prefix == "w3" else "")
+    row(f"submit {p['submit']:,} (batches of 1,000)/s", "submit", "{:,.0f}")
+    for workload, name in (("w1", "W1"), ("w1s", "W1s")):
+        row(f"{name} CPU us/task, all processes", f"{workload}_cpu_us_total", "{:.0f}")
+        for role in ROLES:
+            row(f"  {role}", f"{workload}_cpu_us_{role}", "{:.0f}")
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print(
@@ -362,13 +405,25 @@ def print_table(report: dict[str, Any]) -> None:
     elif report.get("postgres_skipped"):
         print(f"postgres: not measured: {report['postgres_skipped']}")
     for peer, versions in report.get("peers", {}).items():
-        print(f"{peer}: " + ", ".join(f"{name} {v}" for name, v in versions.items()))
+        share = PEER_SHARE.get(peer, 1)
+        counts = f" (W1 and W2 on 1/{share} of the tasks)" if share > 1 else ""
+        print(f"{peer}: " + ", ".join(f"{name} {v}" for name, v in versions.items()) + counts)
     for store, d in report["depth"].items():
         print(
             f"depth {store}: {d['queued']:,} queued, master RSS {d['master_rss_mb']:.0f} MB, "
             f"submit {d['submit_per_s']:,.0f}/s, W1 empty {d['w1_empty_per_s']:,.0f}/s, "
             f"W1 deep {d['w1_deep_per_s']:,.0f}/s ({d['deep_vs_empty']:.0%})"
         )
+
+
+def peer_list(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer {', '.join(unknown)}; of {', '.join(PEERS)}"
+        )
+    return names
 
 
 def main() -> None:
@@ -397,13 +452,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--peers",
-        action="store_true",
-        help="add Celery + Redis to each round (needs `make peers-deps`)",
+        nargs="?",
+        const=",".join(PEERS),
+        default=[],
+        type=peer_list,
+        help=f"add peers with Redis to each round: all ({', '.join(PEERS)}) or those "
+        "named, comma-separated (needs `make peers-deps`)",
     )
     parser.add_argument(
         "--peers-python",
         default=str(BENCH.parent / ".venv-peers" / "bin" / "python"),
-        help="the Python of the venv that has Celery",
+        help="the Python of the venv that has the peers",
     )
     args = parser.parse_args()
     if args.peers and not Path(args.peers_python).exists():
