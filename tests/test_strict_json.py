@@ -6,6 +6,7 @@ message is cut in the worker's log line but kept whole in the task."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,9 +17,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskfleet.common import codec
 from taskfleet.common.client import Client
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import Task, TaskState
+from taskfleet.common.model import JSON, Task, TaskState
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2
 
 from procs import TESTS_DIR, MasterProc, WorkerProc, poll
@@ -255,3 +257,11 @@ def test_a_huge_exception_message_is_cut_in_the_log_but_kept_in_the_task(
     assert len(line) < 8 * 1024
     assert line.endswith(f"[{n_chars - 4096} more characters cut from this line]")
     assert "x" * 4096 in line
+
+
+def test_the_shortcuts_for_no_arguments_and_none_match_the_codec() -> None:
+    # A call without arguments and a task returning None skip the JSON codec.
+    assert codec.decode_args(codec.encode_args((), {}), JSON) == ([], {})
+    assert codec.decode_args(b'{"args": [], "kwargs": {}}', JSON) == ([], {})
+    assert codec.encode_result(None) == json.dumps(None).encode()
+    assert codec.decode_result(codec.encode_result(None), JSON) is None

@@ -39,6 +39,8 @@ def decode_args(payload: bytes, content_type: str) -> tuple[list[Any], dict[str,
     """
     if content_type != JSON:
         raise InvalidArgument(f"content_type: unsupported {content_type!r}; use {JSON!r}")
+    if payload == _NO_ARGS:  # the commonest payload, read without the parser
+        return [], {}
     body = loads(payload, "payload") if payload else {}
     if not isinstance(body, dict):
         raise InvalidArgument('payload: must be a JSON object {"args": [...], "kwargs": {...}}')
@@ -57,6 +59,8 @@ def decode_args(payload: bytes, content_type: str) -> tuple[list[Any], dict[str,
 def encode_result(value: Any) -> bytes:
     """A task's return value as JSON; raises TypeError or ValueError if it is not
     serialisable (ValueError naming the spot for NaN and Infinity)."""
+    if value is None:  # what most tasks return, written without the encoder
+        return b"null"
     return _dumps(value, "result")
 
 
