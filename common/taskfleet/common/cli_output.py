@@ -55,6 +55,8 @@ def task_json(task: Task, *, local_times: bool = False) -> dict[str, Any]:
         "timeout_s": task.spec.timeout_s,
         "not_before": time(task.spec.not_before),
         "idempotency_key": task.spec.idempotency_key,
+        "concurrency_key": task.spec.concurrency_key,
+        "concurrency_limit": task.spec.concurrency_limit,
         "created_at": time(task.created_at),
         "started_at": time(task.started_at),
         "finished_at": time(task.finished_at),
