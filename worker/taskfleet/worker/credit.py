@@ -13,6 +13,12 @@ from __future__ import annotations
 import math
 
 AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
+# Round trips of work the prefetch covers. Credit rides on a Results batch, and
+# one batch at a time is unacknowledged, so what is asked for now arrives a
+# round trip later, while the next batch gathers: covering one round trip left
+# the pool waiting half the time and cut batches to ~20 tasks. With two, a busy
+# worker's batches double and W1 costs about a fifth less CPU per task.
+COVERED_ROUND_TRIPS = 2
 
 
 class Credit:
@@ -41,7 +47,7 @@ class Credit:
         covering = 1
         if self.job_s and self.round_trip_s:
             waiting_s = self.round_trip_s + self.gather_s
-            covering = math.ceil(self.slots * waiting_s / self.job_s)
+            covering = math.ceil(COVERED_ROUND_TRIPS * self.slots * waiting_s / self.job_s)
         return self.slots + min(self.prefetch, covering)
 
     def wanted(self, holding: int, draining: bool) -> int:

@@ -31,6 +31,18 @@ from taskfleet.worker.task_context import TaskContext, task_context
 
 _MAX_NAMES_LISTED = 20
 _loops = threading.local()
+# Counts the forks that made this process, so run_job can tell that a task forked
+# and left a child running on without asking the kernel for its pid (a system
+# call, twice per job).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +99,7 @@ def run_job(job: Job) -> JobResult:
         metadata=job.metadata,
         lease=job.ref.lease,
     )
-    pid = os.getpid()
+    forks = _forks
     try:
         with task_context(context):
             value = definition.func(*args, **kwargs)
@@ -95,14 +107,14 @@ def run_job(job: Job) -> JobResult:
                 value = _await(value)
     # BaseException too: a task calling sys.exit() must fail, not end the pool.
     except BaseException as exc:
-        _exit_if_forked(pid, 1)
+        _exit_if_forked(forks, 1)
         result = _raised(job.ref, exc)
         if isinstance(exc, Retry):
             return replace(result, retry_delay_s=exc.delay_s)
         if definition.retry_on is not None and not isinstance(exc, definition.retry_on):
             return replace(result, no_retry=True)
         return replace(result, retry_delay_s=definition.retry_delay_s(job.attempt))
-    _exit_if_forked(pid, 0)
+    _exit_if_forked(forks, 0)
     return _encoded(job.ref, value)
 
 
@@ -118,11 +130,11 @@ def _await(awaitable: Awaitable[Any]) -> Any:
     return loop.run_until_complete(wait())
 
 
-def _exit_if_forked(pid: int, code: int) -> None:
+def _exit_if_forked(forks: int, code: int) -> None:
     """End a child the task forked and left running the task's caller: run on, it
     would report the job a second time and take the pool's next jobs. No cleanup:
     its buffers and exit handlers are copies of the pool's."""
-    if os.getpid() != pid:
+    if _forks != forks:
         os._exit(code)
 
 

@@ -99,6 +99,10 @@ class ProcessPool(Pool):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
+        # A wake-up byte is on its way: the jobs of one Assignments message then
+        # cost one system call, not one each. Cleared before the byte is read, so
+        # a change made after the supervisor looked always sends another.
+        self._wake_pending = False
         self._supervisor = self._thread(self._supervise, "taskfleet-process-pool")
 
     def start(self) -> None:
@@ -145,6 +149,9 @@ class ProcessPool(Pool):
         self._wake_w.close()
 
     def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(OSError):  # already awake (buffer full), or closed
             self._wake_w.send(b"\0")
 
@@ -233,6 +240,7 @@ class ProcessPool(Pool):
         for fd, _ in events:
             handle = self._poll_fds.get(fd)
             if handle is None:
+                self._wake_pending = False
                 self._wake_r.recv(4096)
             else:
                 child, exited = handle
