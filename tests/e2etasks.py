@@ -218,6 +218,16 @@ def progress_steps(gate: str, steps: int) -> str:
 
 
 @task
+def progress_gated(gates: list[str]) -> str:
+    """For each of ``gates``: set progress k/(n+1) "step k", then wait for that gate,
+    so a test sees each update reach it before the next is set."""
+    for k, gate in enumerate(gates, start=1):
+        current_task().set_progress(k / (len(gates) + 1), f"step {k}")
+        block_until(gate)
+    return "finished"
+
+
+@task
 def bad_progress(fraction: Any) -> str:
     """Set an invalid progress: the ValueError fails the task."""
     current_task().set_progress(fraction)

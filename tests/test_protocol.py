@@ -149,6 +149,38 @@ def test_acks_are_cumulative_and_come_alone_when_no_task_is_ready(
     assert [r.task_id for r in leases(hand.receive())] == [late]
 
 
+def test_an_idle_workers_ack_waits_to_ride_on_its_next_assignments(
+    hand: HandWorker, client: Client, queue_name: str
+) -> None:
+    # Given a worker that runs one task at a time, reporting each as it gets it,
+    # holding nothing in between
+    runs = 10
+    ridden: list[int] = []
+
+    def serve() -> None:
+        hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=1)))
+        for seq in range(1, runs + 1):
+            while (message := hand.receive()).WhichOneof("kind") != "assignments":
+                pass  # an ack that went alone: the next task came too late to carry it
+            if message.assignments.results_ack:
+                ridden.append(message.assignments.results_ack)
+            hand.results(seq, leases(message), credit=1)
+
+    server = threading.Thread(target=serve)
+    server.start()
+
+    # When tasks are run one after the other
+    for n in range(runs):
+        assert client.run("square", [n], queue=queue_name, timeout_s=WAIT_S) == n + 1
+    server.join(WAIT_S)
+
+    # Then the ack of each task's results rode on the next task's assignments
+    # rather than going alone first (a message less each way), in order
+    assert ridden, "every ack went alone"
+    assert ridden == sorted(ridden)
+    assert set(ridden) <= set(range(1, runs))
+
+
 def test_wait_tasks_batched_sends_what_wait_tasks_sends_in_few_messages(
     hand: HandWorker, channel: grpc.Channel, client: Client, queue_name: str
 ) -> None:

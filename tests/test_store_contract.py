@@ -282,14 +282,16 @@ def test_set_progress_is_fenced_by_the_lease_and_kept_once_final(store: Store) -
     (again, _) = lease(store, now=NOW + LEASE_S + 2)
     assert again.ref == LeaseRef(first.task.id, 2)
 
-    store.set_progress(
+    stored = store.set_progress(
         [
             Progress(again.ref, 0.5, "half"),
             Progress(first.ref, 0.9, "stale worker"),  # ignored: lease 1 is over
             Progress(LeaseRef("nope", 1), 0.1, "unknown"),
         ]
     )
-    store.set_progress([Progress(LeaseRef(other_id, 1), 0.7, "stale too")])
+    # Only what was stored is returned: waiters never hear a stale worker's word.
+    assert stored == [Progress(again.ref, 0.5, "half")]
+    assert store.set_progress([Progress(LeaseRef(other_id, 1), 0.7, "stale too")]) == []
 
     assert (store.get(first.task.id).progress, store.get(first.task.id).progress_message) == (
         0.5,
@@ -298,7 +300,8 @@ def test_set_progress_is_fenced_by_the_lease_and_kept_once_final(store: Store) -
     assert (store.get(other_id).progress, store.get(other_id).progress_message) == (0.0, "")
     store.set_progress([Progress(again.ref, 0.75, "three quarters")])
     store.record([succeeded(again.ref)], NOW + LEASE_S + 3)
-    store.set_progress([Progress(again.ref, 1.0, "after the end")])  # not RUNNING: ignored
+    # Not RUNNING any more: ignored.
+    assert store.set_progress([Progress(again.ref, 1.0, "after the end")]) == []
     final = store.get(task_id)
     assert (final.state, final.progress, final.progress_message) == (
         TaskState.SUCCEEDED,

@@ -15,6 +15,7 @@ from taskfleet.client.defaults import configure, default_client
 from taskfleet.common.client import Client
 from taskfleet.common.errors import TaskCancelled, TaskFailed
 from taskfleet.common.handle import TaskHandle, TaskSnapshot
+from taskfleet.common.model import TaskProgress
 
 __all__ = [
     "AsyncClient",
@@ -24,6 +25,7 @@ __all__ = [
     "TaskCancelled",
     "TaskFailed",
     "TaskHandle",
+    "TaskProgress",
     "TaskSnapshot",
     "chain",
     "chord",

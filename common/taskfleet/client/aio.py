@@ -38,7 +38,9 @@ from taskfleet.common.waits import (
     RESUMABLE,
     RETRY_UNAVAILABLE_S,
     WAIT_CHUNK,
+    OnProgress,
     Resumption,
+    report_progress,
     take_final,
     wait_request,
 )
@@ -137,11 +139,15 @@ class AsyncClient:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> Any:
-        """Submit and wait for the decoded result in one round trip (SubmitAndWait)."""
+        """Submit and wait for the decoded result in one round trip (SubmitAndWait);
+        ``on_progress`` as ``Client.wait`` takes it (called on the loop: keep it quick)."""
         spec = make_spec(name, args, kwargs, **options)
         request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        if on_progress is not None:
+            request.progress = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
@@ -150,6 +156,7 @@ class AsyncClient:
             address, stub = self._address, self._stub
             async for response in stub.SubmitAndWait(request, metadata=self._metadata):
                 task_id = task_id or response.task_ids[0]
+                report_progress(response.progress, (task_id,), on_progress)
                 for pb in response.tasks:
                     return task_result(convert.task_from_proto(pb))
         except grpc.RpcError as exc:
@@ -157,11 +164,11 @@ class AsyncClient:
                 self._move_on(address)
                 if not task_id and never_sent(exc):  # nothing submitted: submit elsewhere
                     (task_id,) = await self.submit_many([spec])
-                    return await self.result(task_id, _left(deadline))
+                    return await self.result(task_id, _left(deadline), on_progress=on_progress)
             if not task_id or exc.code() not in RESUMABLE:
                 raise from_rpc_error(exc) from None
         if task_id and (deadline is None or time.monotonic() < deadline):
-            return await self.result(task_id, _left(deadline))
+            return await self.result(task_id, _left(deadline), on_progress=on_progress)
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
     async def map(self, task: str | Named, items: Iterable[Any]) -> list[Any]:
@@ -188,32 +195,47 @@ class AsyncClient:
         pb = await self._call("GetStats", tasks_pb2.GetStatsRequest())
         return convert.stats_from_proto(pb)
 
-    async def result(self, task_id: str, timeout_s: float | None = None) -> Any:
+    async def result(
+        self,
+        task_id: str,
+        timeout_s: float | None = None,
+        *,
+        on_progress: OnProgress | None = None,
+    ) -> Any:
         """The decoded result of one task; raises as ``Client.result`` does."""
-        async for task in self.wait([task_id], timeout_s):
+        async for task in self.wait([task_id], timeout_s, on_progress=on_progress):
             return task_result(task)
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
     async def wait(
-        self, task_ids: Sequence[str], timeout_s: float | None = None
+        self,
+        task_ids: Sequence[str],
+        timeout_s: float | None = None,
+        *,
+        on_progress: OnProgress | None = None,
     ) -> AsyncIterator[Task]:
-        """Each task as it becomes final, until all are or ``timeout_s`` passes."""
+        """Each task as it becomes final, until all are or ``timeout_s`` passes;
+        ``on_progress`` as ``Client.wait`` takes it (called on the loop)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         distinct = list(dict.fromkeys(task_ids))
         for start in range(0, len(distinct), WAIT_CHUNK):
-            async for task in self._wait_chunk(distinct[start : start + WAIT_CHUNK], deadline):
+            chunk = distinct[start : start + WAIT_CHUNK]
+            async for task in self._wait_chunk(chunk, deadline, on_progress):
                 yield task
 
-    async def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> AsyncIterator[Task]:
+    async def _wait_chunk(
+        self, task_ids: list[str], deadline: float | None, on_progress: OnProgress | None
+    ) -> AsyncIterator[Task]:
         waiting = dict.fromkeys(task_ids)
         resumption = Resumption(deadline)
         while waiting:
-            request = wait_request(waiting, deadline)
+            request = wait_request(waiting, deadline, on_progress)
             try:
                 address, stub = self._address, self._stub
                 async for batch in stub.WaitTasksBatched(request, metadata=self._metadata):
                     resumption.heard()
                     self._reached = True
+                    report_progress(batch.progress, waiting, on_progress)
                     for task in take_final(batch, waiting):
                         yield task
                 if not waiting or (deadline is not None and time.monotonic() >= deadline):
@@ -270,8 +292,10 @@ class AsyncTaskHandle(str, Generic[R]):
     async def get(self) -> TaskSnapshot:
         return snapshot(await self._client.get(self.id))
 
-    async def result(self, timeout_s: float | None = None) -> R:
-        value: R = await self._client.result(self.id, timeout_s)
+    async def result(
+        self, timeout_s: float | None = None, *, on_progress: OnProgress | None = None
+    ) -> R:
+        value: R = await self._client.result(self.id, timeout_s, on_progress=on_progress)
         return value
 
     async def cancel(self) -> TaskSnapshot:

@@ -53,7 +53,8 @@ from taskfleet.common.errors import (
     Unavailable,
 )
 from taskfleet.common.logs import setup_logging
-from taskfleet.common.model import PendingName, Task, TaskState
+from taskfleet.common.model import PendingName, Task, TaskProgress, TaskState
+from taskfleet.common.waits import OnProgress
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -188,7 +189,27 @@ def _get(client: Client, args: argparse.Namespace) -> int:
 
 
 def _wait_command(client: Client, args: argparse.Namespace) -> int:
-    return _wait(client, args.task_ids, args.timeout_s, args.json, result_only=False)
+    on_progress = None
+    if args.progress:
+        on_progress = _print_json_progress if args.json else _print_progress
+    return _wait(
+        client, args.task_ids, args.timeout_s, args.json, result_only=False, on_progress=on_progress
+    )
+
+
+def _print_progress(update: TaskProgress) -> None:
+    line = f"{update.task_id} RUNNING {update.fraction:.0%} {update.message}"
+    print(line.rstrip(), flush=True)
+
+
+def _print_json_progress(update: TaskProgress) -> None:
+    shown = {
+        "id": update.task_id,
+        "state": TaskState.RUNNING.name,
+        "progress": update.fraction,
+        "progress_message": update.message,
+    }
+    print(json.dumps(shown), flush=True)
 
 
 def _wait(
@@ -198,6 +219,7 @@ def _wait(
     as_json: bool,
     *,
     result_only: bool,
+    on_progress: OnProgress | None = None,
 ) -> int:
     from taskfleet.common.terminal import WaitProgress, is_terminal
 
@@ -209,7 +231,7 @@ def _wait(
     held: dict[str, Task] = {}
     show_bar = len(task_ids) > 1 and is_terminal(sys.stderr)
     with WaitProgress(len(task_ids), enabled=show_bar) as progress:
-        for task in client.wait(task_ids, timeout_s):
+        for task in client.wait(task_ids, timeout_s, on_progress=on_progress):
             seen.add(task.id)
             progress.finished(task.state)
             if task.state != TaskState.SUCCEEDED:

@@ -96,6 +96,12 @@ def build_parser() -> flags.EnvDefaultsParser:
         env="TASKFLEET_WAIT_TIMEOUT_S",
         help="give up after this long",
     )
+    wait.add_flag(
+        "--progress",
+        action="store_true",
+        help='also print a line ("ID RUNNING 50%% MESSAGE", or JSON with --json) for '
+        "each progress update of a task while it runs",
+    )
 
     cancel = commands.add_parser("cancel", help="cancel a task")
     add_client_flags(cancel)

@@ -51,7 +51,9 @@ from taskfleet.common.waits import (
     RESUMABLE,
     RETRY_UNAVAILABLE_S,
     WAIT_CHUNK,
+    OnProgress,
     Resumption,
+    report_progress,
     take_final,
     wait_request,
 )
@@ -213,9 +215,19 @@ class Client:
         pb = self._call("GetTask", tasks_pb2.GetTaskRequest(task_id=task_id))
         return convert.task_from_proto(pb)
 
-    def wait(self, task_ids: Sequence[str], timeout_s: float | None = None) -> Iterator[Task]:
+    def wait(
+        self,
+        task_ids: Sequence[str],
+        timeout_s: float | None = None,
+        *,
+        on_progress: OnProgress | None = None,
+    ) -> Iterator[Task]:
         """Yield each task as it reaches a final state; stops when all are final or
         ``timeout_s`` passes (then only the tasks final by then come back).
+
+        ``on_progress`` is called with a ``TaskProgress`` for each progress update
+        of an awaited task while it runs (at once for one running already; at
+        most a few per second per task), never after that task came back.
 
         The wait survives a restart of the master: it is asked again, with
         backoff, for the tasks not yet final. Raises ``Unavailable`` if the
@@ -226,19 +238,23 @@ class Client:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         distinct = list(dict.fromkeys(task_ids))
         for start in range(0, len(distinct), WAIT_CHUNK):
-            yield from self._wait_chunk(distinct[start : start + WAIT_CHUNK], deadline)
+            chunk = distinct[start : start + WAIT_CHUNK]
+            yield from self._wait_chunk(chunk, deadline, on_progress)
 
-    def _wait_chunk(self, task_ids: list[str], deadline: float | None) -> Iterator[Task]:
+    def _wait_chunk(
+        self, task_ids: list[str], deadline: float | None, on_progress: OnProgress | None
+    ) -> Iterator[Task]:
         """Wait for at most WAIT_CHUNK tasks, resuming after a lost stream."""
         waiting = dict.fromkeys(task_ids)  # ordered, for the request
         resumption = Resumption(deadline)
         while waiting:
             with self._channel.use() as link:
-                stream = link.stub.WaitTasksBatched(wait_request(waiting, deadline))
+                stream = link.stub.WaitTasksBatched(wait_request(waiting, deadline, on_progress))
                 try:
                     for batch in stream:
                         resumption.heard()
                         self._reached = True
+                        report_progress(batch.progress, waiting, on_progress)
                         yield from take_final(batch, waiting)
                     if not waiting or (deadline is not None and time.monotonic() >= deadline):
                         return  # all final, or the master's timeout (it starts after ours)
@@ -254,14 +270,21 @@ class Client:
                 self._channel.move_on(link)
             time.sleep(resumption.pause_s(cause, len(waiting), reached=self._reached))
 
-    def result(self, task_id: str, timeout_s: float | None = None) -> Any:
-        """Wait for one task and return its decoded result.
+    def result(
+        self,
+        task_id: str,
+        timeout_s: float | None = None,
+        *,
+        on_progress: OnProgress | None = None,
+    ) -> Any:
+        """Wait for one task and return its decoded result, calling ``on_progress``
+        with its progress meanwhile, as ``wait`` does.
 
         Raises ``TaskFailed`` if it ended FAILED or CANCELLED, ``DeadlineExceeded``
         if it is not final within ``timeout_s``, and ``Unavailable`` if the master
         could not be reached for long enough to tell (see ``wait``).
         """
-        for task in self.wait([task_id], timeout_s):
+        for task in self.wait([task_id], timeout_s, on_progress=on_progress):
             return task_result(task)
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
@@ -272,11 +295,12 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> Any:
         """Submit ``name(*args, **kwargs)`` and return its decoded result: ``submit``
         then ``result`` in one round trip (SubmitAndWait). ``options`` are
-        ``submit``'s keyword arguments.
+        ``submit``'s keyword arguments; ``on_progress`` is ``wait``'s.
 
         Raises ``TaskFailed`` if it ended FAILED or CANCELLED,
         ``DeadlineExceeded`` if it is not final within ``timeout_s`` (it stays
@@ -286,22 +310,28 @@ class Client:
         """
         spec = make_spec(name, args, kwargs, **options)
         request = tasks_pb2.SubmitAndWaitRequest(tasks=[convert.spec_to_proto(spec)])
+        if on_progress is not None:
+            request.progress = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if timeout_s is not None:
             request.timeout.CopyFrom(convert.duration(timeout_s))
         task_id, task = self._on_master(
-            lambda link: self._submit_and_wait(link, request),
+            lambda link: self._submit_and_wait(link, request, on_progress),
             repeatable=bool(spec.idempotency_key),
         )
         if task is not None:
             return task_result(task)
         if deadline is None or time.monotonic() < deadline:
             # Submitted, but the stream ended early (a restart): wait for it instead.
-            return self.result(task_id, None if deadline is None else deadline - time.monotonic())
+            left_s = None if deadline is None else deadline - time.monotonic()
+            return self.result(task_id, left_s, on_progress=on_progress)
         raise DeadlineExceeded(f"task {task_id} not finished within {timeout_s} s")
 
     def _submit_and_wait(
-        self, link: Link[tasks_pb2_grpc.TaskServiceStub], request: tasks_pb2.SubmitAndWaitRequest
+        self,
+        link: Link[tasks_pb2_grpc.TaskServiceStub],
+        request: tasks_pb2.SubmitAndWaitRequest,
+        on_progress: OnProgress | None,
     ) -> tuple[str, Task | None]:
         """One SubmitAndWait: the task id and the final task, or None if the stream
         ended once the task was stored. Raises RpcError if it was not."""
@@ -310,6 +340,7 @@ class Client:
             for response in link.stub.SubmitAndWait(request):
                 task_id = task_id or response.task_ids[0]
                 self._reached = True
+                report_progress(response.progress, (task_id,), on_progress)
                 for pb in response.tasks:
                     return task_id, convert.task_from_proto(pb)
         except grpc.RpcError as exc:

@@ -26,6 +26,7 @@ from taskfleet.common.model import (
     Stats,
     Task,
     TaskError,
+    TaskProgress,
     TaskSpec,
     TaskState,
     WorkerInfo,
@@ -243,6 +244,19 @@ def task_from_proto(pb: tasks_pb2.Task, lease: int = 0) -> Task:
         pb.progress,
         pb.progress_message,
     )
+
+
+def fill_progress(pb: tasks_pb2.Task, update: Progress) -> None:
+    """A wait's progress update: a RUNNING task with only its progress set
+    (WaitTasksRequest.progress says why no more)."""
+    pb.id = update.ref.task_id
+    pb.state = tasks_pb2.TASK_STATE_RUNNING
+    pb.progress = update.fraction
+    pb.progress_message = update.message
+
+
+def task_progress_from_proto(pb: tasks_pb2.Task) -> TaskProgress:
+    return TaskProgress(pb.id, pb.progress, pb.progress_message)
 
 
 def progress_to_proto(update: Progress) -> worker_pb2.Progress:

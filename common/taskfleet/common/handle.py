@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from taskfleet.common.codec import decode_result
 from taskfleet.common.model import Task, TaskError, TaskState
+from taskfleet.common.waits import OnProgress
 
 if TYPE_CHECKING:
     from taskfleet.common.client import Client
@@ -32,6 +33,8 @@ class TaskSnapshot:
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    progress: float  # 0..1, as the task last set it
+    progress_message: str
 
 
 def snapshot(task: Task) -> TaskSnapshot:
@@ -49,6 +52,8 @@ def snapshot(task: Task) -> TaskSnapshot:
         created_at=_when(task.created_at) or dt.datetime.fromtimestamp(0, dt.UTC),
         started_at=_when(task.started_at),
         finished_at=_when(task.finished_at),
+        progress=task.progress,
+        progress_message=task.progress_message,
     )
 
 
@@ -81,12 +86,13 @@ class TaskHandle(str, Generic[R]):
     def state(self) -> TaskState:
         return self._client.get(self.id).state
 
-    def result(self, timeout_s: float | None = None) -> R:
-        """The decoded result, waiting up to ``timeout_s`` (None: for ever).
+    def result(self, timeout_s: float | None = None, *, on_progress: OnProgress | None = None) -> R:
+        """The decoded result, waiting up to ``timeout_s`` (None: for ever), with
+        ``on_progress`` called for each progress update meanwhile (``Client.wait``).
 
         Raises ``TaskFailed`` (with the remote ``type``, ``message`` and
         ``remote_traceback``), ``TaskCancelled``, or ``DeadlineExceeded``."""
-        value: R = self._client.result(self.id, timeout_s)
+        value: R = self._client.result(self.id, timeout_s, on_progress=on_progress)
         return value
 
     def cancel(self) -> TaskSnapshot:

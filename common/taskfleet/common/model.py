@@ -115,6 +115,16 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskProgress:
+    """A running task's progress as a wait that asked for it hears of it (see
+    ``Client.wait``'s ``on_progress``)."""
+
+    task_id: str
+    fraction: float  # 0..1
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A task handed to a worker until ``deadline`` unless renewed."""
 

@@ -11,14 +11,18 @@ enough to give up with ``Unavailable``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Container, Iterable
 
 import grpc
 
 from taskfleet.common import convert
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import Unavailable
-from taskfleet.common.model import Task
+from taskfleet.common.model import Task, TaskProgress
 from taskfleet.v1 import tasks_pb2
+
+# What a wait calls with each progress update of a running task it waits for.
+OnProgress = Callable[[TaskProgress], object]
 
 # The master refuses a wait for more ids than this in one call (WaitTasks and
 # WaitTasksBatched), so a wait asks in chunks of this size.
@@ -39,14 +43,28 @@ RESUMABLE = frozenset(
 
 
 def wait_request(
-    waiting: dict[str, None], deadline: float | None
+    waiting: dict[str, None], deadline: float | None, on_progress: OnProgress | None = None
 ) -> tasks_pb2.WaitTasksBatchedRequest:
     """The request for the tasks still awaited, with what is left of the deadline
-    (past it, a zero timeout still reports the tasks final by then)."""
+    (past it, a zero timeout still reports the tasks final by then), asking for
+    progress when there is ``on_progress`` to hear it."""
     request = tasks_pb2.WaitTasksBatchedRequest(task_ids=list(waiting))
+    if on_progress is not None:
+        request.progress = True
     if deadline is not None:
         request.timeout.CopyFrom(convert.duration(max(deadline - time.monotonic(), 0)))
     return request
+
+
+def report_progress(
+    updates: Iterable[tasks_pb2.Task], waiting: Container[str], on_progress: OnProgress | None
+) -> None:
+    """Call ``on_progress`` with each update of a task still awaited."""
+    if on_progress is None:
+        return
+    for pb in updates:
+        if pb.id in waiting:
+            on_progress(convert.task_progress_from_proto(pb))
 
 
 def take_final(batch: tasks_pb2.TaskBatch, waiting: dict[str, None]) -> list[Task]:

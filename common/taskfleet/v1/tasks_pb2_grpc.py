@@ -132,7 +132,8 @@ class TaskServiceServicer:
 
     def WaitTasks(self, request, context):
         """Stream each task as it reaches a final state (those already final come
-        at once); the stream ends when all are final or the timeout passes.
+        at once); the stream ends when all are final or the timeout passes. With
+        WaitTasksRequest.progress, also the progress of the tasks while they run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,8 @@ class TaskServiceStub:
     """Read one task, with its result or error when final."""
     WaitTasks: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.Task]
     """Stream each task as it reaches a final state (those already final come
-    at once); the stream ends when all are final or the timeout passes.
+    at once); the stream ends when all are final or the timeout passes. With
+    WaitTasksRequest.progress, also the progress of the tasks while they run.
     """
     WaitTasksBatched: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksBatchedRequest, _tasks_pb2.TaskBatch]
     """WaitTasks with many tasks per stream message: the same tasks, in the same
@@ -90,7 +91,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Read one task, with its result or error when final."""
     WaitTasks: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.Task]  # type: ignore[assignment]
     """Stream each task as it reaches a final state (those already final come
-    at once); the stream ends when all are final or the timeout passes.
+    at once); the stream ends when all are final or the timeout passes. With
+    WaitTasksRequest.progress, also the progress of the tasks while they run.
     """
     WaitTasksBatched: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksBatchedRequest, _tasks_pb2.TaskBatch]  # type: ignore[assignment]
     """WaitTasks with many tasks per stream message: the same tasks, in the same
@@ -154,7 +156,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.Task], _abc.AsyncIterator[_tasks_pb2.Task]]:
         """Stream each task as it reaches a final state (those already final come
-        at once); the stream ends when all are final or the timeout passes.
+        at once); the stream ends when all are final or the timeout passes. With
+        WaitTasksRequest.progress, also the progress of the tasks while they run.
         """
 
     @_abc_1.abstractmethod

@@ -6,6 +6,9 @@ learn from another is only what its own streams wait for:
 - new work, so its idle workers look at once (``work_available``);
 - delayed tasks, so its due timer knows their time (``submitted``, ``retried``);
 - final tasks, so its WaitTasks callers hear of them (``finished``);
+- progress of running tasks, for its WaitTasks callers that asked for it
+  (``progressed``: the update itself travels, the latest per task per message,
+  so no master reads the store for it);
 - cancels of tasks its workers run, so they stop at once (``cancelled``).
 
 A ``Cluster`` is a lifecycle listener: it gathers these from the local
@@ -16,7 +19,10 @@ Notifications are hints: a lost one delays, never strands, because once a
 second each master also polls (the final states of what its callers wait for,
 the next delayed task) and its idle workers recheck the store on their own.
 With ``poll_only`` (PgBouncer in transaction mode, which cannot hold a LISTEN)
-that polling is all there is.
+that polling is all there is. Progress is not polled: a lost update is
+overtaken by the next one, and the final task carries the last; so with
+``poll_only`` a wait hears only the progress of tasks its own master's
+workers run.
 
 Each master beats once a second into the database with its workers, so
 GetStats on any master lists every master and every worker; a master silent
@@ -40,7 +46,14 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from taskfleet.common.identity import process_name
-from taskfleet.common.model import LeaseRef, MasterInfo, Task, TaskSpec, WorkerInfo
+from taskfleet.common.model import (
+    LeaseRef,
+    MasterInfo,
+    Progress,
+    Task,
+    TaskSpec,
+    WorkerInfo,
+)
 from taskfleet.master.delays import DueTimer
 from taskfleet.master.events import CompletionHub
 from taskfleet.master.lifecycle import LifecycleListener
@@ -53,6 +66,9 @@ BEAT_S = 1.0
 DEBOUNCE_S = 0.005  # changes within this long travel in one message of each kind
 _MAX_MESSAGE_BYTES = 7_000  # PostgreSQL's limit on a notification is 8,000
 _POLL_CHUNK = 10_000  # task ids per poll query
+# A forwarded progress message is cut to this: the worker's own limit, and at
+# most 4,000 bytes of UTF-8, so one update always fits a notification.
+_MAX_PROGRESS_MESSAGE_CHARS = 1_000
 
 
 def new_master(listen: str) -> MasterInfo:
@@ -86,6 +102,7 @@ class Cluster(LifecycleListener):
         self._pending = threading.Condition()
         self._queues: set[str] | None = set()  # None: every queue
         self._finished: list[str] = []
+        self._progress: dict[str, Progress] = {}  # the latest per task, not yet sent
         self._revokes: list[tuple[str, str, int]] = []
         self._delayed = False
         # Until the first beat says otherwise there may be others to tell.
@@ -127,6 +144,9 @@ class Cluster(LifecycleListener):
 
     def finished(self, tasks: Sequence[Task]) -> None:
         self._add(lambda: self._finished.extend(t.id for t in tasks))
+
+    def progressed(self, updates: Sequence[Progress]) -> None:
+        self._add(lambda: self._progress.update((u.ref.task_id, u) for u in updates))
 
     def cancelled(self, task: Task) -> None:
         if task.worker_id and self._sessions.get(task.worker_id) is None:
@@ -198,8 +218,13 @@ class Cluster(LifecycleListener):
                 log.warning("cannot notify the other masters: %s", exc)
 
     def _has_pending(self) -> bool:
-        return bool(self._queues is None or self._queues or self._finished or self._revokes) or (
-            self._delayed
+        return bool(
+            self._queues is None
+            or self._queues
+            or self._finished
+            or self._revokes
+            or self._progress
+            or self._delayed
         )
 
     def _take_messages(self) -> list[str]:
@@ -207,6 +232,7 @@ class Cluster(LifecycleListener):
             queues, self._queues = self._queues, set()
             finished, self._finished = self._finished, []
             revokes, self._revokes = self._revokes, []
+            progress, self._progress = self._progress, {}
             delayed, self._delayed = self._delayed, False
         messages: list[str] = []
         if queues is None:
@@ -215,6 +241,14 @@ class Cluster(LifecycleListener):
             messages += self._messages("w", sorted(queues))
         if delayed:
             messages.append(self._message("d", None))
+        # Ahead of the final tasks, so no update arrives after its task's end.
+        messages += self._messages(
+            "p",
+            [
+                (u.ref.task_id, u.ref.lease, u.fraction, u.message[:_MAX_PROGRESS_MESSAGE_CHARS])
+                for u in progress.values()
+            ],
+        )
         messages += self._messages("f", finished)
         messages += self._messages("c", revokes)
         return messages
@@ -236,7 +270,11 @@ class Cluster(LifecycleListener):
         return messages
 
     def _message(self, kind: str, data: Any) -> str:
-        return json.dumps([kind, self.me.master_id, data], separators=(",", ":"))
+        # Not ASCII-escaped: PostgreSQL counts bytes, and UTF-8 is never longer
+        # than the escapes _messages measures.
+        return json.dumps(
+            [kind, self.me.master_id, data], separators=(",", ":"), ensure_ascii=False
+        )
 
     # -- what the others tell this master ------------------------------------------
 
@@ -252,6 +290,11 @@ class Cluster(LifecycleListener):
                 self._sessions.work_available(data)
             elif kind == "d":
                 self._due.reschedule()
+            elif kind == "p":
+                self._hub.publish_progress(
+                    Progress(LeaseRef(task_id, lease), fraction, message)
+                    for task_id, lease, fraction, message in data
+                )
             elif kind == "f":
                 self._publish(self._hub.waited(data))
             elif kind == "c":

@@ -59,6 +59,9 @@ class LifecycleListener:
     def finished(self, tasks: Sequence[Task]) -> None:
         """Tasks reached a final state; each is reported exactly once."""
 
+    def progressed(self, updates: Sequence[Progress]) -> None:
+        """Running tasks said how far they are (each update stored, none stale)."""
+
     def retried(self, tasks: Sequence[Task]) -> None:
         """Failed attempts whose tasks go back to PENDING after a backoff."""
 
@@ -213,8 +216,9 @@ class Lifecycle:
 
     def set_progress(self, updates: Sequence[Progress]) -> None:
         """Store how far running tasks are; stale leases' updates are ignored."""
-        if updates:
-            self.store.set_progress(updates)
+        stored = self.store.set_progress(updates) if updates else []
+        if stored:
+            self._emit("progressed", stored)
 
     def record(self, outcomes: Sequence[Outcome]) -> list[Task]:
         """Apply attempt outcomes; the tasks they changed."""

@@ -11,7 +11,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from taskfleet.common import convert
 from taskfleet.common.errors import InvalidArgument
-from taskfleet.common.model import Task
+from taskfleet.common.model import LeaseRef, Progress, Task, TaskState
 from taskfleet.master import queries
 from taskfleet.master.loop import LoopQueue
 from taskfleet.master.rpc import Context, streaming, unary
@@ -43,7 +43,10 @@ class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
         task_ids = await self._submit(request.tasks)
         yield tasks_pb2.SubmitAndWaitResponse(task_ids=task_ids)
         async for message in self._finished(
-            list(dict.fromkeys(task_ids)), timeout_s, tasks_pb2.SubmitAndWaitResponse
+            list(dict.fromkeys(task_ids)),
+            timeout_s,
+            tasks_pb2.SubmitAndWaitResponse,
+            progress=request.progress,
         ):
             yield message
 
@@ -64,7 +67,10 @@ class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.WaitTasksRequest, context: Context
     ) -> AsyncGenerator[tasks_pb2.Task, None]:
         task_ids, timeout_s = _wait_request(request)
-        async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
+        batches = self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch, request.progress)
+        async for batch in batches:
+            for update in batch.progress:
+                yield update
             for task in batch.tasks:
                 yield task
 
@@ -73,19 +79,28 @@ class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
         self, request: tasks_pb2.WaitTasksBatchedRequest, context: Context
     ) -> AsyncGenerator[tasks_pb2.TaskBatch, None]:
         task_ids, timeout_s = _wait_request(request)
-        async for batch in self._finished(task_ids, timeout_s, tasks_pb2.TaskBatch):
+        async for batch in self._finished(
+            task_ids, timeout_s, tasks_pb2.TaskBatch, request.progress
+        ):
             yield batch
 
     async def _finished(
-        self, task_ids: list[str], timeout_s: float | None, message: Callable[[], _Message]
+        self,
+        task_ids: list[str],
+        timeout_s: float | None,
+        message: Callable[[], _Message],
+        progress: bool = False,
     ) -> AsyncGenerator[_Message, None]:
         """The tasks as they become final, in ``message``s of those that finished
-        together (the ones final already come first). Ends early when the master
-        stops (the hub wakes every waiter with None)."""
+        together (the ones final already come first). With ``progress``, the
+        messages also carry the progress updates of the tasks still running (the
+        latest of each since the last message; a running task's current value
+        at once). Ends early when the master stops (the hub wakes every waiter
+        with None)."""
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-        inbox: LoopQueue[Task | None] = LoopQueue(self._rt.bridge)
+        inbox: LoopQueue[Task | Progress | None] = LoopQueue(self._rt.bridge)
         # Subscribe before reading, so a task finishing in between is not missed.
-        subscription = self._rt.hub.subscribe(task_ids, inbox)
+        subscription = self._rt.hub.subscribe(task_ids, inbox, inbox if progress else None)
         try:
             waiting = set(task_ids)
             batch = _Batch(message)
@@ -94,27 +109,32 @@ class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
                     waiting.discard(task.id)
                     if batch.add(task):
                         yield batch.take()
+                elif progress and (update := _progress_of(task)) and batch.add_progress(update):
+                    yield batch.take()
             if batch:
                 yield batch.take()
             while waiting:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        finished = await inbox.get()
+                        item = await inbox.get()
                 except TimeoutError:
                     return
-                # Whatever else finished meanwhile goes in the same message.
-                while finished is not None:
-                    if finished.id in waiting:
-                        waiting.discard(finished.id)
-                        if batch.add(finished):
+                # Whatever else finished (or progressed) meanwhile goes in the same message.
+                while item is not None:
+                    if isinstance(item, Progress):
+                        if item.ref.task_id in waiting and batch.add_progress(item):
+                            break
+                    elif item.id in waiting:
+                        waiting.discard(item.id)
+                        if batch.add(item):
                             break
                     try:
-                        finished = inbox.get_nowait()
+                        item = inbox.get_nowait()
                     except asyncio.QueueEmpty:
                         break
                 if batch:
                     yield batch.take()
-                if finished is None:
+                if item is None:
                     return
         finally:
             subscription.close()
@@ -172,13 +192,17 @@ class _HasTasks(Protocol):
     @property
     def tasks(self) -> RepeatedCompositeFieldContainer[tasks_pb2.Task]: ...
 
+    @property
+    def progress(self) -> RepeatedCompositeFieldContainer[tasks_pb2.Task]: ...
+
 
 _Message = TypeVar("_Message", bound=_HasTasks)
 
 
 class _Batch(Generic[_Message]):
     """Tasks for one stream message, up to a count and a size (results can be
-    large, and a message must stay well under the receiver's limit)."""
+    large, and a message must stay well under the receiver's limit), and the
+    latest progress update of each task that sent one."""
 
     MAX_TASKS = 1_000
     MAX_BYTES = 2 * 1024 * 1024
@@ -187,9 +211,10 @@ class _Batch(Generic[_Message]):
         self._new = message
         self._message = message()
         self._bytes = 0
+        self._progress: dict[str, Progress] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._message.tasks)
+        return bool(self._message.tasks or self._progress)
 
     def add(self, task: Task) -> bool:
         """Add ``task``; True once the batch is full."""
@@ -197,9 +222,31 @@ class _Batch(Generic[_Message]):
         self._bytes += len(task.spec.payload) + len(task.result)
         return len(self._message.tasks) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
 
+    def add_progress(self, update: Progress) -> bool:
+        """Add ``update`` in place of any earlier one of its task (the master
+        coalesces what a slow reader has not taken yet); True once full."""
+        if update.ref.task_id not in self._progress:
+            self._bytes += len(update.message) + 50  # its id and framing, about
+        self._progress[update.ref.task_id] = update
+        return len(self._progress) >= self.MAX_TASKS or self._bytes >= self.MAX_BYTES
+
     def take(self) -> _Message:
         message, self._message, self._bytes = self._message, self._new(), 0
+        if self._progress:
+            # A task final in this message carries its progress already.
+            final = {pb.id for pb in message.tasks}
+            for task_id, update in self._progress.items():
+                if task_id not in final:
+                    convert.fill_progress(message.progress.add(), update)
+            self._progress = {}
         return message
+
+
+def _progress_of(task: Task) -> Progress | None:
+    """A running task's progress as its waiters hear it, if it set any."""
+    if task.state is not TaskState.RUNNING or not (task.progress or task.progress_message):
+        return None
+    return Progress(LeaseRef(task.id, task.lease), task.progress, task.progress_message)
 
 
 def _wait_request(

@@ -30,6 +30,9 @@ log = logging.getLogger("taskfleet.master.workers")
 
 MAX_LEASE_BATCH = 500
 IDLE_RECHECK_S = 1.0  # safety net: recheck the store even if no wake-up came
+# How long the ack of an idle worker's results may wait for assignments to ride
+# on (see _dispatch).
+IDLE_ACK_DELAY_S = 0.02
 _OUTCOME_STATES = {int(s) for s in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)}
 
 
@@ -91,12 +94,21 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         """Yield outbox messages and lease batches until the session closes.
 
         An acknowledgement of results rides on the assignments that answer the
-        same batch's credit, so a busy worker gets one message per batch."""
+        same batch's credit, so a busy worker gets one message per batch. A
+        worker that holds no task (one task at a time, say) has nothing to send
+        until it gets work, so its ack waits up to IDLE_ACK_DELAY_S to ride on
+        that work's assignments: a message less per task for each side. A
+        worker still running tasks is acked at once, as its next batch waits
+        for the ack."""
         info = session.info
         names = info.task_names or None
+        loop = asyncio.get_running_loop()
+        ack_due: float | None = None  # when an idle worker's held-back ack must go
         while True:
-            await self._wait_for_news(session)
+            await self._wait_for_news(session, ack_due)
             if session.closed:
+                if session.results_ack:  # held back: a draining worker waits for it
+                    yield _results_ack(session.results_ack)
                 return
             outbox, session.outbox = session.outbox, []
             results_ack, session.results_ack = session.results_ack, 0
@@ -135,7 +147,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     if sent < len(messages):
                         self._give_back(leases, messages[sent:])
             elif results_ack:
-                yield worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=results_ack))
+                if session.running == 0 and not outbox and not self._rt.stopping.is_set():
+                    if ack_due is None:
+                        ack_due = loop.time() + IDLE_ACK_DELAY_S
+                    if loop.time() < ack_due:
+                        session.results_ack = max(session.results_ack, results_ack)
+                        continue
+                yield _results_ack(results_ack)
+            if not session.results_ack:
+                ack_due = None
 
     def _give_back(self, leases: list[Lease], unsent: list[worker_pb2.MasterMessage]) -> None:
         """Release the leases of ``unsent`` messages, in the background: this runs
@@ -155,17 +175,29 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
         self._rt.bridge.spawn(give_back())
 
-    async def _wait_for_news(self, session: WorkerSession) -> None:
-        """Until the session is closed, has something to send, or may lease."""
+    async def _wait_for_news(self, session: WorkerSession, ack_due: float | None) -> None:
+        """Until the session is closed, has something to send, or may lease; an
+        ack held back until ``ack_due`` counts from then on."""
+        loop = asyncio.get_running_loop()
         while True:
             session.changed.clear()  # before looking: a change from now on wakes us
-            if session.closed or session.outbox or session.results_ack or self._may_lease(session):
+            ack_wait_s = 0.0 if ack_due is None else ack_due - loop.time()
+            if (
+                session.closed
+                or session.outbox
+                or (session.results_ack and ack_wait_s <= 0)
+                or self._may_lease(session)
+            ):
                 return
+            wait_s = self._idle_wait_s(session)
+            if session.results_ack:
+                wait_s = min(wait_s, ack_wait_s)
             try:
-                async with asyncio.timeout(self._idle_wait_s(session)):
+                async with asyncio.timeout(wait_s):
                     await session.changed.wait()
             except TimeoutError:
-                pass
+                if session.results_ack and ack_due is not None and loop.time() >= ack_due:
+                    return  # the held-back ack goes alone, without a look at the store
             if session.credit > 0:
                 session.work_hint = True  # woken or the wait ran out: look again
             if time.monotonic() - session.last_heard > self._rt.config.lease_s:
@@ -267,6 +299,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             await self._rt.bridge.workers.run(self._rt.lifecycle.record, outcomes)
         session.running = max(0, session.running - len(results.outcomes))
         session.ack_results(results.seq, max(0, results.credit))
+
+
+def _results_ack(seq: int) -> worker_pb2.MasterMessage:
+    return worker_pb2.MasterMessage(results_ack=worker_pb2.ResultsAck(seq=seq))
 
 
 def _worker_info(hello: worker_pb2.Hello, peer: str, master_id: str) -> WorkerInfo:

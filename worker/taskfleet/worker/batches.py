@@ -95,7 +95,10 @@ class Batches:
         outcomes = next(cut(self.outcomes, outcome_bytes, max_count=GATHER_MAX))
         self.outcomes = self.outcomes[len(outcomes) :]
         self.unacked[self._seq] = outcomes
-        self._sent_at[self._seq] = now
+        if self.book.holding():
+            # Acked at once. A worker holding no task may get its ack only with its
+            # next assignments (the master's _dispatch): that wait is no round trip.
+            self._sent_at[self._seq] = now
         return Batch(self._seq, outcomes, credit)
 
     def take_credit(self) -> int:

@@ -228,9 +228,10 @@ class Store(abc.ABC):
         which the worker must stop."""
 
     @abc.abstractmethod
-    def set_progress(self, updates: Sequence[Progress]) -> None:
+    def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
         """Store the progress of the valid leases among ``updates``; ignore stale
-        ones. A task keeps the last value it set after it finishes."""
+        ones. A task keeps the last value it set after it finishes. Returns the
+        updates stored (what WaitTasks callers that asked for progress hear)."""
 
     @abc.abstractmethod
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:

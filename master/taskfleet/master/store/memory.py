@@ -195,13 +195,16 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 )
         return stale
 
-    def set_progress(self, updates: Sequence[Progress]) -> None:
+    def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
+        stored = []
         with self._lock:
             for update in updates:
                 slot = self._valid(update.ref)
                 if slot is not None:
                     slot.task.progress = update.fraction
                     slot.task.progress_message = update.message
+                    stored.append(update)
+        return stored
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         _check_outcomes(outcomes)

@@ -248,24 +248,27 @@ class PostgresStore(PostgresSchedules, Store):
         valid = set(renewed)
         return [ref for ref in refs if (ref.task_id, ref.lease) not in valid]
 
-    def set_progress(self, updates: Sequence[Progress]) -> None:
+    def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
         if not updates:
-            return
+            return []
         params = {
             **ref_arrays([u.ref for u in updates]),
             "fractions": [u.fraction for u in updates],
             "messages": [u.message for u in updates],
         }
-        self._run(
+        stored = self._run(
             lambda conn: conn.execute(
                 """UPDATE tasks t SET progress = r.fraction, progress_message = r.message
                 FROM unnest(%(ids)b::text[], %(leases)b::int[], %(fractions)b::float8[],
                     %(messages)b::text[]) AS r(id, lease, fraction, message)
                 WHERE """
-                + FENCE,
+                + FENCE
+                + " RETURNING t.id, t.lease",
                 params,
-            )
+            ).fetchall()
         )
+        valid = {(task_id, lease) for task_id, lease in stored}
+        return [u for u in updates if (u.ref.task_id, u.ref.lease) in valid]
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         for outcome in outcomes:

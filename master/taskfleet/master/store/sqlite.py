@@ -285,12 +285,14 @@ class SqliteStore(SqliteSchedules, Store):
                     stale.append(ref)
         return stale
 
-    def set_progress(self, updates: Sequence[Progress]) -> None:
+    def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
+        sql = f"UPDATE tasks SET progress = ?, progress_message = ? WHERE {FENCE}"
         with self._write() as db:
-            db.executemany(
-                f"UPDATE tasks SET progress = ?, progress_message = ? WHERE {FENCE}",
-                [(u.fraction, u.message, u.ref.task_id, u.ref.lease) for u in updates],
-            )
+            return [
+                u
+                for u in updates
+                if db.execute(sql, (u.fraction, u.message, u.ref.task_id, u.ref.lease)).rowcount
+            ]
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         changed = []
