@@ -626,7 +626,9 @@ def test_stats_on_a_terminal_is_a_table(
         for line in term.screen.splitlines()
         if "│" in line
     ]
-    assert [idle_queue, "1", "0", "0", "0", "0"] in rows, term.screen
+    queue_row = next(row for row in rows if row[0] == idle_queue)  # the queues table's
+    assert queue_row[1:6] == ["1", "0", "0", "0", "0"], term.screen
+    assert re.fullmatch(r"\d+ s", queue_row[6]), term.screen  # its task's wait so far
     (worker_row,) = [row for row in rows if row[0] == worker_id]
     assert worker_row[2:] == ["default", "4", "0"], term.screen
     header = next(line for line in term.screen.splitlines() if "QUEUE" in line)

@@ -7,8 +7,10 @@ Overlap is judged on the store's times: a task is RUNNING from ``started_at``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,14 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from taskfleet.client import AsyncClient
 from taskfleet.common.client import make_spec
 from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import Outcome, Task, TaskSpec, TaskState
 from taskfleet.master.lifecycle import Lifecycle
 from taskfleet.master.store import open_store
 
+import e2etasks
 import pg
 from procs import Gates, MasterProc, WorkerProc
+from test_cli import EXIT_USAGE, ok, refused, run
 
 StartMaster = Callable[..., MasterProc]
 StartWorker = Callable[..., WorkerProc]
@@ -80,6 +85,80 @@ def test_a_limit_without_a_key_is_refused_naming_the_field(master: MasterProc) -
             client.submit_many([bad])
         with pytest.raises(InvalidArgument, match=r"tasks\[0\]\.concurrency_limit"):
             client.submit_many([keyed(make_spec("square", [2]), "a", 0)])
+
+
+def test_the_python_api_sets_a_key_and_its_limit_is_honoured(
+    master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    """submit_with, Client.submit and AsyncClient.submit all take the key: with a
+    limit of 1, eight tasks on four free slots run one after the other."""
+    start_worker(master, queues=queue_name, concurrency=4)
+    options = {"queue": queue_name, "concurrency_key": "customer-7", "concurrency_limit": 1}
+
+    async def submit_async() -> list[str]:
+        async with AsyncClient(master.address) as aio:
+            return [await aio.submit("slow_square", [n, 0.05], **options) for n in (6, 7)]
+
+    with master.client() as client:
+        ids = [
+            e2etasks.slow_square.submit_with(args=(n, 0.05), client=client, **options).id
+            for n in range(3)
+        ]
+        ids += [client.submit("slow_square", [n, 0.05], **options).id for n in range(3, 6)]
+        ids += asyncio.run(submit_async())
+        done = list(client.wait(ids, timeout_s=30))
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * len(ids)
+    assert {(t.spec.concurrency_key, t.spec.concurrency_limit) for t in done} == {("customer-7", 1)}
+    assert_one_at_a_time(done)
+
+
+def test_a_key_alone_means_one_at_a_time_and_bad_limits_are_named() -> None:
+    assert make_spec("square", [2], concurrency_key="k").concurrency_limit == 1
+    assert make_spec("square", [2], concurrency_key="k", concurrency_limit=3).concurrency_limit == 3
+    assert make_spec("square", [2]).concurrency_limit == 0
+    with pytest.raises(InvalidArgument, match=r"^concurrency_key: must be set"):
+        make_spec("square", [2], concurrency_limit=2)
+    with pytest.raises(InvalidArgument, match=r"^concurrency_limit: must be at least 1, got 0"):
+        make_spec("square", [2], concurrency_key="k", concurrency_limit=0)
+    with pytest.raises(InvalidArgument, match=r"^concurrency_key: must be set"):
+        e2etasks.square.s(2).set(concurrency_limit=2)
+
+
+def test_the_cli_sets_a_key_and_its_limit_is_honoured(
+    master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    start_worker(master, queues=queue_name, concurrency=4)
+    lines = "".join(f"[{n}, 0.05]\n" for n in range(6))
+    flags = ["--queue", queue_name, "--concurrency-key", "import-42", "--concurrency-limit", "1"]
+    out = ok(
+        run(
+            "submit", "slow_square", "--from-stdin", *flags, "--master", master.address, stdin=lines
+        )
+    )
+    ids = out.split()
+    assert len(ids) == 6
+    shown = json.loads(ok(run("get", ids[0], "--json", "--master", master.address)))
+    assert (shown["concurrency_key"], shown["concurrency_limit"]) == ("import-42", 1)
+    with master.client() as client:
+        done = list(client.wait(ids, timeout_s=30))
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * len(ids)
+    assert_one_at_a_time(done)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--concurrency-limit", "2"], "--concurrency-limit: needs --concurrency-key"),
+        (["--concurrency-key", "k", "--concurrency-limit", "0"], "--concurrency-limit"),
+    ],
+)
+def test_the_cli_refuses_a_bad_limit_before_submitting(
+    master: MasterProc, queue_name: str, flags: list[str], named: str
+) -> None:
+    proc = run("submit", "square", "2", "--queue", queue_name, *flags, "--master", master.address)
+    refused(proc, named, code=EXIT_USAGE)
+    with master.client() as client:
+        assert queue_name not in [q.queue for q in client.stats().queues]
 
 
 def test_masters_sharing_postgresql_never_run_a_key_beyond_its_limit() -> None:

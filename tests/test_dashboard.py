@@ -9,6 +9,7 @@ own master. Every wait is playwright's own expect-with-deadline or a poll.
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import threading
 import uuid
@@ -113,6 +114,10 @@ def test_a_submit_to_a_new_queue_appears_live(
 
     row = page.locator(f'#queues tr[data-queue="{queue}"]')
     expect(row.locator("td").nth(1)).to_have_text("1")  # pending
+    # and the age of its oldest pending task, which goes on counting
+    oldest = row.locator("td.oldest")
+    expect(oldest).to_have_text(re.compile(r"^\d+ s$"))
+    expect(oldest).to_have_text(re.compile(r"^[1-9]\d* s$"))
     assert page.evaluate("window.notReloaded") is True
 
 

@@ -4,7 +4,9 @@ what the pages and scripts rely on, against a real master process."""
 from __future__ import annotations
 
 import json
+import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +22,7 @@ from taskfleet.common.model import TaskState
 import pg
 from dashboard_http import call, dashboard_master
 from procs import MasterProc, WorkerProc, poll
+from test_cli import ok, run
 from test_security import Pki, pki, tls_flags  # noqa: F401 - pki is a fixture
 
 StartMaster = Callable[..., MasterProc]
@@ -57,6 +60,52 @@ def test_overview_tasks_and_metrics(
     # and /metrics on the same listener reads the store
     metrics = call(f"{base}/metrics").body.decode()
     assert f'taskfleet_queue_depth{{queue="{queue_name}",state="failed"}} 1.0' in metrics
+
+
+def test_the_oldest_pending_task_of_each_queue_is_shown_everywhere(
+    start_master: StartMaster, queue_name: str
+) -> None:
+    # Given, on queues no worker serves, a ready task, and a queue holding only a
+    # task delayed by an hour
+    master, base = dashboard_master(start_master)
+    delayed_queue = f"{queue_name}-later"
+    with master.client() as client:
+        before = time.time()
+        client.submit("square", [1], queue=queue_name)
+        after = time.time()
+        client.submit("square", [2], queue=queue_name)
+        client.submit("square", [3], queue=delayed_queue, not_before=after + 3600)
+        client.submit("square", [4], queue=queue_name, not_before=before - 60)  # due already
+
+        # Then the overview gives the time the first one has waited since
+        overview = call(f"{base}/api/overview").json()
+        rows = {q["queue"]: q for q in overview["queues"]}
+        assert before <= rows[queue_name]["oldest_pending_at"] <= after
+        assert rows[delayed_queue]["oldest_pending_at"] is None
+        assert rows[delayed_queue]["pending"] == 1
+
+        # and GetStats its age (as a time of this clock), which keeps growing
+        by_queue = {q.queue: q for q in client.stats().queues}
+        assert by_queue[delayed_queue].oldest_pending_at == 0.0
+        seen = by_queue[queue_name].oldest_pending_at
+        assert abs(seen - rows[queue_name]["oldest_pending_at"]) < 5.0
+
+    # and /metrics as a gauge
+    metrics = call(f"{base}/metrics").body.decode()
+    gauge = "taskfleet_queue_oldest_pending_age_seconds"
+    assert re.search(rf'^{gauge}{{queue="{queue_name}"}} \d', metrics, re.M), metrics
+    assert f'{gauge}{{queue="{delayed_queue}"}}' not in metrics
+
+    # and the CLI prints it in seconds, and for people in minutes and seconds
+    stats = json.loads(ok(run("stats", "--json", "--master", master.address)))
+    ages = {q["queue"]: q["oldest_pending_age_s"] for q in stats["queues"]}
+    assert ages[delayed_queue] is None
+    assert 0.0 <= ages[queue_name] < time.time() - before + 5.0
+    table = ok(run("stats", "--master", master.address))
+    queues_table = table.split("\n\n")[0].splitlines()
+    assert queues_table[0].split()[-2:] == ["OLDEST", "PENDING"]
+    (line,) = [row for row in queues_table if row.startswith(f"{queue_name} ")]
+    assert re.search(r"\b\d+ s$", line), line
 
 
 def test_keyset_pages_filters_and_errors(start_master: StartMaster, queue_name: str) -> None:

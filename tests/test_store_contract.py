@@ -580,6 +580,85 @@ def test_stats_count_every_state_per_queue(store: Store) -> None:
     assert store.get(b1).state is TaskState.PENDING
 
 
+def test_oldest_pending_is_when_the_longest_waiting_ready_task_became_ready(
+    store: Store,
+) -> None:
+    assert store.oldest_pending(NOW) == {}
+    # Given per queue tasks that became ready at different times; a higher priority
+    # makes a newer task first in line, not older
+    store.submit([spec(queue="a")], NOW)
+    store.submit([spec(queue="a", priority=9)], NOW + 5)
+    store.submit([spec(queue="b")], NOW + 3)
+
+    # Then each queue's figure is its earliest ready time
+    assert store.oldest_pending(NOW + 10) == {"a": NOW, "b": NOW + 3}
+
+    # When the older task of a is leased, a's next one is the oldest; b's lease
+    # leaves b nothing ready (a RUNNING task does not count)
+    first = lease(store, now=NOW + 10, queues=("a",))
+    assert len(first) == 2
+    (b_lease,) = lease(store, now=NOW + 10, queues=("b",))
+    assert store.oldest_pending(NOW + 10) == {}
+
+    # A task given back waits from then on; so does one whose lease lapsed
+    store.release([first[0].ref], NOW + 12)
+    store.record([succeeded(first[1].ref)], NOW + 12)
+    store.expire(b_lease.deadline + 1)
+    assert store.oldest_pending(NOW + 50) == {"a": NOW + 12, "b": b_lease.deadline + 1}
+
+    # A cancelled task no longer counts
+    store.cancel(first[0].task.id, NOW + 60)
+    assert store.oldest_pending(NOW + 60) == {"b": b_lease.deadline + 1}
+
+
+def test_oldest_pending_leaves_out_delayed_and_waiting_tasks_until_they_are_ready(
+    store: Store,
+) -> None:
+    # Given a task delayed to NOW + 20, one that waits for a parent, and a ready
+    # one submitted at NOW + 5
+    delayed = submit_one(store, queue="d", not_before=NOW + 20)
+    (parent, child) = store.submit([spec("p", queue="p"), spec(depends_on=("$0",))], NOW)
+    store.submit([spec("other")], NOW + 5)
+
+    # Then the delayed one counts once due, from its due time on (though no lease
+    # has noticed it yet), and the waiting one not at all
+    assert store.oldest_pending(NOW + 19) == {"q": NOW + 5, "p": NOW}
+    assert store.oldest_pending(NOW + 30) == {"q": NOW + 5, "p": NOW, "d": NOW + 20}
+    assert leased_ids(lease(store, now=NOW + 30, queues=("d",))) == [delayed]
+
+    # When the parent succeeds at NOW + 40, the child waits from then
+    (parent_lease,) = lease(store, now=NOW + 35, queues=("p",))
+    assert parent_lease.task.id == parent
+    store.record([succeeded(parent_lease.ref)], NOW + 40)
+    assert store.oldest_pending(NOW + 41) == {"q": NOW + 5}
+    lease(store, now=NOW + 41, names=("other",))
+    assert store.oldest_pending(NOW + 41) == {"q": NOW + 40}
+
+    # A failed attempt waits its backoff (10 s), then counts from its end
+    (retrying,) = lease(store, now=NOW + 50)
+    assert retrying.task.id == child
+    store.record([failed(retrying.ref, max_attempts=2)], NOW + 50)
+    assert store.oldest_pending(NOW + 55) == {}
+    assert store.oldest_pending(NOW + 70) == {"q": NOW + 60}
+
+
+def test_oldest_pending_follows_a_long_stream_of_tasks(store: Store) -> None:
+    # Given 3,000 tasks submitted a second apart, of which all but the last 10 ran
+    for i in range(3_000):
+        store.submit([spec()], NOW + i)
+    for _ in range(3):
+        for one in lease(store, now=NOW + 4_000, limit=1_000):
+            if one.task.created_at < NOW + 2_990:
+                store.record([succeeded(one.ref)], NOW + 4_000)
+            else:
+                store.release([one.ref], NOW + 4_000 + one.task.created_at - NOW)
+
+    # Then the oldest is the first of those given back, and more submits keep it
+    assert store.oldest_pending(NOW + 10_000) == {"q": NOW + 6_990}
+    store.submit([spec() for _ in range(2_000)], NOW + 9_000)
+    assert store.oldest_pending(NOW + 10_000) == {"q": NOW + 6_990}
+
+
 # open_store
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from taskfleet.common.codec import decode_result, encode_args
-from taskfleet.common.errors import TaskCancelled, TaskFailed
+from taskfleet.common.errors import InvalidArgument, TaskCancelled, TaskFailed
 from taskfleet.common.model import DEFAULT_QUEUE, JSON, Task, TaskSpec, TaskState
 
 
@@ -25,10 +25,15 @@ def make_spec(
     idempotency_key: str = "",
     metadata: Mapping[str, str] | None = None,
     expires_at: float | dt.datetime | None = None,
+    concurrency_key: str = "",
+    concurrency_limit: int | None = None,
 ) -> TaskSpec:
     """A TaskSpec for ``name(*args, **kwargs)`` with a JSON payload. Times are unix
     seconds or datetimes: ``not_before`` holds it back, ``expires_at`` is when it
-    must have started by (else it ends CANCELLED Expired)."""
+    must have started by (else it ends CANCELLED Expired). At most
+    ``concurrency_limit`` tasks of one ``concurrency_key`` run at once; a key
+    alone means one at a time. Raises ``InvalidArgument`` naming the field for
+    a limit below 1 or without a key, as the master would."""
     if isinstance(not_before, dt.datetime):
         not_before = not_before.timestamp()
     if isinstance(expires_at, dt.datetime):
@@ -45,7 +50,23 @@ def make_spec(
         idempotency_key=idempotency_key,
         metadata=dict(metadata or {}),
         expires_at=expires_at or 0.0,
+        concurrency_key=concurrency_key,
+        concurrency_limit=_concurrency_limit(concurrency_key, concurrency_limit),
     )
+
+
+def _concurrency_limit(key: str, limit: int | None) -> int:
+    """The limit to send with ``key``: checked here so a mistake is seen at the
+    call that made it (a signature's ``set`` too), not at a later submit."""
+    if not key:
+        if limit:
+            raise InvalidArgument("concurrency_key: must be set with concurrency_limit")
+        return 0
+    if limit is None:
+        return 1
+    if limit < 1:
+        raise InvalidArgument(f"concurrency_limit: must be at least 1, got {limit}")
+    return limit
 
 
 def task_result(task: Task) -> Any:

@@ -39,6 +39,7 @@ from taskfleet.common.cli_submit import (
     json_or_word,
     key_value,
     read_calls,
+    spec_options,
     submit_in_batches,
 )
 from taskfleet.common.client import Client, make_spec
@@ -126,23 +127,19 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     now = time.time()
     not_before = now + args.delay_s if args.delay_s else None
     expires_at = now + args.expires_s if args.expires_s else None
-    metadata = dict(key_value(kv, "--meta", str) for kv in args.meta)
+    options = spec_options(args)
     try:
         specs = [
             make_spec(
                 args.name,
                 [*shared_args, *call.args],
                 {**shared_kwargs, **call.kwargs},
-                queue=args.queue,
-                priority=args.priority,
-                max_attempts=args.max_attempts,
-                timeout_s=args.timeout_s or 0.0,
                 not_before=not_before,
                 expires_at=expires_at,
                 idempotency_key=f"{args.idempotency_key}:{n}"
                 if args.idempotency_key and args.from_stdin
                 else args.idempotency_key,
-                metadata=metadata,
+                **options,
             )
             for n, call in enumerate(calls, start=1)
         ]

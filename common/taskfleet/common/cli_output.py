@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import time
 from typing import Any
 
 from taskfleet.common.client import task_result
 from taskfleet.common.codec import decode_result
 from taskfleet.common.errors import TaskFailed
-from taskfleet.common.model import Stats, Task, TaskState
+from taskfleet.common.model import QueueCounts, Stats, Task, TaskState
 
 
 def iso_time(unix_s: float, *, local: bool = False) -> str | None:
@@ -55,6 +56,8 @@ def task_json(task: Task, *, local_times: bool = False) -> dict[str, Any]:
         "timeout_s": task.spec.timeout_s,
         "not_before": time(task.spec.not_before),
         "idempotency_key": task.spec.idempotency_key,
+        "concurrency_key": task.spec.concurrency_key,
+        "concurrency_limit": task.spec.concurrency_limit,
         "created_at": time(task.created_at),
         "started_at": time(task.started_at),
         "finished_at": time(task.finished_at),
@@ -65,10 +68,35 @@ def task_json(task: Task, *, local_times: bool = False) -> dict[str, Any]:
     }
 
 
+def oldest_pending_age_s(counts: QueueCounts, now: float) -> float | None:
+    """How long the queue's oldest ready task has waited; None when none is ready."""
+    return max(0.0, now - counts.oldest_pending_at) if counts.oldest_pending_at else None
+
+
+def age_text(age_s: float | None) -> str:
+    """An age to the second for people: "45 s", "3 m 12 s", "2 h 5 m", "3 d 4 h";
+    "-" for none."""
+    if age_s is None:
+        return "-"
+    s = int(age_s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} m {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} m"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
 def stats_json(stats: Stats) -> dict[str, Any]:
+    now = time.time()
     return {
         "queues": [
-            {"queue": q.queue, **{s.name.lower(): q.counts.get(s, 0) for s in TaskState}}
+            {
+                "queue": q.queue,
+                **{s.name.lower(): q.counts.get(s, 0) for s in TaskState},
+                "oldest_pending_age_s": oldest_pending_age_s(q, now),
+            }
             for q in stats.queues
         ],
         "workers": [
@@ -145,8 +173,16 @@ def show_stats(stats: Stats) -> None:
         print_stats(stats)
         return
     states = list(TaskState)
-    rows = [["QUEUE", *(s.name for s in states)]]
-    rows += [[q.queue, *(str(q.counts.get(s, 0)) for s in states)] for q in stats.queues]
+    now = time.time()
+    rows = [["QUEUE", *(s.name for s in states), "OLDEST PENDING"]]
+    rows += [
+        [
+            q.queue,
+            *(str(q.counts.get(s, 0)) for s in states),
+            age_text(oldest_pending_age_s(q, now)),
+        ]
+        for q in stats.queues
+    ]
     print_table(rows)
     print()
     rows = [["WORKER", "HOST", "QUEUES", "SLOTS", "RUNNING"]]

@@ -144,6 +144,17 @@ def add_spec_flags(parser: flags.EnvDefaultsParser) -> None:
         metavar="KEY=VALUE",
         help="metadata label (repeatable)",
     )
+    parser.add_flag(
+        "--concurrency-key",
+        type=flags.utf8_text,
+        default="",
+        help="run at most --concurrency-limit tasks of this key at once, across all workers",
+    )
+    parser.add_flag(
+        "--concurrency-limit",
+        type=flags.int_in_range(1, INT32_MAX),
+        help="tasks of --concurrency-key that may run at once (default 1)",
+    )
 
 
 def _add_operator_commands(commands: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from taskfleet.common.calls import make_spec
 from taskfleet.common.cli_output import iso_time, print_table
-from taskfleet.common.cli_submit import json_or_word, key_value
+from taskfleet.common.cli_submit import json_or_word, key_value, spec_options
 from taskfleet.common.client import Client
 from taskfleet.common.errors import ConfigError, NotFound
 from taskfleet.common.model import MissedTicks, Schedule
@@ -30,11 +30,7 @@ def _add(client: Client, args: argparse.Namespace) -> int:
             args.name,
             [json_or_word(a) for a in args.args],
             dict(key_value(kv, "--kwarg", json_or_word) for kv in args.kwarg),
-            queue=args.queue,
-            priority=args.priority,
-            max_attempts=args.max_attempts,
-            timeout_s=args.timeout_s or 0.0,
-            metadata=dict(key_value(kv, "--meta", str) for kv in args.meta),
+            **spec_options(args),
         )
     except RecursionError:
         raise ConfigError("arguments: JSON nested too deeply") from None

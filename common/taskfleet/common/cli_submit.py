@@ -9,6 +9,7 @@ been printed, so nothing is orphaned and a rerun can skip them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -112,6 +113,21 @@ def submit_in_batches(
             )
         raise type(exc)(message) from None
     return task_ids
+
+
+def spec_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``make_spec``'s options from the flags of ``cli_parser.add_spec_flags``."""
+    if args.concurrency_limit is not None and not args.concurrency_key:
+        raise ConfigError("--concurrency-limit: needs --concurrency-key")
+    return {
+        "queue": args.queue,
+        "priority": args.priority,
+        "max_attempts": args.max_attempts,
+        "timeout_s": args.timeout_s or 0.0,
+        "metadata": dict(key_value(kv, "--meta", str) for kv in args.meta),
+        "concurrency_key": args.concurrency_key,
+        "concurrency_limit": args.concurrency_limit,
+    }
 
 
 def _where(line: int) -> str:

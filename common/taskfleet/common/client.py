@@ -148,9 +148,12 @@ class Client:
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
         expires_at: float | dt.datetime | None = None,
+        concurrency_key: str = "",
+        concurrency_limit: int | None = None,
     ) -> TaskHandle[Any]:
         """Enqueue ``name(*args, **kwargs)``; returns its handle, which is the task
-        id (a ``str``) with ``result``, ``get``, ``state`` and ``cancel``."""
+        id (a ``str``) with ``result``, ``get``, ``state`` and ``cancel``. The
+        options are ``make_spec``'s."""
         spec = make_spec(
             name,
             args,
@@ -163,6 +166,8 @@ class Client:
             idempotency_key=idempotency_key,
             metadata=metadata,
             expires_at=expires_at,
+            concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
         )
         return TaskHandle(self.submit_many([spec])[0], self)
 

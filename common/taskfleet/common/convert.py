@@ -3,6 +3,7 @@ place where generated code meets the rest of taskfleet."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
@@ -329,10 +330,17 @@ _STATE_FIELDS = {
 }
 
 
-def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
+def stats_to_proto(stats: Stats, now: float | None = None) -> tasks_pb2.Stats:
+    """Stats as the master answers at ``now`` (default: the clock's): each queue's
+    oldest pending task travels as an age, which a client's clock need not agree with."""
+    now = time.time() if now is None else now
     queues = [
         tasks_pb2.QueueStats(
-            queue=q.queue, **{f: q.counts.get(state, 0) for state, f in _STATE_FIELDS.items()}
+            queue=q.queue,
+            oldest_pending_age=duration(max(0.0, now - q.oldest_pending_at))
+            if q.oldest_pending_at
+            else None,
+            **{f: q.counts.get(state, 0) for state, f in _STATE_FIELDS.items()},
         )
         for q in stats.queues
     ]
@@ -369,9 +377,18 @@ def stats_to_proto(stats: Stats) -> tasks_pb2.Stats:
     return tasks_pb2.Stats(queues=queues, workers=workers, masters=masters, pending_names=pending)
 
 
-def stats_from_proto(pb: tasks_pb2.Stats) -> Stats:
+def stats_from_proto(pb: tasks_pb2.Stats, now: float | None = None) -> Stats:
+    """Stats as received at ``now`` (default: the clock's), ages turned into times
+    of this clock."""
+    now = time.time() if now is None else now
     queues = [
-        QueueCounts(q.queue, {state: getattr(q, f) for state, f in _STATE_FIELDS.items()})
+        QueueCounts(
+            q.queue,
+            {state: getattr(q, f) for state, f in _STATE_FIELDS.items()},
+            now - seconds_from_duration(q.oldest_pending_age, "oldest_pending_age")
+            if q.HasField("oldest_pending_age")
+            else 0.0,
+        )
         for q in pb.queues
     ]
     workers = [

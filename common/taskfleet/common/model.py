@@ -160,10 +160,12 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class QueueCounts:
-    """Number of tasks of one queue in each state."""
+    """Number of tasks of one queue in each state, and since when its oldest ready
+    PENDING task has waited (unix seconds; 0 when none is ready)."""
 
     queue: str
     counts: dict[TaskState, int]
+    oldest_pending_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
@@ -104,6 +105,8 @@ def print_stats(stats: Stats) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from taskfleet.common.cli_output import age_text, oldest_pending_age_s
+
     colours = {
         TaskState.PENDING: "cyan",
         TaskState.RUNNING: "blue",
@@ -115,8 +118,14 @@ def print_stats(stats: Stats) -> None:
     queues.add_column("QUEUE", no_wrap=True)
     for state in TaskState:
         queues.add_column(state.name, justify="right", style=colours.get(state))
+    queues.add_column("OLDEST PENDING", justify="right")
+    now = time.time()
     for q in stats.queues:
-        queues.add_row(q.queue, *(str(q.counts.get(s, 0)) for s in TaskState))
+        queues.add_row(
+            q.queue,
+            *(str(q.counts.get(s, 0)) for s in TaskState),
+            age_text(oldest_pending_age_s(q, now)),
+        )
 
     workers = Table(title="Workers", title_justify="left")
     workers.add_column("WORKER", no_wrap=True)

@@ -822,6 +822,7 @@ class QueueStats(_message.Message):
     SUCCEEDED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    OLDEST_PENDING_AGE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name."""
     pending: _builtins.int
@@ -834,6 +835,14 @@ class QueueStats(_message.Message):
     """Tasks that exhausted their attempts."""
     cancelled: _builtins.int
     """Tasks cancelled before finishing."""
+    @_builtins.property
+    def oldest_pending_age(self) -> _duration_pb2.Duration:
+        """How long the queue's oldest ready PENDING task has waited, when the master
+        answered: since it was submitted, came due (not_before, a retry's backoff),
+        its last parent succeeded, or it was put back (lease lapsed, released,
+        RetryTask). Unset when no task is ready (delayed and waiting ones do not count).
+        """
+
     def __init__(
         self,
         *,
@@ -843,10 +852,11 @@ class QueueStats(_message.Message):
         succeeded: _builtins.int = ...,
         failed: _builtins.int = ...,
         cancelled: _builtins.int = ...,
+        oldest_pending_age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_age", b"oldest_pending_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "pending", b"pending", "queue", b"queue", "running", b"running", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "oldest_pending_age", b"oldest_pending_age", "pending", b"pending", "queue", b"queue", "running", b"running", "succeeded", b"succeeded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ lists of tasks and each distinct (queue, task) pair costs one increment.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
 
@@ -137,10 +138,19 @@ class _StateCollector(Collector):
             queue_counts = self._queue_counts()
         except (StoreUnusable, StoreUnavailable):
             queue_counts = []  # the store has said so once; the other gauges still count
+        oldest = GaugeMetricFamily(
+            "taskfleet_queue_oldest_pending_age_seconds",
+            "How long each queue's oldest ready PENDING task has waited (queues with one).",
+            labels=["queue"],
+        )
+        now = time.time()
         for counts in queue_counts:
             for state in TaskState:
                 depth.add_metric([counts.queue, state.name.lower()], counts.counts.get(state, 0))
+            if counts.oldest_pending_at:
+                oldest.add_metric([counts.queue], max(0.0, now - counts.oldest_pending_at))
         yield depth
+        yield oldest
         infos = self._workers()
         yield GaugeMetricFamily(
             "taskfleet_workers_connected", "Workers with an open stream.", value=len(infos)

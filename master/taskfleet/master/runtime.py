@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ResourceExhausted, StoreUnavailable, StoreUnusable
-from taskfleet.common.model import MasterInfo, Stats, WorkerInfo
+from taskfleet.common.model import MasterInfo, QueueCounts, Stats, WorkerInfo
 from taskfleet.common.reconnect import RECONNECT_CAP_S
 from taskfleet.master.cluster import Cluster, new_master
 from taskfleet.master.delays import DueTimer
@@ -94,9 +94,10 @@ class MasterRuntime:
         self.scheduler = Scheduler(self.lifecycle, self.bridge)
 
     def stats(self, pending_names: bool = False) -> Stats:
-        """GetStats: the store's counts, every master, and the workers of all of them
-        (a worker that moved between masters is listed once, where it is now); with
-        ``pending_names``, the pending tasks per queue and name too."""
+        """GetStats: the store's counts and each queue's oldest ready task, every
+        master, and the workers of all of them (a worker that moved between masters
+        is listed once, where it is now); with ``pending_names``, the pending tasks
+        per queue and name too."""
         local = self.sessions.infos()
         if self.cluster is None:
             masters = [dataclasses.replace(self.me, seen_at=time.time())]
@@ -105,7 +106,16 @@ class MasterRuntime:
             masters = self.cluster.masters()
             workers = _merge_workers(local, self.cluster.remote_workers())
         names = self.store.pending_names(MAX_PENDING_NAMES) if pending_names else []
-        return Stats(self.store.stats(), workers, masters, names)
+        return Stats(self.queue_stats(), workers, masters, names)
+
+    def queue_stats(self) -> list[QueueCounts]:
+        """The store's counts per queue, with when each queue's oldest ready task
+        became ready."""
+        oldest = self.store.oldest_pending(time.time())
+        return [
+            dataclasses.replace(q, oldest_pending_at=oldest.get(q.queue, 0.0))
+            for q in self.store.stats()
+        ]
 
     def open_stream(self) -> None:
         """Count a new streaming call, or refuse it past ``--max-streams``: a

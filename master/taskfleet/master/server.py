@@ -177,7 +177,7 @@ class Master:
     def _serve_metrics(self) -> None:
         """Prometheus metrics, read at --metrics-listen and --http-listen alike."""
         metrics = self.runtime.metrics
-        metrics.watch(self.runtime.store.stats, self.runtime.sessions.infos)
+        metrics.watch(self.runtime.queue_stats, self.runtime.sessions.infos)
         if not self.config.metrics_listen:
             return
         try:

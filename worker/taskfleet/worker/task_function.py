@@ -66,13 +66,16 @@ class TaskFunction(Generic[P, R]):
         expires_s: float = 0.0,
         idempotency_key: str = "",
         metadata: Mapping[str, str] | None = None,
+        concurrency_key: str = "",
+        concurrency_limit: int | None = None,
         client: Client | None = None,
     ) -> TaskHandle[R]:
         """Run on a worker with options: ``timeout_s`` is the task's own time
         limit (how long a caller waits is ``handle.result(timeout_s=...)``),
         ``delay_s`` holds it back that long, ``expires_s`` cancels it (error type
-        Expired) if it has not started within that long; ``client`` overrides
-        the default."""
+        Expired) if it has not started within that long, at most
+        ``concurrency_limit`` tasks of ``concurrency_key`` run at once (a key
+        alone: one); ``client`` overrides the default."""
         from taskfleet.client.defaults import default_client
         from taskfleet.common.handle import TaskHandle
 
@@ -92,5 +95,7 @@ class TaskFunction(Generic[P, R]):
             expires_at=now + expires_s if expires_s else None,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
         )
         return TaskHandle(task_id, through)

@@ -59,6 +59,8 @@ def task_detail(task: Task) -> dict[str, Any]:
         "timeout_s": spec.timeout_s,
         "not_before": _time(spec.not_before),
         "idempotency_key": spec.idempotency_key,
+        "concurrency_key": spec.concurrency_key,
+        "concurrency_limit": spec.concurrency_limit,
         "metadata": dict(spec.metadata),
         "content_type": spec.content_type,
         **_bytes("payload", spec.payload),
@@ -80,6 +82,7 @@ def queue_counts(counts: QueueCounts) -> dict[str, Any]:
     return {
         "queue": counts.queue,
         **{STATE_NAMES[s]: counts.counts.get(s, 0) for s in TaskState},
+        "oldest_pending_at": _time(counts.oldest_pending_at),
     }
 
 

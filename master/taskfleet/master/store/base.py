@@ -308,6 +308,15 @@ class Store(abc.ABC):
         A queue is listed while it holds a task."""
 
     @abc.abstractmethod
+    def oldest_pending(self, now: float) -> dict[str, float]:
+        """For each queue with a ready PENDING task, when the one that has waited
+        longest became ready: was submitted, came due (``not_before``, a retry's
+        backoff), saw its last parent succeed, or was put back (released, lease
+        lapsed, RetryTask). Tasks still delayed or waiting for parents do not count;
+        tasks passed over (concurrency keys, rate limits) do. Indexed: the cost is
+        O(log n) per queue, however many tasks wait."""
+
+    @abc.abstractmethod
     def pending_names(self, limit: int) -> list[PendingName]:
         """PENDING tasks counted per queue and name, the largest counts first (then
         by queue and name), at most ``limit``. A scan of the pending tasks."""

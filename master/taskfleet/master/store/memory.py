@@ -6,7 +6,8 @@ reaches the top and no longer matches the task. That keeps every operation
 O(log n) without searching a heap.
 
 The slot a task lives in is in memory_slots.py, dependency bookkeeping in
-memory_deps.py, schedules in memory_schedules.py.
+memory_deps.py, schedules in memory_schedules.py, the oldest ready task of each
+queue in memory_oldest.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from taskfleet.master.store.base import (
 )
 from taskfleet.master.store.deps import resolve
 from taskfleet.master.store.memory_deps import MemoryDeps
+from taskfleet.master.store.memory_oldest import OldestReady, SinceEntry
 from taskfleet.master.store.memory_schedules import MemorySchedules
 from taskfleet.master.store.memory_slots import ReadyEntry, Slot, own_spec, snapshot
 
@@ -80,6 +82,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         # readied or cancelled through them (reported with the call's own).
         self._children: dict[str, list[str]] = {}
         self._settled: list[Slot] = []
+        self._oldest = OldestReady(self._ready_since)
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
         with self._lock:
@@ -311,6 +314,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         with self._lock:
             return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
 
+    def oldest_pending(self, now: float) -> dict[str, float]:
+        with self._lock:
+            self._promote(now)
+            return self._oldest.oldest()
+
     def pending_names(self, limit: int) -> list[PendingName]:
         with self._lock:
             counted = collections.Counter(
@@ -350,6 +358,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         if not any(counts.values()):  # its last task: the queue leaves stats, heaps and all
             del self._counts[task.spec.queue]
             self._ready.pop(task.spec.queue, None)
+            self._oldest.drop(task.spec.queue)
 
     def _compact_order(self) -> None:
         """Drop deleted ids from the paging order once they are most of it."""
@@ -409,9 +418,25 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         if slot.delayed:
             heapq.heappush(self._delayed, (ready_at, slot.seq, slot.task.id))
             return
+        self._make_ready(slot, now)
+
+    def _make_ready(self, slot: Slot, since: float) -> None:
+        """Put a PENDING task where ``lease`` finds it, ready since ``since``."""
         spec = slot.task.spec
         heap = self._ready.setdefault(spec.queue, {}).setdefault(spec.name, [])
         heapq.heappush(heap, (-spec.priority, slot.seq, slot.task.id))
+        slot.ready_since = since
+        self._oldest.add(spec.queue, (since, slot.seq, slot.task.id))
+
+    def _ready_since(self, entry: SinceEntry) -> bool:
+        """Whether the task of an ``_oldest`` entry is still ready since that time."""
+        slot = self._slots.get(entry[2])
+        return (
+            slot is not None
+            and slot.task.state is TaskState.PENDING
+            and not slot.delayed
+            and slot.ready_since == entry[0]
+        )
 
     def _promote(self, now: float) -> None:
         """Move due delayed tasks to the ready heaps and drop cancelled ones from the top."""
@@ -424,7 +449,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             heapq.heappop(self._delayed)
             if waiting:
                 assert slot is not None
-                self._enqueue(slot, now, now)
+                slot.delayed = False
+                self._make_ready(slot, ready_at)  # waiting since it came due, not since now
 
     def _heaps(
         self, queues: Collection[str], names: Collection[str] | None

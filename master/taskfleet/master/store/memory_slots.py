@@ -22,6 +22,7 @@ class Slot:
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
     attempt_base: int = 0  # attempts when RetryTask last gave a fresh budget
     waiting: int = 0  # parents not yet SUCCEEDED; the task is in no heap meanwhile
+    ready_since: float = 0.0  # PENDING and ready: since when (store.oldest_pending)
 
 
 def own_spec(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:

@@ -101,12 +101,14 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
+    OLDEST_PENDING,
     PENDING,
     PENDING_NAMES,
     RUNNING,
     default_expiry,
     in_order,
     lost_by_after,
+    oldest_ready,
     page,
     queue_counts,
     task_from_row,
@@ -469,6 +471,10 @@ class PostgresStore(PostgresSchedules, Store):
             ).fetchall()
         )
         return queue_counts(rows)
+
+    def oldest_pending(self, now: float) -> dict[str, float]:
+        rows = self._run(lambda conn: conn.execute(OLDEST_PENDING).fetchall())
+        return oldest_ready(rows, now)
 
     def pending_names(self, limit: int) -> list[PendingName]:
         rows = self._run(

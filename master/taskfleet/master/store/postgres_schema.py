@@ -13,7 +13,7 @@ import psycopg
 from taskfleet.common.errors import ConfigError
 from taskfleet.master.store import postgres_bus
 from taskfleet.master.store.postgres_sql import DELAYED, READY
-from taskfleet.master.store.rows import RUNNING
+from taskfleet.master.store.rows import PENDING, RUNNING
 
 # Taken by every master while it migrates: any constant no other user of the
 # database picks ("taskflee" in ASCII).
@@ -156,6 +156,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN ckey_limit integer NOT NULL DEFAULT 0",
         f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey <> ''",
     ),
+    # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
+    9: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

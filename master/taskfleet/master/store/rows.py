@@ -109,6 +109,20 @@ PENDING_NAMES = f"""SELECT queue, name, count(*) FROM tasks WHERE state = {PENDI
     GROUP BY queue, name ORDER BY count(*) DESC, queue, name LIMIT ?"""
 
 
+# For each queue with PENDING tasks, the earliest ready_at among them (the store's
+# oldest_pending): one probe of tasks_pending_since per queue. A task delayed or
+# waiting for parents has a later ready_at than any ready one (Inf while waiting),
+# so an earliest ready_at still in the future means that no task is ready.
+OLDEST_PENDING = f"""SELECT c.queue, (SELECT t.ready_at FROM tasks t
+    WHERE t.state = {PENDING} AND t.queue = c.queue ORDER BY t.ready_at LIMIT 1)
+    FROM counts c WHERE c.state = {PENDING} AND c.n > 0"""
+
+
+def oldest_ready(rows: Iterable[Sequence[Any]], now: float) -> dict[str, float]:
+    """``oldest_pending`` from the (queue, earliest ready_at) rows of OLDEST_PENDING."""
+    return {queue: at for queue, at in rows if at is not None and at <= now}
+
+
 def queue_counts(rows: Iterable[Sequence[Any]]) -> list[QueueCounts]:
     """Stats from (queue, state, n) rows sorted by queue."""
     by_queue: dict[str, dict[TaskState, int]] = {}

@@ -70,12 +70,14 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
+    OLDEST_PENDING,
     PENDING,
     PENDING_NAMES,
     RUNNING,
     default_expiry,
     in_order,
     lost_by_after,
+    oldest_ready,
     page,
     queue_counts,
     task_from_row,
@@ -444,6 +446,11 @@ class SqliteStore(SqliteSchedules, Store):
         with self._read() as db:
             rows = db.execute("SELECT queue, state, n FROM counts ORDER BY queue").fetchall()
         return queue_counts(rows)
+
+    def oldest_pending(self, now: float) -> dict[str, float]:
+        with self._read() as db:
+            rows = db.execute(OLDEST_PENDING).fetchall()
+        return oldest_ready(rows, now)
 
     def pending_names(self, limit: int) -> list[PendingName]:
         with self._read() as db:

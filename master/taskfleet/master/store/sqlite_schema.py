@@ -136,6 +136,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE tasks ADD COLUMN ckey_limit INTEGER NOT NULL DEFAULT 0",
         f"CREATE INDEX tasks_running_by_key ON tasks (ckey) WHERE state = {RUNNING} AND ckey != ''",
     ),
+    # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
+    8: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -51,6 +51,16 @@ tf.ago = function (unix) {
   return Math.round(s / 86400) + " days ago";
 };
 
+// How long since `unix`, to the second: "45 s", "3 m 12 s", "2 h 5 m", "3 d 4 h".
+tf.age = function (unix) {
+  if (!unix) return "";
+  const s = Math.max(0, Math.floor(Date.now() / 1000 - unix));
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " m " + (s % 60) + " s";
+  if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " m";
+  return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+};
+
 tf.replaceRows = function (tbody, rows) {
   tbody.replaceChildren(...rows);
 };

@@ -8,11 +8,25 @@ function countLink(queue, state, n) {
   return tf.el("td", { class: "num" }, n ? tf.el("a", { href: url }, n) : "0");
 }
 
+// The age of a queue's oldest ready task; ticks between overviews (tickAges).
+function oldestCell(since) {
+  if (!since) return tf.el("td", { class: "num oldest" });
+  const title = "waiting since " + tf.time(since);
+  return tf.el("td", { class: "num oldest", "data-since": since, title: title }, tf.age(since));
+}
+
+function tickAges() {
+  document.querySelectorAll("td[data-since]").forEach(function (cell) {
+    cell.textContent = tf.age(Number(cell.dataset.since));
+  });
+}
+
 function render(overview) {
   const queues = overview.queues.map(function (q) {
     return tf.el("tr", { "data-queue": q.queue },
       tf.el("td", {}, tf.el("a", { href: "/tasks?queue=" + encodeURIComponent(q.queue) }, q.queue)),
-      ...STATES.map(function (s) { return countLink(q.queue, s, q[s]); }));
+      ...STATES.map(function (s) { return countLink(q.queue, s, q[s]); }),
+      oldestCell(q.oldest_pending_at));
   });
   tf.replaceRows(document.querySelector("#queues tbody"), queues);
   document.getElementById("no-queues").hidden = queues.length > 0;
@@ -58,4 +72,5 @@ function renderChart(throughput) {
 tf.loadSession().then(function () {
   tf.api("/api/overview").then(render);
   tf.live(render);
+  setInterval(tickAges, 1000);
 });
