@@ -639,3 +639,67 @@ def test_worker_modules_import_no_cycle() -> None:
 
     cycles = sorted(module for module in graph if reaches(module, module, set()))
     assert not cycles, f"import cycles through {cycles}"
+
+
+def test_short_tasks_are_pipelined_about_a_millisecond_deep() -> None:
+    # The depth follows the average run time of a job: a process holds enough
+    # no-ops to keep busy between the supervisor's wake-ups, a few short tasks,
+    # and one task at a time once they take SHORT_JOB_S (no job behind a long one).
+    from taskfleet.worker.process_pool import (
+        MAX_PIPELINE_DEPTH,
+        PIPELINE_AHEAD_S,
+        SHORT_JOB_S,
+        ProcessPool,
+    )
+
+    pool = ProcessPool(2, [], lambda result: None)
+    try:
+        depths = {}
+        for job_s in (0.0, 0.00005, PIPELINE_AHEAD_S / 4, PIPELINE_AHEAD_S, SHORT_JOB_S, 1.0):
+            pool._job_s = job_s
+            depths[job_s] = pool._depth()
+            assert pool.free_slots() == 2 * depths[job_s]
+    finally:
+        pool.close(wait=False)
+    assert depths[0.0] == depths[0.00005] == MAX_PIPELINE_DEPTH
+    assert depths[PIPELINE_AHEAD_S / 4] == 5
+    assert depths[PIPELINE_AHEAD_S] == 2
+    assert depths[SHORT_JOB_S] == depths[1.0] == 1
+
+
+def test_a_wake_up_sent_while_the_supervisor_reads_its_wake_ups_is_not_lost(
+    start_pool: Callable[..., Pool], outcomes: Outcomes
+) -> None:
+    # Given a process pool whose supervisor, as it reads its wake-up socket, sees
+    # another thread submit a job (the race, made to happen every time)
+    from taskfleet.worker.process_pool import ProcessPool
+
+    pool = start_pool("process")
+    assert isinstance(pool, ProcessPool)
+    wake_r = pool._wake_r
+    raced: list[Job] = []
+
+    class RacingSocket:
+        def fileno(self) -> int:
+            return wake_r.fileno()
+
+        def recv(self, size: int) -> bytes:
+            if not raced:
+                raced.append(make_job("echo", "raced"))
+                submitter = threading.Thread(target=pool.submit, args=(raced[0],))
+                submitter.start()
+                submitter.join()
+            return wake_r.recv(size)
+
+        def close(self) -> None:
+            wake_r.close()
+
+    pool._wake_r = RacingSocket()  # type: ignore[assignment]
+    pool.submit(make_job("echo", "first"))
+    assert {value(outcomes.next()), value(outcomes.next())} == {"first", "raced"}
+
+    # When the next job comes with the supervisor idle
+    pool.submit(make_job("echo", "later"))
+
+    # Then it wakes the supervisor and runs
+    assert value(outcomes.next()) == "later"

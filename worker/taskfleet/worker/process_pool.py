@@ -52,8 +52,9 @@ _STOP_TIMEOUT_S = 5.0
 # How long a process that closed its channel may take to exit before it is killed:
 # a dying process closes its descriptors a moment before it counts as exited.
 _HANGUP_GRACE_S = 2.0
-PIPELINE_DEPTH = 2  # jobs a process holds when tasks are short: one running, one next
 SHORT_JOB_S = 0.005  # tasks shorter than this on average are pipelined
+PIPELINE_AHEAD_S = 0.001  # about this much work may wait in a process's pipe
+MAX_PIPELINE_DEPTH = 8  # and at most this many jobs in all
 JOB_S_WEIGHT = 0.1  # weight of the newest job in the moving average of run time
 
 
@@ -100,8 +101,10 @@ class ProcessPool(Pool):
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
         # A wake-up byte is on its way: the jobs of one Assignments message then
-        # cost one system call, not one each. Cleared before the byte is read, so
-        # a change made after the supervisor looked always sends another.
+        # cost one system call, not one each. Cleared only after the bytes are
+        # read (clearing first would let that read swallow a byte sent just
+        # after, leaving the flag set and the supervisor asleep); a change made
+        # before the clear is seen by the dispatch that follows it.
         self._wake_pending = False
         self._supervisor = self._thread(self._supervise, "taskfleet-process-pool")
 
@@ -127,10 +130,16 @@ class ProcessPool(Pool):
         return max(0, self.size * self._depth() - len(self._ledger))
 
     def _depth(self) -> int:
-        """Jobs each process may hold: two when tasks are short (one runs, the next
-        waits in its pipe, so the process never idles for a round trip through
-        the supervisor), else one, so no job waits behind a long one."""
-        return PIPELINE_DEPTH if self._job_s < SHORT_JOB_S else 1
+        """Jobs each process may hold. Short tasks are pipelined: the next ones wait
+        in the process's pipe, so it never idles for a round trip through the
+        supervisor, which in turn reads several results per wake-up. As many as
+        make about PIPELINE_AHEAD_S of work, and at least two, so a job waits
+        behind little; tasks of SHORT_JOB_S or more on average get one, so no job
+        waits behind a long one."""
+        if self._job_s >= SHORT_JOB_S:
+            return 1
+        ahead = int(PIPELINE_AHEAD_S / max(self._job_s, 1e-6))
+        return max(2, min(MAX_PIPELINE_DEPTH, 1 + ahead))
 
     def cancel(self, ref: LeaseRef) -> bool:
         if not self._ledger.cancel(ref):
@@ -240,8 +249,8 @@ class ProcessPool(Pool):
         for fd, _ in events:
             handle = self._poll_fds.get(fd)
             if handle is None:
-                self._wake_pending = False
                 self._wake_r.recv(4096)
+                self._wake_pending = False
             else:
                 child, exited = handle
                 touched[child] = touched.get(child, False) or exited
