@@ -95,9 +95,10 @@ class Batches:
         outcomes = next(cut(self.outcomes, outcome_bytes, max_count=GATHER_MAX))
         self.outcomes = self.outcomes[len(outcomes) :]
         self.unacked[self._seq] = outcomes
-        if self.book.holding():
+        if self.book.holding() or self.credit.round_trip_s is None:
             # Acked at once. A worker holding no task may get its ack only with its
-            # next assignments (the master's _dispatch): that wait is no round trip.
+            # next assignments (the master's _dispatch): that wait is no round trip,
+            # though the first one counts (without any, the prefetch stays at one).
             self._sent_at[self._seq] = now
         return Batch(self._seq, outcomes, credit)
 
