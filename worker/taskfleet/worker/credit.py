@@ -1,8 +1,8 @@
 """How many tasks the worker asks the master for: its credit.
 
 A worker holds one task per pool slot plus a prefetch of what the pool gets
-through while a request travels to the master and back, so a slot never waits
-on the network, and never more than ``--prefetch``. Long tasks get a prefetch
+through in two round trips to the master (COVERED_ROUND_TRIPS), so a slot
+never waits on the network, and never more than ``--prefetch``. Long tasks get a prefetch
 of one: nothing waits behind them that another worker could run. Two moving
 averages size the prefetch: how long a job holds its slot, and how long the
 master takes to acknowledge a batch. No gRPC and no threads here.
