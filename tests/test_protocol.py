@@ -5,6 +5,7 @@ carried with results, cumulative acks, and WaitTasksBatched."""
 from __future__ import annotations
 
 import queue
+import signal
 import socket
 import threading
 from collections.abc import Iterable, Iterator
@@ -179,6 +180,32 @@ def test_an_idle_workers_ack_waits_to_ride_on_its_next_assignments(
     assert ridden, "every ack went alone"
     assert ridden == sorted(ridden)
     assert set(ridden) <= set(range(1, runs))
+
+
+def test_a_held_back_ack_still_reaches_the_worker_when_the_master_stops(
+    master: MasterProc, hand: HandWorker, client: Client, queue_name: str
+) -> None:
+    # Given a worker whose only task is recorded, so it holds nothing and the ack
+    # of its results may wait (up to 20 ms) for work to ride on
+    task_id = client.submit("square", [2], queue=queue_name)
+    hand.send(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(tasks=1)))
+    hand.results(1, leases(hand.receive()), credit=1)
+    assert [t.state for t in client.wait([task_id], WAIT_S)] == [TaskState.SUCCEEDED]
+
+    # When the master stops at once
+    master.signal(signal.SIGTERM)
+
+    # Then the ack comes before the stream ends: a draining worker waits for it
+    acked = 0
+    try:
+        while not acked:
+            message = hand.receive()
+            if message.WhichOneof("kind") == "results_ack":
+                acked = message.results_ack.seq
+    except (StopIteration, grpc.RpcError):
+        pass
+    assert acked == 1
+    assert master.wait() == 0
 
 
 def test_wait_tasks_batched_sends_what_wait_tasks_sends_in_few_messages(
