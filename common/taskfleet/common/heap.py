@@ -19,10 +19,10 @@ def settle_after_startup() -> None:
     never replaces. At CPython's default a collection starts every 700 of them,
     and every hundredth of those walks every object the process holds: the
     tens of thousands that importing grpc, protobuf and the task modules made,
-    and, in a master on the memory store, every stored task. Over W1 on the memory
-    store that was about a sixth of the master's CPU, in pauses of up to a tenth
-    of a second; ten times fewer collections and a frozen start-up cut it to a
-    quarter of that (docs/benchmarks.md, ninth run).
+    and, in a master on the memory store, every stored task. Over 120,000 W1
+    tasks on the memory store the collector took 1.45 s of the master's CPU,
+    about 12 µs a task, in pauses of up to 0.17 s; with ten times fewer
+    collections and start-up frozen, 0.30 s (docs/benchmarks.md, ninth run).
 
     Frozen objects stay alive as long as anything refers to them and are freed by
     reference counting as before; only a cycle made of them could no longer be
