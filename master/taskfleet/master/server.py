@@ -13,6 +13,7 @@ import grpc
 from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError, StoreUnavailable, StoreUnusable
+from taskfleet.common.heap import settle_after_startup
 from taskfleet.common.model import TaskState
 from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
@@ -208,6 +209,7 @@ async def _serve(config: MasterConfig) -> int:
     _raise_open_files_limit()
     master = Master(config)
     await master.start()
+    settle_after_startup()
     stop_requested = asyncio.Event()
 
     on_stop_signals_async(asyncio.get_running_loop(), stop_requested, log, "shutting down")
