@@ -46,7 +46,7 @@ def test_credit_is_one_task_a_slot_plus_one_until_times_are_known() -> None:
 
 
 def test_prefetch_covers_four_round_trips_of_short_jobs_up_to_the_limit() -> None:
-    credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
+    credit = Credit(SLOTS, PREFETCH, gather_s=0.005)
     # Jobs of 20 ms, acks after 15 ms (+5 ms gathering): 2 slots get through 2 jobs
     # a round trip, 8 in the four the prefetch covers.
     credit.job_took(0.020)

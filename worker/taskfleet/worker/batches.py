@@ -20,7 +20,10 @@ from taskfleet.common.model import LeaseRef, Outcome
 from taskfleet.worker.credit import Credit
 from taskfleet.worker.lease_book import LeaseBook
 
-GATHER_S = 0.005  # how long outcomes may gather into one batch while the pool is busy
+# How long outcomes may gather into one batch while the pool is busy. 10 ms rather
+# than 5 gave W1 6% more (medians of 9 runs each, alternating: 13.1k -> 13.9k/s)
+# for about 8 us less CPU a task; a lone task is sent at once either way.
+GATHER_S = 0.010
 GATHER_MAX = 500  # ... and how many at most (and batching.BATCH_BYTES at most)
 
 
