@@ -61,6 +61,8 @@ from taskfleet.master.store.base import (
     TaskPage,
     TaskQuery,
     attempts_used,
+    check_outcomes,
+    first_outcomes,
     new_task_id,
     not_found,
     retry_delay_s,
@@ -295,28 +297,49 @@ class SqliteStore(SqliteSchedules, Store):
             ]
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
-        changed = []
+        # A fixed number of statements a batch, not one per outcome: the fence of
+        # every outcome read at once, the updates of each kind in one executemany,
+        # the changed rows read at once. All under the write lock, so no row can
+        # change between the fence read and the update.
+        check_outcomes(outcomes)
+        firsts = first_outcomes(outcomes)
+        if not firsts:
+            return []
         expiry = (now, default_expiry(self.policy, now))
+        ids = json.dumps([outcome.ref.task_id for outcome in firsts])
         with self._write() as db:
-            for outcome in outcomes:
-                fence = (outcome.ref.task_id, outcome.ref.lease)
+            # The lease each task holds now, with what a failure has used up.
+            current = {
+                task_id: (lease, counts)
+                for task_id, lease, *counts in db.execute(
+                    f"""SELECT id, lease, attempts, attempt_base, lost_leases FROM tasks
+                    WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
+                    (ids,),
+                )
+            }
+            updates: dict[str, list[tuple[Any, ...]]] = {}
+            valid: list[str] = []
+            for outcome in firsts:
+                task_id, lease = outcome.ref.task_id, outcome.ref.lease
+                held = current.get(task_id)
+                if held is None or held[0] != lease:
+                    continue  # stale
                 delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
-                    counts = db.execute(
-                        f"SELECT attempts, attempt_base, lost_leases FROM tasks WHERE {FENCE}",
-                        fence,
-                    ).fetchone()
-                    if counts is None:
-                        continue  # stale
-                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
+                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*held[1]))
                 changes, params = outcome_update(outcome, now, expiry, delay_s)
-                row = db.execute(
-                    f"UPDATE tasks SET {changes} WHERE {FENCE} RETURNING {COLUMNS}",
-                    (*params, *fence),
-                ).fetchone()
-                if row is not None:
-                    changed.append(task_from_row(row))
+                updates.setdefault(changes, []).append((*params, task_id, lease))
+                valid.append(task_id)
+            for changes, rows in updates.items():
+                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", rows)
+            changed = []
+            if valid:
+                rows = db.execute(
+                    f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(valid),),
+                ).fetchall()
+                changed = in_order(rows, valid)
             changed += self._settle(db, changed, now)
         return changed
 
