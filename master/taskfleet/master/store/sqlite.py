@@ -289,25 +289,24 @@ class SqliteStore(SqliteSchedules, Store):
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
     ) -> list[LeaseRef]:
-        stale = []
         with self._write() as db:
-            for ref in refs:
-                renewed = db.execute(
-                    f"UPDATE tasks SET lease_deadline = ? WHERE {FENCE} AND worker_id = ?",
-                    (now + lease_s, ref.task_id, ref.lease, worker_id),
-                )
-                if renewed.rowcount == 0:
-                    stale.append(ref)
-        return stale
+            held = _held(db, refs)
+            valid = [ref for ref in refs if _holds(held, ref, worker_id)]
+            db.executemany(
+                "UPDATE tasks SET lease_deadline = ? WHERE id = ?",
+                [(now + lease_s, ref.task_id) for ref in valid],
+            )
+        return [ref for ref in refs if not _holds(held, ref, worker_id)]
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
-        sql = f"UPDATE tasks SET progress = ?, progress_message = ? WHERE {FENCE}"
         with self._write() as db:
-            return [
-                u
-                for u in updates
-                if db.execute(sql, (u.fraction, u.message, u.ref.task_id, u.ref.lease)).rowcount
-            ]
+            held = _held(db, [u.ref for u in updates])
+            stored = [u for u in updates if _holds(held, u.ref)]
+            db.executemany(
+                "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ?",
+                [(u.fraction, u.message, u.ref.task_id) for u in stored],
+            )
+        return stored
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         # A fixed number of statements a batch, not one per outcome: the fence of
@@ -319,33 +318,24 @@ class SqliteStore(SqliteSchedules, Store):
         if not firsts:
             return []
         expiry = (now, default_expiry(self.policy, now))
-        ids = json.dumps([outcome.ref.task_id for outcome in firsts])
         with self._write() as db:
-            # The lease each task holds now, with what a failure has used up.
-            current = {
-                task_id: (lease, counts)
-                for task_id, lease, *counts in db.execute(
-                    f"""SELECT id, lease, attempts, attempt_base, lost_leases FROM tasks
-                    WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
-                    (ids,),
-                )
-            }
+            held = _held(db, [outcome.ref for outcome in firsts])
             updates: dict[str, list[tuple[Any, ...]]] = {}
             valid: list[str] = []
             for outcome in firsts:
                 task_id, lease = outcome.ref.task_id, outcome.ref.lease
-                held = current.get(task_id)
-                if held is None or held[0] != lease:
+                if not _holds(held, outcome.ref):
                     continue  # stale
                 delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
-                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*held[1]))
+                    counts = held[task_id][2:]
+                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
                 changes, params = outcome_update(outcome, now, expiry, delay_s)
                 updates.setdefault(changes, []).append((*params, task_id, lease))
                 valid.append(task_id)
-            for changes, rows in updates.items():
-                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", rows)
+            for changes, values in updates.items():
+                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", values)
             changed = []
             if valid:
                 rows = db.execute(
@@ -497,6 +487,24 @@ class SqliteStore(SqliteSchedules, Store):
         with self._lock:  # even when unusable
             self._db.close()
             os.close(self._owner)  # and with it the claim on the file
+
+
+def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, tuple[Any, ...]]:
+    """For each RUNNING task of ``refs``: its current lease, worker, and the counts
+    a failure's retry depends on (attempts, attempt_base, lost_leases). One read
+    for a batch, under the write lock, so nothing changes before its updates."""
+    rows = db.execute(
+        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases FROM tasks
+        WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
+        (json.dumps([ref.task_id for ref in refs]),),
+    )
+    return {row[0]: row[1:] for row in rows}
+
+
+def _holds(held: dict[str, tuple[Any, ...]], ref: LeaseRef, worker_id: str | None = None) -> bool:
+    """Whether ``ref`` is its task's current lease (held by ``worker_id``, if named)."""
+    row = held.get(ref.task_id)
+    return row is not None and row[0] == ref.lease and worker_id in (None, row[1])
 
 
 def _claim(path: str) -> int:
