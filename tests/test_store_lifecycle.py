@@ -5,15 +5,13 @@ purge, and keyset-paged listing."""
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from taskfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from taskfleet.common.errors import InvalidArgument, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskSpec, TaskState
 from taskfleet.master.store import SqliteStore, Store, StorePolicy, TaskQuery, open_store
 from taskfleet.master.store.sqlite_schema import MIGRATIONS
@@ -330,61 +328,3 @@ def test_sqlite_flushes_every_commit_but_a_leases_claim(tmp_path: Path) -> None:
     assert commits_of(lambda: store.record([outcome], 2.0)) == ["PRAGMA synchronous = FULL", "FULL"]
     assert commits_of(lambda: store.submit([TaskSpec(name="add")], 3.0)) == ["FULL"]
     store.close()
-
-
-def _writers_waiting(store: SqliteStore, calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run ``calls`` on threads that all queue for the store's lock while the test
-    holds it, then let them go; each call's result or the error it raised."""
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    with store._lock:
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while store._waiting < len(calls):
-            assert time.monotonic() < deadline, "the writers never queued for the lock"
-            time.sleep(0.001)
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive(), "a writer never returned"
-    return results
-
-
-def test_sqlite_writers_that_wait_together_share_one_commit(tmp_path: Path) -> None:
-    path = tmp_path / "tasks.db"
-    store = SqliteStore(str(path))
-    statements: list[str] = []
-    store._db.set_trace_callback(statements.append)
-    (pending,) = store.submit([TaskSpec(name="pending")], 1.0)
-
-    # Given five writers queued at once, one of which fails (a PENDING task
-    # cannot be retried)
-    calls: list[Callable[[], Any]] = [
-        lambda i=i: store.submit([TaskSpec(name=f"t{i}")], 2.0) for i in range(4)
-    ]
-    calls.insert(2, lambda: store.retry(pending, 2.0))
-    statements.clear()
-    results = _writers_waiting(store, calls)
-
-    # Then one transaction held them all and one commit ended it
-    assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == [
-        "BEGIN IMMEDIATE",
-        "COMMIT",
-    ]
-    # And the failing one undid its own part only, and said why
-    assert isinstance(results.pop(2), FailedPrecondition)
-    submitted = [task_id for (task_id,) in results]
-    store.close()
-    # And what each was told is in the file, as another connection reads it
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT id, name FROM tasks ORDER BY name").fetchall()
-    assert sorted(rows, key=lambda row: row[0]) == sorted(
-        [(pending, "pending"), *zip(submitted, ["t0", "t1", "t2", "t3"], strict=True)]
-    )

@@ -1,14 +1,12 @@
 """The durable store: one SQLite file in WAL mode, fsynced on every commit but a
 lease's claim (the next commit's fsync carries it; see ``_write``).
 
-Every mutating method is one ``BEGIN IMMEDIATE`` transaction, or a savepoint in
-one that calls writing at once share and commit together (``_write``), so an
+Every mutating method is one ``BEGIN IMMEDIATE`` transaction, so an
 acknowledged call is on disk and survives a ``kill -9`` of the master, and a
-batch is applied whole or not at all, with a fixed number of statements, not
-one per task, where a batch of refs or outcomes is fenced (``_held``). Partial
-indexes hold only the rows a hot query needs (ready tasks, delayed tasks,
-running leases), so leasing stays O(log n) with millions of finished or queued
-tasks in the file.
+batch is applied whole or not at all: with a fixed number of statements, not
+one per task, where a batch of refs or outcomes is fenced (``_held``). Partial indexes hold only the rows a hot
+query needs (ready tasks, delayed tasks, running leases), so leasing stays
+O(log n) with millions of finished or queued tasks in the file.
 
 Space: pruned rows' pages go to SQLite's free list and are reused by the next
 inserts, so under a steady load with a result TTL the file stops growing; the
@@ -108,17 +106,6 @@ from taskfleet.master.store.sqlite_sql import (
 log = logging.getLogger("taskfleet.master.store")
 
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
-# Calls one commit serves at most, so a steady stream of callers still commits.
-_GROUP_MAX = 16
-
-
-class _Group:
-    """Calls sharing one open write transaction, waiting for its commit."""
-
-    def __init__(self) -> None:
-        self.members = 0
-        self.committed = threading.Event()
-        self.error: BaseException | None = None
 
 
 class SqliteStore(SqliteSchedules, Store):
@@ -128,9 +115,6 @@ class SqliteStore(SqliteSchedules, Store):
         self.policy = policy
         self._path = path
         self._lock = threading.Lock()
-        self._count = threading.Lock()  # guards _waiting alone
-        self._waiting = 0  # calls waiting for _lock to write
-        self._group: _Group | None = None  # a transaction left open for them (_write)
         self._unusable = ""  # why the store is unusable, once it is
         self._owner = _claim(path)
         try:
@@ -165,8 +149,7 @@ class SqliteStore(SqliteSchedules, Store):
 
     @contextmanager
     def _write(self, flushed: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so it never fails half way on a lock,
-        or a part of one that other calls share (group commit, below).
+        """One write transaction, taken up front so it never fails half way on a lock.
 
         Its commit waits until the WAL is on disk, unless not ``flushed`` (a lease's
         claim alone, as in the PostgreSQL store): what that commit wrote reaches the
@@ -175,86 +158,25 @@ class SqliteStore(SqliteSchedules, Store):
         kernel holds the write. Only a crash of the machine can lose a claim
         never followed by a flushed commit: its tasks are then PENDING, to run
         again, which at-least-once allows. Not waiting for the flush lets the
-        claim give up the store's lock that much sooner.
-
-        Group commit: a flushed call that finishes while other calls wait for the
-        lock leaves its transaction open for them and waits; the last of them (or
-        the ``_GROUP_MAX``-th) commits for all, with one fsync, and none returns
-        before that commit. Each call runs in a savepoint, so one that fails
-        undoes its own part only; a failure that ends the transaction fails them
-        all. A read commits an open group first, so nothing uncommitted is seen."""
-        with self._count:
-            self._waiting += 1
-        with self._locked(writer=True) as db:
-            group = self._group
-            if group is None:
-                if flushed is not self._flushed:
-                    db.execute(f"PRAGMA synchronous = {'FULL' if flushed else 'NORMAL'}")
-                    self._flushed = flushed
-                db.execute("BEGIN IMMEDIATE")
-                group = _Group()
-            db.execute("SAVEPOINT call")
+        claim give up the store's lock that much sooner."""
+        with self._read() as db:
+            if flushed is not self._flushed:
+                db.execute(f"PRAGMA synchronous = {'FULL' if flushed else 'NORMAL'}")
+                self._flushed = flushed
+            db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
-            except BaseException as exc:
-                if db.in_transaction and not (isinstance(exc, sqlite3.Error) and is_damage(exc)):
-                    db.execute("ROLLBACK TO call")
-                    db.execute("RELEASE call")
-                    self._commit_or_leave(db, group)
-                else:  # SQLite ended the transaction, or the file is damaged: all fail
-                    self._fail(db, group, exc)
+            except BaseException:
+                if db.in_transaction:  # SQLite ends it itself after some errors
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("RELEASE call")
-            group.members += 1
-            self._commit_or_leave(db, group)
-        group.committed.wait()
-        if group.error is not None:
-            raise group.error
-
-    def _commit_or_leave(self, db: sqlite3.Connection, group: _Group) -> None:
-        """Leave ``group`` open for the writers waiting for the lock, or commit it."""
-        if group.members and self._flushed and self._waiting and group.members < _GROUP_MAX:
-            self._group = group  # the next writer joins it; the last commits
-        else:
-            self._end(db, group)
-
-    def _end(self, db: sqlite3.Connection, group: _Group) -> None:
-        """Commit ``group`` (under the lock) and release every call that waits for it."""
-        self._group = None
-        try:
             db.execute("COMMIT")
-        except BaseException as exc:
-            self._fail(db, group, exc)
-            raise
-        group.committed.set()
-
-    def _fail(self, db: sqlite3.Connection, group: _Group, exc: BaseException) -> None:
-        """End ``group`` rolled back: every call in it raises ``exc``'s error."""
-        self._group = None
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error) and is_damage(exc):
-            group.error = self._give_up(str(exc))
-        else:  # the same error, not the same object: each raise grows its traceback
-            group.error = type(exc)(*exc.args)
-        group.committed.set()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """The connection, under the lock, with any open group committed first."""
-        with self._locked() as db:
-            if self._group is not None:
-                self._end(db, self._group)
-            yield db
-
-    @contextmanager
-    def _locked(self, writer: bool = False) -> Iterator[sqlite3.Connection]:
         """The connection, under the lock; an error that shows the file damaged
-        makes this store unusable for good. A ``writer`` was counted in _waiting."""
+        makes this store unusable for good."""
         with self._lock:
-            if writer:
-                with self._count:
-                    self._waiting -= 1
             if self._unusable:  # a new error each time: one raised again grows its traceback
                 raise StoreUnusable(self._unusable)
             try:
@@ -565,8 +487,6 @@ class SqliteStore(SqliteSchedules, Store):
 
     def close(self) -> None:
         with self._lock:  # even when unusable
-            if self._group is not None:
-                self._end(self._db, self._group)
             self._db.close()
             os.close(self._owner)  # and with it the claim on the file
 
