@@ -43,7 +43,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def trip_figures(trips: list[float], prefix: str = "w3") -> dict[str, float]:
-    """W3's figures from its round trips, in seconds: ``{prefix}_p50_ms`` and ``_p99_ms``."""
+    """W3's figures from its round trips, in seconds: ``{prefix}_p50_ms`` and ``_p99_ms``;
+    nothing when there were none (``--w3 0``)."""
+    if not trips:
+        return {}
     return {
         f"{prefix}_p50_ms": percentile(trips, 0.50) * 1000,
         f"{prefix}_p99_ms": percentile(trips, 0.99) * 1000,
@@ -141,7 +144,10 @@ def with_cpu(
     run: Callable[[], float],
 ) -> dict[str, float]:
     """``run`` (which returns the seconds it took for ``tasks`` tasks) as a
-    throughput named ``workload``, with its CPU per task beside it."""
+    throughput named ``workload``, with its CPU per task beside it; nothing for a
+    workload of no tasks (``--w2 0`` skips W2)."""
+    if not tasks:
+        return {}
     before = cpu_seconds(processes())
     elapsed_s = run()
     after = cpu_seconds(processes())

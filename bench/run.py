@@ -217,7 +217,8 @@ def measure_taskfleet(store: str, args: argparse.Namespace) -> dict[str, float]:
             ("w3_raw_two_calls", cluster.raw.submit_then_wait),
         ):
             figures.update(trip_figures([one(trip) for _ in range(args.w3)], prefix))
-        figures["submit"] = args.submit / cluster.submit_only(args.submit)
+        if args.submit:
+            figures["submit"] = args.submit / cluster.submit_only(args.submit)
     finally:
         cluster.close()
     return figures

@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def accepts_connections(port: int) -> bool:
+    """Whether something listens on ``port`` of 127.0.0.1."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def poll(check: Callable[[], T | None], timeout_s: float = 30.0, what: str = "condition") -> T:
     """Call ``check`` until it returns something truthy, or fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -132,6 +141,10 @@ class MasterProc(Proc):
             if self.popen.poll() is not None:
                 self.wait()  # closes its log
                 raise AssertionError(f"master exited early:\n{self.output()}")
+            # gRPC waits out a reconnect backoff (about a second) after a refused
+            # connect: dial only once the port takes connections.
+            if not accepts_connections(self.port):
+                return False
             # One quick call per poll: the client's own retries would only add delay.
             channel = open_channel(
                 self.address,

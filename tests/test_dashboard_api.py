@@ -11,6 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -310,6 +311,24 @@ def test_with_tls_the_dashboard_serves_https_with_the_masters_certificate(
         assert json.loads(answer.read())["masters"][0]["listen"] == master.address
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"{base}/api/overview", timeout=10)
+
+
+def _loaded_aiohttp(pid: int) -> bool:
+    """Whether process ``pid`` has aiohttp's compiled modules mapped (loaded)."""
+    return "/aiohttp/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_only_a_master_serving_the_dashboard_loads_its_http_server(
+    start_master: StartMaster,
+) -> None:
+    # Given a master serving its dashboard and one without
+    with_dashboard, _ = dashboard_master(start_master)
+    plain = start_master()
+
+    # Then only the first loaded aiohttp (most of the master's import time, which
+    # every start would otherwise pay)
+    assert _loaded_aiohttp(with_dashboard.pid)
+    assert not _loaded_aiohttp(plain.pid)
 
 
 @pytest.mark.parametrize(

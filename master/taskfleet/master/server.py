@@ -6,16 +6,17 @@ import asyncio
 import logging
 import resource
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
 from taskfleet.common.channel import SERVER_OPTIONS
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError, StoreUnavailable, StoreUnusable
+from taskfleet.common.heap import settle_after_startup
 from taskfleet.common.model import TaskState
 from taskfleet.common.shutdown import on_stop_signals_async
 from taskfleet.master.auth import TokenInterceptor
-from taskfleet.master.dashboard.app import Dashboard
 from taskfleet.master.health import Health
 from taskfleet.master.manager import ManagerEndpoint
 from taskfleet.master.metrics import MasterMetrics
@@ -26,6 +27,9 @@ from taskfleet.master.task_service import TaskService
 from taskfleet.master.worker_service import WorkerService
 from taskfleet.v1 import tasks_pb2_grpc, worker_pb2_grpc
 
+if TYPE_CHECKING:
+    from taskfleet.master.dashboard.app import Dashboard
+
 log = logging.getLogger("taskfleet.master")
 
 DRAIN_POLL_S = 0.1
@@ -34,6 +38,14 @@ DRAIN_POLL_S = 0.1
 # of new waits would lose calls. --max-streams is the limit that counts.
 PENDING_CALLS = 20_000
 OPEN_FILES = 65_536  # the soft limit asked for when the hard one is unlimited
+
+
+def _dashboard(runtime: MasterRuntime, config: MasterConfig) -> Dashboard:
+    """The dashboard, imported only when served: aiohttp is most of the master's
+    import time, which every start (and every test) would otherwise pay."""
+    from taskfleet.master.dashboard.app import Dashboard
+
+    return Dashboard(runtime, config)
 
 
 class Master:
@@ -76,7 +88,7 @@ class Master:
         self.runtime.store.on_unavailable = self.runtime.store_watch.trouble
         self._reaper = threading.Thread(target=self.runtime.run_reaper, name="reaper", daemon=True)
         self._manager = ManagerEndpoint(self.runtime) if config.manager_listen else None
-        self._dashboard = Dashboard(self.runtime, config) if config.http_listen else None
+        self._dashboard = _dashboard(self.runtime, config) if config.http_listen else None
         self._due: asyncio.Task[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -197,6 +209,7 @@ async def _serve(config: MasterConfig) -> int:
     _raise_open_files_limit()
     master = Master(config)
     await master.start()
+    settle_after_startup()
     stop_requested = asyncio.Event()
 
     on_stop_signals_async(asyncio.get_running_loop(), stop_requested, log, "shutting down")

@@ -6,6 +6,7 @@ import logging
 
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.heap import settle_after_startup
 from taskfleet.worker.master_transport import Worker
 from taskfleet.worker.registry import import_task_modules
 
@@ -18,6 +19,7 @@ def run_worker(config: WorkerConfig) -> int:
     if not registry:
         raise ConfigError(f"--tasks: {', '.join(config.tasks)} registered no @task functions")
     log.info("tasks: %s", ", ".join(sorted(registry)))
+    settle_after_startup()
     if config.transport == "manager":
         from taskfleet.worker.manager_transport import ManagerTransport
 

@@ -230,7 +230,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                     "can be retried"
                 )
             slot.attempt_base = task.attempts
-            slot.lost_by.clear()
+            slot.lost_by = ()
             task.lost_leases = 0
             task.finished_at = task.expires_at = 0.0
             self._set_state(slot, TaskState.PENDING)
@@ -376,7 +376,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     def _lose_lease(self, slot: Slot, now: float) -> None:
         """A lease lapsed: put the task back, or end it once it has lost too many."""
         task = slot.task
-        slot.lost_by.append(task.worker_id)
+        slot.lost_by += (task.worker_id,)
         task.lost_leases += 1
         if task.lost_leases > self.policy.max_lost_leases:
             task.error = worker_lost_error(slot.lost_by)

@@ -19,7 +19,9 @@ class Slot:
     seq: int
     delayed: bool = False  # PENDING but waiting in the delayed heap
     deadline: float = 0.0  # RUNNING: when the lease lapses
-    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of lapsed leases
+    # Workers of lapsed leases. A tuple: an empty one is shared and, unlike a
+    # list, not one more object per task for the garbage collector to walk.
+    lost_by: tuple[str, ...] = ()
     attempt_base: int = 0  # attempts when RetryTask last gave a fresh budget
     waiting: int = 0  # parents not yet SUCCEEDED; the task is in no heap meanwhile
     ready_since: float = 0.0  # PENDING and ready: since when (store.oldest_pending)
