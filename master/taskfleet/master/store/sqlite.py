@@ -4,9 +4,10 @@ lease's claim (the next commit's fsync carries it; see ``_write``).
 Every mutating method is one ``BEGIN IMMEDIATE`` transaction, so an
 acknowledged call is on disk and survives a ``kill -9`` of the master, and a
 batch is applied whole or not at all: with a fixed number of statements, not
-one per task, where a batch of refs or outcomes is fenced (``_held``). Partial indexes hold only the rows a hot
-query needs (ready tasks, delayed tasks, running leases), so leasing stays
-O(log n) with millions of finished or queued tasks in the file.
+one per task, where a batch of refs or outcomes is fenced (``_held``). Partial
+indexes hold only the rows a hot query needs (ready tasks, delayed tasks,
+running leases), so leasing stays O(log n) with millions of finished or queued
+tasks in the file.
 
 Space: pruned rows' pages go to SQLite's free list and are reused by the next
 inserts, so under a steady load with a result TTL the file stops growing; the
