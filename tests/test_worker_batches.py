@@ -45,11 +45,11 @@ def test_credit_is_one_task_a_slot_plus_one_until_times_are_known() -> None:
     assert credit.wanted(holding=0, draining=True) == 0
 
 
-def test_prefetch_covers_two_round_trips_of_short_jobs_up_to_the_limit() -> None:
+def test_prefetch_covers_four_round_trips_of_short_jobs_up_to_the_limit() -> None:
     credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
-    # Jobs of 10 ms, acks after 15 ms (+5 ms gathering): 2 slots get through 4 jobs
-    # a round trip, 8 in the two the prefetch covers.
-    credit.job_took(0.010)
+    # Jobs of 20 ms, acks after 15 ms (+5 ms gathering): 2 slots get through 2 jobs
+    # a round trip, 8 in the four the prefetch covers.
+    credit.job_took(0.020)
     credit.round_trip_took(0.015)
     assert credit.capacity() == SLOTS + 8
     # Much shorter jobs would want more than --prefetch: the limit holds.
