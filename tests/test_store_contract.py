@@ -459,6 +459,67 @@ def test_the_final_state_is_written_exactly_once(store: Store) -> None:
     assert (task.state, task.result, task.finished_at) == (TaskState.SUCCEEDED, b"first", NOW + 1)
 
 
+def test_one_record_applies_its_valid_outcomes_and_ignores_its_stale_ones(store: Store) -> None:
+    # Given a task whose lease lapsed and was taken again, so its first ref is stale
+    relet_id = submit_one(store, name="relet")
+    (relet_old,) = lease(store)
+    store.expire(NOW + LEASE_S)
+    (relet_new,) = lease(store, now=NOW + LEASE_S)
+    # And five more leased tasks, one of which is cancelled while it runs
+    names = ("done", "retried", "cancelled", "ended", "stopped")
+    ids = dict(zip(names, store.submit([spec(n) for n in names], NOW + LEASE_S), strict=True))
+    refs = {one.task.spec.name: one.ref for one in lease(store, now=NOW + LEASE_S)}
+    store.cancel(ids["cancelled"], NOW + LEASE_S)
+
+    # When one batch brings valid, stale and repeated outcomes, mixed
+    changed = store.record(
+        [
+            succeeded(refs["done"], b"1"),
+            succeeded(relet_old.ref, b"old"),  # an earlier lease of the task
+            failed(refs["retried"], max_attempts=2),
+            succeeded(refs["cancelled"]),  # the task is no longer RUNNING
+            failed(refs["ended"], max_attempts=1),
+            succeeded(refs["done"], b"again"),  # the lease already ended above
+            Outcome(refs["stopped"], TaskState.CANCELLED),
+        ],
+        NOW + LEASE_S + 1,
+    )
+
+    # Then the valid ones are applied and returned in the order they came, each once
+    assert [(t.id, t.state) for t in changed] == [
+        (ids["done"], TaskState.SUCCEEDED),
+        (ids["retried"], TaskState.PENDING),
+        (ids["ended"], TaskState.FAILED),
+        (ids["stopped"], TaskState.CANCELLED),
+    ]
+    assert changed[0].result == b"1"
+    # And the stale ones changed nothing
+    relet = store.get(relet_id)
+    assert (relet.state, relet.lease, relet.result) == (TaskState.RUNNING, relet_new.ref.lease, b"")
+    cancelled = store.get(ids["cancelled"])
+    assert (cancelled.state, cancelled.result) == (TaskState.CANCELLED, b"")
+    assert store.get(ids["done"]).result == b"1"
+    assert counts(store)["q"] == {
+        TaskState.PENDING: 1,
+        TaskState.RUNNING: 1,
+        TaskState.SUCCEEDED: 1,
+        TaskState.FAILED: 1,
+        TaskState.CANCELLED: 2,
+    }
+
+
+def test_a_batch_with_an_outcome_that_ends_nothing_is_refused_whole(store: Store) -> None:
+    first_id, second_id = store.submit([spec("a"), spec("b")], NOW)
+    first, second = lease(store)
+
+    with pytest.raises(InvalidArgument, match=rf"outcome state of task {second_id} must be"):
+        store.record([succeeded(first.ref), Outcome(second.ref, TaskState.RUNNING)], NOW)
+
+    # Nothing of it was applied: both tasks still run and take their outcomes
+    assert [t.state for t in store.get_many([first_id, second_id])] == [TaskState.RUNNING] * 2
+    assert len(store.record([succeeded(first.ref), succeeded(second.ref)], NOW)) == 2
+
+
 # release, cancel, expire
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from taskfleet.common.backoff import backoff_s
-from taskfleet.common.errors import NotFound
+from taskfleet.common.errors import InvalidArgument, NotFound
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -126,6 +126,26 @@ def not_found(task_id: str) -> NotFound:
     return NotFound(
         f"task {task_id} not found (finished tasks are deleted when their result TTL runs out)"
     )
+
+
+def check_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """Refuse the whole batch up front if an outcome does not end its attempt, so a
+    bad outcome never leaves half of the batch applied."""
+    for outcome in outcomes:
+        if outcome.state not in FINAL_STATES:
+            raise InvalidArgument(
+                f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
+                f"or CANCELLED, not {outcome.state.name}"
+            )
+
+
+def first_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Each lease's first outcome, in order: the first ends the lease, so a repeat
+    is stale, as if applied after it."""
+    firsts: dict[tuple[str, int], Outcome] = {}
+    for outcome in outcomes:
+        firsts.setdefault((outcome.ref.task_id, outcome.ref.lease), outcome)
+    return list(firsts.values())
 
 
 def attempts_used(attempts: int, attempt_base: int, lost_leases: int) -> int:

@@ -41,6 +41,7 @@ from taskfleet.master.store.base import (
     TaskPage,
     TaskQuery,
     attempts_used,
+    check_outcomes,
     expires_at,
     new_task_id,
     not_found,
@@ -207,7 +208,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return stored
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
-        _check_outcomes(outcomes)
+        check_outcomes(outcomes)
         changed = []
         with self._lock:
             for outcome in outcomes:
@@ -517,13 +518,3 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         task.expires_at = expires_at(task.spec, now, self.policy)
         if task.expires_at:
             heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
-
-
-def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
-    """Refuse the whole batch up front, so a bad outcome never leaves half of it applied."""
-    for outcome in outcomes:
-        if not outcome.state.is_final:
-            raise InvalidArgument(
-                f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
-                f"or CANCELLED, not {outcome.state.name}"
-            )

@@ -73,6 +73,8 @@ from taskfleet.master.store.base import (
     TaskPage,
     TaskQuery,
     attempts_used,
+    check_outcomes,
+    first_outcomes,
     new_task_id,
     not_found,
     retry_delay_s,
@@ -271,17 +273,8 @@ class PostgresStore(PostgresSchedules, Store):
         return [u for u in updates if (u.ref.task_id, u.ref.lease) in valid]
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
-        for outcome in outcomes:
-            if outcome.state not in FINAL_STATES:
-                raise InvalidArgument(
-                    f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
-                    f"or CANCELLED, not {outcome.state.name}"
-                )
-        # The first outcome for a lease ends it; a repeat is stale, as if applied after.
-        firsts: dict[tuple[str, int], Outcome] = {}
-        for outcome in outcomes:
-            firsts.setdefault((outcome.ref.task_id, outcome.ref.lease), outcome)
-        unique = list(firsts.values())
+        check_outcomes(outcomes)
+        unique = first_outcomes(outcomes)
         if not unique:
             return []
         failed = [o for o in unique if o.state is TaskState.FAILED]

@@ -1,10 +1,13 @@
-"""The durable store: one SQLite file in WAL mode, fsynced on every commit.
+"""The durable store: one SQLite file in WAL mode, fsynced on every commit but a
+lease's claim (the next commit's fsync carries it; see ``_write``).
 
 Every mutating method is one ``BEGIN IMMEDIATE`` transaction, so an
 acknowledged call is on disk and survives a ``kill -9`` of the master, and a
-batch is applied whole or not at all. Partial indexes hold only the rows a hot
-query needs (ready tasks, delayed tasks, running leases), so leasing stays
-O(log n) with millions of finished or queued tasks in the file.
+batch is applied whole or not at all: with a fixed number of statements, not
+one per task, where a batch of refs or outcomes is fenced (``_held``). Partial
+indexes hold only the rows a hot query needs (ready tasks, delayed tasks,
+running leases), so leasing stays O(log n) with millions of finished or queued
+tasks in the file.
 
 Space: pruned rows' pages go to SQLite's free list and are reused by the next
 inserts, so under a steady load with a result TTL the file stops growing; the
@@ -61,6 +64,8 @@ from taskfleet.master.store.base import (
     TaskPage,
     TaskQuery,
     attempts_used,
+    check_outcomes,
+    first_outcomes,
     new_task_id,
     not_found,
     retry_delay_s,
@@ -123,6 +128,7 @@ class SqliteStore(SqliteSchedules, Store):
             # wrong --store than damage, and open_store says so.
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
+            self._flushed = True  # whether commits wait for the disk (see _write)
             self._db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             self._migrate(path)
             self._check()
@@ -143,9 +149,21 @@ class SqliteStore(SqliteSchedules, Store):
             migrate(db, path)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so it never fails half way on a lock."""
+    def _write(self, flushed: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so it never fails half way on a lock.
+
+        Its commit waits until the WAL is on disk, unless not ``flushed`` (a lease's
+        claim alone, as in the PostgreSQL store): what that commit wrote reaches the
+        disk with the next flushed one, since the WAL is one file written in order,
+        so an outcome on disk carries its claim; a ``kill -9`` loses neither, the
+        kernel holds the write. Only a crash of the machine can lose a claim
+        never followed by a flushed commit: its tasks are then PENDING, to run
+        again, which at-least-once allows. Not waiting for the flush lets the
+        claim give up the store's lock that much sooner."""
         with self._read() as db:
+            if flushed is not self._flushed:
+                db.execute(f"PRAGMA synchronous = {'FULL' if flushed else 'NORMAL'}")
+                self._flushed = flushed
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -246,7 +264,7 @@ class SqliteStore(SqliteSchedules, Store):
         else:
             queries = [(sql, (*args, limit)) for sql, args in queries]
         deadline = now + lease_s
-        with self._write() as db:
+        with self._write(flushed=False) as db:
             db.execute(f"UPDATE tasks SET ready = 1 WHERE {DELAYED} AND ready_at <= ?", (now,))
             # Each query yields its best `limit` in (-priority, seq) order; merging
             # the sorted lists gives the best `limit` over all of them.
@@ -274,49 +292,60 @@ class SqliteStore(SqliteSchedules, Store):
     def extend(
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
     ) -> list[LeaseRef]:
-        stale = []
         with self._write() as db:
-            for ref in refs:
-                renewed = db.execute(
-                    f"UPDATE tasks SET lease_deadline = ? WHERE {FENCE} AND worker_id = ?",
-                    (now + lease_s, ref.task_id, ref.lease, worker_id),
-                )
-                if renewed.rowcount == 0:
-                    stale.append(ref)
-        return stale
+            held = _held(db, refs)
+            valid = [ref for ref in refs if _holds(held, ref, worker_id)]
+            db.executemany(
+                "UPDATE tasks SET lease_deadline = ? WHERE id = ?",
+                [(now + lease_s, ref.task_id) for ref in valid],
+            )
+        return [ref for ref in refs if not _holds(held, ref, worker_id)]
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
-        sql = f"UPDATE tasks SET progress = ?, progress_message = ? WHERE {FENCE}"
         with self._write() as db:
-            return [
-                u
-                for u in updates
-                if db.execute(sql, (u.fraction, u.message, u.ref.task_id, u.ref.lease)).rowcount
-            ]
+            held = _held(db, [u.ref for u in updates])
+            stored = [u for u in updates if _holds(held, u.ref)]
+            db.executemany(
+                "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ?",
+                [(u.fraction, u.message, u.ref.task_id) for u in stored],
+            )
+        return stored
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
-        changed = []
+        # A fixed number of statements a batch, not one per outcome: the fence of
+        # every outcome read at once, the updates of each kind in one executemany,
+        # the changed rows read at once. All under the write lock, so no row can
+        # change between the fence read and the update.
+        check_outcomes(outcomes)
+        firsts = first_outcomes(outcomes)
+        if not firsts:
+            return []
         expiry = (now, default_expiry(self.policy, now))
         with self._write() as db:
-            for outcome in outcomes:
-                fence = (outcome.ref.task_id, outcome.ref.lease)
+            held = _held(db, [outcome.ref for outcome in firsts])
+            updates: dict[str, list[tuple[Any, ...]]] = {}
+            valid: list[str] = []
+            for outcome in firsts:
+                task_id, lease = outcome.ref.task_id, outcome.ref.lease
+                if not _holds(held, outcome.ref):
+                    continue  # stale
                 delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
-                    counts = db.execute(
-                        f"SELECT attempts, attempt_base, lost_leases FROM tasks WHERE {FENCE}",
-                        fence,
-                    ).fetchone()
-                    if counts is None:
-                        continue  # stale
+                    counts = held[task_id][2:]
                     delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
                 changes, params = outcome_update(outcome, now, expiry, delay_s)
-                row = db.execute(
-                    f"UPDATE tasks SET {changes} WHERE {FENCE} RETURNING {COLUMNS}",
-                    (*params, *fence),
-                ).fetchone()
-                if row is not None:
-                    changed.append(task_from_row(row))
+                updates.setdefault(changes, []).append((*params, task_id, lease))
+                valid.append(task_id)
+            for changes, values in updates.items():
+                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", values)
+            changed = []
+            if valid:
+                rows = db.execute(
+                    f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(valid),),
+                ).fetchall()
+                changed = in_order(rows, valid)
             changed += self._settle(db, changed, now)
         return changed
 
@@ -461,6 +490,24 @@ class SqliteStore(SqliteSchedules, Store):
         with self._lock:  # even when unusable
             self._db.close()
             os.close(self._owner)  # and with it the claim on the file
+
+
+def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, tuple[Any, ...]]:
+    """For each RUNNING task of ``refs``: its current lease, worker, and the counts
+    a failure's retry depends on (attempts, attempt_base, lost_leases). One read
+    for a batch, under the write lock, so nothing changes before its updates."""
+    rows = db.execute(
+        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases FROM tasks
+        WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
+        (json.dumps([ref.task_id for ref in refs]),),
+    )
+    return {row[0]: row[1:] for row in rows}
+
+
+def _holds(held: dict[str, tuple[Any, ...]], ref: LeaseRef, worker_id: str | None = None) -> bool:
+    """Whether ``ref`` is its task's current lease (held by ``worker_id``, if named)."""
+    row = held.get(ref.task_id)
+    return row is not None and row[0] == ref.lease and worker_id in (None, row[1])
 
 
 def _claim(path: str) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import Outcome, TaskSpec, TaskState
 from taskfleet.master.store.deps import SqlDeps
 from taskfleet.master.store.rows import (
@@ -78,7 +77,7 @@ def outcome_update(
 ) -> tuple[str, tuple[Any, ...]]:
     """The SET clause and its parameters that apply ``outcome`` to its task's row;
     ``expiry`` holds the parameters of ``EXPIRES``; a FAILED outcome runs again
-    after ``delay_s`` unless it is None."""
+    after ``delay_s`` unless it is None. Its state is final (base.check_outcome_state)."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
@@ -93,12 +92,6 @@ def outcome_update(
             f"""state = {CANCELLED}, error_type = ?, error_message = ?, error_traceback = ?,
             finished_at = ?, {EXPIRES}""",
             (error.type, error.message, error.traceback, now, *expiry),
-        )
-    if outcome.state is not TaskState.FAILED:
-        # Raised inside the transaction, so the whole batch rolls back.
-        raise InvalidArgument(
-            f"outcome state of task {outcome.ref.task_id} must be SUCCEEDED, FAILED "
-            f"or CANCELLED, not {outcome.state.name}"
         )
     error = outcome.error
     error_params = (
