@@ -303,28 +303,3 @@ def test_a_stale_lease_ref_cannot_touch_a_pruned_task(open_with: OpenStore) -> N
     assert store.extend("w", [ref], LEASE_S, NOW + TTL_S) == [ref]
     assert store.record([Outcome(ref, TaskState.SUCCEEDED, result=b"1")], NOW + TTL_S) == []
     assert store.release([ref], NOW + TTL_S) == 0
-
-
-def test_sqlite_flushes_every_commit_but_a_leases_claim(tmp_path: Path) -> None:
-    # The claim alone commits without waiting for the disk (the next flushed
-    # commit carries it, sqlite.py's _write); what acknowledges a submit or an
-    # outcome must wait, whatever ran before it on the connection.
-    store = SqliteStore(str(tmp_path / "tasks.db"))
-    statements: list[str] = []
-    store._db.set_trace_callback(statements.append)
-
-    def commits_of(call: Callable[[], Any]) -> list[str]:
-        statements.clear()
-        call()
-        pragmas = [s for s in statements if s.startswith("PRAGMA synchronous")]
-        setting = store._db.execute("PRAGMA synchronous").fetchone()[0]
-        return [*pragmas, {1: "NORMAL", 2: "FULL"}[setting]]
-
-    (task_id,) = store.submit([TaskSpec(name="add")], 1.0)
-    claim = commits_of(lambda: store.lease("w1", ["default"], None, 1, 30, 1.0))
-    assert claim == ["PRAGMA synchronous = NORMAL", "NORMAL"]
-    ref = LeaseRef(task_id, 1)
-    outcome = Outcome(ref, TaskState.SUCCEEDED, result=b"3")
-    assert commits_of(lambda: store.record([outcome], 2.0)) == ["PRAGMA synchronous = FULL", "FULL"]
-    assert commits_of(lambda: store.submit([TaskSpec(name="add")], 3.0)) == ["FULL"]
-    store.close()

@@ -128,7 +128,6 @@ class SqliteStore(SqliteSchedules, Store):
             # wrong --store than damage, and open_store says so.
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            self._flushed = True  # whether commits wait for the disk (see _write)
             self._db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             self._migrate(path)
             self._check()
@@ -149,21 +148,9 @@ class SqliteStore(SqliteSchedules, Store):
             migrate(db, path)
 
     @contextmanager
-    def _write(self, flushed: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so it never fails half way on a lock.
-
-        Its commit waits until the WAL is on disk, unless not ``flushed`` (a lease's
-        claim alone, as in the PostgreSQL store): what that commit wrote reaches the
-        disk with the next flushed one, since the WAL is one file written in order,
-        so an outcome on disk carries its claim; a ``kill -9`` loses neither, the
-        kernel holds the write. Only a crash of the machine can lose a claim
-        never followed by a flushed commit: its tasks are then PENDING, to run
-        again, which at-least-once allows. Not waiting for the flush lets the
-        claim give up the store's lock that much sooner."""
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so it never fails half way on a lock."""
         with self._read() as db:
-            if flushed is not self._flushed:
-                db.execute(f"PRAGMA synchronous = {'FULL' if flushed else 'NORMAL'}")
-                self._flushed = flushed
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -264,7 +251,7 @@ class SqliteStore(SqliteSchedules, Store):
         else:
             queries = [(sql, (*args, limit)) for sql, args in queries]
         deadline = now + lease_s
-        with self._write(flushed=False) as db:
+        with self._write() as db:
             db.execute(f"UPDATE tasks SET ready = 1 WHERE {DELAYED} AND ready_at <= ?", (now,))
             # Each query yields its best `limit` in (-priority, seq) order; merging
             # the sorted lists gives the best `limit` over all of them.
