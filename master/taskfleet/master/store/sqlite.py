@@ -1,5 +1,4 @@
-"""The durable store: one SQLite file in WAL mode, fsynced on every commit but a
-lease's claim (the next commit's fsync carries it; see ``_write``).
+"""The durable store: one SQLite file in WAL mode, fsynced on every commit.
 
 Every mutating method is one ``BEGIN IMMEDIATE`` transaction, so an
 acknowledged call is on disk and survives a ``kill -9`` of the master, and a
