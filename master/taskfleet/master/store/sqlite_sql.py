@@ -77,7 +77,7 @@ def outcome_update(
 ) -> tuple[str, tuple[Any, ...]]:
     """The SET clause and its parameters that apply ``outcome`` to its task's row;
     ``expiry`` holds the parameters of ``EXPIRES``; a FAILED outcome runs again
-    after ``delay_s`` unless it is None. Its state is final (base.check_outcome_state)."""
+    after ``delay_s`` unless it is None. Its state is final (``base.check_outcomes``)."""
     if outcome.state is TaskState.SUCCEEDED:
         return (
             f"""state = {SUCCEEDED}, result = ?, result_content_type = ?, error_type = NULL,
