@@ -26,9 +26,13 @@ def procs(tmp_path: Path) -> Iterator[list[MasterProc | WorkerProc]]:
     """Every process a test starts, killed at teardown whatever happened."""
     started: list[MasterProc | WorkerProc] = []
     yield started
+    unasked = [proc.exited_unasked() for proc in reversed(started)]
     for proc in reversed(started):
-        if proc.popen.poll() is None:
-            proc.kill()
+        proc.kill()
+    # A process that ended though the test never stopped it nor waited for it died
+    # on its own: a crash the test's own checks may have missed.
+    crashes = [report for report in unasked if report]
+    assert not crashes, "\n\n".join(crashes)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -64,7 +65,8 @@ class Proc:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.args = args
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait() or kill()
+        self._awaited = False  # a test stopped it, or waits for its exit
         self.popen = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, env=_env(), cwd=TESTS_DIR
         )
@@ -78,6 +80,7 @@ class Proc:
             os.kill(self.pid, signum)
 
     def wait(self, timeout_s: float = 30.0) -> int:
+        self._awaited = True
         try:
             return self.popen.wait(timeout_s)
         finally:
@@ -94,9 +97,18 @@ class Proc:
             return self.wait()
 
     def kill(self) -> None:
+        self._awaited = True
         self.signal(signal.SIGKILL)
         self.popen.wait()
         self._log.close()
+
+    def exited_unasked(self) -> str:
+        """If the process has exited though no one stopped or waited for it, what it
+        printed (its exit code and the end of its log); else ""."""
+        if self._awaited or self.popen.poll() is None:
+            return ""
+        tail = self.output()[-3000:]
+        return f"{shlex.join(self.args[:3])} exited by itself with {self.popen.returncode}:\n{tail}"
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
