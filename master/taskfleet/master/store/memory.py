@@ -5,6 +5,10 @@ back leaves its old heap entry in place, and the entry is dropped when it
 reaches the top and no longer matches the task. That keeps every operation
 O(log n) without searching a heap.
 
+An unfinished task lives in a Slot in ``_slots``; a final one is frozen into a
+tuple the garbage collector does not track, in ``_final`` (memory_slots.py
+says why and how), and thawed for every read and by RetryTask.
+
 The slot a task lives in is in memory_slots.py, dependency bookkeeping in
 memory_deps.py, schedules in memory_schedules.py, the oldest ready task of each
 queue in memory_oldest.py.
@@ -52,7 +56,21 @@ from taskfleet.master.store.deps import resolve
 from taskfleet.master.store.memory_deps import MemoryDeps
 from taskfleet.master.store.memory_oldest import OldestReady, SinceEntry
 from taskfleet.master.store.memory_schedules import MemorySchedules
-from taskfleet.master.store.memory_slots import ReadyEntry, Slot, own_spec, snapshot
+from taskfleet.master.store.memory_slots import (
+    EXPIRES_AT,
+    IDEMPOTENCY_KEY,
+    NAME,
+    QUEUE,
+    Frozen,
+    ReadyEntry,
+    Slot,
+    freeze,
+    frozen_state,
+    own_spec,
+    snapshot,
+    thaw,
+    thaw_slot,
+)
 
 
 class MemoryStore(MemoryDeps, MemorySchedules, Store):
@@ -66,7 +84,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self.policy = policy
         self._lock = threading.Lock()
         self._seq = itertools.count()
-        self._slots: dict[str, Slot] = {}
+        self._slots: dict[str, Slot] = {}  # unfinished tasks
+        self._final: dict[str, Frozen] = {}  # final tasks until they are deleted
         self._by_key: dict[str, str] = {}
         self._ready: dict[str, dict[str, list[ReadyEntry]]] = {}
         self._delayed: list[tuple[float, int, str]] = []
@@ -127,11 +146,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def get(self, task_id: str) -> Task:
         with self._lock:
-            return snapshot(self._slot(task_id).task)
+            return self._read(task_id)
 
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         with self._lock:
-            return [snapshot(self._slot(task_id).task) for task_id in task_ids]
+            return [self._read(task_id) for task_id in task_ids]
 
     def lease(
         self,
@@ -222,13 +241,15 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def retry(self, task_id: str, now: float) -> Task:
         with self._lock:
-            slot = self._slot(task_id)
-            task = slot.task
-            if task.state not in (TaskState.FAILED, TaskState.CANCELLED):
+            state = self._state(task_id)
+            if state is None:
+                raise not_found(task_id)
+            if state not in (TaskState.FAILED, TaskState.CANCELLED):
                 raise FailedPrecondition(
-                    f"task {task_id} is {task.state.name}: only FAILED or CANCELLED tasks "
-                    "can be retried"
+                    f"task {task_id} is {state.name}: only FAILED or CANCELLED tasks can be retried"
                 )
+            slot = self._slots[task_id] = thaw_slot(self._final.pop(task_id))
+            task = slot.task
             slot.attempt_base = task.attempts
             slot.lost_by = ()
             task.lost_leases = 0
@@ -252,9 +273,12 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def cancel(self, task_id: str, now: float) -> list[Task]:
         with self._lock:
-            slot = self._slot(task_id)
-            if slot.task.state.is_final:
-                raise FailedPrecondition(f"task {task_id} is already {slot.task.state.name}")
+            slot = self._slots.get(task_id)
+            if slot is None:
+                frozen = self._final.get(task_id)
+                if frozen is None:
+                    raise not_found(task_id)
+                raise FailedPrecondition(f"task {task_id} is already {frozen_state(frozen).name}")
             self._finish(slot, TaskState.CANCELLED, now)
             return [snapshot(slot.task), *self._take_settled()]
 
@@ -280,10 +304,10 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         with self._lock:
             while self._expiring and self._expiring[0][0] <= now and pruned < limit:
                 at, _, task_id = heapq.heappop(self._expiring)
-                slot = self._slots.get(task_id)
+                frozen = self._final.get(task_id)
                 # A task retried since it was queued here has another expiry, or none.
-                if slot is not None and slot.task.expires_at == at:
-                    self._delete(slot)
+                if frozen is not None and frozen[EXPIRES_AT] == at:
+                    self._delete(task_id)
                     pruned += 1
             self._compact_order()
         return pruned
@@ -294,17 +318,17 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             raise InvalidArgument("states: only finished tasks can be purged")
         with self._lock:
             doomed = list(itertools.islice(self._matching(query, states, None), limit))
-            for slot in doomed:
-                self._delete(slot)
+            for task_id, _ in doomed:
+                self._delete(task_id)
             self._compact_order()
         return len(doomed)
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
         with self._lock:
             found = list(itertools.islice(self._matching(query, query.states, cursor), limit + 1))
-            tasks = [snapshot(slot.task) for slot in found[:limit]]
+            tasks = [self._read(task_id) for task_id, _ in found[:limit]]
         more = len(found) > limit
-        return TaskPage(tasks, found[limit - 1].seq if more and limit else None)
+        return TaskPage(tasks, found[limit - 1][1] if more and limit else None)
 
     def next_ready_at(self, now: float) -> float | None:
         with self._lock:
@@ -332,43 +356,68 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def _matching(
         self, query: TaskQuery, states: frozenset[TaskState], cursor: int | None
-    ) -> Iterator[Slot]:
-        """Slots ``query`` matches (in ``states`` unless empty), newest first, older
-        than ``cursor``."""
+    ) -> Iterator[tuple[str, int]]:
+        """Ids and seqs of the tasks ``query`` matches (in ``states`` unless empty),
+        newest first, older than ``cursor``."""
         end = len(self._order) if cursor is None else bisect.bisect_left(self._order_seq, cursor)
         for i in range(end - 1, -1, -1):
-            slot = self._slots.get(self._order[i])
-            if slot is None:
+            task_id = self._order[i]
+            slot = self._slots.get(task_id)
+            if slot is not None:
+                queue, name, state = slot.task.spec.queue, slot.task.spec.name, slot.task.state
+            else:
+                frozen = self._final.get(task_id)
+                if frozen is None:
+                    continue
+                queue, name, state = frozen[QUEUE], frozen[NAME], frozen_state(frozen)
+            if query.queue and queue != query.queue:
                 continue
-            task = slot.task
-            if query.queue and task.spec.queue != query.queue:
+            if query.name and name != query.name:
                 continue
-            if query.name and task.spec.name != query.name:
+            if states and state not in states:
                 continue
-            if states and task.state not in states:
-                continue
-            yield slot
+            yield task_id, self._order_seq[i]
 
-    def _delete(self, slot: Slot) -> None:
-        task = slot.task
-        del self._slots[task.id]
-        if task.spec.idempotency_key and self._by_key.get(task.spec.idempotency_key) == task.id:
-            del self._by_key[task.spec.idempotency_key]
-        counts = self._counts[task.spec.queue]
-        counts[task.state] -= 1
+    def _read(self, task_id: str) -> Task:
+        """A snapshot of the task, frozen or not."""
+        frozen = self._final.get(task_id)
+        if frozen is not None:
+            return thaw(frozen)
+        slot = self._slots.get(task_id)
+        if slot is None:
+            raise not_found(task_id)
+        return snapshot(slot.task)
+
+    def _state(self, task_id: str) -> TaskState | None:
+        """The task's state, frozen or not; None when there is no such task."""
+        slot = self._slots.get(task_id)
+        if slot is not None:
+            return slot.task.state
+        frozen = self._final.get(task_id)
+        return None if frozen is None else frozen_state(frozen)
+
+    def _delete(self, task_id: str) -> None:
+        """Delete a final task."""
+        frozen = self._final.pop(task_id)
+        key = frozen[IDEMPOTENCY_KEY]
+        if key and self._by_key.get(key) == task_id:
+            del self._by_key[key]
+        queue = frozen[QUEUE]
+        counts = self._counts[queue]
+        counts[frozen_state(frozen)] -= 1
         if not any(counts.values()):  # its last task: the queue leaves stats, heaps and all
-            del self._counts[task.spec.queue]
-            self._ready.pop(task.spec.queue, None)
-            self._oldest.drop(task.spec.queue)
+            del self._counts[queue]
+            self._ready.pop(queue, None)
+            self._oldest.drop(queue)
 
     def _compact_order(self) -> None:
         """Drop deleted ids from the paging order once they are most of it."""
-        if len(self._order) < 2 * len(self._slots) + 1024:
+        if len(self._order) < 2 * (len(self._slots) + len(self._final)) + 1024:
             return
         kept = [
             (seq, i)
             for seq, i in zip(self._order_seq, self._order, strict=True)
-            if i in self._slots
+            if i in self._slots or i in self._final
         ]
         self._order_seq = [seq for seq, _ in kept]
         self._order = [i for _, i in kept]
@@ -384,12 +433,6 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             return
         self._set_state(slot, TaskState.PENDING)
         self._enqueue(slot, now, now)
-
-    def _slot(self, task_id: str) -> Slot:
-        slot = self._slots.get(task_id)
-        if slot is None:
-            raise not_found(task_id)
-        return slot
 
     def _valid(self, ref: LeaseRef) -> Slot | None:
         """The slot ``ref`` fences, or None when the ref is stale."""
@@ -518,3 +561,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         task.expires_at = expires_at(task.spec, now, self.policy)
         if task.expires_at:
             heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
+        # Frozen from now on: the slot, which the caller may still read for its
+        # answer, is no longer the store's.
+        self._final[task.id] = freeze(slot)
+        del self._slots[task.id]

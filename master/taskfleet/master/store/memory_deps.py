@@ -16,13 +16,14 @@ from taskfleet.master.store.deps import (
     too_large,
     with_results,
 )
-from taskfleet.master.store.memory_slots import Slot, snapshot
+from taskfleet.master.store.memory_slots import RESULT, Frozen, Slot, snapshot
 
 
 class MemoryDeps:
     """The dependency methods of ``MemoryStore``."""
 
     _slots: dict[str, Slot]
+    _final: dict[str, Frozen]
     # Waiting children of each unfinished parent, and the tasks that a call
     # readied or cancelled through them (reported with the call's own).
     _children: dict[str, list[str]]
@@ -32,6 +33,9 @@ class MemoryDeps:
         raise NotImplementedError  # MemoryStore's
 
     def _end(self, slot: Slot, state: TaskState, now: float) -> None:
+        raise NotImplementedError  # MemoryStore's
+
+    def _state(self, task_id: str) -> TaskState | None:
         raise NotImplementedError  # MemoryStore's
 
     def _check_parents(
@@ -47,24 +51,21 @@ class MemoryDeps:
         for i, parents in enumerate(parents_of):
             for j, parent in enumerate(parents if new[i] else ()):
                 if parent not in batch:
-                    slot = self._slots.get(parent)
-                    state = None if slot is None else slot.task.state
-                    check_parent(f"tasks[{i}].depends_on[{j}]", parent, state)
-            done = all(
-                p not in batch and self._slots[p].task.state is TaskState.SUCCEEDED for p in parents
-            )
+                    check_parent(f"tasks[{i}].depends_on[{j}]", parent, self._state(parent))
+            done = all(p not in batch and self._state(p) is TaskState.SUCCEEDED for p in parents)
             if new[i] and parents and done and results_mode(specs[i]):
                 check_size(f"tasks[{i}]", self._with_results(specs[i], parents))
 
     def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
-        results = [self._slots[p].task.result for p in parents]
+        # Every parent succeeded, so every parent is frozen.
+        results = [self._final[p][RESULT] for p in parents]
         return with_results(spec.payload, results, results_mode(spec))
 
     def _wait_or_enqueue(self, slot: Slot, now: float) -> None:
         """Queue a new task, or make it wait for its unfinished parents."""
         spec = slot.task.spec
         parents = dict.fromkeys(spec.depends_on)
-        open_parents = [p for p in parents if self._slots[p].task.state is not TaskState.SUCCEEDED]
+        open_parents = [p for p in parents if self._state(p) is not TaskState.SUCCEEDED]
         slot.waiting = len(open_parents)
         for parent in open_parents:
             self._children.setdefault(parent, []).append(slot.task.id)
