@@ -37,7 +37,9 @@ def finish_families(store: MemoryStore, n: int, tag: str) -> None:
             NOW,
         )
     assert not store.lease("w1", ["q"], None, 1, 30.0, NOW)
-    assert sum(c.counts[TaskState.PENDING] + c.counts[TaskState.RUNNING] for c in store.stats()) == 0
+    assert (
+        sum(c.counts[TaskState.PENDING] + c.counts[TaskState.RUNNING] for c in store.stats()) == 0
+    )
 
 
 def tracked_objects() -> int:

@@ -5,9 +5,9 @@ back leaves its old heap entry in place, and the entry is dropped when it
 reaches the top and no longer matches the task. That keeps every operation
 O(log n) without searching a heap.
 
-An unfinished task lives in a Slot in ``_slots``; a final one is frozen into a
-tuple the garbage collector does not track, in ``_final`` (memory_slots.py
-says why and how), and thawed for every read and by RetryTask.
+An unfinished task lives in a Slot in ``_slots``; a final one is frozen into
+bytes the garbage collector never sees, in ``_final`` (memory_slots.py says
+why and how), and thawed for every read and by RetryTask.
 
 The slot a task lives in is in memory_slots.py, dependency bookkeeping in
 memory_deps.py, schedules in memory_schedules.py, the oldest ready task of each
@@ -64,10 +64,11 @@ from taskfleet.master.store.memory_slots import (
     Frozen,
     ReadyEntry,
     Slot,
+    fields,
     freeze,
-    frozen_state,
     own_spec,
     snapshot,
+    state_of,
     thaw,
     thaw_slot,
 )
@@ -278,7 +279,9 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 frozen = self._final.get(task_id)
                 if frozen is None:
                     raise not_found(task_id)
-                raise FailedPrecondition(f"task {task_id} is already {frozen_state(frozen).name}")
+                raise FailedPrecondition(
+                    f"task {task_id} is already {state_of(fields(frozen)).name}"
+                )
             self._finish(slot, TaskState.CANCELLED, now)
             return [snapshot(slot.task), *self._take_settled()]
 
@@ -306,7 +309,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 at, _, task_id = heapq.heappop(self._expiring)
                 frozen = self._final.get(task_id)
                 # A task retried since it was queued here has another expiry, or none.
-                if frozen is not None and frozen[EXPIRES_AT] == at:
+                if frozen is not None and fields(frozen)[EXPIRES_AT] == at:
                     self._delete(task_id)
                     pruned += 1
             self._compact_order()
@@ -369,7 +372,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 frozen = self._final.get(task_id)
                 if frozen is None:
                     continue
-                queue, name, state = frozen[QUEUE], frozen[NAME], frozen_state(frozen)
+                facts = fields(frozen)
+                queue, name, state = facts[QUEUE], facts[NAME], state_of(facts)
             if query.queue and queue != query.queue:
                 continue
             if query.name and name != query.name:
@@ -394,17 +398,17 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         if slot is not None:
             return slot.task.state
         frozen = self._final.get(task_id)
-        return None if frozen is None else frozen_state(frozen)
+        return None if frozen is None else state_of(fields(frozen))
 
     def _delete(self, task_id: str) -> None:
         """Delete a final task."""
-        frozen = self._final.pop(task_id)
-        key = frozen[IDEMPOTENCY_KEY]
+        facts = fields(self._final.pop(task_id))
+        key = facts[IDEMPOTENCY_KEY]
         if key and self._by_key.get(key) == task_id:
             del self._by_key[key]
-        queue = frozen[QUEUE]
+        queue = facts[QUEUE]
         counts = self._counts[queue]
-        counts[frozen_state(frozen)] -= 1
+        counts[state_of(facts)] -= 1
         if not any(counts.values()):  # its last task: the queue leaves stats, heaps and all
             del self._counts[queue]
             self._ready.pop(queue, None)

@@ -16,7 +16,7 @@ from taskfleet.master.store.deps import (
     too_large,
     with_results,
 )
-from taskfleet.master.store.memory_slots import RESULT, Frozen, Slot, snapshot
+from taskfleet.master.store.memory_slots import RESULT, Frozen, Slot, fields, snapshot
 
 
 class MemoryDeps:
@@ -58,7 +58,7 @@ class MemoryDeps:
 
     def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
         # Every parent succeeded, so every parent is frozen.
-        results = [self._final[p][RESULT] for p in parents]
+        results = [fields(self._final[p])[RESULT] for p in parents]
         return with_results(spec.payload, results, results_mode(spec))
 
     def _wait_or_enqueue(self, slot: Slot, now: float) -> None:

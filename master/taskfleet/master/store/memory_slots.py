@@ -1,20 +1,19 @@
 """What the memory store keeps for each task, and the copies that go in and out
 of it: a caller never holds an object the store goes on changing.
 
-An unfinished task lives in a ``Slot``. A final one is frozen into a flat tuple
-of atomic values (str, int, float, bytes, bool, None): the cyclic garbage
-collector untracks such a tuple the first time it sees it, so the finished
-tasks a master keeps until their result TTL (a million is ordinary) cost a full
-collection nothing, where as three dataclasses each they cost it seconds. Enum
-members, dicts and nested tuples would keep the tuple tracked, so the state is
-its int, the error three fields and the parents and metadata are spread flat
-at its end.
+An unfinished task lives in a ``Slot``. A final one is frozen into bytes (its
+fields as a tuple, marshalled), which the cyclic garbage collector never sees:
+the finished tasks a master keeps until their result TTL (a million is
+ordinary) cost a collection nothing, where as three dataclasses each they cost
+a full one seconds. Not a tuple of atomic values, which the collector does
+untrack, but only once a collection has walked it: new ones fill every young
+collection, and the dict holding them stays tracked and walked in full.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import marshal
 from typing import Any
 
 from taskfleet.common.model import Task, TaskError, TaskSpec, TaskState
@@ -39,20 +38,17 @@ class Slot:
     ready_since: float = 0.0  # PENDING and ready: since when (store.oldest_pending)
 
 
-# A final task: see the module docstring and ``freeze`` for its layout.
-Frozen = tuple[Any, ...]
+# A final task: see the module docstring; ``fields`` reads it.
+Frozen = bytes
 
 # Where ``freeze`` puts the fields the store reads without thawing.
 SEQ = 1
 STATE = 2
 RESULT = 5
-EXPIRES_AT = 15
-NAME = 18
-QUEUE = 19
-IDEMPOTENCY_KEY = 26
-# The fixed fields; then the parents (as many as the last fixed field says) and
-# the metadata's keys and values, alternating.
-_FIXED = 34
+EXPIRES_AT = 13
+NAME = 16
+QUEUE = 17
+IDEMPOTENCY_KEY = 24
 
 _STATES = {int(state): state for state in TaskState}
 
@@ -64,45 +60,48 @@ def freeze(slot: Slot) -> Frozen:
     task = slot.task
     spec = task.spec
     error = task.error
-    frozen: Frozen = (
-        task.id,
-        slot.seq,
-        int(task.state),
-        task.attempts,
-        task.lease,
-        task.result,
-        task.result_content_type,
-        None if error is None else error.type,
-        "" if error is None else error.message,
-        "" if error is None else error.traceback,
-        task.worker_id,
-        task.created_at,
-        task.started_at,
-        task.finished_at,
-        task.lost_leases,
-        task.expires_at,
-        task.progress,
-        task.progress_message,
-        spec.name,
-        spec.queue,
-        spec.payload,
-        spec.content_type,
-        spec.priority,
-        spec.max_attempts,
-        spec.timeout_s,
-        spec.not_before,
-        spec.idempotency_key,
-        spec.result_ttl_s,
-        spec.expires_at,
-        spec.pass_results,
-        spec.gather_results,
-        spec.concurrency_key,
-        spec.concurrency_limit,
-        len(spec.depends_on),
+    return marshal.dumps(
+        (
+            task.id,
+            slot.seq,
+            int(task.state),  # an enum member is no value marshal knows
+            task.attempts,
+            task.lease,
+            task.result,
+            task.result_content_type,
+            None if error is None else (error.type, error.message, error.traceback),
+            task.worker_id,
+            task.created_at,
+            task.started_at,
+            task.finished_at,
+            task.lost_leases,
+            task.expires_at,
+            task.progress,
+            task.progress_message,
+            spec.name,
+            spec.queue,
+            spec.payload,
+            spec.content_type,
+            spec.priority,
+            spec.max_attempts,
+            spec.timeout_s,
+            spec.not_before,
+            spec.idempotency_key,
+            spec.metadata,
+            spec.result_ttl_s,
+            spec.expires_at,
+            spec.depends_on,
+            spec.pass_results,
+            spec.gather_results,
+            spec.concurrency_key,
+            spec.concurrency_limit,
+        )
     )
-    if spec.depends_on or spec.metadata:
-        frozen += spec.depends_on + tuple(itertools.chain.from_iterable(spec.metadata.items()))
-    return frozen
+
+
+def fields(frozen: Frozen) -> tuple[Any, ...]:
+    """A frozen task's fields, by the indexes above."""
+    return marshal.loads(frozen)  # type: ignore[no-any-return]
 
 
 def thaw(frozen: Frozen) -> Task:
@@ -115,9 +114,7 @@ def thaw(frozen: Frozen) -> Task:
         lease,
         result,
         result_content_type,
-        error_type,
-        error_message,
-        error_traceback,
+        error,
         worker_id,
         created_at,
         started_at,
@@ -126,52 +123,17 @@ def thaw(frozen: Frozen) -> Task:
         expires_at,
         progress,
         progress_message,
-        name,
-        queue,
-        payload,
-        content_type,
-        priority,
-        max_attempts,
-        timeout_s,
-        not_before,
-        idempotency_key,
-        result_ttl_s,
-        spec_expires_at,
-        pass_results,
-        gather_results,
-        concurrency_key,
-        concurrency_limit,
-        parents,
-    ) = frozen[:_FIXED]
-    pairs = frozen[_FIXED + parents :]
-    spec = TaskSpec(
-        name,
-        queue,
-        payload,
-        content_type,
-        priority,
-        max_attempts,
-        timeout_s,
-        not_before,
-        idempotency_key,
-        dict(zip(pairs[::2], pairs[1::2], strict=True)),
-        result_ttl_s,
-        spec_expires_at,
-        frozen[_FIXED : _FIXED + parents],
-        pass_results,
-        gather_results,
-        concurrency_key,
-        concurrency_limit,
-    )
+        *spec,
+    ) = marshal.loads(frozen)
     return Task(
         task_id,
-        spec,
+        TaskSpec(*spec),
         _STATES[state],
         attempts,
         lease,
         result,
         result_content_type,
-        None if error_type is None else TaskError(error_type, error_message, error_traceback),
+        None if error is None else TaskError(*error),
         worker_id,
         created_at,
         started_at,
@@ -185,11 +147,12 @@ def thaw(frozen: Frozen) -> Task:
 
 def thaw_slot(frozen: Frozen) -> Slot:
     """A frozen task brought back to life (RetryTask), in its old place in line."""
-    return Slot(thaw(frozen), frozen[SEQ])
+    return Slot(thaw(frozen), fields(frozen)[SEQ])
 
 
-def frozen_state(frozen: Frozen) -> TaskState:
-    return _STATES[frozen[STATE]]
+def state_of(facts: tuple[Any, ...]) -> TaskState:
+    """The state in a frozen task's ``fields``."""
+    return _STATES[facts[STATE]]
 
 
 def own_spec(spec: TaskSpec, depends_on: tuple[str, ...]) -> TaskSpec:
