@@ -16,6 +16,7 @@ queue in memory_oldest.py.
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import heapq
@@ -96,9 +97,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self._expiring: list[tuple[float, int, str]] = []  # expires_at, seq, id
         self._schedules: dict[str, Schedule] = {}  # in creation order
         # Ids in submission order with their seqs, for list_tasks' keyset paging;
-        # pruned ids leave holes that _compact_order closes now and then.
-        self._order: list[str] = []
-        self._order_seq: list[int] = []
+        # pruned ids leave holes that _compact_order closes now and then. An array
+        # and a dict of ints and strs, which the garbage collector never walks, as
+        # it would lists: one entry per task kept.
+        self._order_seq = array.array("q")
+        self._order_ids: dict[int, str] = {}
         # Waiting children of each unfinished parent, and the tasks that a call
         # readied or cancelled through them (reported with the call's own).
         self._children: dict[str, list[str]] = {}
@@ -120,8 +123,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             spec = own_spec(spec, parents_of[i])
             slot = Slot(Task(ids[i], spec, created_at=now), next(self._seq))
             self._slots[slot.task.id] = slot
-            self._order.append(slot.task.id)
             self._order_seq.append(slot.seq)
+            self._order_ids[slot.seq] = slot.task.id
             if spec.idempotency_key:
                 self._by_key[spec.idempotency_key] = slot.task.id
             counts = self._counts.get(spec.queue)
@@ -362,9 +365,10 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     ) -> Iterator[tuple[str, int]]:
         """Ids and seqs of the tasks ``query`` matches (in ``states`` unless empty),
         newest first, older than ``cursor``."""
-        end = len(self._order) if cursor is None else bisect.bisect_left(self._order_seq, cursor)
+        order = self._order_seq
+        end = len(order) if cursor is None else bisect.bisect_left(order, cursor)
         for i in range(end - 1, -1, -1):
-            task_id = self._order[i]
+            task_id = self._order_ids[order[i]]
             slot = self._slots.get(task_id)
             if slot is not None:
                 queue, name, state = slot.task.spec.queue, slot.task.spec.name, slot.task.state
@@ -380,7 +384,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 continue
             if states and state not in states:
                 continue
-            yield task_id, self._order_seq[i]
+            yield task_id, order[i]
 
     def _read(self, task_id: str) -> Task:
         """A snapshot of the task, frozen or not."""
@@ -416,15 +420,14 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def _compact_order(self) -> None:
         """Drop deleted ids from the paging order once they are most of it."""
-        if len(self._order) < 2 * (len(self._slots) + len(self._final)) + 1024:
+        if len(self._order_seq) < 2 * (len(self._slots) + len(self._final)) + 1024:
             return
+        ids = self._order_ids
         kept = [
-            (seq, i)
-            for seq, i in zip(self._order_seq, self._order, strict=True)
-            if i in self._slots or i in self._final
+            seq for seq in self._order_seq if ids[seq] in self._slots or ids[seq] in self._final
         ]
-        self._order_seq = [seq for seq, _ in kept]
-        self._order = [i for _, i in kept]
+        self._order_seq = array.array("q", kept)
+        self._order_ids = {seq: ids[seq] for seq in kept}
 
     def _lose_lease(self, slot: Slot, now: float) -> None:
         """A lease lapsed: put the task back, or end it once it has lost too many."""
