@@ -28,7 +28,7 @@ from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.frozen import frozen
 from taskfleet.common.model import LeaseRef, TaskError
 from taskfleet.worker.registry import REGISTRY, Retry
-from taskfleet.worker.task_context import TaskContext, task_context
+from taskfleet.worker.task_context import RunningTask, TaskContext
 
 _MAX_NAMES_LISTED = 20
 _loops = threading.local()
@@ -102,7 +102,7 @@ def run_job(job: Job) -> JobResult:
     )
     forks = _forks
     try:
-        with task_context(context):
+        with RunningTask(context):
             value = definition.func(*args, **kwargs)
             if inspect.isawaitable(value):
                 value = _await(value)
