@@ -133,6 +133,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         with self._lock:
             return [snapshot(self._slot(task_id).task) for task_id in task_ids]
 
+    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+        with self._lock:
+            slots = self._slots
+            return {task_id: slots[task_id].task.state for task_id in task_ids if task_id in slots}
+
     def lease(
         self,
         worker_id: str,

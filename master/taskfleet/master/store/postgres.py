@@ -113,6 +113,7 @@ from taskfleet.master.store.rows import (
     oldest_ready,
     page,
     queue_counts,
+    states_from_rows,
     task_from_row,
     where_clause,
 )
@@ -184,6 +185,14 @@ class PostgresStore(PostgresSchedules, Store):
             ).fetchall()
         )
         return in_order(rows, task_ids)
+
+    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT id, state FROM tasks WHERE id = ANY(%b)", (list(task_ids),), binary=True
+            ).fetchall()
+        )
+        return states_from_rows(rows)
 
     def lease(
         self,

@@ -104,6 +104,11 @@ def in_order(rows: Iterable[Sequence[Any]], task_ids: Sequence[str]) -> list[Tas
     return [by_id[task_id] for task_id in task_ids]
 
 
+def states_from_rows(rows: Iterable[Sequence[Any]]) -> dict[str, TaskState]:
+    """``Store.states`` from rows selected as ``id, state``."""
+    return {task_id: _STATES.get(state) or TaskState(state) for task_id, state in rows}
+
+
 # PENDING tasks per queue and name (store.pending_names), in qmark style.
 PENDING_NAMES = f"""SELECT queue, name, count(*) FROM tasks WHERE state = {PENDING}
     GROUP BY queue, name ORDER BY count(*) DESC, queue, name LIMIT ?"""

@@ -84,6 +84,7 @@ from taskfleet.master.store.rows import (
     oldest_ready,
     page,
     queue_counts,
+    states_from_rows,
     task_from_row,
     where_clause,
 )
@@ -222,6 +223,14 @@ class SqliteStore(SqliteSchedules, Store):
                 (json.dumps(list(task_ids)),),
             ).fetchall()
         return in_order(rows, task_ids)
+
+    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, state FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(task_ids)),),
+            ).fetchall()
+        return states_from_rows(rows)
 
     def lease(
         self,
