@@ -211,31 +211,13 @@ class Store(abc.ABC):
         """The tasks in the order asked; raises ``NotFound`` naming the first unknown id."""
 
     @abc.abstractmethod
-    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
-        """The state of each known task among ``task_ids`` (unknown ids are left out),
-        read without the rest of the task's row."""
-
     def get_final(self, task_ids: Sequence[str]) -> list[Task]:
         """Those of ``task_ids`` that are final, in the order asked, as ``get_many``
         would return them; raises ``NotFound`` naming the first unknown id.
 
         What a wait sends at once. Its tasks are mostly still PENDING or RUNNING,
         and reading their whole rows only to drop them took about 14% of an SQLite
-        master's time in the W1 benchmark: so the states come first, and the rows
-        of the final tasks only."""
-        states = self.states(task_ids)
-        final: list[str] = []
-        for task_id in task_ids:
-            state = states.get(task_id)
-            if state is None:
-                raise not_found(task_id)
-            if state.is_final:
-                final.append(task_id)
-        if not final:
-            return []
-        # A task retried in between is no longer final: its waiters hear of it when it
-        # ends again. One deleted in between (its TTL ran out) raises NotFound here.
-        return [task for task in self.get_many(final) if task.state.is_final]
+        master's time in the W1 benchmark: of the others, only the id is read."""
 
     @abc.abstractmethod
     def lease(

@@ -133,10 +133,10 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         with self._lock:
             return [snapshot(self._slot(task_id).task) for task_id in task_ids]
 
-    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
         with self._lock:
-            slots = self._slots
-            return {task_id: slots[task_id].task.state for task_id in task_ids if task_id in slots}
+            slots = [self._slot(task_id) for task_id in task_ids]
+            return [snapshot(slot.task) for slot in slots if slot.task.state.is_final]
 
     def lease(
         self,

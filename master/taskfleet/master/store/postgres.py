@@ -103,17 +103,18 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
+    FINAL_COLUMNS,
     OLDEST_PENDING,
     PENDING,
     PENDING_NAMES,
     RUNNING,
     default_expiry,
+    final_ids,
     in_order,
     lost_by_after,
     oldest_ready,
     page,
     queue_counts,
-    states_from_rows,
     task_from_row,
     where_clause,
 )
@@ -186,13 +187,17 @@ class PostgresStore(PostgresSchedules, Store):
         )
         return in_order(rows, task_ids)
 
-    def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        # One statement, so one round trip, whatever the mix of states.
         rows = self._run(
             lambda conn: conn.execute(
-                "SELECT id, state FROM tasks WHERE id = ANY(%b)", (list(task_ids),), binary=True
+                f"SELECT id, {FINAL_COLUMNS} FROM tasks WHERE id = ANY(%b)",
+                (list(task_ids),),
+                binary=True,
             ).fetchall()
         )
-        return states_from_rows(rows)
+        final = final_ids(((row[0], row[1] is not None) for row in rows), task_ids)
+        return in_order((row[1:] for row in rows if row[1] is not None), final)
 
     def lease(
         self,
