@@ -211,6 +211,15 @@ class Store(abc.ABC):
         """The tasks in the order asked; raises ``NotFound`` naming the first unknown id."""
 
     @abc.abstractmethod
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        """Those of ``task_ids`` that are final, in the order asked, as ``get_many``
+        would return them; raises ``NotFound`` naming the first unknown id.
+
+        What a wait sends at once. Its tasks are mostly still PENDING or RUNNING,
+        and reading their whole rows only to drop them took about 14% of an SQLite
+        master's time in the W1 benchmark: of the others, only the id is read."""
+
+    @abc.abstractmethod
     def lease(
         self,
         worker_id: str,

@@ -103,11 +103,13 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
+    FINAL_COLUMNS,
     OLDEST_PENDING,
     PENDING,
     PENDING_NAMES,
     RUNNING,
     default_expiry,
+    final_ids,
     in_order,
     lost_by_after,
     oldest_ready,
@@ -184,6 +186,18 @@ class PostgresStore(PostgresSchedules, Store):
             ).fetchall()
         )
         return in_order(rows, task_ids)
+
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        # One statement, so one round trip, whatever the mix of states.
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT id, {FINAL_COLUMNS} FROM tasks WHERE id = ANY(%b)",
+                (list(task_ids),),
+                binary=True,
+            ).fetchall()
+        )
+        final = final_ids(((row[0], row[1] is not None) for row in rows), task_ids)
+        return in_order((row[1:] for row in rows if row[1] is not None), final)
 
     def lease(
         self,
