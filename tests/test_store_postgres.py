@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 import pytest
 
 from taskfleet.common.client import make_spec
@@ -259,3 +260,57 @@ def test_a_crash_of_the_server_keeps_every_recorded_outcome_and_every_task() -> 
         assert tasks[ref.task_id].lease == ref.lease
     rest = [task for task_id, task in tasks.items() if task_id not in {r.task_id for r in done}]
     assert {task.state for task in rest} <= {TaskState.RUNNING, TaskState.PENDING}
+
+
+# The columns a claim sets (postgres_sql.CLAIM), which a lost commit leaves as they were.
+CLAIMED = "state, attempts, lease, worker_id, started_at, lease_deadline"
+
+
+def test_a_claim_undone_by_a_crash_is_never_handed_out_again_with_its_lease_number() -> None:
+    with pg.database() as url:
+        # Given a task claimed by one worker, with a commit that did not wait for
+        # the disk (after an earlier claim, which found the database's lease epoch)
+        store = PostgresStore(url)
+        try:
+            first_id, task_id = store.submit([TaskSpec(name="noop", queue="q")] * 2, 1.0)
+            assert [one.task.id for one in store.lease("w0", ["q"], None, 1, 30.0, 2.0)] == [
+                first_id
+            ]
+            with psycopg.connect(url, autocommit=True) as conn:
+                before = conn.execute(
+                    f"SELECT {CLAIMED} FROM tasks WHERE id = %s", (task_id,)
+                ).fetchone()
+            [stale] = store.lease("w1", ["q"], None, 1, 30.0, 3.0)
+            assert stale.task.id == task_id
+        finally:
+            store.close()
+
+        # When the server crashes before that commit reaches the disk: recovery
+        # puts the row back as it was and empties every unlogged table, and the
+        # store's connections all die with the server
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE tasks SET ({CLAIMED}) = (%s, %s, %s, %s, %s, %s) WHERE id = %s",
+                (*before, task_id),
+            )
+            for (name,) in conn.execute(
+                "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r'"
+                " AND relnamespace = 'public'::regnamespace"
+            ).fetchall():
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(name)))
+        store = PostgresStore(url)
+        try:
+            assert store.get(task_id).state is TaskState.PENDING
+
+            # Then the next claim of the task hands out a greater lease number than
+            # the lost one, so the worker still running the lost claim is refused
+            # and the new holder's result is the one kept
+            [fresh] = store.lease("w2", ["q"], None, 1, 30.0, 4.0)
+            assert fresh.task.id == task_id
+            assert fresh.ref.lease > stale.ref.lease
+            assert store.record([Outcome(stale.ref, TaskState.SUCCEEDED, result=b"old")], 5.0) == []
+            [done] = store.record([Outcome(fresh.ref, TaskState.SUCCEEDED, result=b"new")], 5.0)
+            assert (done.result, done.worker_id) == (b"new", "w2")
+            assert store.get(task_id).result == b"new"
+        finally:
+            store.close()

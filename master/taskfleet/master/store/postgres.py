@@ -261,7 +261,7 @@ class PostgresStore(PostgresSchedules, Store):
         stored = self._run(
             lambda conn: conn.execute(
                 """UPDATE tasks t SET progress = r.fraction, progress_message = r.message
-                FROM unnest(%(ids)b::text[], %(leases)b::int[], %(fractions)b::float8[],
+                FROM unnest(%(ids)b::text[], %(leases)b::bigint[], %(fractions)b::float8[],
                     %(messages)b::text[]) AS r(id, lease, fraction, message)
                 WHERE """
                 + FENCE

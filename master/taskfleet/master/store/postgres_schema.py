@@ -158,6 +158,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
     9: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
+    # Lease numbers a crash of the server cannot hand out twice (postgres_sql.CLAIM):
+    # an epoch on disk, bumped after each crash, floors every lease at epoch << 32.
+    # The live copy is UNLOGGED, so crash recovery empties it, which is what tells
+    # the next claim to bump. A database that has tasks starts at epoch 0, whose
+    # first bump (to 1) lifts its leases above any a crash before this upgrade
+    # may have lost; a new one at -1, so its leases count from 1 until a crash.
+    10: (
+        "ALTER TABLE tasks ALTER COLUMN lease TYPE bigint",
+        "CREATE TABLE lease_epoch (epoch bigint NOT NULL)",
+        "INSERT INTO lease_epoch SELECT CASE WHEN EXISTS (SELECT FROM tasks) THEN 0 ELSE -1 END",
+        "CREATE UNLOGGED TABLE lease_epoch_live"
+        " (one boolean PRIMARY KEY DEFAULT true CHECK (one), epoch bigint NOT NULL)",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -46,16 +46,31 @@ INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority,
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
-# The claim's commit alone does not wait for the flush (postgres.py's docstring);
-# a volatile CTE is evaluated once, before any row is claimed.
-CLAIM = f"""WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)),
+# The claim's commit does not wait for the flush (postgres.py's docstring), so a
+# crash can undo it and leave the task's lease number as it was. The lease epoch
+# keeps such a number from being handed out twice: every lease is at least
+# epoch << 32, and the first claim after a crash finds the live epoch empty
+# (recovery empties unlogged tables), bumps the epoch on disk and commits that
+# one claim waiting for the flush, so no lease of the new epoch is used before
+# the epoch is on disk. Concurrent first claims bump it twice, which is harmless.
+# A volatile CTE is evaluated once, before any row is claimed.
+CLAIM = f"""WITH live AS (SELECT epoch FROM lease_epoch_live),
+    bumped AS (UPDATE lease_epoch SET epoch = epoch + 1
+        WHERE NOT EXISTS (SELECT FROM live) RETURNING epoch),
+    noted AS (INSERT INTO lease_epoch_live (epoch) SELECT epoch FROM bumped
+        ON CONFLICT (one) DO UPDATE
+        SET epoch = greatest(lease_epoch_live.epoch, excluded.epoch)),
+    current AS (SELECT epoch FROM live UNION ALL SELECT epoch FROM bumped),
+    unflushed AS (SELECT set_config('synchronous_commit',
+        CASE WHEN EXISTS (SELECT FROM bumped) THEN 'on' ELSE 'off' END, true)),
     chosen AS (
     SELECT c.seq FROM unflushed, {{sources}}, LATERAL (
         SELECT seq, priority FROM tasks
         WHERE {READY} AND queue = q.queue {{name_term}}
         ORDER BY {{order}} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
-    UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1, lease = lease + 1,
+    UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1,
+        lease = greatest(lease + 1, (SELECT epoch FROM current) << 32),
         worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
     FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS}"""
 
@@ -73,7 +88,7 @@ CLAIM_BY_NAME = CLAIM.format(
     order="name, priority DESC, seq",
 )
 
-REFS = "unnest(%(ids)b::text[], %(leases)b::int[]) AS r(id, lease)"
+REFS = "unnest(%(ids)b::text[], %(leases)b::bigint[]) AS r(id, lease)"
 # The fence of an outcome, a renewal or a release: the lease must be current.
 FENCE = f"t.id = r.id AND t.state = {RUNNING} AND t.lease = r.lease"
 
@@ -96,7 +111,7 @@ RECORD = f"""UPDATE tasks t SET
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
     expires_at = CASE WHEN r.ready_at IS NOT NULL THEN t.expires_at ELSE {EXPIRES} END
-    FROM unnest(%(ids)b::text[], %(leases)b::int[], %(states)b::smallint[],
+    FROM unnest(%(ids)b::text[], %(leases)b::bigint[], %(states)b::smallint[],
         %(results)b::bytea[], %(types)b::text[], %(error_types)b::text[],
         %(messages)b::text[], %(tracebacks)b::text[], %(ready_ats)b::float8[])
         WITH ORDINALITY AS r(id, lease, state, result, result_content_type, error_type,
