@@ -15,10 +15,10 @@ import pytest
 from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.common.model import LeaseRef, Outcome, TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, postgres_sql, redacted
 from taskfleet.master.store.postgres import PostgresStore
-from taskfleet.master.store.postgres_schema import SCHEMA_VERSION
+from taskfleet.master.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 import pg
 from procs import MasterProc, WorkerProc
@@ -314,3 +314,80 @@ def test_a_claim_undone_by_a_crash_is_never_handed_out_again_with_its_lease_numb
             assert store.get(task_id).result == b"new"
         finally:
             store.close()
+
+
+def test_only_the_claim_that_starts_a_lease_epoch_waits_for_the_disk() -> None:
+    # Given a database whose commits wait for the disk, with ready tasks
+    with pg.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET synchronous_commit = on')
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(3)], 1.0)
+        finally:
+            store.close()
+        params = {"queues": ["q"], "limit": 1, "worker": "w", "now": 2.0, "deadline": 32.0}
+        with psycopg.connect(url, autocommit=True) as conn:
+            # When tasks are claimed one at a time: the first of the database, the
+            # next, and one after the live epoch is emptied as crash recovery does
+            settings = []
+            for _ in range(2):
+                with conn.transaction():
+                    conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+                    settings.append(conn.execute("SHOW synchronous_commit").fetchone())
+            conn.execute("TRUNCATE lease_epoch_live")
+            with conn.transaction():
+                conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+                settings.append(conn.execute("SHOW synchronous_commit").fetchone())
+            [[epoch]] = conn.execute("SELECT epoch FROM lease_epoch").fetchall()
+            leases = [row[0] for row in conn.execute("SELECT lease FROM tasks ORDER BY seq")]
+
+    # Then the claims that start an epoch wait for the disk (the bump of the epoch
+    # must be there before any lease of it is used), the other does not
+    assert settings == [("on",), ("off",), ("on",)]
+    assert epoch == 1
+    assert leases == [1, 1, 1 << 32]
+
+
+def test_a_version_9_database_is_migrated_and_its_leases_go_on_above_the_old_ones() -> None:
+    # Given a database of schema version 9 (leases of 32 bits, no lease epoch),
+    # left by a server that may have lost claims, with a task running on lease 7
+    # and one waiting
+    running, waiting = "running", "waiting"
+    with pg.database() as url:
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE taskfleet_schema (version integer NOT NULL)")
+            for number in range(1, 10):
+                for statement in MIGRATIONS[number]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO taskfleet_schema VALUES (9)")
+            conn.execute(
+                "INSERT INTO tasks (id, name, queue, payload, content_type, priority,"
+                " max_attempts, timeout_s, not_before, idempotency_key, metadata, result_ttl_s,"
+                " ready, ready_at, created_at, state, lease, attempts, worker_id)"
+                " SELECT id, 'noop', 'q', '', '', 0, 1, 0, 0, '', '{}', 0, true, 0, 0, state,"
+                " lease, attempts, worker_id FROM (VALUES (%s, %s::smallint, 7, 1, 'w0'),"
+                " (%s, %s::smallint, 0, 0, '')) AS v(id, state, lease, attempts, worker_id)",
+                (running, TaskState.RUNNING.value, waiting, TaskState.PENDING.value),
+            )
+
+        # When a master of this version opens it
+        store = PostgresStore(url)
+        try:
+            # Then it is at this version, the running lease is still the current
+            # one, and the next claim's lease is above any a crash may have lost
+            [claimed] = store.lease("w1", ["q"], None, 2, 30.0, 2.0)
+            assert claimed.task.id == waiting
+            assert claimed.ref.lease >= 1 << 32
+            [done] = store.record([Outcome(LeaseRef(running, 7), TaskState.SUCCEEDED)], 3.0)
+            assert done.state is TaskState.SUCCEEDED
+        finally:
+            store.close()
+        with psycopg.connect(url) as conn:
+            [[version]] = conn.execute("SELECT version FROM taskfleet_schema").fetchall()
+            [[lease_type]] = conn.execute(
+                "SELECT data_type FROM information_schema.columns"
+                " WHERE table_name = 'tasks' AND column_name = 'lease'"
+            ).fetchall()
+    assert version == SCHEMA_VERSION
+    assert lease_type == "bigint"
