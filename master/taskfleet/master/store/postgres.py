@@ -22,6 +22,9 @@ to run again: at-least-once allows that, and it loses no task. A lost outcome
 would lose one, since the worker forgets it once acknowledged; so record
 waits, as do submit (the client holds the ids), extend and release, and WAL
 reaches the disk in order: an outcome on disk carries its claim with it.
+A lost claim's lease number is never handed out again: the first claim after
+a crash starts a new lease epoch, on disk before it is used (postgres_sql.CLAIM),
+so a worker still running the lost claim holds a stale ref.
 Not waiting for the flush lets a lease give up its locks (the counts rows that
 every writer updates among them) a flush sooner.
 
