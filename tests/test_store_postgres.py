@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from psycopg import sql
 import pytest
+from psycopg import sql
 
 from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
@@ -316,11 +316,10 @@ def test_a_claim_undone_by_a_crash_is_never_handed_out_again_with_its_lease_numb
             store.close()
 
 
-def test_only_the_claim_that_starts_a_lease_epoch_waits_for_the_disk() -> None:
-    # Given a database whose commits wait for the disk, with ready tasks
+def test_a_lease_epoch_is_on_disk_before_a_claim_uses_it() -> None:
+    # Given a database whose commits do not wait for the disk (the tests' server),
+    # with ready tasks
     with pg.database() as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET synchronous_commit = on')
         store = PostgresStore(url)
         try:
             store.submit([TaskSpec(name="noop", queue="q") for _ in range(3)], 1.0)
@@ -328,25 +327,32 @@ def test_only_the_claim_that_starts_a_lease_epoch_waits_for_the_disk() -> None:
             store.close()
         params = {"queues": ["q"], "limit": 1, "worker": "w", "now": 2.0, "deadline": 32.0}
         with psycopg.connect(url, autocommit=True) as conn:
-            # When tasks are claimed one at a time: the first of the database, the
-            # next, and one after the live epoch is emptied as crash recovery does
-            settings = []
-            for _ in range(2):
-                with conn.transaction():
-                    conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
-                    settings.append(conn.execute("SHOW synchronous_commit").fetchone())
-            conn.execute("TRUNCATE lease_epoch_live")
-            with conn.transaction():
+            # When a claim finds no live epoch (the database's first claim; later,
+            # the first after a crash emptied it), and one is started
+            with pytest.raises(psycopg.Error) as raised:
                 conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
-                settings.append(conn.execute("SHOW synchronous_commit").fetchone())
+            with conn.transaction():
+                conn.execute(postgres_sql.NEW_LEASE_EPOCH)
+                [starting] = conn.execute("SHOW synchronous_commit").fetchall()
+            # and tasks are claimed, then the live epoch is emptied as crash
+            # recovery empties it, and another is started
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            conn.execute("TRUNCATE lease_epoch_live")
+            conn.execute(postgres_sql.NEW_LEASE_EPOCH)
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
             [[epoch]] = conn.execute("SELECT epoch FROM lease_epoch").fetchall()
             leases = [row[0] for row in conn.execute("SELECT lease FROM tasks ORDER BY seq")]
+            states = [row[0] for row in conn.execute("SELECT state FROM tasks ORDER BY seq")]
 
-    # Then the claims that start an epoch wait for the disk (the bump of the epoch
-    # must be there before any lease of it is used), the other does not
-    assert settings == [("on",), ("off",), ("on",)]
+    # Then the claim without an epoch claimed nothing and said why, the start of
+    # an epoch waits for the disk (so none of its leases is used before it is
+    # there), and each epoch floors the leases claimed in it
+    assert raised.value.sqlstate == postgres_sql.NO_LEASE_EPOCH
+    assert starting == ("on",)
     assert epoch == 1
     assert leases == [1, 1, 1 << 32]
+    assert states == [TaskState.RUNNING.value] * 3
 
 
 def test_a_version_9_database_is_migrated_and_its_leases_go_on_above_the_old_ones() -> None:

@@ -96,6 +96,8 @@ from taskfleet.master.store.postgres_sql import (
     EXPIRES,
     FENCE,
     INSERT,
+    NEW_LEASE_EPOCH,
+    NO_LEASE_EPOCH,
     RECORD,
     REFS,
     ref_arrays,
@@ -222,6 +224,13 @@ class PostgresStore(PostgresSchedules, Store):
                 f"UPDATE tasks SET ready = true WHERE {DELAYED} AND ready_at <= %s", (now,)
             )
             # Rows in binary: numbers and bytea (the payload) need no parsing.
+            try:
+                return conn.execute(sql, params, binary=True).fetchall()
+            except psycopg.Error as exc:
+                if exc.sqlstate != NO_LEASE_EPOCH:
+                    raise
+            # The first claim since the server's last crash: nothing was claimed.
+            conn.execute(NEW_LEASE_EPOCH)
             return conn.execute(sql, params, binary=True).fetchall()
 
         rows = self._run(work)

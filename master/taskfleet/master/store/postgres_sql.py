@@ -46,23 +46,13 @@ INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority,
 
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
-# The claim's commit does not wait for the flush (postgres.py's docstring), so a
-# crash can undo it and leave the task's lease number as it was. The lease epoch
-# keeps such a number from being handed out twice: every lease is at least
-# epoch << 32, and the first claim after a crash finds the live epoch empty
-# (recovery empties unlogged tables), bumps the epoch on disk and commits that
-# one claim waiting for the flush, so no lease of the new epoch is used before
-# the epoch is on disk. Concurrent first claims bump it twice, which is harmless.
-# A volatile CTE is evaluated once, before any row is claimed.
-CLAIM = f"""WITH live AS (SELECT epoch FROM lease_epoch_live),
-    bumped AS (UPDATE lease_epoch SET epoch = epoch + 1
-        WHERE NOT EXISTS (SELECT FROM live) RETURNING epoch),
-    noted AS (INSERT INTO lease_epoch_live (epoch) SELECT epoch FROM bumped
-        ON CONFLICT (one) DO UPDATE
-        SET epoch = greatest(lease_epoch_live.epoch, excluded.epoch)),
-    current AS (SELECT epoch FROM live UNION ALL SELECT epoch FROM bumped),
-    unflushed AS (SELECT set_config('synchronous_commit',
-        CASE WHEN EXISTS (SELECT FROM bumped) THEN 'on' ELSE 'off' END, true)),
+# The claim's commit alone does not wait for the flush (postgres.py's docstring);
+# a volatile CTE is evaluated once, before any row is claimed. A crash can so
+# undo a claim and leave the task's lease number as it was; the lease epoch
+# keeps that number from being handed out twice: every lease is at least
+# epoch << 32 (taskfleet_lease_floor, postgres_schema.py), and the first claim
+# after a crash finds no live epoch and starts the next (NEW_LEASE_EPOCH).
+CLAIM = f"""WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)),
     chosen AS (
     SELECT c.seq FROM unflushed, {{sources}}, LATERAL (
         SELECT seq, priority FROM tasks
@@ -70,9 +60,20 @@ CLAIM = f"""WITH live AS (SELECT epoch FROM lease_epoch_live),
         ORDER BY {{order}} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
     UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1,
-        lease = greatest(lease + 1, (SELECT epoch FROM current) << 32),
+        lease = greatest(lease + 1, (SELECT taskfleet_lease_floor())),
         worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
     FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS}"""
+
+# What taskfleet_lease_floor raises when no epoch is live: after a crash, or
+# before the database's first claim.
+NO_LEASE_EPOCH = "TF001"
+# The next lease epoch, committed waiting for the flush: claims see it only once
+# it is on disk, so no lease of it is used before then. Concurrent first claims
+# each start one, which is harmless: the live epoch is the greater.
+NEW_LEASE_EPOCH = """WITH flushed AS (SELECT set_config('synchronous_commit', 'on', true)),
+    bumped AS (UPDATE lease_epoch SET epoch = epoch + 1 FROM flushed RETURNING epoch)
+    INSERT INTO lease_epoch_live (epoch) SELECT epoch FROM bumped
+    ON CONFLICT (one) DO UPDATE SET epoch = greatest(lease_epoch_live.epoch, excluded.epoch)"""
 
 CLAIM_BY_QUEUE = CLAIM.format(
     sources="unnest(%(queues)b::text[]) q(queue)", name_term="", order="priority DESC, seq"
