@@ -23,8 +23,9 @@ would lose one, since the worker forgets it once acknowledged; so record
 waits, as do submit (the client holds the ids), extend and release, and WAL
 reaches the disk in order: an outcome on disk carries its claim with it.
 A lost claim's lease number is never handed out again: the first claim after
-a crash starts a new lease epoch, on disk before it is used (postgres_sql.CLAIM),
-so a worker still running the lost claim holds a stale ref.
+a crash starts a new lease epoch, on disk before any lease of it is used, above
+every number of the epochs before (postgres_sql.CLAIM), so a worker still
+running the lost claim holds a stale ref.
 Not waiting for the flush lets a lease give up its locks (the counts rows that
 every writer updates among them) a flush sooner.
 
@@ -229,7 +230,8 @@ class PostgresStore(PostgresSchedules, Store):
             except psycopg.Error as exc:
                 if exc.sqlstate != NO_LEASE_EPOCH:
                     raise
-            # The first claim since the server's last crash: nothing was claimed.
+            # No live epoch (the database's first claim, or the first since a crash):
+            # the claim took nothing; start an epoch and claim again.
             conn.execute(NEW_LEASE_EPOCH)
             return conn.execute(sql, params, binary=True).fetchall()
 

@@ -49,7 +49,8 @@ END $$
 """
 
 # The least lease number a claim may hand out (postgres_sql.CLAIM). A function
-# rather than a subquery only to raise when no epoch is live; it costs no more.
+# rather than a subquery only to raise when no epoch is live; it costs no more
+# (backend CPU a claim, measured).
 LEASE_FLOOR_FUNCTION = f"""
 CREATE FUNCTION taskfleet_lease_floor() RETURNS bigint LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -179,7 +180,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # that is what tells the next claim to start one. A database that has tasks
     # starts at epoch 0, whose successor (1) lifts its leases above any a crash
     # before this upgrade may have lost; a new one at -1, so that its leases
-    # count from 1 until its first crash.
+    # count from 1 until its first crash. The ALTER rewrites the tasks table, once.
     10: (
         "ALTER TABLE tasks ALTER COLUMN lease TYPE bigint",
         "CREATE TABLE lease_epoch (epoch bigint NOT NULL)",
