@@ -137,8 +137,8 @@ def test_after_a_restart_one_ping_replaces_every_dead_pooled_connection(
 def test_after_a_crash_every_lease_number_is_above_all_handed_out_before(
     server: pg.Server,
 ) -> None:
-    # Given a database on the server whose WAL writer flushes seldom, so that
-    # claims (commits that do not wait for the disk) stay in memory a while
+    # Given a database on a server whose WAL writer flushes only every 10 s, so
+    # that claims (commits that do not wait for the disk) stay in memory a while
     with pg.database_on(server.admin_dsn) as url:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
@@ -158,7 +158,8 @@ def test_after_a_crash_every_lease_number_is_above_all_handed_out_before(
             server.stop("immediate")
         finally:
             store.close()
-            server.start()
+            if not server.up:
+                server.start()
             with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
                 conn.execute("ALTER SYSTEM RESET wal_writer_delay")
                 conn.execute("SELECT pg_reload_conf()")
