@@ -15,8 +15,9 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import LeaseRef
 
 MAX_PROGRESS_MESSAGE_CHARS = 1000  # longer messages are cut to this
@@ -25,7 +26,7 @@ MAX_PROGRESS_MESSAGE_CHARS = 1000  # longer messages are cut to this
 ProgressSink = Callable[[LeaseRef, float, str], None]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskContext:
     """What a running task knows about itself."""
 

@@ -29,11 +29,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import InvalidArgument, NotFound
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -55,7 +55,7 @@ FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCE
 MAX_PAGE_SIZE = 1_000
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class KeyLoad:
     """The RUNNING tasks of one concurrency key (master/concurrency.py)."""
 
@@ -63,7 +63,7 @@ class KeyLoad:
     limit: int  # the smallest concurrency_limit among them
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StorePolicy:
     """The lifecycle limits a store enforces itself, since it alone sees every lapse
     and every end."""
@@ -87,7 +87,7 @@ def retry_delay_s(policy: StorePolicy, outcome: Outcome, used: int) -> float | N
     return outcome.retry_delay_s or policy.retry_backoff_s(used)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskQuery:
     """Which tasks ``list_tasks`` returns; an empty field matches everything."""
 
@@ -96,7 +96,7 @@ class TaskQuery:
     states: frozenset[TaskState] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FiredTick:
     """A schedule's tick that ``fire_schedule`` submits as ``spec``."""
 
@@ -104,7 +104,7 @@ class FiredTick:
     spec: TaskSpec
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskPage:
     """One page of ``list_tasks``, newest first; ``next_cursor`` is None on the last."""
 
