@@ -8,7 +8,8 @@ deadline, renewed by ``extend``, or it lapses and ``expire`` puts the task back.
 Every method is safe to call from many threads at once. Times are unix seconds
 passed in by the caller, so tests and the master share one clock.
 
-Fencing: each lease of a task gets the next lease number (``Task.lease``). A
+Fencing: each lease of a task gets a greater lease number than any before it
+(``Task.lease``; the next one, but on PostgreSQL after a crash of its server). A
 ``LeaseRef`` whose number is not the task's current one, or whose task is no
 longer RUNNING, is stale: ``extend`` reports it, ``record`` and ``release``
 ignore it. So a worker presumed dead that comes back can never overwrite
