@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -12,7 +10,7 @@ from taskfleet.common.model import Task, TaskSpec, TaskState
 
 
 @pytest.mark.parametrize(
-    "unix_s", [time.time(), 1.0, 0.25, 1_764_390_000.123456789, 1_764_390_000.9999999999]
+    "unix_s", [1_795_931_436.9252043, 1.0, 0.25, 1_764_390_000.123456789, 1_764_390_000.9999999999]
 )
 def test_a_task_s_times_go_out_as_protobuf_would_set_them(unix_s: float) -> None:
     task = Task(
