@@ -180,9 +180,15 @@ def with_database(dsn: str, name: str) -> str:
 @contextmanager
 def database(durable: bool = False) -> Iterator[str]:
     """The URL of a new, empty database, dropped afterwards."""
+    with database_on(admin_dsn(durable)) as url:
+        yield url
+
+
+@contextmanager
+def database_on(admin: str) -> Iterator[str]:
+    """The URL of a new, empty database on the server ``admin`` reaches, dropped afterwards."""
     import psycopg
 
-    admin = admin_dsn(durable)
     name = f"taskfleet_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

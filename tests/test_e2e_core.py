@@ -89,7 +89,10 @@ def test_thousand_tasks_across_a_thread_and_a_process_worker(
     tmp_path: Path,
 ) -> None:
     # Given a master and two workers with different pools on one queue
-    master = start_master(store="memory" if store == "memory" else f"sqlite:{tmp_path}/t.db")
+    # Leases of a minute: on a loaded machine a lapse would rightly run a task twice.
+    master = start_master(
+        store="memory" if store == "memory" else f"sqlite:{tmp_path}/t.db", lease_s=60
+    )
     thread_worker = start_worker(master, pool="thread", concurrency=4, queues=queue_name)
     process_worker = start_worker(master, pool="process", concurrency=2, queues=queue_name)
     with master.client() as client:

@@ -134,6 +134,50 @@ def test_after_a_restart_one_ping_replaces_every_dead_pooled_connection(
         store.close()
 
 
+def test_after_a_crash_every_lease_number_is_above_all_handed_out_before(
+    server: pg.Server,
+) -> None:
+    # Given a database on a server whose WAL writer flushes only every 10 s, so
+    # that claims (commits that do not wait for the disk) stay in memory a while
+    with pg.database_on(server.admin_dsn) as url:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+            conn.execute("SELECT pg_reload_conf()")
+        store = PostgresStore(url)
+        try:
+            ids = store.submit([TaskSpec(name="noop", queue="q") for _ in range(10)], 1.0)
+            # and its tasks claimed one at a time, the last ones most likely not on disk
+            before = [
+                one.ref
+                for n in range(10)
+                for one in store.lease("w", ["q"], None, 1, 60.0, 2.0 + n)
+            ]
+            assert sorted(ref.task_id for ref in before) == sorted(ids)
+
+            # When the server crashes at once and starts again
+            server.stop("immediate")
+        finally:
+            store.close()
+            if not server.up:
+                server.start()
+            with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM RESET wal_writer_delay")
+                conn.execute("SELECT pg_reload_conf()")
+
+        # Then, once the claims that survived are given back, every task claimed
+        # again gets a lease number above every one handed out before the crash,
+        # whether its claim was lost or not
+        store = PostgresStore(url)
+        try:
+            store.release(before, 20.0)
+            assert {task.state for task in store.get_many(ids)} == {TaskState.PENDING}
+            after = [one.ref for one in store.lease("w", ["q"], None, 10, 60.0, 21.0)]
+        finally:
+            store.close()
+    assert sorted(ref.task_id for ref in after) == sorted(ids)
+    assert min(ref.lease for ref in after) > max(ref.lease for ref in before)
+
+
 def fill_pool(store: PostgresStore) -> None:
     """Calls at once on four threads, so the pool opens several connections."""
     threads = [

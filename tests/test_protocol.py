@@ -246,6 +246,30 @@ def test_wait_tasks_batched_refuses_bad_input_as_wait_tasks_does(channel: grpc.C
         assert field in info.value.details()
 
 
+def test_a_wait_naming_unknown_ids_is_refused_naming_the_first_as_get_task_does(
+    channel: grpc.Channel, client: Client, queue_name: str
+) -> None:
+    # Given a task that waits (no worker serves its queue), asked for among unknown ids
+    (pending,) = submit_squares(client, [1], queue_name)
+    task_ids = [pending, "missing-1", "missing-2"]
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as got:
+        stub.GetTask(tasks_pb2.GetTaskRequest(task_id="missing-1"), timeout=WAIT_S)
+
+    # When both waits are asked for them, then each is refused at once with GetTask's error
+    for wait in (
+        lambda: stub.WaitTasks(tasks_pb2.WaitTasksRequest(task_ids=task_ids), timeout=WAIT_S),
+        lambda: stub.WaitTasksBatched(
+            tasks_pb2.WaitTasksBatchedRequest(task_ids=task_ids), timeout=WAIT_S
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as waited:
+            list(wait())
+        assert waited.value.code() == grpc.StatusCode.NOT_FOUND
+        assert waited.value.details() == got.value.details()
+    assert "missing-1" in (got.value.details() or "")
+
+
 def test_submit_and_wait_sends_the_ids_first_then_each_task_as_it_ends(
     hand: HandWorker, channel: grpc.Channel, queue_name: str
 ) -> None:

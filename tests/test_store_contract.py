@@ -136,6 +136,91 @@ def test_unknown_ids_raise_not_found_naming_the_id(store: Store) -> None:
         store.cancel("nope", NOW)
 
 
+# get_final: what a wait sends at once
+
+
+def test_get_final_returns_the_final_tasks_only_in_the_order_asked(store: Store) -> None:
+    # Given a task in every state: three ended by their outcomes, one retried
+    # (PENDING with its error), one RUNNING, one cancelled while PENDING, one PENDING
+    ok, bad, stopped, retried, running, cancelled, pending = store.submit([spec()] * 7, NOW)
+    refs = [one.ref for one in lease(store, limit=5)]
+    store.record(
+        [
+            succeeded(refs[0]),
+            failed(refs[1]),
+            Outcome(refs[2], TaskState.CANCELLED),
+            failed(refs[3], max_attempts=2),
+        ],
+        NOW,
+    )
+    store.cancel(cancelled, NOW)
+    asked = [pending, cancelled, running, retried, stopped, bad, ok]
+
+    final = store.get_final(asked)
+
+    # Then the final ones come back whole, in the order asked, and no other
+    assert [t.id for t in final] == [cancelled, stopped, bad, ok]
+    states = [TaskState.CANCELLED, TaskState.CANCELLED, TaskState.FAILED, TaskState.SUCCEEDED]
+    assert [t.state for t in final] == states
+    assert final == [t for t in store.get_many(asked) if t.state.is_final]
+    assert store.get(retried).state is TaskState.PENDING
+    assert store.get(running).state is TaskState.RUNNING
+
+
+def test_get_final_of_tasks_none_final_is_empty(store: Store) -> None:
+    pending = submit_one(store)
+    running = submit_one(store)
+    lease(store, limit=1)
+
+    assert store.get_final([pending, running]) == []
+
+
+def test_get_final_repeats_a_repeated_id_as_get_many_does(store: Store) -> None:
+    done, pending = store.submit([spec(), spec()], NOW)
+    (leased,) = lease(store, limit=1)
+    store.record([succeeded(leased.ref)], NOW)
+
+    final = store.get_final([done, pending, done])
+
+    assert [t.id for t in final] == [done, done]
+    assert final == [store.get(done)] * 2
+
+
+@pytest.mark.parametrize("final_ones", [0, 1])
+def test_get_final_names_the_first_unknown_id_as_get_many_does(
+    store: Store, final_ones: int
+) -> None:
+    # Given known tasks, none or one of them final, asked for with unknown ids
+    known = store.submit([spec(), spec()], NOW)
+    for leased in lease(store, limit=final_ones):
+        store.record([succeeded(leased.ref)], NOW)
+    asked = [known[0], "missing-1", known[1], "missing-2"]
+
+    with pytest.raises(NotFound, match="missing-1") as from_get_final:
+        store.get_final(asked)
+
+    # Then the error is get_many's, word for word
+    with pytest.raises(NotFound) as from_get_many:
+        store.get_many(asked)
+    assert str(from_get_final.value) == str(from_get_many.value)
+
+
+def test_get_final_reads_more_ids_than_sqlite_takes_parameters(store: Store) -> None:
+    # Given 1,200 tasks, half of them ended, asked for in a list longer than the
+    # 32,766 parameters SQLite allows in one statement (and than any chunk of 1,000)
+    ids = store.submit([spec()] * 1_200, NOW)
+    store.record([succeeded(one.ref) for one in lease(store, limit=600)], NOW)
+    asked = ids * 28
+
+    final = store.get_final(asked)
+
+    # Then every final one comes back, each time it was asked, and no other
+    assert len(asked) > 32_766
+    ended = set(ids[:600])
+    assert [t.id for t in final] == [i for i in asked if i in ended]
+    assert {t.state for t in final} == {TaskState.SUCCEEDED}
+
+
 # lease order and filters
 
 

@@ -546,6 +546,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert [t.id for t in tasks] == self.ids()
         for task in tasks:
             assert task == self.expected[task.id].task, f"task {task.id} differs from the model"
+        assert self.store.get_final(self.ids()) == [t for t in tasks if t.state.is_final]
         total = sum(sum(counts.counts.values()) for counts in self.store.stats())
         assert total == len(self.expected), "the store holds tasks nobody submitted"
 

@@ -10,14 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from taskfleet.common.client import make_spec
 from taskfleet.common.config import MasterConfig
 from taskfleet.common.errors import ConfigError
-from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.common.model import LeaseRef, Outcome, TaskSpec, TaskState
 from taskfleet.master.store import Store, open_store, postgres_sql, redacted
 from taskfleet.master.store.postgres import PostgresStore
-from taskfleet.master.store.postgres_schema import SCHEMA_VERSION
+from taskfleet.master.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 import pg
 from procs import MasterProc, WorkerProc
@@ -259,3 +260,140 @@ def test_a_crash_of_the_server_keeps_every_recorded_outcome_and_every_task() -> 
         assert tasks[ref.task_id].lease == ref.lease
     rest = [task for task_id, task in tasks.items() if task_id not in {r.task_id for r in done}]
     assert {task.state for task in rest} <= {TaskState.RUNNING, TaskState.PENDING}
+
+
+# The columns a claim sets (postgres_sql.CLAIM), which a lost commit leaves as they were.
+CLAIMED = "state, attempts, lease, worker_id, started_at, lease_deadline"
+
+
+def test_a_claim_undone_by_a_crash_is_never_handed_out_again_with_its_lease_number() -> None:
+    with pg.database() as url:
+        # Given a task claimed by one worker, with a commit that did not wait for
+        # the disk (after an earlier claim, which found the database's lease epoch)
+        store = PostgresStore(url)
+        try:
+            first_id, task_id = store.submit([TaskSpec(name="noop", queue="q")] * 2, 1.0)
+            assert [one.task.id for one in store.lease("w0", ["q"], None, 1, 30.0, 2.0)] == [
+                first_id
+            ]
+            with psycopg.connect(url, autocommit=True) as conn:
+                before = conn.execute(
+                    f"SELECT {CLAIMED} FROM tasks WHERE id = %s", (task_id,)
+                ).fetchone()
+            [stale] = store.lease("w1", ["q"], None, 1, 30.0, 3.0)
+            assert stale.task.id == task_id
+        finally:
+            store.close()
+
+        # When the server crashes before that commit reaches the disk: recovery
+        # puts the row back as it was and empties every unlogged table, and the
+        # store's connections all die with the server
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE tasks SET ({CLAIMED}) = (%s, %s, %s, %s, %s, %s) WHERE id = %s",
+                (*before, task_id),
+            )
+            for (name,) in conn.execute(
+                "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r'"
+                " AND relnamespace = 'public'::regnamespace"
+            ).fetchall():
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(name)))
+        store = PostgresStore(url)
+        try:
+            assert store.get(task_id).state is TaskState.PENDING
+
+            # Then the next claim of the task hands out a greater lease number than
+            # the lost one, so the worker still running the lost claim is refused
+            # and the new holder's result is the one kept
+            [fresh] = store.lease("w2", ["q"], None, 1, 30.0, 4.0)
+            assert fresh.task.id == task_id
+            assert fresh.ref.lease > stale.ref.lease
+            assert store.record([Outcome(stale.ref, TaskState.SUCCEEDED, result=b"old")], 5.0) == []
+            [done] = store.record([Outcome(fresh.ref, TaskState.SUCCEEDED, result=b"new")], 5.0)
+            assert (done.result, done.worker_id) == (b"new", "w2")
+            assert store.get(task_id).result == b"new"
+        finally:
+            store.close()
+
+
+def test_a_lease_epoch_is_on_disk_before_a_claim_uses_it() -> None:
+    # Given a database whose commits do not wait for the disk (the tests' server),
+    # with ready tasks
+    with pg.database() as url:
+        store = PostgresStore(url)
+        try:
+            store.submit([TaskSpec(name="noop", queue="q") for _ in range(3)], 1.0)
+        finally:
+            store.close()
+        params = {"queues": ["q"], "limit": 1, "worker": "w", "now": 2.0, "deadline": 32.0}
+        with psycopg.connect(url, autocommit=True) as conn:
+            # When a claim finds no live epoch (the database's first claim; later,
+            # the first after a crash emptied it), and one is started
+            with pytest.raises(psycopg.Error) as raised:
+                conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            with conn.transaction():
+                conn.execute(postgres_sql.NEW_LEASE_EPOCH)
+                [starting] = conn.execute("SHOW synchronous_commit").fetchall()
+            # and tasks are claimed, then the live epoch is emptied as crash
+            # recovery empties it, and another is started
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            conn.execute("TRUNCATE lease_epoch_live")
+            conn.execute(postgres_sql.NEW_LEASE_EPOCH)
+            conn.execute(postgres_sql.CLAIM_BY_QUEUE, params)
+            [[epoch]] = conn.execute("SELECT epoch FROM lease_epoch").fetchall()
+            leases = [row[0] for row in conn.execute("SELECT lease FROM tasks ORDER BY seq")]
+            states = [row[0] for row in conn.execute("SELECT state FROM tasks ORDER BY seq")]
+
+    # Then the claim without an epoch claimed nothing and said why, the start of
+    # an epoch waits for the disk (so none of its leases is used before it is
+    # there), and each epoch floors the leases claimed in it
+    assert raised.value.sqlstate == postgres_sql.NO_LEASE_EPOCH
+    assert starting == ("on",)
+    assert epoch == 1
+    assert leases == [1, 1, 1 << 32]
+    assert states == [TaskState.RUNNING.value] * 3
+
+
+def test_a_version_9_database_is_migrated_and_its_leases_go_on_above_the_old_ones() -> None:
+    # Given a database of schema version 9 (leases of 32 bits, no lease epoch),
+    # left by a server that may have lost claims, with a task running on lease 7
+    # and one waiting
+    running, waiting = "running", "waiting"
+    with pg.database() as url:
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE taskfleet_schema (version integer NOT NULL)")
+            for number in range(1, 10):
+                for statement in MIGRATIONS[number]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO taskfleet_schema VALUES (9)")
+            conn.execute(
+                "INSERT INTO tasks (id, name, queue, payload, content_type, priority,"
+                " max_attempts, timeout_s, not_before, idempotency_key, metadata, result_ttl_s,"
+                " ready, ready_at, created_at, state, lease, attempts, worker_id)"
+                " SELECT id, 'noop', 'q', '', '', 0, 1, 0, 0, '', '{}', 0, true, 0, 0, state,"
+                " lease, attempts, worker_id FROM (VALUES (%s, %s::smallint, 7, 1, 'w0'),"
+                " (%s, %s::smallint, 0, 0, '')) AS v(id, state, lease, attempts, worker_id)",
+                (running, TaskState.RUNNING.value, waiting, TaskState.PENDING.value),
+            )
+
+        # When a master of this version opens it
+        store = PostgresStore(url)
+        try:
+            # Then it is at this version, the running lease is still the current
+            # one, and the next claim's lease is above any a crash may have lost
+            [claimed] = store.lease("w1", ["q"], None, 2, 30.0, 2.0)
+            assert claimed.task.id == waiting
+            assert claimed.ref.lease >= 1 << 32
+            [done] = store.record([Outcome(LeaseRef(running, 7), TaskState.SUCCEEDED)], 3.0)
+            assert done.state is TaskState.SUCCEEDED
+        finally:
+            store.close()
+        with psycopg.connect(url) as conn:
+            [[version]] = conn.execute("SELECT version FROM taskfleet_schema").fetchall()
+            [[lease_type]] = conn.execute(
+                "SELECT data_type FROM information_schema.columns"
+                " WHERE table_name = 'tasks' AND column_name = 'lease'"
+            ).fetchall()
+    assert version == SCHEMA_VERSION
+    assert lease_type == "bigint"

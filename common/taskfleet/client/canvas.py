@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from taskfleet.common.calls import make_spec
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import TaskSpec
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from taskfleet.common.handle import TaskHandle
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Signature:
     """The task ``name`` called with ``args`` and ``kwargs``, submitted with
     ``options`` (the keywords of ``Client.submit``)."""

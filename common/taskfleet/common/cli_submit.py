@@ -13,17 +13,17 @@ import argparse
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from taskfleet.common.client import Client
 from taskfleet.common.errors import ConfigError, TaskfleetError
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import TaskSpec
 
 _TASK_FIELD = re.compile(r"\btasks\[(\d+)\]\.?")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Call:
     """The arguments of one task, and the input line they came from (0: the command line)."""
 

@@ -7,8 +7,9 @@ They are filled from flags and ``TASKFLEET_*`` environment variables by
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from taskfleet.common.frozen import frozen
 from taskfleet.common.store_urls import redacted
 from taskfleet.common.tls import ClientTls, ServerTls
 
@@ -21,7 +22,7 @@ MiB = 1024 * 1024
 DEFAULT_MAX_RESULT_BYTES = 16 * MiB
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MasterConfig:
     """How a master runs.
 
@@ -81,7 +82,7 @@ class MasterConfig:
         return f"MasterConfig(listen={self.listen!r}, store={redacted(self.store)!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WorkerConfig:
     """How a worker runs. ``concurrency`` 0 means one slot per CPU core."""
 

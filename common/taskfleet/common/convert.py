@@ -71,6 +71,16 @@ def timestamp(unix_s: float) -> Timestamp:
     return t
 
 
+def _set_clock_time(t: Timestamp, unix_s: float) -> None:
+    """Set ``t`` in place to ``unix_s``, a time this system's clock gave: the two
+    fields directly, at half the cost of protobuf's Python-level
+    ``FromNanoseconds``, which also checks the year is within 1..9999 (times a
+    user gives keep that check). Three times per task a master sends."""
+    nanos = round(unix_s * 1e9)
+    t.seconds = nanos // _NANOS_PER_S
+    t.nanos = nanos % _NANOS_PER_S
+
+
 def spec_from_proto(pb: tasks_pb2.TaskSpec) -> TaskSpec:
     """The spec as sent, with empty fields defaulted (validation is the master's)."""
     # Positional (name, queue, payload, content_type, priority, max_attempts,
@@ -183,11 +193,11 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
     if task.error is not None:
         _fill_error(pb.error, task.error)
     if task.created_at:
-        pb.created_at.FromNanoseconds(round(task.created_at * 1e9))
+        _set_clock_time(pb.created_at, task.created_at)
     if task.started_at:
-        pb.started_at.FromNanoseconds(round(task.started_at * 1e9))
+        _set_clock_time(pb.started_at, task.started_at)
     if task.finished_at:
-        pb.finished_at.FromNanoseconds(round(task.finished_at * 1e9))
+        _set_clock_time(pb.finished_at, task.finished_at)
     if task.lost_leases:
         pb.lost_leases = task.lost_leases
     if task.expires_at:

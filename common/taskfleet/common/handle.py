@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from taskfleet.common.codec import decode_result
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import Task, TaskError, TaskState
 from taskfleet.common.waits import OnProgress
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskSnapshot:
     """A task as the master had it when asked, its result decoded and its times
     as aware datetimes (UTC); a time not reached yet is None."""

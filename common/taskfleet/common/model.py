@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from taskfleet.common.frozen import frozen
+
 JSON = "application/json"
 DEFAULT_QUEUE = "default"
 
@@ -34,7 +36,7 @@ class TaskState(enum.IntEnum):
         return self >= TaskState.SUCCEEDED
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskSpec:
     """What a producer asks to run (validated and with defaults filled in)."""
 
@@ -65,7 +67,7 @@ class TaskSpec:
     concurrency_limit: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskError:
     """Why an attempt failed."""
 
@@ -96,7 +98,7 @@ class Task:
     progress_message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LeaseRef:
     """One lease of one task: the pair every heartbeat and result is fenced by."""
 
@@ -104,7 +106,7 @@ class LeaseRef:
     lease: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Progress:
     """How far a running task is, as its function said last: fenced by its lease
     like a heartbeat, so a stale worker's word is ignored."""
@@ -114,7 +116,7 @@ class Progress:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskProgress:
     """A running task's progress as a wait that asked for it hears of it (see
     ``Client.wait``'s ``on_progress``)."""
@@ -124,7 +126,7 @@ class TaskProgress:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Lease:
     """A task handed to a worker until ``deadline`` unless renewed."""
 
@@ -136,7 +138,7 @@ class Lease:
         return LeaseRef(self.task.id, self.task.lease)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Outcome:
     """How one attempt ended, as a worker reports it.
 
@@ -158,7 +160,7 @@ class Outcome:
     retry_delay_s: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class QueueCounts:
     """Number of tasks of one queue in each state, and since when its oldest ready
     PENDING task has waited (unix seconds; 0 when none is ready)."""
@@ -168,7 +170,7 @@ class QueueCounts:
     oldest_pending_at: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WorkerInfo:
     """A worker connected to the master, as GetStats reports it."""
 
@@ -184,7 +186,7 @@ class WorkerInfo:
     master_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MasterInfo:
     """A master serving the store: one alone, or several sharing a database."""
 
@@ -196,7 +198,7 @@ class MasterInfo:
     seen_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PendingName:
     """How many PENDING tasks of ``queue`` are named ``name``."""
 
@@ -205,7 +207,7 @@ class PendingName:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Stats:
     """Counts per queue, the connected workers and the masters; on request, the
     pending tasks per queue and name."""
@@ -240,7 +242,7 @@ SCHEDULE_ID_KEY = "taskfleet.schedule_id"
 SCHEDULE_TICK_KEY = "taskfleet.schedule_tick"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Schedule:
     """A task submitted on each tick of a cron expression or an interval."""
 

@@ -9,14 +9,14 @@ names its flag.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 
 import grpc
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.frozen import frozen
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ServerTls:
     """The master's certificate and key; ``client_ca`` set means mTLS: clients must
     present a certificate signed by it."""
@@ -34,7 +34,7 @@ class ServerTls:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ClientTls:
     """The CA that signed the master's certificate, and this side's own certificate
     and key for a master that requires client certificates (both or neither)."""

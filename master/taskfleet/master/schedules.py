@@ -18,11 +18,11 @@ import dataclasses
 import datetime
 import math
 import zoneinfo
-from dataclasses import dataclass
 
 from croniter import CroniterError, croniter
 
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import (
     SCHEDULE_ID_KEY,
     SCHEDULE_TICK_KEY,
@@ -39,7 +39,7 @@ MIN_INTERVAL_S = 1.0
 MISSED_AFTER_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Plan:
     """What to do with a due schedule: fire ``tick`` (None: skip it) and move the
     schedule's next tick to ``next_fire``."""

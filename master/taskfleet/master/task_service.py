@@ -104,7 +104,10 @@ class TaskService(ScheduleRpcs, tasks_pb2_grpc.TaskServiceServicer):
         try:
             waiting = set(task_ids)
             batch = _Batch(message)
-            for task in await self._rt.bridge.producers.run(self._rt.store.get_many, task_ids):
+            # Without progress, only the tasks final already matter: get_final reads no
+            # more. With it, a running task's progress is in its row.
+            read = self._rt.store.get_many if progress else self._rt.store.get_final
+            for task in await self._rt.bridge.producers.run(read, task_ids):
                 if task.state.is_final:
                     waiting.discard(task.id)
                     if batch.add(task):

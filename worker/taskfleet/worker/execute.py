@@ -20,14 +20,15 @@ import os
 import threading
 import traceback
 from collections.abc import Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from taskfleet.common import codec
 from taskfleet.common.errors import InvalidArgument
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import LeaseRef, TaskError
 from taskfleet.worker.registry import REGISTRY, Retry
-from taskfleet.worker.task_context import TaskContext, task_context
+from taskfleet.worker.task_context import RunningTask, TaskContext
 
 _MAX_NAMES_LISTED = 20
 _loops = threading.local()
@@ -45,7 +46,7 @@ def _count_fork() -> None:
 os.register_at_fork(after_in_child=_count_fork)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Job:
     """One attempt as the pool needs it: small, so it pickles cheaply into a child."""
 
@@ -61,7 +62,7 @@ class Job:
     max_attempts: int = 1  # for the caller's retry decision; the pool ignores it
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class JobResult:
     """How one attempt ended; ``result`` is the JSON return value when ``ok``.
     A failure says whether it is worth another attempt, and after how long (0:
@@ -101,7 +102,7 @@ def run_job(job: Job) -> JobResult:
     )
     forks = _forks
     try:
-        with task_context(context):
+        with RunningTask(context):
             value = definition.func(*args, **kwargs)
             if inspect.isawaitable(value):
                 value = _await(value)

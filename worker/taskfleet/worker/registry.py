@@ -10,17 +10,17 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
 
 from taskfleet.common.errors import ConfigError
+from taskfleet.common.frozen import frozen
 from taskfleet.worker.task_function import TaskFunction
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskDefinition:
     """A registered function and the defaults a TaskSpec may override."""
 

@@ -8,7 +8,8 @@ deadline, renewed by ``extend``, or it lapses and ``expire`` puts the task back.
 Every method is safe to call from many threads at once. Times are unix seconds
 passed in by the caller, so tests and the master share one clock.
 
-Fencing: each lease of a task gets the next lease number (``Task.lease``). A
+Fencing: each lease of a task gets a greater lease number than any before it
+(``Task.lease``; the next one, but on PostgreSQL after a crash of its server). A
 ``LeaseRef`` whose number is not the task's current one, or whose task is no
 longer RUNNING, is stale: ``extend`` reports it, ``record`` and ``release``
 ignore it. So a worker presumed dead that comes back can never overwrite
@@ -28,11 +29,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import InvalidArgument, NotFound
+from taskfleet.common.frozen import frozen
 from taskfleet.common.model import (
     Lease,
     LeaseRef,
@@ -54,7 +55,7 @@ FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCE
 MAX_PAGE_SIZE = 1_000
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class KeyLoad:
     """The RUNNING tasks of one concurrency key (master/concurrency.py)."""
 
@@ -62,7 +63,7 @@ class KeyLoad:
     limit: int  # the smallest concurrency_limit among them
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StorePolicy:
     """The lifecycle limits a store enforces itself, since it alone sees every lapse
     and every end."""
@@ -86,7 +87,7 @@ def retry_delay_s(policy: StorePolicy, outcome: Outcome, used: int) -> float | N
     return outcome.retry_delay_s or policy.retry_backoff_s(used)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskQuery:
     """Which tasks ``list_tasks`` returns; an empty field matches everything."""
 
@@ -95,7 +96,7 @@ class TaskQuery:
     states: frozenset[TaskState] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FiredTick:
     """A schedule's tick that ``fire_schedule`` submits as ``spec``."""
 
@@ -103,7 +104,7 @@ class FiredTick:
     spec: TaskSpec
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TaskPage:
     """One page of ``list_tasks``, newest first; ``next_cursor`` is None on the last."""
 
@@ -209,6 +210,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
         """The tasks in the order asked; raises ``NotFound`` naming the first unknown id."""
+
+    @abc.abstractmethod
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        """Those of ``task_ids`` that are final, in the order asked, as ``get_many``
+        would return them; raises ``NotFound`` naming the first unknown id.
+
+        What a wait sends at once. Its tasks are mostly still PENDING or RUNNING,
+        and reading their whole rows only to drop them took about 14% of an SQLite
+        master's time in the W1 benchmark: of the others, only the id is read."""
 
     @abc.abstractmethod
     def lease(

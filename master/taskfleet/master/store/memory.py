@@ -156,6 +156,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         with self._lock:
             return [self._read(task_id) for task_id in task_ids]
 
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        with self._lock:
+            slots = [self._slot(task_id) for task_id in task_ids]
+            return [snapshot(slot.task) for slot in slots if slot.task.state.is_final]
+
     def lease(
         self,
         worker_id: str,

@@ -22,6 +22,10 @@ to run again: at-least-once allows that, and it loses no task. A lost outcome
 would lose one, since the worker forgets it once acknowledged; so record
 waits, as do submit (the client holds the ids), extend and release, and WAL
 reaches the disk in order: an outcome on disk carries its claim with it.
+A lost claim's lease number is never handed out again: the first claim after
+a crash starts a new lease epoch, on disk before any lease of it is used, above
+every number of the epochs before (postgres_sql.CLAIM), so a worker still
+running the lost claim holds a stale ref.
 Not waiting for the flush lets a lease give up its locks (the counts rows that
 every writer updates among them) a flush sooner.
 
@@ -93,6 +97,8 @@ from taskfleet.master.store.postgres_sql import (
     EXPIRES,
     FENCE,
     INSERT,
+    NEW_LEASE_EPOCH,
+    NO_LEASE_EPOCH,
     RECORD,
     REFS,
     ref_arrays,
@@ -103,11 +109,13 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     COLUMNS,
     FAILED,
+    FINAL_COLUMNS,
     OLDEST_PENDING,
     PENDING,
     PENDING_NAMES,
     RUNNING,
     default_expiry,
+    final_ids,
     in_order,
     lost_by_after,
     oldest_ready,
@@ -185,6 +193,18 @@ class PostgresStore(PostgresSchedules, Store):
         )
         return in_order(rows, task_ids)
 
+    def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        # One statement, so one round trip, whatever the mix of states.
+        rows = self._run(
+            lambda conn: conn.execute(
+                f"SELECT id, {FINAL_COLUMNS} FROM tasks WHERE id = ANY(%b)",
+                (list(task_ids),),
+                binary=True,
+            ).fetchall()
+        )
+        final = final_ids(((row[0], row[1] is not None) for row in rows), task_ids)
+        return in_order((row[1:] for row in rows if row[1] is not None), final)
+
     def lease(
         self,
         worker_id: str,
@@ -219,6 +239,14 @@ class PostgresStore(PostgresSchedules, Store):
                 f"UPDATE tasks SET ready = true WHERE {DELAYED} AND ready_at <= %s", (now,)
             )
             # Rows in binary: numbers and bytea (the payload) need no parsing.
+            try:
+                return conn.execute(sql, params, binary=True).fetchall()
+            except psycopg.Error as exc:
+                if exc.sqlstate != NO_LEASE_EPOCH:
+                    raise
+            # No live epoch (the database's first claim, or the first since a crash):
+            # the claim took nothing; start an epoch and claim again.
+            conn.execute(NEW_LEASE_EPOCH)
             return conn.execute(sql, params, binary=True).fetchall()
 
         rows = self._run(work)
@@ -261,7 +289,7 @@ class PostgresStore(PostgresSchedules, Store):
         stored = self._run(
             lambda conn: conn.execute(
                 """UPDATE tasks t SET progress = r.fraction, progress_message = r.message
-                FROM unnest(%(ids)b::text[], %(leases)b::int[], %(fractions)b::float8[],
+                FROM unnest(%(ids)b::text[], %(leases)b::bigint[], %(fractions)b::float8[],
                     %(messages)b::text[]) AS r(id, lease, fraction, message)
                 WHERE """
                 + FENCE

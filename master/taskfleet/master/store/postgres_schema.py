@@ -12,7 +12,7 @@ import psycopg
 
 from taskfleet.common.errors import ConfigError
 from taskfleet.master.store import postgres_bus
-from taskfleet.master.store.postgres_sql import DELAYED, READY
+from taskfleet.master.store.postgres_sql import DELAYED, NO_LEASE_EPOCH, READY
 from taskfleet.master.store.rows import PENDING, RUNNING
 
 # Taken by every master while it migrates: any constant no other user of the
@@ -45,6 +45,22 @@ BEGIN
             GROUP BY c.queue HAVING sum(c.n) = 0);
     END IF;
     RETURN NULL;
+END $$
+"""
+
+# The least lease number a claim may hand out (postgres_sql.CLAIM). A function
+# rather than a subquery only to raise when no epoch is live; it costs no more
+# (backend CPU a claim, measured).
+LEASE_FLOOR_FUNCTION = f"""
+CREATE FUNCTION taskfleet_lease_floor() RETURNS bigint LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    live bigint;
+BEGIN
+    SELECT epoch INTO live FROM lease_epoch_live;
+    IF live IS NULL THEN
+        RAISE EXCEPTION 'no live lease epoch' USING ERRCODE = '{NO_LEASE_EPOCH}';
+    END IF;
+    RETURN live << 32;
 END $$
 """
 
@@ -158,6 +174,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
     9: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
+    # Lease numbers a crash of the server cannot hand out twice (postgres_sql.CLAIM):
+    # an epoch on disk, started anew after each crash, floors every lease at
+    # epoch << 32. Its live copy is UNLOGGED, so crash recovery empties it, and
+    # that is what tells the next claim to start one. A database that has tasks
+    # starts at epoch 0, whose successor (1) lifts its leases above any a crash
+    # before this upgrade may have lost; a new one at -1, so that its leases
+    # count from 1 until its first crash. The ALTER rewrites the tasks table, once.
+    10: (
+        "ALTER TABLE tasks ALTER COLUMN lease TYPE bigint",
+        "CREATE TABLE lease_epoch (epoch bigint NOT NULL)",
+        "INSERT INTO lease_epoch SELECT CASE WHEN EXISTS (SELECT FROM tasks) THEN 0 ELSE -1 END",
+        "CREATE UNLOGGED TABLE lease_epoch_live"
+        " (one boolean PRIMARY KEY DEFAULT true CHECK (one), epoch bigint NOT NULL)",
+        LEASE_FLOOR_FUNCTION,
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -47,7 +47,11 @@ INSERT = """INSERT INTO tasks (id, name, queue, payload, content_type, priority,
 # The best `limit` ready tasks of each queue (and name), from its index, locked
 # unless another lease holds them; the outer ORDER BY picks the best overall.
 # The claim's commit alone does not wait for the flush (postgres.py's docstring);
-# a volatile CTE is evaluated once, before any row is claimed.
+# a volatile CTE is evaluated once, before any row is claimed. A crash can so
+# undo a claim and leave the task's lease number as it was; the lease epoch
+# keeps that number from being handed out twice: every lease is at least
+# epoch << 32 (taskfleet_lease_floor, postgres_schema.py), and the first claim
+# after a crash finds no live epoch and starts the next (NEW_LEASE_EPOCH).
 CLAIM = f"""WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)),
     chosen AS (
     SELECT c.seq FROM unflushed, {{sources}}, LATERAL (
@@ -55,9 +59,21 @@ CLAIM = f"""WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', tr
         WHERE {READY} AND queue = q.queue {{name_term}}
         ORDER BY {{order}} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) c ORDER BY c.priority DESC, c.seq LIMIT %(limit)s)
-    UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1, lease = lease + 1,
+    UPDATE tasks t SET state = {RUNNING}, attempts = attempts + 1,
+        lease = greatest(lease + 1, (SELECT taskfleet_lease_floor())),
         worker_id = %(worker)s, started_at = %(now)s, lease_deadline = %(deadline)s
     FROM chosen WHERE t.seq = chosen.seq RETURNING t.priority, t.seq, {TCOLUMNS}"""
+
+# What taskfleet_lease_floor raises when no epoch is live: after a crash, or
+# before the database's first claim.
+NO_LEASE_EPOCH = "TF001"
+# The next lease epoch, committed waiting for the flush: claims see it only once
+# it is on disk, so no lease of it is used before then. Concurrent first claims
+# each start one, which is harmless: the live epoch is the greater.
+NEW_LEASE_EPOCH = """WITH flushed AS (SELECT set_config('synchronous_commit', 'on', true)),
+    bumped AS (UPDATE lease_epoch SET epoch = epoch + 1 FROM flushed RETURNING epoch)
+    INSERT INTO lease_epoch_live (epoch) SELECT epoch FROM bumped
+    ON CONFLICT (one) DO UPDATE SET epoch = greatest(lease_epoch_live.epoch, excluded.epoch)"""
 
 CLAIM_BY_QUEUE = CLAIM.format(
     sources="unnest(%(queues)b::text[]) q(queue)", name_term="", order="priority DESC, seq"
@@ -73,7 +89,7 @@ CLAIM_BY_NAME = CLAIM.format(
     order="name, priority DESC, seq",
 )
 
-REFS = "unnest(%(ids)b::text[], %(leases)b::int[]) AS r(id, lease)"
+REFS = "unnest(%(ids)b::text[], %(leases)b::bigint[]) AS r(id, lease)"
 # The fence of an outcome, a renewal or a release: the lease must be current.
 FENCE = f"t.id = r.id AND t.state = {RUNNING} AND t.lease = r.lease"
 
@@ -96,7 +112,7 @@ RECORD = f"""UPDATE tasks t SET
     ready_at = CASE WHEN r.ready_at IS NOT NULL THEN r.ready_at ELSE t.ready_at END,
     finished_at = CASE WHEN r.ready_at IS NOT NULL THEN t.finished_at ELSE %(now)s END,
     expires_at = CASE WHEN r.ready_at IS NOT NULL THEN t.expires_at ELSE {EXPIRES} END
-    FROM unnest(%(ids)b::text[], %(leases)b::int[], %(states)b::smallint[],
+    FROM unnest(%(ids)b::text[], %(leases)b::bigint[], %(states)b::smallint[],
         %(results)b::bytea[], %(types)b::text[], %(error_types)b::text[],
         %(messages)b::text[], %(tracebacks)b::text[], %(ready_ats)b::float8[])
         WITH ORDINALITY AS r(id, lease, state, result, result_content_type, error_type,

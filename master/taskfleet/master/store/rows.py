@@ -36,6 +36,14 @@ COLUMNS = """id, name, queue, payload, content_type, priority, max_attempts, tim
     created_at, started_at, finished_at, lost_leases, expires_at, start_by,
     depends_on, pass_results, progress, progress_message, ckey, ckey_limit"""
 
+# COLUMNS of a final task, NULLs of any other: PostgreSQL's get_final reads what a
+# wait sends at once in one round trip. The final states are the highest
+# (TaskState.is_final); SQLite took milliseconds over a one-row read with an IN
+# per column.
+FINAL_COLUMNS = ", ".join(
+    f"CASE WHEN state >= {SUCCEEDED} THEN {column.strip()} END" for column in COLUMNS.split(",")
+)
+
 
 def spec_values(spec: TaskSpec) -> tuple[Any, ...]:
     """The spec's columns of a task row, from ``name`` to ``result_ttl_s`` in ``COLUMNS``."""
@@ -102,6 +110,19 @@ def in_order(rows: Iterable[Sequence[Any]], task_ids: Sequence[str]) -> list[Tas
         if task_id not in by_id:
             raise not_found(task_id)
     return [by_id[task_id] for task_id in task_ids]
+
+
+def final_ids(known: Iterable[tuple[str, object]], task_ids: Sequence[str]) -> list[str]:
+    """Those of ``task_ids`` that are final, in order, from ``(id, whether final)``
+    of each known task; raises NotFound naming the first unknown one."""
+    is_final = dict(known)
+    final: list[str] = []
+    for task_id in task_ids:
+        if task_id not in is_final:
+            raise not_found(task_id)
+        if is_final[task_id]:
+            final.append(task_id)
+    return final
 
 
 # PENDING tasks per queue and name (store.pending_names), in qmark style.

@@ -1,0 +1,31 @@
+"""The protobuf edge: what the master sends is what protobuf's own helpers would send."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from taskfleet.common import convert
+from taskfleet.common.model import Task, TaskSpec, TaskState
+
+
+@pytest.mark.parametrize(
+    "unix_s", [1_795_931_436.9252043, 1.0, 0.25, 1_764_390_000.123456789, 1_764_390_000.9999999999]
+)
+def test_a_task_s_times_go_out_as_protobuf_would_set_them(unix_s: float) -> None:
+    task = Task(
+        "t1",
+        TaskSpec("noop", "default"),
+        TaskState.SUCCEEDED,
+        created_at=unix_s,
+        started_at=unix_s,
+        finished_at=unix_s,
+    )
+
+    sent = convert.task_to_proto(task)
+
+    expected = Timestamp()
+    expected.FromNanoseconds(round(unix_s * 1e9))
+    assert sent.created_at == sent.started_at == sent.finished_at == expected
+    assert 0 <= sent.finished_at.nanos < 1_000_000_000
+    assert convert.task_from_proto(sent).finished_at == pytest.approx(unix_s, abs=1e-9)
