@@ -157,9 +157,15 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             return [self._read(task_id) for task_id in task_ids]
 
     def get_final(self, task_ids: Sequence[str]) -> list[Task]:
+        final = []
         with self._lock:
-            slots = [self._slot(task_id) for task_id in task_ids]
-            return [snapshot(slot.task) for slot in slots if slot.task.state.is_final]
+            for task_id in task_ids:
+                frozen = self._final.get(task_id)
+                if frozen is not None:
+                    final.append(thaw(frozen))
+                elif task_id not in self._slots:
+                    raise not_found(task_id)
+        return final
 
     def lease(
         self,
