@@ -9,7 +9,7 @@ import gc
 import json
 
 from taskfleet.common.model import Outcome, Progress, TaskError, TaskSpec, TaskState
-from taskfleet.master.store import MemoryStore
+from taskfleet.master.store import MemoryStore, TaskQuery
 
 NOW = 1_000_000.0
 BOOM = TaskError("ValueError", "boom", "Traceback (most recent call last): ...")
@@ -102,3 +102,32 @@ def test_a_finished_task_reads_back_whole_and_comes_back_to_life_on_retry() -> N
     assert again.task.id == task_id
     assert again.task.spec == ended.spec
     assert (again.task.attempts, again.task.lease) == (2, 2)
+
+
+def test_prune_deletes_only_what_is_due_within_a_second_and_up_to_the_limit() -> None:
+    # Given five tasks that end within one second (TTL 10 s), one of them retried
+    # and ended again a second later
+    store = MemoryStore()
+    ids = store.submit([TaskSpec("add", "q", result_ttl_s=10.0) for _ in range(5)], NOW)
+    leases = store.lease("w1", ["q"], None, 5, 30.0, NOW)
+    for i, one in enumerate(leases[:4]):
+        store.record([Outcome(one.ref, TaskState.SUCCEEDED)], NOW + 0.2 * i)
+    store.record([Outcome(leases[4].ref, TaskState.FAILED, error=BOOM)], NOW + 0.1)
+    store.retry(ids[4], NOW + 0.5)
+    [again] = store.lease("w1", ["q"], None, 1, 30.0, NOW + 0.5)
+    store.record([Outcome(again.ref, TaskState.FAILED, error=BOOM)], NOW + 1.5)
+    # When pruning mid-second, with a limit of one, then more
+    assert store.prune(NOW + 10.3, 1) == 1
+    assert store.prune(NOW + 10.3, 10) == 1
+    # Then only the tasks that expired by then are gone
+    assert kept(store) == set(ids[2:])
+    # And the rest go once due, the retried one at its second expiry
+    assert store.prune(NOW + 10.5, 10) == 1
+    assert store.prune(NOW + 11.4, 10) == 1
+    assert kept(store) == {ids[4]}
+    assert store.prune(NOW + 11.5, 10) == 1
+    assert kept(store) == set()
+
+
+def kept(store: MemoryStore) -> set[str]:
+    return {task.id for task in store.list_tasks(TaskQuery(), 100).tasks}

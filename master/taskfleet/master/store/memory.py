@@ -55,6 +55,7 @@ from taskfleet.master.store.base import (
 )
 from taskfleet.master.store.deps import resolve
 from taskfleet.master.store.memory_deps import MemoryDeps
+from taskfleet.master.store.memory_expiry import Expiring
 from taskfleet.master.store.memory_oldest import OldestReady, SinceEntry
 from taskfleet.master.store.memory_schedules import MemorySchedules
 from taskfleet.master.store.memory_slots import (
@@ -94,7 +95,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
         self._counts: dict[str, dict[TaskState, int]] = {}
         self._keyed: dict[str, dict[str, int]] = {}  # key -> RUNNING task id -> its limit
-        self._expiring: list[tuple[float, int, str]] = []  # expires_at, seq, id
+        self._expiring = Expiring()
         self._schedules: dict[str, Schedule] = {}  # in creation order
         # Ids in submission order with their seqs, for list_tasks' keyset paging;
         # pruned ids leave holes that _compact_order closes now and then. An array
@@ -317,15 +318,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return expired
 
     def prune(self, now: float, limit: int) -> int:
-        pruned = 0
         with self._lock:
-            while self._expiring and self._expiring[0][0] <= now and pruned < limit:
-                at, _, task_id = heapq.heappop(self._expiring)
-                frozen = self._final.get(task_id)
-                # A task retried since it was queued here has another expiry, or none.
-                if frozen is not None and fields(frozen)[EXPIRES_AT] == at:
-                    self._delete(task_id)
-                    pruned += 1
+            pruned = self._expiring.sweep(now, limit, self._expiry, self._delete_seq)
             self._compact_order()
         return pruned
 
@@ -414,6 +408,15 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
             return slot.task.state
         frozen = self._final.get(task_id)
         return None if frozen is None else state_of(fields(frozen))
+
+    def _expiry(self, seq: int) -> float | None:
+        """When the final task of ``seq`` expires; None if it is gone or alive."""
+        task_id = self._order_ids.get(seq)
+        frozen = None if task_id is None else self._final.get(task_id)
+        return None if frozen is None else fields(frozen)[EXPIRES_AT]
+
+    def _delete_seq(self, seq: int) -> None:
+        self._delete(self._order_ids[seq])
 
     def _delete(self, task_id: str) -> None:
         """Delete a final task."""
@@ -578,7 +581,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         task.finished_at = now
         task.expires_at = expires_at(task.spec, now, self.policy)
         if task.expires_at:
-            heapq.heappush(self._expiring, (task.expires_at, slot.seq, task.id))
+            self._expiring.add(task.expires_at, slot.seq)
         # Frozen from now on: the slot, which the caller may still read for its
         # answer, is no longer the store's.
         self._final[task.id] = freeze(slot)
