@@ -251,7 +251,9 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 if slot is None:
                     continue
                 self._apply(slot, outcome, now)
-                changed.append(snapshot(slot.task))
+                # A final task's slot is no longer the store's: no copy needed.
+                final = slot.task.id in self._final
+                changed.append(slot.task if final else snapshot(slot.task))
             changed += self._take_settled()
         return changed
 
