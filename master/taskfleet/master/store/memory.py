@@ -63,6 +63,7 @@ from taskfleet.master.store.memory_slots import (
     IDEMPOTENCY_KEY,
     NAME,
     QUEUE,
+    SPEC,
     Frozen,
     ReadyEntry,
     Slot,
@@ -384,7 +385,8 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 if frozen is None:
                     continue
                 facts = fields(frozen)
-                queue, name, state = facts[QUEUE], facts[NAME], state_of(facts)
+                spec = facts[SPEC]
+                queue, name, state = spec[QUEUE], spec[NAME], state_of(facts)
             if query.queue and queue != query.queue:
                 continue
             if query.name and name != query.name:
@@ -423,10 +425,10 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     def _delete(self, task_id: str) -> None:
         """Delete a final task."""
         facts = fields(self._final.pop(task_id))
-        key = facts[IDEMPOTENCY_KEY]
+        key = facts[SPEC][IDEMPOTENCY_KEY]
         if key and self._by_key.get(key) == task_id:
             del self._by_key[key]
-        queue = facts[QUEUE]
+        queue = facts[SPEC][QUEUE]
         counts = self._counts[queue]
         counts[state_of(facts)] -= 1
         if not any(counts.values()):  # its last task: the queue leaves stats, heaps and all

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import marshal
+import operator
 from typing import Any
 
 from taskfleet.common.model import Task, TaskError, TaskSpec, TaskState
@@ -41,14 +42,25 @@ class Slot:
 # A final task: see the module docstring; ``fields`` reads it.
 Frozen = bytes
 
-# Where ``freeze`` puts the fields the store reads without thawing.
-SEQ = 1
-STATE = 2
-RESULT = 5
-EXPIRES_AT = 13
-NAME = 16
-QUEUE = 17
-IDEMPOTENCY_KEY = 24
+_TASK_FIELDS = [f.name for f in dataclasses.fields(Task)]
+_SPEC_FIELDS = [f.name for f in dataclasses.fields(TaskSpec)]
+_task_values = operator.attrgetter(*_TASK_FIELDS)
+_spec_values = operator.attrgetter(*_SPEC_FIELDS)
+_error_values = operator.attrgetter(*(f.name for f in dataclasses.fields(TaskError)))
+
+# Where ``fields`` has what the store reads without thawing: the Task's fields
+# in their order (its spec's as a list, its error's as one or None, its state
+# as an int: marshal knows no enum member), then the slot's seq.
+SPEC = _TASK_FIELDS.index("spec")
+STATE = _TASK_FIELDS.index("state")
+RESULT = _TASK_FIELDS.index("result")
+ERROR = _TASK_FIELDS.index("error")
+EXPIRES_AT = _TASK_FIELDS.index("expires_at")
+SEQ = len(_TASK_FIELDS)
+# ... and in the spec's list.
+NAME = _SPEC_FIELDS.index("name")
+QUEUE = _SPEC_FIELDS.index("queue")
+IDEMPOTENCY_KEY = _SPEC_FIELDS.index("idempotency_key")
 
 _STATES = {int(state): state for state in TaskState}
 
@@ -58,91 +70,29 @@ def freeze(slot: Slot) -> Frozen:
     scheduling facts are dropped: ``thaw_slot`` starts them afresh, as RetryTask
     would anyway."""
     task = slot.task
-    spec = task.spec
-    error = task.error
-    return marshal.dumps(
-        (
-            task.id,
-            slot.seq,
-            int(task.state),  # an enum member is no value marshal knows
-            task.attempts,
-            task.lease,
-            task.result,
-            task.result_content_type,
-            None if error is None else (error.type, error.message, error.traceback),
-            task.worker_id,
-            task.created_at,
-            task.started_at,
-            task.finished_at,
-            task.lost_leases,
-            task.expires_at,
-            task.progress,
-            task.progress_message,
-            spec.name,
-            spec.queue,
-            spec.payload,
-            spec.content_type,
-            spec.priority,
-            spec.max_attempts,
-            spec.timeout_s,
-            spec.not_before,
-            spec.idempotency_key,
-            spec.metadata,
-            spec.result_ttl_s,
-            spec.expires_at,
-            spec.depends_on,
-            spec.pass_results,
-            spec.gather_results,
-            spec.concurrency_key,
-            spec.concurrency_limit,
-        )
-    )
+    values = list(_task_values(task))
+    values[SPEC] = _spec_values(task.spec)
+    values[STATE] = int(task.state)
+    if task.error is not None:
+        values[ERROR] = _error_values(task.error)
+    values.append(slot.seq)
+    return marshal.dumps(values)
 
 
-def fields(frozen: Frozen) -> tuple[Any, ...]:
+def fields(frozen: Frozen) -> list[Any]:
     """A frozen task's fields, by the indexes above."""
     return marshal.loads(frozen)  # type: ignore[no-any-return]
 
 
 def thaw(frozen: Frozen) -> Task:
     """A snapshot of a frozen task for the caller (its own spec and metadata)."""
-    (
-        task_id,
-        _,
-        state,
-        attempts,
-        lease,
-        result,
-        result_content_type,
-        error,
-        worker_id,
-        created_at,
-        started_at,
-        finished_at,
-        lost_leases,
-        expires_at,
-        progress,
-        progress_message,
-        *spec,
-    ) = marshal.loads(frozen)
-    return Task(
-        task_id,
-        TaskSpec(*spec),
-        _STATES[state],
-        attempts,
-        lease,
-        result,
-        result_content_type,
-        None if error is None else TaskError(*error),
-        worker_id,
-        created_at,
-        started_at,
-        finished_at,
-        lost_leases,
-        expires_at,
-        progress,
-        progress_message,
-    )
+    values = marshal.loads(frozen)
+    del values[SEQ]
+    values[SPEC] = TaskSpec(*values[SPEC])
+    values[STATE] = _STATES[values[STATE]]
+    if values[ERROR] is not None:
+        values[ERROR] = TaskError(*values[ERROR])
+    return Task(*values)
 
 
 def thaw_slot(frozen: Frozen) -> Slot:
@@ -150,7 +100,7 @@ def thaw_slot(frozen: Frozen) -> Slot:
     return Slot(thaw(frozen), fields(frozen)[SEQ])
 
 
-def state_of(facts: tuple[Any, ...]) -> TaskState:
+def state_of(facts: list[Any]) -> TaskState:
     """The state in a frozen task's ``fields``."""
     return _STATES[facts[STATE]]
 
