@@ -33,6 +33,7 @@ from taskfleet.common.model import (
     TaskState,
 )
 from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, open_store
+from taskfleet.master.store.base import TaskQuery
 
 from pg import store_url
 
@@ -978,6 +979,28 @@ def test_a_child_of_several_parents_runs_after_the_last_with_results_in_order(
     (leased,) = lease(store)
     assert leased.task.id == callback
     assert args_of(leased.task) == [2, 1]
+
+
+def test_a_parent_purged_before_its_child_is_readied_passes_no_result(store: Store) -> None:
+    # Given a child of two parents, the first finished and then purged
+    first, second, callback = store.submit(
+        [spec("a"), spec("b", queue="r"), spec("sum", depends_on=("$0", "$1"), pass_results=True)],
+        NOW,
+    )
+    (leased,) = lease(store)
+    assert leased.task.id == first
+    store.record([succeeded(leased.ref, b"1")], NOW)
+    assert store.purge(TaskQuery(queue="q", states=frozenset({TaskState.SUCCEEDED})), 10) == 1
+
+    # When the second parent succeeds
+    (leased,) = lease(store, queues=("r",))
+    assert leased.task.id == second
+    store.record([succeeded(leased.ref, b"2")], NOW)
+
+    # Then the child runs, with null for the result no longer kept
+    (leased,) = lease(store)
+    assert leased.task.id == callback
+    assert args_of(leased.task) == [None, 2]
 
 
 def test_a_parent_that_already_succeeded_counts_as_done(store: Store) -> None:

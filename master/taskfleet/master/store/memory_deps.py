@@ -57,8 +57,10 @@ class MemoryDeps:
                 check_size(f"tasks[{i}]", self._with_results(specs[i], parents))
 
     def _with_results(self, spec: TaskSpec, parents: Sequence[str]) -> bytes:
-        # Every parent succeeded, so every parent is frozen.
-        results = [fields(self._final[p])[RESULT] for p in parents]
+        # Every parent succeeded, so every parent is frozen, unless purged or
+        # expired since: its result is then gone, and null is passed, as the SQL
+        # stores pass it.
+        results = [fields(self._final[p])[RESULT] if p in self._final else b"" for p in parents]
         return with_results(spec.payload, results, results_mode(spec))
 
     def _wait_or_enqueue(self, slot: Slot, now: float) -> None:
