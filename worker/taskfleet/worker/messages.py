@@ -96,6 +96,6 @@ def job(assignment: worker_pb2.Assignment, registry: dict[str, TaskDefinition]) 
         content_type=spec.content_type,
         timeout_s=timeout_s,
         deadline=time.time() + timeout_s if timeout_s else None,
-        metadata=dict(spec.metadata),
+        metadata=dict(spec.metadata) if spec.metadata else {},
         max_attempts=spec.max_attempts or (definition.max_attempts if definition else 1),
     )
