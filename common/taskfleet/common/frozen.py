@@ -12,8 +12,8 @@ refuse any assignment to a field (``make lint``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeVar, dataclass_transform
+import dataclasses
+from typing import Any, TypeVar, dataclass_transform
 
 T = TypeVar("T")
 
@@ -21,4 +21,18 @@ T = TypeVar("T")
 @dataclass_transform(frozen_default=True)
 def frozen(cls: type[T]) -> type[T]:
     """A slots dataclass, immutable to the type checker, hashed by its fields."""
-    return dataclass(slots=True, unsafe_hash=True)(cls)
+    made = dataclasses.dataclass(slots=True, unsafe_hash=True)(cls)
+    # Slots without __getstate__ pickle with protocol 2 and later only; frozen
+    # dataclasses pickled with every protocol, and so do these.
+    made.__getstate__ = _field_values  # type: ignore[method-assign]
+    made.__setstate__ = _set_field_values  # type: ignore[attr-defined]
+    return made
+
+
+def _field_values(self: Any) -> list[Any]:
+    return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+def _set_field_values(self: Any, state: list[Any]) -> None:
+    for field, value in zip(dataclasses.fields(self), state, strict=True):
+        object.__setattr__(self, field.name, value)
