@@ -293,12 +293,15 @@ class SqliteStore(SqliteSchedules, Store):
     ) -> list[LeaseRef]:
         with self._write() as db:
             held = _held(db, refs)
-            valid = [ref for ref in refs if _holds(held, ref, worker_id)]
-            db.executemany(
-                "UPDATE tasks SET lease_deadline = ? WHERE id = ?",
-                [(now + lease_s, ref.task_id) for ref in valid],
-            )
-        return [ref for ref in refs if not _holds(held, ref, worker_id)]
+            renewed: list[tuple[float, str]] = []
+            stale: list[LeaseRef] = []
+            for ref in refs:
+                if _holds(held, ref, worker_id):
+                    renewed.append((now + lease_s, ref.task_id))
+                else:
+                    stale.append(ref)
+            db.executemany("UPDATE tasks SET lease_deadline = ? WHERE id = ?", renewed)
+        return stale
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
         with self._write() as db:
@@ -340,10 +343,7 @@ class SqliteStore(SqliteSchedules, Store):
                 db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", values)
             changed = []
             if valid:
-                rows = db.execute(
-                    f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(valid),),
-                ).fetchall()
+                rows = db.execute(_GET_MANY, (json.dumps(valid),)).fetchall()
                 changed = in_order(rows, valid)
             changed += self._settle(db, changed, now)
         return changed
