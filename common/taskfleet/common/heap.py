@@ -14,7 +14,8 @@ def settle_after_startup() -> None:
     live as long as the process. Frozen, they are never walked again: over
     120,000 W1 tasks the collector's CPU in a master fell from 0.86 s to 0.53 s
     on the SQLite store, and from 1.40 s to 1.18 s on the memory store, whose
-    stored tasks it still walks (README, "Store"; docs/benchmarks.md, ninth run).
+    tasks it then still walked (docs/benchmarks.md, ninth run; the store now keeps
+    finished ones where the collector never looks, memory_slots.py).
 
     Frozen objects are freed by reference counting as before; only a cycle made
     of them could no longer be collected, and start-up's objects (modules,
