@@ -89,7 +89,7 @@ class ThreadPool(Pool):
                         self._busy -= 1
                         self._slots.notify_all()
                 if result is not None:
-                    self._ledger.finish(result)
+                    self._ledger.finish([result])
         finally:
             with self._slots:
                 self._exited += 1
@@ -151,10 +151,9 @@ class _Watchdog:
                 now = time.time()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     expired.append(heapq.heappop(self._deadlines)[2])
-            for ref in self._ledger.cancelling():
-                self._ledger.finish(cancelled(ref))
-            for job in expired:
-                self._ledger.finish(timed_out(job))
+            self._ledger.finish(
+                [*map(cancelled, self._ledger.cancelling()), *map(timed_out, expired)]
+            )
 
     def _due(self) -> bool:
         return bool(self._deadlines) and self._deadlines[0][0] <= time.time()
