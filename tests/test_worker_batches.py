@@ -29,8 +29,7 @@ def setup(running: int = 0) -> Batches:
     """The batches of a book with ``running`` jobs in the pool, and their credit."""
     book = LeaseBook()
     book.accept([job(f"run-{i}") for i in range(running)])
-    for _ in range(running):
-        book.start_next()
+    book.start(running)
     credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
     return Batches(book, credit)
 

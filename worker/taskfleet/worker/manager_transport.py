@@ -199,7 +199,7 @@ class ManagerTransport:
         )
         with self._lock:
             self._running[job.ref] = job
-            self.pool.submit(job)
+            self.pool.submit([job])
 
     def _on_done(self, results: list[JobResult]) -> None:
         with self._lock:

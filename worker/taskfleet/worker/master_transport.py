@@ -161,10 +161,9 @@ class Worker:
 
     def _start_prefetched(self) -> None:
         """Move prefetched jobs into free pool slots. Called with the lock held."""
-        free = self.pool.free_slots()  # only the pool's own threads free more meanwhile
-        while free > 0 and self.book.can_start():
-            self.pool.submit(self.book.start_next())
-            free -= 1
+        starting = self.book.start(self.pool.free_slots())
+        if starting:
+            self.pool.submit(starting)
 
     def _on_done(self, results: list[JobResult]) -> None:
         done: list[tuple[Job, JobResult, Outcome]] = []

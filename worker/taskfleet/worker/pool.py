@@ -60,8 +60,8 @@ class Pool(abc.ABC):
         """Start the processes or threads; may block until they can take jobs."""
 
     @abc.abstractmethod
-    def submit(self, job: Job) -> None:
-        """Run ``job``; the caller has checked that ``free_slots() > 0``."""
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Run ``jobs``; the caller has checked that ``free_slots()`` has room for them."""
 
     @abc.abstractmethod
     def free_slots(self) -> int:
@@ -102,12 +102,12 @@ class JobLedger:
         self.closed = False
         self.abandoned = False
 
-    def add(self, ref: LeaseRef) -> None:
-        """Take ``ref`` on; refused once the pool is closing."""
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Take ``jobs`` on; refused once the pool is closing."""
         with self._changed:
             if self.closed:
                 raise RuntimeError("the pool is closed")
-            self._live.add(ref)
+            self._live.update(job.ref for job in jobs)
 
     def cancel(self, ref: LeaseRef) -> bool:
         """Claim ``ref``'s report for a cancel; False if it is no longer ours to cancel."""
@@ -122,10 +122,14 @@ class JobLedger:
         with self._changed:
             return list(self._cancelling)
 
-    def wants(self, ref: LeaseRef) -> bool:
-        """Whether running ``ref`` still has a point (unreported, not cancelled or abandoned)."""
+    def wanted(self, jobs: Sequence[Job]) -> list[Job]:
+        """Those of ``jobs`` that still have a point running (unreported, not
+        cancelled or abandoned)."""
         with self._changed:
-            return not self.abandoned and ref in self._live and ref not in self._cancelling
+            if self.abandoned:
+                return []
+            live, cancelling = self._live, self._cancelling
+            return [j for j in jobs if j.ref in live and not (cancelling and j.ref in cancelling)]
 
     def __len__(self) -> int:
         with self._changed:

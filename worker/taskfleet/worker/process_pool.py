@@ -118,9 +118,9 @@ class ProcessPool(Pool):
             raise
         self._supervisor.start()
 
-    def submit(self, job: Job) -> None:
-        self._ledger.add(job.ref)
-        self._queued.append(job)
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self._ledger.add(jobs)
+        self._queued.extend(jobs)
         if threading.get_ident() != self._supervisor.ident:
             # From on_done, on the supervisor itself, the job is dispatched at the
             # top of its next pass anyway: no wake-up (a syscall each way) needed.
@@ -207,21 +207,25 @@ class ProcessPool(Pool):
         self._stop_children(graceful=not self._ledger.abandoned)
 
     def _dispatch(self) -> None:
-        """Send queued jobs to ready processes, idle ones first; one write per process."""
+        """Send queued jobs to ready processes, the least busy first; one write per
+        process."""
+        if not self._queued:
+            return
         depth = self._depth()
+        ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
         sending: dict[_Child, list[bytes]] = {}
-        while self._queued:
-            ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
-            if not ready:
-                break
-            child = min(ready, key=lambda c: len(c.jobs))
-            job = self._queued.popleft()
-            if not self._ledger.wants(job.ref):
-                continue  # cancelled while queued; _cancel reports it
-            child.jobs.append(job)
-            if len(child.jobs) == 1:
-                child.start_next()
-            sending.setdefault(child, []).append(to_wire(job))
+        while ready and self._queued:
+            room = sum(depth - len(c.jobs) for c in ready)
+            taken = [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
+            # Those cancelled while queued are dropped here; _cancel reports them.
+            for job in self._ledger.wanted(taken):
+                child = min(ready, key=_load)
+                child.jobs.append(job)
+                if len(child.jobs) == 1:
+                    child.start_next()
+                if len(child.jobs) == depth:
+                    ready.remove(child)
+                sending.setdefault(child, []).append(to_wire(job))
         for child, frames in sending.items():
             with contextlib.suppress(OSError):  # it just died: its exit reports the job lost
                 write_all(child.conn.fileno(), b"".join(frames))
@@ -378,6 +382,10 @@ class ProcessPool(Pool):
             child.process.join(_STOP_TIMEOUT_S)
             _kill(child)
         self._children = []
+
+
+def _load(child: _Child) -> int:
+    return len(child.jobs)
 
 
 def _readable_now(fd: int) -> bool:
