@@ -213,7 +213,7 @@ class ProcessPool(Pool):
             return
         depth = self._depth()
         ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
-        sending: dict[_Child, list[bytes]] = {}
+        sending: dict[_Child, list[Job]] = {}
         while ready and self._queued:
             room = sum(depth - len(c.jobs) for c in ready)
             taken = [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
@@ -225,10 +225,10 @@ class ProcessPool(Pool):
                     child.start_next()
                 if len(child.jobs) == depth:
                     ready.remove(child)
-                sending.setdefault(child, []).append(to_wire(job))
-        for child, frames in sending.items():
+                sending.setdefault(child, []).append(job)
+        for child, jobs in sending.items():
             with contextlib.suppress(OSError):  # it just died: its exit reports the job lost
-                write_all(child.conn.fileno(), b"".join(frames))
+                write_all(child.conn.fileno(), to_wire(jobs))
 
     def _wait_and_handle(self) -> None:
         children = tuple(self._children)
