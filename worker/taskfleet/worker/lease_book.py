@@ -69,8 +69,10 @@ class LeaseBook:
         if the book does not hold it."""
         job = self.running.pop(ref, None)
         started_at = self._started_at.pop(ref, None)
-        wanted = ref not in self.revoked
-        self.revoked.discard(ref)
+        revoked = self.revoked  # mostly empty: a LeaseRef's hash is dear
+        wanted = not (revoked and ref in revoked)
+        if not wanted:
+            revoked.remove(ref)
         if job is None or started_at is None:
             return None
         return Finished(job, time.monotonic() - started_at, wanted)
