@@ -111,6 +111,24 @@ def test_a_busy_pool_gathers_outcomes_for_a_moment() -> None:
     assert batch is not None and [o.ref.task_id for o in batch.outcomes] == ["a", "b"]
 
 
+def test_the_sender_hears_of_outcomes_that_start_or_fill_a_batch_however_many_come() -> None:
+    # Given a busy pool whose outcomes are reported several at a time
+    batches = setup(running=1)
+    half = GATHER_MAX // 2
+    # Then the sender hears of the first ones (they start the gathering) ...
+    assert batches.add([outcome(f"a{i}") for i in range(3)], NOW)
+    # ... not of more while the batch gathers, nor of none
+    assert not batches.add([outcome(f"b{i}") for i in range(half)], NOW)
+    assert not batches.add([], NOW)
+    # ... and of those that take the batch past full, though it never held exactly GATHER_MAX
+    assert batches.add([outcome(f"c{i}") for i in range(half)], NOW)
+    assert len(batches.outcomes) > GATHER_MAX
+    # But not while a batch awaits its ack: the ack wakes it
+    first = batches.take(NOW)
+    assert first is not None and len(first.outcomes) == GATHER_MAX
+    assert not batches.add([outcome(f"d{i}") for i in range(GATHER_MAX)], NOW)
+
+
 def test_a_full_batch_goes_at_once_and_the_rest_waits_for_its_ack() -> None:
     batches = setup(running=1)
     for i in range(GATHER_MAX + 3):
