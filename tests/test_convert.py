@@ -6,7 +6,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskfleet.common import convert
-from taskfleet.common.model import Task, TaskSpec, TaskState
+from taskfleet.common.model import LeaseRef, Outcome, Task, TaskSpec, TaskState
+from taskfleet.v1 import worker_pb2
 
 
 @pytest.mark.parametrize(
@@ -29,3 +30,14 @@ def test_a_task_s_times_go_out_as_protobuf_would_set_them(unix_s: float) -> None
     assert sent.created_at == sent.started_at == sent.finished_at == expected
     assert 0 <= sent.finished_at.nanos < 1_000_000_000
     assert convert.task_from_proto(sent).finished_at == pytest.approx(unix_s, abs=1e-9)
+
+
+@pytest.mark.parametrize("content_type", [convert.JSON, "application/octet-stream", ""])
+def test_an_outcome_says_its_content_type_only_when_it_is_not_json(content_type: str) -> None:
+    outcome = Outcome(LeaseRef("t1", 3), TaskState.SUCCEEDED, b"x", content_type)
+    pb = worker_pb2.Outcome()
+
+    convert.fill_outcome(pb, outcome)
+
+    assert pb.result_content_type == ("" if content_type == convert.JSON else content_type)
+    assert convert.outcome_from_proto(pb).result_content_type == (content_type or convert.JSON)

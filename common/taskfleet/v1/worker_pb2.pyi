@@ -170,7 +170,7 @@ class Outcome(_message.Message):
     result: _builtins.bytes
     """Return value when SUCCEEDED."""
     result_content_type: _builtins.str
-    """Media type of result."""
+    """Media type of result; empty means application/json."""
     max_attempts: _builtins.int
     """When FAILED: how many attempts the task may have, as the worker resolves
     it (the spec's max_attempts, else its @task default); 0 means 1. The
