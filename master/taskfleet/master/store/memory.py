@@ -492,7 +492,12 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     def _make_ready(self, slot: Slot, since: float) -> None:
         """Put a PENDING task where ``lease`` finds it, ready since ``since``."""
         spec = slot.task.spec
-        heap = self._ready.setdefault(spec.queue, {}).setdefault(spec.name, [])
+        by_name = self._ready.get(spec.queue)
+        if by_name is None:
+            by_name = self._ready[spec.queue] = {}
+        heap = by_name.get(spec.name)
+        if heap is None:
+            heap = by_name[spec.name] = []
         heapq.heappush(heap, (-spec.priority, slot.seq, slot.task.id))
         slot.ready_since = since
         self._oldest.add(spec.queue, (since, slot.seq, slot.task.id))

@@ -66,6 +66,9 @@ class MemoryDeps:
     def _wait_or_enqueue(self, slot: Slot, now: float) -> None:
         """Queue a new task, or make it wait for its unfinished parents."""
         spec = slot.task.spec
+        if not spec.depends_on:  # most tasks: straight into line
+            self._enqueue(slot, spec.not_before, now)
+            return
         parents = dict.fromkeys(spec.depends_on)
         open_parents = [p for p in parents if self._state(p) is not TaskState.SUCCEEDED]
         slot.waiting = len(open_parents)
