@@ -1,12 +1,15 @@
-"""The SQLite store's statements shared by several methods, and the SET clause
-that applies an outcome to its task's row."""
+"""The SQLite store's statements shared by several methods, the SET clause
+that applies an outcome to its task's row, and the per-queue counts that the
+write methods keep."""
 
 from __future__ import annotations
 
+import collections
 import sqlite3
+from collections.abc import Iterable
 from typing import Any
 
-from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.common.model import Outcome, Task, TaskSpec, TaskState
 from taskfleet.master.store.deps import SqlDeps
 from taskfleet.master.store.rows import (
     CANCELLED,
@@ -108,3 +111,53 @@ def outcome_update(
         f"state = {PENDING}, ready = ?, ready_at = ?, {error_set}",
         (int(ready_at <= now), ready_at, *error_params),
     )
+
+
+_ADD_COUNTS = """INSERT INTO counts (queue, state, n) VALUES (?, ?, ?)
+    ON CONFLICT (queue, state) DO UPDATE SET n = n + excluded.n"""
+# A queue whose last task is gone leaves stats, so names come and go freely.
+_DROP_EMPTY = """DELETE FROM counts WHERE queue = ?
+    AND (SELECT sum(n) FROM counts WHERE queue = ?) = 0"""
+
+
+class Counts:
+    """The changes one write transaction makes to the ``counts`` table (tasks per
+    queue and state, which stats() reads in O(queues)), gathered per (queue,
+    state) and written by ``apply`` just before it commits: as exact as a
+    trigger, even across a crash, at a few statements a batch where SQLite's
+    triggers (run once per row) cost two a task."""
+
+    def __init__(self) -> None:
+        self._deltas: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    def add(self, queue: str, state: int, n: int = 1) -> None:
+        """``n`` tasks of ``queue`` came into ``state``; a negative ``n`` left it."""
+        self._deltas[queue, state] += n
+
+    def move(self, queue: str, old: int, new: int) -> None:
+        """A task of ``queue`` went from state ``old`` to ``new``."""
+        if old != new:
+            self._deltas[queue, old] -= 1
+            self._deltas[queue, new] += 1
+
+    def moved(self, tasks: Iterable[Task], old: int) -> None:
+        """Each of ``tasks``, as it is now, went from state ``old`` to its present one."""
+        for task in tasks:
+            self.move(task.spec.queue, old, task.state)
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        """Write the changes gathered so far, in ``db``'s open transaction."""
+        changes = [(queue, state, n) for (queue, state), n in self._deltas.items() if n]
+        self._deltas.clear()
+        if not changes:
+            return
+        db.executemany(_ADD_COUNTS, changes)
+        totals: collections.Counter[str] = collections.Counter()
+        for queue, _, n in changes:
+            totals[queue] += n
+        # Only deleted tasks lower a queue's total, and may have been its last.
+        db.executemany(_DROP_EMPTY, [(q, q) for q, n in totals.items() if n < 0])
+
+    def clear(self) -> None:
+        """Forget the changes of a transaction rolled back."""
+        self._deltas.clear()
