@@ -134,16 +134,18 @@ class Counts:
         """``n`` tasks of ``queue`` came into ``state``; a negative ``n`` left it."""
         self._deltas[queue, state] += n
 
-    def move(self, queue: str, old: int, new: int) -> None:
-        """A task of ``queue`` went from state ``old`` to ``new``."""
+    def move(self, queue: str, old: int, new: int, n: int = 1) -> None:
+        """``n`` tasks of ``queue`` went from state ``old`` to ``new``."""
         if old != new:
-            self._deltas[queue, old] -= 1
-            self._deltas[queue, new] += 1
+            self._deltas[queue, old] -= n
+            self._deltas[queue, new] += n
 
     def moved(self, tasks: Iterable[Task], old: int) -> None:
         """Each of ``tasks``, as it is now, went from state ``old`` to its present one."""
-        for task in tasks:
-            self.move(task.spec.queue, old, task.state)
+        # Counted in C first: a batch has few (queue, state) pairs and many tasks.
+        moves = collections.Counter((task.spec.queue, task.state) for task in tasks)
+        for (queue, new), n in moves.items():
+            self.move(queue, old, new, n)
 
     def apply(self, db: sqlite3.Connection) -> None:
         """Write the changes gathered so far, in ``db``'s open transaction."""
@@ -156,7 +158,9 @@ class Counts:
         for queue, _, n in changes:
             totals[queue] += n
         # Only deleted tasks lower a queue's total, and may have been its last.
-        db.executemany(_DROP_EMPTY, [(q, q) for q, n in totals.items() if n < 0])
+        shrunk = [(queue, queue) for queue, n in totals.items() if n < 0]
+        if shrunk:
+            db.executemany(_DROP_EMPTY, shrunk)
 
     def clear(self) -> None:
         """Forget the changes of a transaction rolled back."""
