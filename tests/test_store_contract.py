@@ -748,7 +748,7 @@ def test_stats_follow_every_call_that_adds_ends_moves_or_deletes_tasks(store: St
     with pytest.raises(InvalidArgument):  # refused whole: nothing counted
         store.submit([spec(queue="x"), spec(queue="x", depends_on=("nope",))], NOW)
     check()
-    parent, child, grandchild, _ = store.submit(
+    parent, child, _, _ = store.submit(
         [
             spec(queue="p"),
             spec(queue="c", depends_on=("$0",)),

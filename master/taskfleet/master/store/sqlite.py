@@ -94,12 +94,12 @@ from taskfleet.master.store.sqlite_schedules import SqliteSchedules
 from taskfleet.master.store.sqlite_schema import DELAYED, migrate
 from taskfleet.master.store.sqlite_sql import (
     CANDIDATES_BY_NAME,
-    Counts,
     CANDIDATES_BY_QUEUE,
     DEPS,
     EXPIRES,
     FENCE,
     INSERT,
+    Counts,
     known_id,
     outcome_update,
     task_row,

@@ -9,8 +9,7 @@ from contextlib import AbstractContextManager
 
 from taskfleet.common.model import Schedule
 from taskfleet.master.store.base import FiredTick, new_task_id, schedule_not_found
-from taskfleet.master.store.rows import SCHEDULE_COLUMNS, schedule_from_row, schedule_row
-from taskfleet.master.store.rows import PENDING
+from taskfleet.master.store.rows import PENDING, SCHEDULE_COLUMNS, schedule_from_row, schedule_row
 from taskfleet.master.store.sqlite_sql import INSERT, Counts, task_row
 
 INSERT_SCHEDULE = (
