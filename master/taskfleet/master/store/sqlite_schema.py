@@ -50,8 +50,9 @@ SCHEMA = (
     f"CREATE INDEX tasks_delayed ON tasks (ready_at) WHERE {DELAYED}",
     f"CREATE INDEX tasks_running ON tasks (lease_deadline) WHERE state = {RUNNING}",
     "CREATE UNIQUE INDEX tasks_idempotency ON tasks (idempotency_key) WHERE idempotency_key != ''",
-    # Counts kept by triggers in the same transaction as the rows, so stats()
-    # costs O(queues) and can never drift from the tasks, even across a crash.
+    # Counts kept in the same transaction as the rows (by these triggers until
+    # version 9, since by sqlite_sql.Counts), so stats() costs O(queues) and can
+    # never drift from the tasks, even across a crash.
     """
     CREATE TABLE counts (
         queue TEXT NOT NULL,
@@ -138,8 +139,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
     8: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
-    # The write methods keep the counts (sqlite_sql.Counts): a trigger runs once a
-    # row, and these cost ~15% of a task. A file's counts are right as they stand.
+    # The write methods keep the counts, a few statements a batch (sqlite_sql.Counts):
+    # SQLite runs a trigger once a row, and these cost ~15% of a task's time in the
+    # store. A file's counts are right as they stand.
     9: (
         "DROP TRIGGER tasks_count_insert",
         "DROP TRIGGER tasks_count_update",
