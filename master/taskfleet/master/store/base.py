@@ -28,7 +28,7 @@ import abc
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import ClassVar, Protocol
 
 from taskfleet.common.backoff import backoff_s
@@ -172,7 +172,34 @@ def new_task_id() -> str:
     grows at its end: with random ids, every insert into a deep SQLite queue
     dirtied a page of its own somewhere in the id index, and submit slowed
     four times over at a million tasks."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    global _random_parts
+    part = next(_random_parts, None)
+    if part is None:
+        _random_parts = _draw_random_parts()
+        part = next(_random_parts)
+    return f"{time.time_ns() // 1_000_000:012x}{part}"
+
+
+# The random parts of new ids, drawn from the OS a few thousand at a time: a
+# system call per id took half of the 2.2 us an id cost. ``next`` on a list's
+# iterator is atomic under the GIL, so no two threads ever take the same part
+# (two that find it empty at once each draw afresh); a forked child draws its
+# own, never the rest of its parent's.
+_RANDOM_PARTS = 4096
+_random_parts: Iterator[str] = iter(())
+
+
+def _draw_random_parts() -> Iterator[str]:
+    digits = os.urandom(10 * _RANDOM_PARTS).hex()
+    return iter([digits[i : i + 20] for i in range(0, len(digits), 20)])
+
+
+def _forget_random_parts() -> None:
+    global _random_parts
+    _random_parts = iter(())
+
+
+os.register_at_fork(after_in_child=_forget_random_parts)
 
 
 class Store(abc.ABC):
