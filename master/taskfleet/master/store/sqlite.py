@@ -35,7 +35,7 @@ import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 from taskfleet.common.errors import (
     ConfigError,
@@ -97,7 +97,6 @@ from taskfleet.master.store.sqlite_sql import (
     CANDIDATES_BY_QUEUE,
     DEPS,
     EXPIRES,
-    FENCE,
     INSERT,
     Counts,
     known_id,
@@ -107,6 +106,7 @@ from taskfleet.master.store.sqlite_sql import (
 )
 
 _GET_MANY = f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+_GET_BY_SEQ = f"SELECT {COLUMNS} FROM tasks WHERE seq IN (SELECT value FROM json_each(?))"
 _FINAL_OR_NOT = f"""SELECT id, state >= {SUCCEEDED} FROM tasks
     WHERE id IN (SELECT value FROM json_each(?))"""
 
@@ -301,14 +301,14 @@ class SqliteStore(SqliteSchedules, Store):
     ) -> list[LeaseRef]:
         with self._write() as db:
             held = _held(db, refs)
-            renewed: list[tuple[float, str]] = []
+            renewed: list[tuple[float, int]] = []
             stale: list[LeaseRef] = []
             for ref in refs:
                 if _holds(held, ref, worker_id):
-                    renewed.append((now + lease_s, ref.task_id))
+                    renewed.append((now + lease_s, held[ref.task_id].seq))
                 else:
                     stale.append(ref)
-            db.executemany("UPDATE tasks SET lease_deadline = ? WHERE id = ?", renewed)
+            db.executemany("UPDATE tasks SET lease_deadline = ? WHERE seq = ?", renewed)
         return stale
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
@@ -316,8 +316,8 @@ class SqliteStore(SqliteSchedules, Store):
             held = _held(db, [u.ref for u in updates])
             stored = [u for u in updates if _holds(held, u.ref)]
             db.executemany(
-                "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ?",
-                [(u.fraction, u.message, u.ref.task_id) for u in stored],
+                "UPDATE tasks SET progress = ?, progress_message = ? WHERE seq = ?",
+                [(u.fraction, u.message, held[u.ref.task_id].seq) for u in stored],
             )
         return stored
 
@@ -335,23 +335,25 @@ class SqliteStore(SqliteSchedules, Store):
             held = _held(db, [outcome.ref for outcome in firsts])
             updates: dict[str, list[tuple[Any, ...]]] = {}
             valid: list[str] = []
+            seqs: list[int] = []
             for outcome in firsts:
-                task_id, lease = outcome.ref.task_id, outcome.ref.lease
                 if not _holds(held, outcome.ref):
                     continue  # stale
+                row = held[outcome.ref.task_id]
                 delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
-                    used = attempts_used(*held[task_id][2:5])
+                    used = attempts_used(row.attempts, row.attempt_base, row.lost_leases)
                     delay_s = retry_delay_s(self.policy, outcome, used)
                 changes, params = outcome_update(outcome, now, expiry, delay_s)
-                updates.setdefault(changes, []).append((*params, task_id, lease))
-                valid.append(task_id)
+                updates.setdefault(changes, []).append((*params, row.seq))
+                valid.append(outcome.ref.task_id)
+                seqs.append(row.seq)
             for changes, values in updates.items():
-                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", values)
+                db.executemany(f"UPDATE tasks SET {changes} WHERE seq = ?", values)
             changed = []
             if valid:
-                rows = db.execute(_GET_MANY, (json.dumps(valid),)).fetchall()
+                rows = db.execute(_GET_BY_SEQ, (json.dumps(seqs),)).fetchall()
                 changed = in_order(rows, valid)
                 self._counts.moved(changed, RUNNING)
             changed += self._settle(db, changed, now)
@@ -387,14 +389,14 @@ class SqliteStore(SqliteSchedules, Store):
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         with self._write() as db:
             held = _held(db, refs)
-            released = {ref.task_id: ref.lease for ref in refs if _holds(held, ref)}
+            released = {ref.task_id: held[ref.task_id] for ref in refs if _holds(held, ref)}
             db.executemany(
                 f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?,
-                    attempts = attempts - 1 WHERE {FENCE}""",
-                [(now, task_id, lease) for task_id, lease in released.items()],
+                    attempts = attempts - 1 WHERE seq = ?""",
+                [(now, row.seq) for row in released.values()],
             )
-            for task_id in released:
-                self._counts.move(held[task_id][5], RUNNING, PENDING)
+            for row in released.values():
+                self._counts.move(row.queue, RUNNING, PENDING)
         return len(released)
 
     def cancel(self, task_id: str, now: float) -> list[Task]:
@@ -519,22 +521,35 @@ def _state(db: sqlite3.Connection, task_id: str) -> TaskState:
     return TaskState(row[0])
 
 
-def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, tuple[Any, ...]]:
-    """For each RUNNING task of ``refs``: its current lease, worker, the counts a
-    failure's retry depends on (attempts, attempt_base, lost_leases) and its queue.
-    One read for a batch, under the write lock, so nothing changes before its updates."""
+class _Held(NamedTuple):
+    """What a batch's fence reads of a RUNNING task: its lease and worker, the
+    counts a failure's retry depends on, its queue (for the counts) and its seq,
+    by which the batch's updates find the row without the id index."""
+
+    lease: int
+    worker_id: str
+    attempts: int
+    attempt_base: int
+    lost_leases: int
+    queue: str
+    seq: int
+
+
+def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, _Held]:
+    """Each RUNNING task of ``refs`` by id. One read for a batch, under the write
+    lock, so nothing changes before its updates, which need no fence of their own."""
     rows = db.execute(
-        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases, queue FROM tasks
-        WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
+        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases, queue, seq
+        FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
         (json.dumps([ref.task_id for ref in refs]),),
     )
-    return {row[0]: row[1:] for row in rows}
+    return {row[0]: _Held._make(row[1:]) for row in rows}
 
 
-def _holds(held: dict[str, tuple[Any, ...]], ref: LeaseRef, worker_id: str | None = None) -> bool:
+def _holds(held: dict[str, _Held], ref: LeaseRef, worker_id: str | None = None) -> bool:
     """Whether ``ref`` is its task's current lease (held by ``worker_id``, if named)."""
     row = held.get(ref.task_id)
-    return row is not None and row[0] == ref.lease and worker_id in (None, row[1])
+    return row is not None and row.lease == ref.lease and worker_id in (None, row.worker_id)
 
 
 def _claim(path: str) -> int:

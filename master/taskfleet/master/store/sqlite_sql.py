@@ -15,7 +15,6 @@ from taskfleet.master.store.rows import (
     CANCELLED,
     FAILED,
     PENDING,
-    RUNNING,
     SUCCEEDED,
     spec_values,
 )
@@ -45,10 +44,6 @@ def without_keys(candidates: str) -> str:
     return candidates.replace(
         " ORDER BY ", " AND ckey NOT IN (SELECT value FROM json_each(?)) ORDER BY ", 1
     )
-
-
-# The WHERE clause that fences an outcome or a release: the lease must be current.
-FENCE = f"id = ? AND state = {RUNNING} AND lease = ?"
 
 
 def task_row(task_id: str, spec: TaskSpec, now: float) -> tuple[Any, ...]:
