@@ -123,17 +123,22 @@ class Counts:
     triggers (run once per row) cost two a task."""
 
     def __init__(self) -> None:
-        self._deltas: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._deltas: dict[tuple[str, int], int] = {}
+        self._shrunk: set[str] = set()  # queues that lost tasks, maybe their last
 
     def add(self, queue: str, state: int, n: int = 1) -> None:
-        """``n`` tasks of ``queue`` came into ``state``; a negative ``n`` left it."""
-        self._deltas[queue, state] += n
+        """``n`` tasks of ``queue`` came into ``state``: new ones, or deleted if ``n`` < 0."""
+        key = (queue, state)
+        self._deltas[key] = self._deltas.get(key, 0) + n
+        if n < 0:
+            self._shrunk.add(queue)
 
     def move(self, queue: str, old: int, new: int, n: int = 1) -> None:
         """``n`` tasks of ``queue`` went from state ``old`` to ``new``."""
         if old != new:
-            self._deltas[queue, old] -= n
-            self._deltas[queue, new] += n
+            deltas = self._deltas
+            deltas[queue, old] = deltas.get((queue, old), 0) - n
+            deltas[queue, new] = deltas.get((queue, new), 0) + n
 
     def moved(self, tasks: Iterable[Task], old: int) -> None:
         """Each of ``tasks``, as it is now, went from state ``old`` to its present one."""
@@ -144,19 +149,14 @@ class Counts:
 
     def apply(self, db: sqlite3.Connection) -> None:
         """Write the changes gathered so far, in ``db``'s open transaction."""
-        changes = [(queue, state, n) for (queue, state), n in self._deltas.items() if n]
-        self._deltas.clear()
-        if not changes:
-            return
-        db.executemany(_ADD_COUNTS, changes)
-        totals: collections.Counter[str] = collections.Counter()
-        for queue, _, n in changes:
-            totals[queue] += n
-        # Only deleted tasks lower a queue's total, and may have been its last.
-        shrunk = [(queue, queue) for queue, n in totals.items() if n < 0]
-        if shrunk:
-            db.executemany(_DROP_EMPTY, shrunk)
+        changes = [(queue, int(state), n) for (queue, state), n in self._deltas.items() if n]
+        if changes:
+            db.executemany(_ADD_COUNTS, changes)
+        if self._shrunk:
+            db.executemany(_DROP_EMPTY, [(queue, queue) for queue in self._shrunk])
+        self.clear()
 
     def clear(self) -> None:
-        """Forget the changes of a transaction rolled back."""
+        """Forget the changes gathered (those of a transaction rolled back)."""
         self._deltas.clear()
+        self._shrunk.clear()
