@@ -139,9 +139,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Stats' oldest pending task per queue (store.oldest_pending, rows.OLDEST_PENDING).
     8: (f"CREATE INDEX tasks_pending_since ON tasks (queue, ready_at) WHERE state = {PENDING}",),
-    # The write methods keep the counts, a few statements a batch (sqlite_sql.Counts):
-    # SQLite runs a trigger once a row, and these cost ~15% of a task's time in the
-    # store. A file's counts are right as they stand.
+    # The write methods keep the counts at a few statements a batch (sqlite_sql.Counts)
+    # where SQLite ran these triggers once a row. A file's counts are right as they stand.
     9: (
         "DROP TRIGGER tasks_count_insert",
         "DROP TRIGGER tasks_count_update",
