@@ -950,6 +950,43 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert child.returncode == -9
 
 
+def test_sqlite_stats_match_the_tasks_after_a_kill_9_mid_batch(tmp_path: Path) -> None:
+    # Given a process that submits, leases and records batches without pause
+    path = tmp_path / "tasks.db"
+    script = f"""
+import itertools
+from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.master.store import SqliteStore
+store = SqliteStore({str(path)!r})
+for round in itertools.count():
+    store.submit([TaskSpec(name="add", queue=f"q{{round % 3}}") for _ in range(50)], {NOW})
+    leases = store.lease("w", ["q0", "q1", "q2"], None, 40, 30.0, {NOW})
+    store.record([Outcome(one.ref, TaskState.SUCCEEDED, result=b"1") for one in leases], {NOW})
+    if round == 3:
+        print("busy", flush=True)
+"""
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "busy\n"
+        finally:
+            child.kill()  # SIGKILL, somewhere in a batch
+            child.wait(timeout=60)
+    assert child.returncode == -9
+
+    # Then the reopened file's stats count exactly the tasks it holds
+    reopened = SqliteStore(str(path))
+    try:
+        listed: dict[str, dict[TaskState, int]] = {}
+        for task in reopened.list_tasks(TaskQuery(), 1_000_000).tasks:
+            listed.setdefault(task.spec.queue, dict.fromkeys(TaskState, 0))[task.state] += 1
+        assert counts(reopened) == listed
+        assert sum(n for queue in listed.values() for n in queue.values()) >= 200
+    finally:
+        reopened.close()
+
+
 def test_a_sqlite_file_serves_one_store_at_a_time(tmp_path: Path) -> None:
     # Given a SQLite store open on a file, as a master holds it
     path = str(tmp_path / "one.db")
