@@ -20,14 +20,16 @@ def break_pool() -> None:
     """Never runs: the pool breaks on the way to it."""
 
 
-def _raising_on_break_pool(original: Callable[..., Any]) -> Callable[..., Any]:
-    def sabotaged(job: Job, *args: Any) -> Any:
-        if job.name == "break_pool":
+def _raising_on_break_pool(
+    original: Callable[..., Any], jobs_of: Callable[[Any], list[Job]]
+) -> Callable[..., Any]:
+    def sabotaged(jobs: Any, *args: Any) -> Any:
+        if any(job.name == "break_pool" for job in jobs_of(jobs)):
             raise RuntimeError("sabotaged by poolsaboteur")
-        return original(job, *args)
+        return original(jobs, *args)
 
     return sabotaged
 
 
-process_pool.to_wire = _raising_on_break_pool(process_pool.to_wire)  # type: ignore[attr-defined]
-thread_pool.run_job = _raising_on_break_pool(thread_pool.run_job)  # type: ignore[attr-defined]
+process_pool.to_wire = _raising_on_break_pool(process_pool.to_wire, list)  # type: ignore[attr-defined]
+thread_pool.run_job = _raising_on_break_pool(thread_pool.run_job, lambda job: [job])  # type: ignore[attr-defined]

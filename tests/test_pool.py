@@ -58,8 +58,9 @@ class Outcomes:
     def __init__(self) -> None:
         self._results: queue.Queue[JobResult] = queue.Queue()
 
-    def __call__(self, result: JobResult) -> None:
-        self._results.put(result)
+    def __call__(self, results: list[JobResult]) -> None:
+        for result in results:
+            self._results.put(result)
 
     def next(self) -> JobResult:
         return self._results.get(timeout=WAIT_S)
@@ -74,7 +75,7 @@ def run_all(pool: Pool, outcomes: Outcomes, jobs: Sequence[Job]) -> dict[LeaseRe
     results: dict[LeaseRef, JobResult] = {}
     while len(results) < len(jobs):
         while waiting and pool.free_slots() > 0:
-            pool.submit(waiting.pop(0))
+            pool.submit([waiting.pop(0)])
         result = outcomes.next()
         assert result.ref not in results, f"reported twice: {result}"
         results[result.ref] = result
@@ -296,7 +297,7 @@ def test_cancel_kills_the_process_running_the_job(
     # Given a process pool running a job that never returns
     pool = start_pool("process", size=1)
     job = make_job("hang", str(tmp_path / "hang.pid"))
-    pool.submit(job)
+    pool.submit([job])
     pid = marked_pid(tmp_path / "hang.pid")
 
     # When it is cancelled
@@ -318,8 +319,8 @@ def test_thread_pool_reports_limits_but_keeps_the_slot_until_return(
     # Given a thread pool whose two threads run jobs held at a gate
     pool = start_pool("thread")
     late, unwanted = make_job("gate", timeout_s=0.2), make_job("gate")
-    pool.submit(late)
-    pool.submit(unwanted)
+    pool.submit([late])
+    pool.submit([unwanted])
     for _ in range(2):
         assert pooltasks.AT_GATE.acquire(timeout=WAIT_S)
 
@@ -345,7 +346,7 @@ def test_close_with_wait_lets_a_running_job_finish(
     # Given a pool running a job
     pool = start_pool(kind)
     job = make_job("nap", 0.2, str(tmp_path / "nap.pid"))
-    pool.submit(job)
+    pool.submit([job])
     marked_pid(tmp_path / "nap.pid")
 
     # When it is closed with wait
@@ -355,7 +356,7 @@ def test_close_with_wait_lets_a_running_job_finish(
     assert value(outcomes.next()) == 0.2
     outcomes.assert_none()
     with pytest.raises(RuntimeError):
-        pool.submit(make_job("echo", 1))
+        pool.submit([make_job("echo", 1)])
 
 
 def test_close_without_wait_kills_at_once(
@@ -363,7 +364,7 @@ def test_close_without_wait_kills_at_once(
 ) -> None:
     # Given a process pool running a job that never returns
     pool = start_pool("process")
-    pool.submit(make_job("hang", str(tmp_path / "hang.pid")))
+    pool.submit([make_job("hang", str(tmp_path / "hang.pid"))])
     pid = marked_pid(tmp_path / "hang.pid")
 
     # When it is closed without waiting
@@ -652,7 +653,7 @@ def test_short_tasks_are_pipelined_about_a_millisecond_deep() -> None:
         ProcessPool,
     )
 
-    pool = ProcessPool(2, [], lambda result: None)
+    pool = ProcessPool(2, [], lambda results: None)
     try:
         depths = {}
         for job_s in (0.0, 0.00005, PIPELINE_AHEAD_S / 4, PIPELINE_AHEAD_S, SHORT_JOB_S, 1.0):
@@ -686,7 +687,7 @@ def test_a_wake_up_sent_while_the_supervisor_reads_its_wake_ups_is_not_lost(
         def recv(self, size: int) -> bytes:
             if not raced:
                 raced.append(make_job("echo", "raced"))
-                submitter = threading.Thread(target=pool.submit, args=(raced[0],))
+                submitter = threading.Thread(target=pool.submit, args=([raced[0]],))
                 submitter.start()
                 submitter.join()
             return wake_r.recv(size)
@@ -695,11 +696,74 @@ def test_a_wake_up_sent_while_the_supervisor_reads_its_wake_ups_is_not_lost(
             wake_r.close()
 
     pool._wake_r = RacingSocket()  # type: ignore[assignment]
-    pool.submit(make_job("echo", "first"))
+    pool.submit([make_job("echo", "first")])
     assert {value(outcomes.next()), value(outcomes.next())} == {"first", "raced"}
 
     # When the next job comes with the supervisor idle
-    pool.submit(make_job("echo", "later"))
+    pool.submit([make_job("echo", "later")])
 
     # Then it wakes the supervisor and runs
     assert value(outcomes.next()) == "later"
+
+
+def test_the_ledger_reports_what_it_is_given_in_one_call_each_job_once() -> None:
+    from taskfleet.worker.pool import JobLedger, cancelled
+
+    # Given a ledger holding four jobs, the last claimed by a cancel
+    calls: list[list[JobResult]] = []
+    ledger = JobLedger(calls.append)
+    jobs = [make_job("echo", i) for i in range(4)]
+    ledger.add(jobs)
+    a, b, c, claimed = (job.ref for job in jobs)
+    assert ledger.cancel(claimed)
+
+    # When results come for all of them at once, one twice, with one for a job
+    # it never held
+    ledger.finish([JobResult(ref, ok=True) for ref in (a, b, a, c, claimed, LeaseRef("x", 1))])
+
+    # Then one call reports the three unclaimed jobs, once each
+    assert [[result.ref for result in call] for call in calls] == [[a, b, c]]
+    # And only the cancel's own report ends the claimed job, once
+    ledger.finish([JobResult(a, ok=True), cancelled(claimed)])
+    ledger.finish([cancelled(claimed)])
+    assert [[result.ref for result in call] for call in calls[1:]] == [[claimed]]
+    assert calls[1][0].cancelled and len(ledger) == 0
+
+
+def test_results_read_in_one_wake_up_are_reported_in_one_call(tmp_path: Path) -> None:
+    # Given a one-process pool that pipelines eight short jobs into its process at
+    # once (submitted from on_done, so the supervisor's next pass sends them all),
+    # the last of which leaves a marker once the seven before it have reported
+    from taskfleet.worker.process_pool import MAX_PIPELINE_DEPTH, ProcessPool
+
+    marker = tmp_path / "last-started"
+    jobs = [make_job("echo", i) for i in range(MAX_PIPELINE_DEPTH - 1)]
+    jobs.append(make_job("nap", 0, str(marker)))
+    calls: list[list[JobResult]] = []
+    all_done = threading.Event()
+
+    def on_done(results: list[JobResult]) -> None:
+        calls.append(results)
+        if len(calls) == 1:  # the warm-up job
+            pool._job_s = 0.0  # as after many no-ops: pipelined the deepest
+            pool.submit(jobs)
+        elif len(calls) == 2:
+            # When the supervisor, busy reporting the first of them, falls behind
+            # until the process has sent the results of all seven echoes
+            wait_for(marker.exists, "the last job to start")
+        if sum(map(len, calls)) == len(jobs) + 1:
+            all_done.set()
+
+    pool = ProcessPool(1, ["pooltasks"], on_done)
+    try:
+        pool.start()
+        pool.submit([make_job("echo", "warm-up")])
+        assert all_done.wait(WAIT_S)
+    finally:
+        pool.close(wait=False)
+
+    # Then the results waiting for it come in one call (the last job's may follow
+    # in another), not one call each
+    reported = [result.ref for call in calls[1:] for result in call]
+    assert sorted(reported, key=str) == sorted((job.ref for job in jobs), key=str)
+    assert len(calls) <= 4, [len(call) for call in calls]

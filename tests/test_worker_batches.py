@@ -29,8 +29,7 @@ def setup(running: int = 0) -> Batches:
     """The batches of a book with ``running`` jobs in the pool, and their credit."""
     book = LeaseBook()
     book.accept([job(f"run-{i}") for i in range(running)])
-    for _ in range(running):
-        book.start_next()
+    book.start(running)
     credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
     return Batches(book, credit)
 
@@ -87,7 +86,7 @@ def test_credit_asked_for_counts_until_it_arrives_or_the_stream_ends() -> None:
 def test_an_idle_pool_sends_its_outcome_at_once_with_credit() -> None:
     batches = setup(running=0)
     credit = batches.credit
-    batches.add(outcome("a"), NOW)
+    batches.add([outcome("a")], NOW)
 
     assert batches.ready(NOW)
     batch = batches.take(NOW)
@@ -101,8 +100,8 @@ def test_an_idle_pool_sends_its_outcome_at_once_with_credit() -> None:
 def test_a_busy_pool_gathers_outcomes_for_a_moment() -> None:
     # Given a job still running when another's outcome is added
     batches = setup(running=1)
-    batches.add(outcome("a"), NOW)
-    batches.add(outcome("b"), NOW + GATHER_S / 2)
+    batches.add([outcome("a")], NOW)
+    batches.add([outcome("b")], NOW + GATHER_S / 2)
     # Then nothing goes out before GATHER_S after the first
     assert batches.wait_s(NOW) == pytest.approx(GATHER_S)
     assert not batches.ready(NOW + GATHER_S / 2)
@@ -112,10 +111,28 @@ def test_a_busy_pool_gathers_outcomes_for_a_moment() -> None:
     assert batch is not None and [o.ref.task_id for o in batch.outcomes] == ["a", "b"]
 
 
+def test_the_sender_hears_of_outcomes_that_start_or_fill_a_batch_however_many_come() -> None:
+    # Given a busy pool whose outcomes are reported several at a time
+    batches = setup(running=1)
+    half = GATHER_MAX // 2
+    # Then the sender hears of the first ones (they start the gathering) ...
+    assert batches.add([outcome(f"a{i}") for i in range(3)], NOW)
+    # ... not of more while the batch gathers, nor of none
+    assert not batches.add([outcome(f"b{i}") for i in range(half)], NOW)
+    assert not batches.add([], NOW)
+    # ... and of those that take the batch past full, though it never held exactly GATHER_MAX
+    assert batches.add([outcome(f"c{i}") for i in range(half)], NOW)
+    assert len(batches.outcomes) > GATHER_MAX
+    # But not while a batch awaits its ack: the ack wakes it
+    first = batches.take(NOW)
+    assert first is not None and len(first.outcomes) == GATHER_MAX
+    assert not batches.add([outcome(f"d{i}") for i in range(GATHER_MAX)], NOW)
+
+
 def test_a_full_batch_goes_at_once_and_the_rest_waits_for_its_ack() -> None:
     batches = setup(running=1)
     for i in range(GATHER_MAX + 3):
-        batches.add(outcome(f"t{i}"), NOW)
+        batches.add([outcome(f"t{i}")], NOW)
 
     first = batches.take(NOW)
     assert first is not None and len(first.outcomes) == GATHER_MAX
@@ -133,7 +150,7 @@ def test_large_outcomes_are_cut_by_bytes() -> None:
     batches = setup(running=0)
     big = b"x" * (BATCH_BYTES // 2)
     for i in range(3):
-        batches.add(outcome(f"big{i}", result=big), NOW)
+        batches.add([outcome(f"big{i}", result=big)], NOW)
 
     batch = batches.take(NOW)
 
@@ -144,7 +161,7 @@ def test_large_outcomes_are_cut_by_bytes() -> None:
 def test_an_ack_measures_the_round_trip_and_frees_the_leases() -> None:
     batches = setup(running=1)
     credit = batches.credit
-    batches.add(outcome("a"), NOW)
+    batches.add([outcome("a")], NOW)
     batch = batches.take(NOW + GATHER_S)  # gathered while the pool is busy
     assert batch is not None
 
@@ -159,7 +176,7 @@ def test_the_ack_of_a_batch_sent_holding_no_task_is_no_round_trip_but_the_first(
     # without any round trip known, the prefetch would stay at one.
     batches = setup(running=0)
     for i, expected in enumerate((0.020, 0.020)):
-        batches.add(outcome(f"t{i}"), NOW)
+        batches.add([outcome(f"t{i}")], NOW)
         batch = batches.take(NOW)
         assert batch is not None
         batches.ack(batch.seq, NOW + 0.020 * (i + 1))
@@ -178,7 +195,7 @@ def test_credit_alone_when_no_outcome_is_due_and_none_awaits_an_ack() -> None:
 
     # An unacknowledged batch carries the next request for credit instead.
     credit.new_stream()
-    batches.add(outcome("a"), NOW)
+    batches.add([outcome("a")], NOW)
     sent = batches.take(NOW)
     assert sent is not None
     credit.new_stream()
@@ -189,12 +206,12 @@ def test_unacknowledged_batches_are_resent_in_order_without_timing() -> None:
     # Given two batches sent, the first one acknowledged too late to matter
     batches = setup(running=1)
     credit = batches.credit
-    batches.add(outcome("a"), NOW)
+    batches.add([outcome("a")], NOW)
     first = batches.take(NOW + GATHER_S)
     assert first is not None
     batches.ack(first.seq, NOW + 0.010)
-    batches.add(outcome("b"), NOW)
-    batches.add(outcome("c"), NOW)
+    batches.add([outcome("b")], NOW)
+    batches.add([outcome("c")], NOW)
     second = batches.take(NOW + GATHER_S)
     assert second is not None
     # When the stream is lost and a new one opens
@@ -208,8 +225,8 @@ def test_unacknowledged_batches_are_resent_in_order_without_timing() -> None:
 
 def test_revoked_outcomes_are_not_sent() -> None:
     batches = setup(running=1)
-    batches.add(outcome("a"), NOW)
-    batches.add(outcome("b"), NOW)
+    batches.add([outcome("a")], NOW)
+    batches.add([outcome("b")], NOW)
 
     batches.drop({LeaseRef("a", 1)})
 
@@ -221,9 +238,9 @@ def test_a_draining_worker_sends_at_once_asks_for_nothing_and_awaits_its_last_ac
     batches = setup(running=1)
     book = batches.book
     book.drain()
-    batches.add(outcome("a"), NOW)
+    # The first outcome: the sender must hear of it
+    assert batches.add([outcome("a")], NOW)
 
-    assert batches.first_or_full()  # the first outcome: the sender must hear of it
     batch = batches.take(NOW)  # no gathering while draining
 
     assert batch is not None and batch.credit == 0

@@ -31,11 +31,10 @@ def test_accepted_jobs_wait_and_start_in_the_order_they_came() -> None:
     assert book.accept([a, b]) == []
     assert book.holding() == 2 and book.held() == [a.ref, b.ref]
 
-    assert book.can_start()
-    assert book.start_next() == a
+    assert book.start(1) == [a]
     assert list(book.running) == [a.ref]
-    assert book.start_next() == b
-    assert not book.can_start()
+    assert book.start(2) == [b]
+    assert book.start(1) == []
     assert book.holding() == 2 and book.held() == [a.ref, b.ref]
 
 
@@ -45,7 +44,7 @@ def test_a_time_limit_counts_from_the_start_not_from_the_arrival() -> None:
     book.accept([job("limited", timeout_s=10.0, deadline=time.time() - 100.0), job("free")])
     # When it starts
     before = time.time()
-    limited, free = book.start_next(), book.start_next()
+    limited, free = book.start(2)
     # Then its deadline is 10 s from now; a job without a limit has none
     assert limited.deadline is not None and limited.deadline >= before + 10.0
     assert book.running[limited.ref] == limited
@@ -55,7 +54,7 @@ def test_a_time_limit_counts_from_the_start_not_from_the_arrival() -> None:
 def test_a_finished_job_leaves_the_book_with_its_run_time() -> None:
     book = LeaseBook()
     book.accept([job("a")])
-    started = book.start_next()
+    (started,) = book.start(1)
 
     finished = book.finish(started.ref)
 
@@ -70,7 +69,7 @@ def test_revoked_jobs_are_dropped_or_returned_for_cancelling() -> None:
     book = LeaseBook()
     running, waiting, kept = job("running"), job("waiting"), job("kept")
     book.accept([running, waiting, kept])
-    book.start_next()
+    book.start(1)
     # When the master revokes the running one and one waiting
     to_cancel = book.revoke([waiting.ref, running.ref, LeaseRef("unknown", 1)])
     # Then the waiting one is gone, the running one is to cancel, the third stays
@@ -87,10 +86,10 @@ def test_a_drain_hands_back_what_has_not_started_and_takes_nothing_new() -> None
     book = LeaseBook()
     running, waiting, late = job("running"), job("waiting"), job("late")
     book.accept([running, waiting])
-    book.start_next()
+    book.start(1)
     # When the worker drains
     assert book.drain() == [waiting]
     # Then nothing more starts, and jobs arriving late go straight back
-    assert book.draining and not book.can_start()
+    assert book.draining and book.start(1) == []
     assert book.accept([late]) == [late]
     assert book.held() == [running.ref]

@@ -47,11 +47,17 @@ class Batches:
         self._seq = 0
         self._sent_at: dict[int, float] = {}
 
-    def add(self, outcome: Outcome, now: float) -> None:
-        """Queue ``outcome`` to send; the first of a batch starts the gathering."""
-        self.outcomes.append(outcome)
-        if len(self.outcomes) == 1:
+    def add(self, outcomes: list[Outcome], now: float) -> bool:
+        """Queue ``outcomes`` to send; the first of a batch starts the gathering.
+        True when they started a batch or filled one while no ack is awaited:
+        the sender, waiting, must hear of it."""
+        before = len(self.outcomes)
+        if not outcomes:
+            return False
+        self.outcomes += outcomes
+        if not before:
             self._gather_until = now + GATHER_S
+        return not self.unacked and (not before or before < GATHER_MAX <= len(self.outcomes))
 
     def drop(self, refs: set[LeaseRef]) -> None:
         """Forget unsent outcomes of revoked leases."""
@@ -113,11 +119,6 @@ class Batches:
             return 0
         self.credit.asked(want)
         return want
-
-    def first_or_full(self) -> bool:
-        """Whether the last outcome added started a batch or filled one, while no
-        ack is awaited: the sender, waiting, must hear of it."""
-        return not self.unacked and len(self.outcomes) in (1, GATHER_MAX)
 
     def ack(self, seq: int, now: float) -> bool:
         """Forget the batches up to ``seq``: the master has recorded them. True when

@@ -47,28 +47,32 @@ class LeaseBook:
         self.prefetched.extend(jobs)
         return []
 
-    def can_start(self) -> bool:
-        """Whether a prefetched job waits to start (given a free pool slot)."""
-        return bool(self.prefetched) and not self.draining
-
-    def start_next(self) -> Job:
-        """The next prefetched job, now counted as running; call when
-        ``can_start()``. Its time limit counts from here, not from when it
-        arrived: a prefetched job may have waited for a slot."""
-        job = self.prefetched.popleft()
-        if job.timeout_s:
-            job = dataclasses.replace(job, deadline=time.time() + job.timeout_s)
-        self.running[job.ref] = job
-        self._started_at[job.ref] = time.monotonic()
-        return job
+    def start(self, slots: int) -> list[Job]:
+        """The next prefetched jobs, as many as ``slots`` free pool slots take (none
+        while draining), now counted as running. Their time limits count from
+        here, not from when they arrived: a prefetched job may have waited."""
+        if self.draining:
+            return []
+        started = []
+        now, started_at = time.time(), time.monotonic()
+        for _ in range(min(slots, len(self.prefetched))):
+            job = self.prefetched.popleft()
+            if job.timeout_s:
+                job = dataclasses.replace(job, deadline=now + job.timeout_s)
+            self.running[job.ref] = job
+            self._started_at[job.ref] = started_at
+            started.append(job)
+        return started
 
     def finish(self, ref: LeaseRef) -> Finished | None:
         """Take the job of ``ref`` out of the book as the pool reports it; None
         if the book does not hold it."""
         job = self.running.pop(ref, None)
         started_at = self._started_at.pop(ref, None)
-        wanted = ref not in self.revoked
-        self.revoked.discard(ref)
+        revoked = self.revoked  # mostly empty: a LeaseRef's hash is dear
+        wanted = not (revoked and ref in revoked)
+        if not wanted:
+            revoked.remove(ref)
         if job is None or started_at is None:
             return None
         return Finished(job, time.monotonic() - started_at, wanted)

@@ -183,7 +183,7 @@ class ManagerTransport:
         try:
             payload = encode_args([item], {})
         except InvalidArgument as exc:
-            self._put_later(RuntimeError(f"taskfleet: cannot run {self.definition.name}: {exc}"))
+            self._put_later([RuntimeError(f"taskfleet: cannot run {self.definition.name}: {exc}")])
             return
         timeout_s = self.definition.timeout_s
         job = Job(
@@ -199,19 +199,18 @@ class ManagerTransport:
         )
         with self._lock:
             self._running[job.ref] = job
-            self.pool.submit(job)
+            self.pool.submit([job])
 
-    def _on_done(self, result: JobResult) -> None:
+    def _on_done(self, results: list[JobResult]) -> None:
         with self._lock:
-            job = self._running.pop(result.ref, None)
-        if job is not None:
-            self._put_later(_result_value(job, result))
+            done = [(self._running.pop(result.ref, None), result) for result in results]
+        self._put_later([_result_value(job, result) for job, result in done if job is not None])
 
     # -- sending -------------------------------------------------------------
 
-    def _put_later(self, value: Any) -> None:
+    def _put_later(self, values: list[Any]) -> None:
         with self._lock:
-            self._unsent.append(value)
+            self._unsent.extend(values)
             self._lock.notify_all()
 
     def _send_forever(self) -> None:

@@ -161,14 +161,23 @@ class Worker:
 
     def _start_prefetched(self) -> None:
         """Move prefetched jobs into free pool slots. Called with the lock held."""
-        while self.book.can_start() and self.pool.free_slots() > 0:
-            self.pool.submit(self.book.start_next())
+        starting = self.book.start(self.pool.free_slots())
+        if starting:
+            self.pool.submit(starting)
 
-    def _on_done(self, result: JobResult) -> None:
+    def _on_done(self, results: list[JobResult]) -> None:
+        done: list[tuple[Job, JobResult, Outcome]] = []
         with self._lock:
             now = time.monotonic()
-            finished = self.book.finish(result.ref)
-            outcome = None if finished is None else self._record(finished, result, now)
+            wanted: list[Outcome] = []
+            for result in results:
+                finished = self.book.finish(result.ref)
+                if finished is not None:
+                    outcome = self._record(finished, result)
+                    done.append((finished.job, result, outcome))
+                    if finished.wanted:
+                        wanted.append(outcome)
+            news = self.batches.add(wanted, now)
             self._start_prefetched()
             outbox = self.connection.outbox
             # A pool gone idle sends at once, from here: waking the sender
@@ -176,28 +185,25 @@ class Worker:
             idle = not self.book.running
             batch = self.batches.take(now) if idle and outbox is not None else None
             progress = self._take_progress(now, True) if batch is not None else None
-            if batch is None and (idle or self.batches.first_or_full()):
+            if batch is None and (idle or news):
                 # The sender learns of an idle pool (a drain waits for the last job
                 # too), and, unless an ack will wake it anyway, of the first
-                # outcome (to time the gathering) and of a full batch.
+                # outcomes (to time the gathering) and of a full batch.
                 self._lock.notify_all()
         if progress is not None and outbox is not None:
             outbox.put(progress)
         if batch is not None and outbox is not None:
             outbox.put(messages.results(*batch))
-        if finished is not None and outcome is not None:
-            log_outcome(finished.job, result, outcome)  # outside the lock: may block on I/O
+        for job, result, outcome in done:
+            log_outcome(job, result, outcome)  # outside the lock: may block on I/O
 
-    def _record(self, finished: Finished, result: JobResult, now: float) -> Outcome:
-        """Count a finished job and queue its outcome, unless its lease was revoked.
-        Called with the lock held."""
+    def _record(self, finished: Finished, result: JobResult) -> Outcome:
+        """Count a finished job and return its outcome. Called with the lock held."""
         job = finished.job
         outcome = outcome_of(job, result, self.config.max_result_bytes)
         self.credit.job_took(finished.run_s)
         if self.metrics is not None:
             self.metrics.task_done(job.name, outcome_label(job, outcome), finished.run_s)
-        if finished.wanted:
-            self.batches.add(outcome, now)
         return outcome
 
     def _busy_slots(self) -> int:

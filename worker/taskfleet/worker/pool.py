@@ -3,8 +3,10 @@ the code that runs tasks.
 
 The connection side asks ``free_slots()``, leases that many tasks, ``submit``s
 them and gets every outcome back through ``on_done``, which the pool calls
-exactly once per job (unless closed with ``wait=False``) from a pool-internal
-thread. ``on_done`` must be cheap: the caller batches results itself.
+from a pool-internal thread with a list of results: every job's exactly once
+(unless closed with ``wait=False``), and all those a pool thread has at hand
+together, so the caller takes its lock and tops the pool up once for them.
+``on_done`` must be cheap: the caller batches results itself.
 
 A pool whose own thread dies of a bug cannot keep that promise; it says so in
 ``failure``, and the caller must stop (a worker exits, and the master's leases
@@ -24,7 +26,7 @@ from taskfleet.worker.execute import Job, JobResult, failed, safe_str
 
 log = logging.getLogger(__name__)
 
-OnDone = Callable[[JobResult], None]
+OnDone = Callable[[list[JobResult]], None]
 EXIT_POOL_BROKEN = 70  # a worker whose pool broke (sysexits' EX_SOFTWARE)
 
 
@@ -58,8 +60,8 @@ class Pool(abc.ABC):
         """Start the processes or threads; may block until they can take jobs."""
 
     @abc.abstractmethod
-    def submit(self, job: Job) -> None:
-        """Run ``job``; the caller has checked that ``free_slots() > 0``."""
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Run ``jobs``; the caller has checked that ``free_slots()`` has room for them."""
 
     @abc.abstractmethod
     def free_slots(self) -> int:
@@ -87,8 +89,8 @@ class JobLedger:
 
     A job can end several ways at nearly the same moment (its result arrives as
     its deadline strikes, a cancel comes in, its process dies); the ledger is
-    the one place that decides which report wins, so ``on_done`` fires exactly
-    once per job. Once ``cancel`` has said yes, only the cancelled report does.
+    the one place that decides which report wins, so ``on_done`` reports each
+    job exactly once. Once ``cancel`` has said yes, only the cancelled report does.
     """
 
     def __init__(self, on_done: OnDone) -> None:
@@ -100,12 +102,12 @@ class JobLedger:
         self.closed = False
         self.abandoned = False
 
-    def add(self, ref: LeaseRef) -> None:
-        """Take ``ref`` on; refused once the pool is closing."""
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Take ``jobs`` on; refused once the pool is closing."""
         with self._changed:
             if self.closed:
                 raise RuntimeError("the pool is closed")
-            self._live.add(ref)
+            self._live.update(job.ref for job in jobs)
 
     def cancel(self, ref: LeaseRef) -> bool:
         """Claim ``ref``'s report for a cancel; False if it is no longer ours to cancel."""
@@ -120,10 +122,14 @@ class JobLedger:
         with self._changed:
             return list(self._cancelling)
 
-    def wants(self, ref: LeaseRef) -> bool:
-        """Whether running ``ref`` still has a point (unreported, not cancelled or abandoned)."""
+    def wanted(self, jobs: Sequence[Job]) -> list[Job]:
+        """Those of ``jobs`` that still have a point running (unreported, not
+        cancelled or abandoned)."""
         with self._changed:
-            return not self.abandoned and ref in self._live and ref not in self._cancelling
+            if self.abandoned:
+                return []
+            live, cancelling = self._live, self._cancelling
+            return [j for j in jobs if j.ref in live and not (cancelling and j.ref in cancelling)]
 
     def __len__(self) -> int:
         with self._changed:
@@ -141,22 +147,32 @@ class JobLedger:
         with self._changed:
             self._changed.wait_for(lambda: self.abandoned or not (self._live or self._reporting))
 
-    def finish(self, result: JobResult) -> None:
-        """Report ``result`` unless its job was reported already or a cancel claimed it."""
-        ref = result.ref
+    def finish(self, results: Sequence[JobResult]) -> None:
+        """Report, in one ``on_done`` call, those of ``results`` whose job was not
+        reported already nor claimed by a cancel."""
         with self._changed:
-            if self.abandoned or ref not in self._live:
+            if self.abandoned:
                 return
-            if ref in self._cancelling and not result.cancelled:
+            live, cancelling = self._live, self._cancelling
+            reported = []
+            for result in results:
+                ref = result.ref
+                if ref not in live:
+                    continue
+                if cancelling and ref in cancelling:
+                    if not result.cancelled:
+                        continue
+                    cancelling.remove(ref)
+                live.remove(ref)
+                reported.append(result)
+            if not reported:
                 return
-            self._live.remove(ref)
-            self._cancelling.discard(ref)
             self._reporting += 1
         try:
-            self._on_done(result)
+            self._on_done(reported)
         except Exception:
             # The caller's bug must not kill the pool thread that reports.
-            log.exception("on_done failed for task %s", ref.task_id)
+            log.exception("on_done failed for tasks %s", ", ".join(r.ref.task_id for r in reported))
         finally:
             with self._changed:
                 self._reporting -= 1

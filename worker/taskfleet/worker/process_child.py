@@ -10,7 +10,8 @@ descriptor, closed on exec, out of reach of loops over the low ones and of the
 programs a task starts.
 
 A pool process's first message is None once it is ready, or why it could not
-start; then one _WireResult per _WireJob it receives. None asks it to exit.
+start; then one _WireResult per _WireJob it receives, the jobs coming in lists
+(those sent at once share a frame). None asks it to exit.
 Both travel as plain tuples pickled by hand: a slots dataclass pickles through
 Python-level __getstate__/__setstate__, several times dearer than a tuple, on
 every task. A _WireJob is (task_id, lease, name, queue, attempt, payload,
@@ -145,20 +146,24 @@ def check_progress(message: object) -> WireProgress:
     raise Malformed("a progress message that set_progress cannot have sent")
 
 
-def to_wire(job: Job) -> bytes:
-    """``job`` framed for a pool process."""
+def to_wire(jobs: list[Job]) -> bytes:
+    """``jobs`` framed for a pool process: one frame, one pickle for them all (a
+    third of the cost of one each)."""
     return frame(
-        (
-            job.ref.task_id,
-            job.ref.lease,
-            job.name,
-            job.queue,
-            job.attempt,
-            job.payload,
-            job.content_type,
-            job.timeout_s,
-            job.metadata,
-        )
+        [
+            (
+                job.ref.task_id,
+                job.ref.lease,
+                job.name,
+                job.queue,
+                job.attempt,
+                job.payload,
+                job.content_type,
+                job.timeout_s,
+                job.metadata,
+            )
+            for job in jobs
+        ]
     )
 
 
@@ -215,10 +220,11 @@ def child_main(conn: Connection[object, object], task_modules: Sequence[str]) ->
         frames = Frames(fd)
         while True:
             for body in frames.read():
-                wire = pickle.loads(body)
-                if wire is STOP:
+                wires = pickle.loads(body)
+                if wires is STOP:
                     return
-                # One write per job, as it ends: the parent times the next job from it.
-                write_all(fd, _run_wire(wire))
+                for wire in wires:
+                    # One write per job, as it ends: the parent times the next job from it.
+                    write_all(fd, _run_wire(wire))
     except (EOFError, OSError):
         pass  # the parent is gone

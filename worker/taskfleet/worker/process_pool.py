@@ -118,9 +118,9 @@ class ProcessPool(Pool):
             raise
         self._supervisor.start()
 
-    def submit(self, job: Job) -> None:
-        self._ledger.add(job.ref)
-        self._queued.append(job)
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self._ledger.add(jobs)
+        self._queued.extend(jobs)
         if threading.get_ident() != self._supervisor.ident:
             # From on_done, on the supervisor itself, the job is dispatched at the
             # top of its next pass anyway: no wake-up (a syscall each way) needed.
@@ -207,24 +207,28 @@ class ProcessPool(Pool):
         self._stop_children(graceful=not self._ledger.abandoned)
 
     def _dispatch(self) -> None:
-        """Send queued jobs to ready processes, idle ones first; one write per process."""
+        """Send queued jobs to ready processes, the least busy first; one write per
+        process."""
+        if not self._queued:
+            return
         depth = self._depth()
-        sending: dict[_Child, list[bytes]] = {}
-        while self._queued:
-            ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
-            if not ready:
-                break
-            child = min(ready, key=lambda c: len(c.jobs))
-            job = self._queued.popleft()
-            if not self._ledger.wants(job.ref):
-                continue  # cancelled while queued; _cancel reports it
-            child.jobs.append(job)
-            if len(child.jobs) == 1:
-                child.start_next()
-            sending.setdefault(child, []).append(to_wire(job))
-        for child, frames in sending.items():
+        ready = [c for c in self._children if c.ready and len(c.jobs) < depth]
+        sending: dict[_Child, list[Job]] = {}
+        while ready and self._queued:
+            room = sum(depth - len(c.jobs) for c in ready)
+            taken = [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
+            # Those cancelled while queued are dropped here; _cancel reports them.
+            for job in self._ledger.wanted(taken):
+                child = min(ready, key=_load)
+                child.jobs.append(job)
+                if len(child.jobs) == 1:
+                    child.start_next()
+                if len(child.jobs) == depth:
+                    ready.remove(child)
+                sending.setdefault(child, []).append(job)
+        for child, jobs in sending.items():
             with contextlib.suppress(OSError):  # it just died: its exit reports the job lost
-                write_all(child.conn.fileno(), b"".join(frames))
+                write_all(child.conn.fileno(), to_wire(jobs))
 
     def _wait_and_handle(self) -> None:
         children = tuple(self._children)
@@ -246,6 +250,7 @@ class ProcessPool(Pool):
         timeout_s = self._until_next_deadline()
         events = self._poller.poll(None if timeout_s is None else math.ceil(timeout_s * 1000))
         touched: dict[_Child, bool] = {}
+        done: list[JobResult] = []  # reported together: one on_done a wake-up
         for fd, _ in events:
             handle = self._poll_fds.get(fd)
             if handle is None:
@@ -256,20 +261,23 @@ class ProcessPool(Pool):
                 touched[child] = touched.get(child, False) or exited
         for child, exited in touched.items():
             if child in self._children:  # not replaced while servicing another
-                self._service(child, exited=exited)
+                self._service(child, done, exited=exited)
+        if done:
+            self._ledger.finish(done)
 
     def _until_next_deadline(self) -> float | None:
         deadlines = [d for c in self._children for d in (c.deadline, c.hangup_deadline) if d]
         return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
-    def _service(self, child: _Child, *, exited: bool) -> None:
+    def _service(self, child: _Child, done: list[JobResult], *, exited: bool) -> None:
+        """Read what ``child`` sent; its results go on ``done``."""
         try:
             # Readable: one read takes every result that has arrived. An exited process's
             # last results are all read before its exit counts, but never with a read
             # that could block (a process it started may hold the channel open).
             while not exited or _readable_now(child.conn.fileno()):
                 for body in child.frames.read():
-                    self._on_message(child, loads(body))
+                    self._on_message(child, loads(body), done)
                 if not exited:
                     return
         except (EOFError, OSError):
@@ -291,7 +299,7 @@ class ProcessPool(Pool):
             child.ready = False
             self._polled = None
 
-    def _on_message(self, child: _Child, message: object) -> None:
+    def _on_message(self, child: _Child, message: object, done: list[JobResult]) -> None:
         if message is None:
             child.ready = True
         elif type(message) is str:
@@ -309,7 +317,7 @@ class ProcessPool(Pool):
                 child.start_next()
             else:
                 child.deadline = None
-            self._ledger.finish(
+            done.append(
                 JobResult(
                     job.ref,
                     ok,
@@ -324,7 +332,7 @@ class ProcessPool(Pool):
         """Replace ``child``, killing it if need be; its job fails naming ``reason``."""
         job = self._replace(child)
         if job is not None:
-            self._ledger.finish(failed(job.ref, "WorkerLost", f"pool process {reason}"))
+            self._ledger.finish([failed(job.ref, "WorkerLost", f"pool process {reason}")])
         else:
             log.warning("a pool process with no job %s; starting another", reason)
 
@@ -334,7 +342,7 @@ class ProcessPool(Pool):
                 # Running or already in its pipe: either way only a kill stops it.
                 self._replace(child)
                 break
-        self._ledger.finish(cancelled(ref))
+        self._ledger.finish([cancelled(ref)])
 
     def _enforce_deadlines(self) -> None:
         now = time.time()
@@ -352,7 +360,7 @@ class ProcessPool(Pool):
             elif deadline is not None and deadline <= now:
                 job = self._replace(child)
                 assert job is not None
-                self._ledger.finish(timed_out(job))
+                self._ledger.finish([timed_out(job)])
 
     def _replace(self, child: _Child) -> Job | None:
         """Kill ``child`` if it still runs, start another in its place; return the job
@@ -374,6 +382,10 @@ class ProcessPool(Pool):
             child.process.join(_STOP_TIMEOUT_S)
             _kill(child)
         self._children = []
+
+
+def _load(child: _Child) -> int:
+    return len(child.jobs)
 
 
 def _readable_now(fd: int) -> bool:

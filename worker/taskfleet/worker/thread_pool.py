@@ -45,12 +45,13 @@ class ThreadPool(Pool):
             thread.start()
         self._watchdog.start()
 
-    def submit(self, job: Job) -> None:
-        self._ledger.add(job.ref)
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self._ledger.add(jobs)
         with self._slots:
-            self._busy += 1
-        self._watchdog.watch(job)
-        self._jobs.put(job)
+            self._busy += len(jobs)
+        for job in jobs:
+            self._watchdog.watch(job)
+            self._jobs.put(job)
 
     def free_slots(self) -> int:
         with self._slots:
@@ -83,13 +84,13 @@ class ThreadPool(Pool):
             while (job := self._jobs.get()) is not None:
                 try:
                     # Skip what was cancelled or abandoned while queued.
-                    result = run_job(job) if self._ledger.wants(job.ref) else None
+                    result = run_job(job) if self._ledger.wanted([job]) else None
                 finally:
                     with self._slots:
                         self._busy -= 1
                         self._slots.notify_all()
                 if result is not None:
-                    self._ledger.finish(result)
+                    self._ledger.finish([result])
         finally:
             with self._slots:
                 self._exited += 1
@@ -121,7 +122,7 @@ class _Watchdog:
             # Finished jobs stay in the heap until their deadline; sweep them out
             # before long timeouts on short tasks pile up.
             if len(self._deadlines) > 2 * len(self._ledger) + 64:
-                self._deadlines = [e for e in self._deadlines if self._ledger.wants(e[2].ref)]
+                self._deadlines = [e for e in self._deadlines if self._ledger.wanted([e[2]])]
                 heapq.heapify(self._deadlines)
             heapq.heappush(self._deadlines, (job.deadline, next(self._order), job))
             self._changed.notify()
@@ -151,10 +152,9 @@ class _Watchdog:
                 now = time.time()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     expired.append(heapq.heappop(self._deadlines)[2])
-            for ref in self._ledger.cancelling():
-                self._ledger.finish(cancelled(ref))
-            for job in expired:
-                self._ledger.finish(timed_out(job))
+            self._ledger.finish(
+                [*map(cancelled, self._ledger.cancelling()), *map(timed_out, expired)]
+            )
 
     def _due(self) -> bool:
         return bool(self._deadlines) and self._deadlines[0][0] <= time.time()
