@@ -27,13 +27,14 @@ from taskfleet.common.model import (
     Outcome,
     PendingName,
     Progress,
+    Schedule,
     Task,
     TaskError,
     TaskSpec,
     TaskState,
 )
 from taskfleet.master.store import MemoryStore, SqliteStore, Store, StorePolicy, open_store
-from taskfleet.master.store.base import TaskQuery
+from taskfleet.master.store.base import FiredTick, TaskQuery
 
 from pg import store_url
 
@@ -727,6 +728,72 @@ def test_stats_count_every_state_per_queue(store: Store) -> None:
     assert store.get(b1).state is TaskState.PENDING
 
 
+def test_stats_follow_every_call_that_adds_ends_moves_or_deletes_tasks(store: Store) -> None:
+    # The SQL stores keep stats in a table of their own, changed by each write
+    # method (SQLite) or trigger (PostgreSQL): after every call they must equal
+    # the tasks as listed.
+    def check() -> None:
+        listed: dict[str, dict[TaskState, int]] = {}
+        for task in store.list_tasks(TaskQuery(), 1_000).tasks:
+            listed.setdefault(task.spec.queue, dict.fromkeys(TaskState, 0))[task.state] += 1
+        assert counts(store) == listed
+
+    def held(queues: tuple[str, ...], now: float = NOW) -> dict[str, LeaseRef]:
+        return {one.task.id: one.ref for one in lease(store, queues=queues, now=now)}
+
+    check()
+    a, b, c, d, e = store.submit([spec(), spec(), spec(), spec(), spec(queue="b")], NOW)
+    store.submit([spec(idempotency_key="k"), spec(idempotency_key="k")], NOW)
+    check()
+    with pytest.raises(InvalidArgument):  # refused whole: nothing counted
+        store.submit([spec(queue="x"), spec(queue="x", depends_on=("nope",))], NOW)
+    check()
+    parent, child, _, _ = store.submit(
+        [
+            spec(queue="p"),
+            spec(queue="c", depends_on=("$0",)),
+            spec(queue="c", depends_on=("$1",)),
+            spec(queue="c", depends_on=(e,)),
+        ],
+        NOW,
+    )
+    check()
+    refs = held(("q", "b", "p"))
+    assert len(refs) == 7  # with the idempotent one
+    check()
+    store.record([succeeded(refs[parent])], NOW)  # readies the child
+    check()
+    store.record([succeeded(refs[a]), failed(refs[b], max_attempts=2)], NOW)  # b runs again
+    check()
+    store.record([failed(held(("c",))[child])], NOW)  # and cancels the grandchild
+    check()
+    store.cancel(b, NOW)  # pending
+    check()
+    store.cancel(c, NOW)  # running
+    check()
+    assert store.release([refs[d], refs[d]], NOW) == 1
+    check()
+    now = NOW
+    for _ in range(POLICY.max_lost_leases + 1):  # e ends WorkerLost, cancelling its child
+        now += LEASE_S
+        store.expire(now)
+        check()
+        held(("b",), now)
+        check()
+    assert store.get(e).state is TaskState.FAILED
+    store.retry(e, now)
+    store.retry(c, now)
+    check()
+    schedule = store.add_schedule(Schedule("", spec(queue="s"), interval_s=60.0, next_fire=now))
+    fired = FiredTick(now, spec(queue="s"))
+    assert store.fire_schedule(schedule.id, now, now + 60.0, fired, now) is not None
+    check()
+    assert store.purge(TaskQuery(queue="p"), 10) == 1  # the queue's last task
+    check()
+    assert store.prune(now + 2 * POLICY.result_ttl_s, 100) == 5
+    check()
+
+
 def test_oldest_pending_is_when_the_longest_waiting_ready_task_became_ready(
     store: Store,
 ) -> None:
@@ -881,6 +948,43 @@ os.kill(os.getpid(), signal.SIGKILL)
     finally:
         reopened.close()
     assert child.returncode == -9
+
+
+def test_sqlite_stats_match_the_tasks_after_a_kill_9_mid_batch(tmp_path: Path) -> None:
+    # Given a process that submits, leases and records batches without pause
+    path = tmp_path / "tasks.db"
+    script = f"""
+import itertools
+from taskfleet.common.model import Outcome, TaskSpec, TaskState
+from taskfleet.master.store import SqliteStore
+store = SqliteStore({str(path)!r})
+for round in itertools.count():
+    store.submit([TaskSpec(name="add", queue=f"q{{round % 3}}") for _ in range(50)], {NOW})
+    leases = store.lease("w", ["q0", "q1", "q2"], None, 40, 30.0, {NOW})
+    store.record([Outcome(one.ref, TaskState.SUCCEEDED, result=b"1") for one in leases], {NOW})
+    if round == 3:
+        print("busy", flush=True)
+"""
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "busy\n"
+        finally:
+            child.kill()  # SIGKILL, somewhere in a batch
+            child.wait(timeout=60)
+    assert child.returncode == -9
+
+    # Then the reopened file's stats count exactly the tasks it holds
+    reopened = SqliteStore(str(path))
+    try:
+        listed: dict[str, dict[TaskState, int]] = {}
+        for task in reopened.list_tasks(TaskQuery(), 1_000_000).tasks:
+            listed.setdefault(task.spec.queue, dict.fromkeys(TaskState, 0))[task.state] += 1
+        assert counts(reopened) == listed
+        assert sum(n for queue in listed.values() for n in queue.values()) >= 200
+    finally:
+        reopened.close()
 
 
 def test_a_sqlite_file_serves_one_store_at_a_time(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from taskfleet.common.errors import InvalidArgument, NotFound
 from taskfleet.common.model import LeaseRef, Outcome, TaskError, TaskSpec, TaskState
 from taskfleet.master.store import SqliteStore, Store, StorePolicy, TaskQuery, open_store
 from taskfleet.master.store.sqlite_schema import MIGRATIONS
+from taskfleet.master.store.sqlite_sql import INSERT, task_row
 
 from pg import store_url
 
@@ -290,6 +291,43 @@ def test_a_version_1_sqlite_file_is_migrated_and_keeps_its_tasks(tmp_path: Path)
         store.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
     assert version == max(MIGRATIONS)
+
+
+def test_a_version_8_sqlite_file_keeps_its_counts_without_the_count_triggers(
+    tmp_path: Path,
+) -> None:
+    # Given a file of schema 8, whose triggers counted its tasks
+    path = tmp_path / "v8.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for number in range(1, 9):
+        for statement in MIGRATIONS[number]:
+            db.execute(statement)
+    for task_id, queue in [("t1", "q"), ("t2", "q"), ("t3", "b")]:
+        db.execute(INSERT, task_row(task_id, spec(queue=queue), NOW))
+    db.execute("UPDATE tasks SET state = ?, lease = 1 WHERE id = 't2'", (TaskState.RUNNING,))
+    db.execute("UPDATE tasks SET state = ? WHERE id = 't3'", (TaskState.SUCCEEDED,))
+    db.execute("PRAGMA user_version = 8")
+    db.close()
+
+    # When the current store opens it
+    store = SqliteStore(str(path), StorePolicy())
+    try:
+        # Then the counts are as they were, the store keeps them, and the triggers are gone
+        def counts() -> dict[str, dict[TaskState, int]]:
+            return {c.queue: {s: n for s, n in c.counts.items() if n} for c in store.stats()}
+
+        assert counts() == {
+            "b": {TaskState.SUCCEEDED: 1},
+            "q": {TaskState.PENDING: 1, TaskState.RUNNING: 1},
+        }
+        store.lease("w", ["q"], None, 10, LEASE_S, NOW)
+        assert store.purge(TaskQuery(queue="b"), 10) == 1
+        assert counts() == {"q": {TaskState.RUNNING: 2}}
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
+    assert db.execute("PRAGMA user_version").fetchone()[0] == max(MIGRATIONS)
 
 
 def test_a_stale_lease_ref_cannot_touch_a_pruned_task(open_with: OpenStore) -> None:

@@ -35,7 +35,7 @@ import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 from taskfleet.common.errors import (
     ConfigError,
@@ -97,8 +97,8 @@ from taskfleet.master.store.sqlite_sql import (
     CANDIDATES_BY_QUEUE,
     DEPS,
     EXPIRES,
-    FENCE,
     INSERT,
+    Counts,
     known_id,
     outcome_update,
     task_row,
@@ -106,6 +106,7 @@ from taskfleet.master.store.sqlite_sql import (
 )
 
 _GET_MANY = f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+_GET_BY_SEQ = f"SELECT {COLUMNS} FROM tasks WHERE seq IN (SELECT value FROM json_each(?))"
 _FINAL_OR_NOT = f"""SELECT id, state >= {SUCCEEDED} FROM tasks
     WHERE id IN (SELECT value FROM json_each(?))"""
 
@@ -122,6 +123,7 @@ class SqliteStore(SqliteSchedules, Store):
         self._path = path
         self._lock = threading.Lock()
         self._unusable = ""  # why the store is unusable, once it is
+        self._counts = Counts()  # what the write under way changes; applied by _write
         self._owner = _claim(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -154,12 +156,15 @@ class SqliteStore(SqliteSchedules, Store):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so it never fails half way on a lock."""
+        """One write transaction, taken up front so it never fails half way on a lock;
+        the counts its statements changed are written just before it commits."""
         with self._read() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                self._counts.apply(db)
             except BaseException:
+                self._counts.clear()
                 if db.in_transaction:  # SQLite ends it itself after some errors
                     db.execute("ROLLBACK")
                 raise
@@ -210,6 +215,7 @@ class SqliteStore(SqliteSchedules, Store):
                 if key:
                     seen[key] = task_id
                 rows.append(task_row(task_id, spec, now))
+                self._counts.add(spec.queue, PENDING)
                 ids.append(task_id)
             db.executemany(INSERT, rows)
             if any(spec.depends_on for spec in specs):
@@ -275,9 +281,11 @@ class SqliteStore(SqliteSchedules, Store):
                 WHERE seq IN (SELECT value FROM json_each(?)) RETURNING seq, {COLUMNS}""",
                 (worker_id, now, deadline, json.dumps(chosen)),
             ).fetchall()
-        order = {seq: i for i, seq in enumerate(chosen)}
-        rows.sort(key=lambda row: order[row[0]])  # RETURNING comes in no set order
-        return [Lease(task_from_row(row[1:]), deadline) for row in rows]
+            order = {seq: i for i, seq in enumerate(chosen)}
+            rows.sort(key=lambda row: order[row[0]])  # RETURNING comes in no set order
+            tasks = [task_from_row(row[1:]) for row in rows]
+            self._counts.moved(tasks, PENDING)
+        return [Lease(task, deadline) for task in tasks]
 
     def running_by_key(self) -> dict[str, KeyLoad]:
         with self._read() as db:
@@ -293,14 +301,14 @@ class SqliteStore(SqliteSchedules, Store):
     ) -> list[LeaseRef]:
         with self._write() as db:
             held = _held(db, refs)
-            renewed: list[tuple[float, str]] = []
+            renewed: list[tuple[float, int]] = []
             stale: list[LeaseRef] = []
             for ref in refs:
                 if _holds(held, ref, worker_id):
-                    renewed.append((now + lease_s, ref.task_id))
+                    renewed.append((now + lease_s, held[ref.task_id].seq))
                 else:
                     stale.append(ref)
-            db.executemany("UPDATE tasks SET lease_deadline = ? WHERE id = ?", renewed)
+            db.executemany("UPDATE tasks SET lease_deadline = ? WHERE seq = ?", renewed)
         return stale
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
@@ -308,8 +316,8 @@ class SqliteStore(SqliteSchedules, Store):
             held = _held(db, [u.ref for u in updates])
             stored = [u for u in updates if _holds(held, u.ref)]
             db.executemany(
-                "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ?",
-                [(u.fraction, u.message, u.ref.task_id) for u in stored],
+                "UPDATE tasks SET progress = ?, progress_message = ? WHERE seq = ?",
+                [(u.fraction, u.message, held[u.ref.task_id].seq) for u in stored],
             )
         return stored
 
@@ -327,74 +335,82 @@ class SqliteStore(SqliteSchedules, Store):
             held = _held(db, [outcome.ref for outcome in firsts])
             updates: dict[str, list[tuple[Any, ...]]] = {}
             valid: list[str] = []
+            seqs: list[int] = []
             for outcome in firsts:
-                task_id, lease = outcome.ref.task_id, outcome.ref.lease
                 if not _holds(held, outcome.ref):
                     continue  # stale
+                row = held[outcome.ref.task_id]
                 delay_s = None
                 if outcome.state is TaskState.FAILED:
                     # Whether it runs again depends on what the task has used up.
-                    counts = held[task_id][2:]
-                    delay_s = retry_delay_s(self.policy, outcome, attempts_used(*counts))
+                    used = attempts_used(row.attempts, row.attempt_base, row.lost_leases)
+                    delay_s = retry_delay_s(self.policy, outcome, used)
                 changes, params = outcome_update(outcome, now, expiry, delay_s)
-                updates.setdefault(changes, []).append((*params, task_id, lease))
-                valid.append(task_id)
+                updates.setdefault(changes, []).append((*params, row.seq))
+                valid.append(outcome.ref.task_id)
+                seqs.append(row.seq)
             for changes, values in updates.items():
-                db.executemany(f"UPDATE tasks SET {changes} WHERE {FENCE}", values)
+                db.executemany(f"UPDATE tasks SET {changes} WHERE seq = ?", values)
             changed = []
             if valid:
-                rows = db.execute(_GET_MANY, (json.dumps(valid),)).fetchall()
+                rows = db.execute(_GET_BY_SEQ, (json.dumps(seqs),)).fetchall()
                 changed = in_order(rows, valid)
+                self._counts.moved(changed, RUNNING)
             changed += self._settle(db, changed, now)
         return changed
 
     def _settle(self, db: sqlite3.Connection, changed: list[Task], now: float) -> list[Task]:
         """The dependents of the tasks that just ended, readied or cancelled."""
         ended = [(t.id, t.state) for t in changed if t.state.is_final]
+        if not ended:
+            return []
         expiry = default_expiry(self.policy, now)
-        return DEPS.settle(db, ended, now, expiry, COLUMNS, task_from_row) if ended else []
+        settled: list[Task] = DEPS.settle(db, ended, now, expiry, COLUMNS, task_from_row)
+        self._counts.moved(settled, PENDING)  # readied ones stay PENDING
+        return settled
 
     def retry(self, task_id: str, now: float) -> Task:
         with self._write() as db:
+            old = _state(db, task_id)
+            if old not in (FAILED, CANCELLED):
+                raise FailedPrecondition(
+                    f"task {task_id} is {old.name}: only FAILED or CANCELLED tasks can be retried"
+                )
             row = db.execute(
                 f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?,
                 attempt_base = attempts, lost_leases = 0, lost_by = '[]', finished_at = 0,
-                expires_at = 0 WHERE id = ? AND state IN ({FAILED}, {CANCELLED})
-                RETURNING {COLUMNS}""",
+                expires_at = 0 WHERE id = ? RETURNING {COLUMNS}""",
                 (now, task_id),
             ).fetchone()
-            if row is None:
-                state = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-                if state is None:
-                    raise not_found(task_id)
-                raise FailedPrecondition(
-                    f"task {task_id} is {TaskState(state[0]).name}: only FAILED or CANCELLED "
-                    "tasks can be retried"
-                )
-        return task_from_row(row)
+            task = task_from_row(row)
+            self._counts.moved([task], old)
+        return task
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         with self._write() as db:
-            released = db.executemany(
+            held = _held(db, refs)
+            released = {ref.task_id: held[ref.task_id] for ref in refs if _holds(held, ref)}
+            db.executemany(
                 f"""UPDATE tasks SET state = {PENDING}, ready = 1, ready_at = ?,
-                    attempts = attempts - 1 WHERE {FENCE}""",
-                [(now, ref.task_id, ref.lease) for ref in refs],
+                    attempts = attempts - 1 WHERE seq = ?""",
+                [(now, row.seq) for row in released.values()],
             )
-            return released.rowcount
+            for row in released.values():
+                self._counts.move(row.queue, RUNNING, PENDING)
+        return len(released)
 
     def cancel(self, task_id: str, now: float) -> list[Task]:
         with self._write() as db:
+            old = _state(db, task_id)
+            if old.is_final:
+                raise FailedPrecondition(f"task {task_id} is already {old.name}")
             row = db.execute(
                 f"""UPDATE tasks SET state = {CANCELLED}, finished_at = ?, {EXPIRES}
-                WHERE id = ? AND state IN ({PENDING}, {RUNNING}) RETURNING {COLUMNS}""",
+                WHERE id = ? RETURNING {COLUMNS}""",
                 (now, now, default_expiry(self.policy, now), task_id),
             ).fetchone()
-            if row is None:
-                state = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-                if state is None:
-                    raise not_found(task_id)
-                raise FailedPrecondition(f"task {task_id} is already {TaskState(state[0]).name}")
             task = task_from_row(row)
+            self._counts.moved([task], old)
             return [task, *self._settle(db, [task], now)]
 
     def expire(self, now: float) -> list[Task]:
@@ -428,27 +444,33 @@ class SqliteStore(SqliteSchedules, Store):
                     (*params, seq),
                 ).fetchone()
                 expired.append(task_from_row(row))
+            self._counts.moved(expired, RUNNING)
             expired += self._settle(db, expired, now)
         return expired
 
     def prune(self, now: float, limit: int) -> int:
-        with self._write() as db:
-            return db.execute(
-                """DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_expiring
-                WHERE expires_at > 0 AND expires_at <= ? LIMIT ?)""",
-                (now, limit),
-            ).rowcount
+        return self._delete(
+            """SELECT seq FROM tasks INDEXED BY tasks_expiring
+            WHERE expires_at > 0 AND expires_at <= ? LIMIT ?""",
+            (now, limit),
+        )
 
     def purge(self, query: TaskQuery, limit: int) -> int:
         states = query.states or FINAL_STATES
         if not states <= FINAL_STATES:
             raise InvalidArgument("states: only finished tasks can be purged")
         where, params = where_clause(query, states, None, "?")
+        return self._delete(f"SELECT seq FROM tasks WHERE {where} LIMIT ?", (*params, limit))
+
+    def _delete(self, seqs: str, params: Sequence[Any]) -> int:
+        """Delete the tasks whose seq the query ``seqs`` selects; how many there were."""
         with self._write() as db:
-            return db.execute(
-                f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE {where} LIMIT ?)",
-                (*params, limit),
-            ).rowcount
+            rows = db.execute(
+                f"DELETE FROM tasks WHERE seq IN ({seqs}) RETURNING queue, state", params
+            ).fetchall()
+            for queue, state in rows:
+                self._counts.add(queue, state, -1)
+        return len(rows)
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
         where, params = where_clause(query, query.states, cursor, "?")
@@ -491,22 +513,43 @@ class SqliteStore(SqliteSchedules, Store):
             os.close(self._owner)  # and with it the claim on the file
 
 
-def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, tuple[Any, ...]]:
-    """For each RUNNING task of ``refs``: its current lease, worker, and the counts
-    a failure's retry depends on (attempts, attempt_base, lost_leases). One read
-    for a batch, under the write lock, so nothing changes before its updates."""
+def _state(db: sqlite3.Connection, task_id: str) -> TaskState:
+    """The state of ``task_id`` before a write changes it; NotFound if there is none."""
+    row = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise not_found(task_id)
+    return TaskState(row[0])
+
+
+class _Held(NamedTuple):
+    """What a batch's fence reads of a RUNNING task: its lease and worker, the
+    counts a failure's retry depends on, its queue (for the counts) and its seq,
+    by which the batch's updates find the row without the id index."""
+
+    lease: int
+    worker_id: str
+    attempts: int
+    attempt_base: int
+    lost_leases: int
+    queue: str
+    seq: int
+
+
+def _held(db: sqlite3.Connection, refs: Sequence[LeaseRef]) -> dict[str, _Held]:
+    """Each RUNNING task of ``refs`` by id. One read for a batch, under the write
+    lock, so nothing changes before its updates, which need no fence of their own."""
     rows = db.execute(
-        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases FROM tasks
-        WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
+        f"""SELECT id, lease, worker_id, attempts, attempt_base, lost_leases, queue, seq
+        FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND state = {RUNNING}""",
         (json.dumps([ref.task_id for ref in refs]),),
     )
-    return {row[0]: row[1:] for row in rows}
+    return {row[0]: _Held._make(row[1:]) for row in rows}
 
 
-def _holds(held: dict[str, tuple[Any, ...]], ref: LeaseRef, worker_id: str | None = None) -> bool:
+def _holds(held: dict[str, _Held], ref: LeaseRef, worker_id: str | None = None) -> bool:
     """Whether ``ref`` is its task's current lease (held by ``worker_id``, if named)."""
     row = held.get(ref.task_id)
-    return row is not None and row[0] == ref.lease and worker_id in (None, row[1])
+    return row is not None and row.lease == ref.lease and worker_id in (None, row.worker_id)
 
 
 def _claim(path: str) -> int:

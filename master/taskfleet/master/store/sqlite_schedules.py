@@ -9,8 +9,8 @@ from contextlib import AbstractContextManager
 
 from taskfleet.common.model import Schedule
 from taskfleet.master.store.base import FiredTick, new_task_id, schedule_not_found
-from taskfleet.master.store.rows import SCHEDULE_COLUMNS, schedule_from_row, schedule_row
-from taskfleet.master.store.sqlite_sql import INSERT, task_row
+from taskfleet.master.store.rows import PENDING, SCHEDULE_COLUMNS, schedule_from_row, schedule_row
+from taskfleet.master.store.sqlite_sql import INSERT, Counts, task_row
 
 INSERT_SCHEDULE = (
     f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -20,6 +20,8 @@ SELECT_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?"
 
 class SqliteSchedules:
     """The schedule methods of ``SqliteStore``, on its connection."""
+
+    _counts: Counts  # SqliteStore's
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError  # SqliteStore's
@@ -89,4 +91,5 @@ class SqliteSchedules:
                 return None
             task_id = new_task_id()
             db.execute(INSERT, task_row(task_id, fired.spec, now))
+            self._counts.add(fired.spec.queue, PENDING)
             return task_id
