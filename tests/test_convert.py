@@ -6,8 +6,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskfleet.common import convert
-from taskfleet.common.model import LeaseRef, Outcome, Task, TaskSpec, TaskState
-from taskfleet.v1 import worker_pb2
+from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
+from taskfleet.v1 import tasks_pb2, worker_pb2
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,18 @@ def test_an_outcome_says_its_content_type_only_when_it_is_not_json(content_type:
 
     assert pb.result_content_type == ("" if content_type == convert.JSON else content_type)
     assert convert.outcome_from_proto(pb).result_content_type == (content_type or convert.JSON)
+
+
+def test_an_assignment_carries_what_a_worker_reads_of_its_task() -> None:
+    spec = TaskSpec("add", "math", b'{"args": [1, 2]}', timeout_s=2.5, metadata={"k": "v"})
+    task = Task("t1", spec, TaskState.RUNNING, attempts=2, lease=7, worker_id="w1", created_at=5.0)
+
+    (message,) = convert.assignments_to_proto([Lease(task, 30.0)], results_ack=3)
+
+    (assignment,) = message.assignments.assignments
+    assert message.assignments.results_ack == 3
+    assert (assignment.lease.task_id, assignment.lease.lease) == ("t1", 7)
+    sent = assignment.task
+    assert (sent.id, sent.state, sent.attempts) == ("t1", tasks_pb2.TASK_STATE_RUNNING, 2)
+    assert convert.spec_from_proto(sent.spec) == spec
+    assert not sent.worker_id and not sent.HasField("created_at")

@@ -436,7 +436,9 @@ class Assignment(_message.Message):
 
     @_builtins.property
     def task(self) -> _tasks_pb2.Task:
-        """The task, with spec and attempt number."""
+        """The task as a worker needs it: its id, spec, state (RUNNING) and attempt
+        number; its other fields are left empty.
+        """
 
     def __init__(
         self,
