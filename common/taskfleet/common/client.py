@@ -193,15 +193,16 @@ class Client:
         by bytes: an error names ``tasks[i]`` counted from the first task not yet
         yielded. A spec no master would take is refused before any batch is sent."""
         specs = list(specs)
-        for i, spec in enumerate(specs):
-            if spec_bytes(spec) > MAX_ITEM_BYTES:
+        sizes = [spec_bytes(spec) for spec in specs]  # once each: the cut reads them too
+        for i, size in enumerate(sizes):
+            if size > MAX_ITEM_BYTES:
                 raise ResourceExhausted(
-                    f"specs[{i}].payload: {spec_bytes(spec)} bytes with its metadata, over "
+                    f"specs[{i}].payload: {size} bytes with its metadata, over "
                     f"any master's limit of {MAX_ITEM_BYTES}; put large data on shared "
                     "storage and pass its path or URL instead"
                 )
-        for batch in cut(specs, spec_bytes, max_count=SUBMIT_BATCH):
-            yield self._submit_batch(batch)
+        for batch in cut(range(len(specs)), sizes.__getitem__, max_count=SUBMIT_BATCH):
+            yield self._submit_batch([specs[i] for i in batch])
 
     def _submit_batch(self, batch: list[TaskSpec]) -> list[str]:
         request = tasks_pb2.SubmitRequest(tasks=[convert.spec_to_proto(s) for s in batch])
