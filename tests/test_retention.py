@@ -13,7 +13,7 @@ import pytest
 
 from taskfleet.common.client import Client, make_spec
 from taskfleet.common.errors import NotFound
-from taskfleet.common.model import TaskState
+from taskfleet.common.model import MAX_UNIX_S, TaskState
 from taskfleet.v1 import tasks_pb2, tasks_pb2_grpc
 
 from procs import MasterProc, WorkerProc, poll
@@ -209,3 +209,33 @@ def test_purge_deletes_finished_tasks_of_a_queue_and_refuses_live_states(
     assert client.get(done).state is TaskState.SUCCEEDED
     assert client.get(waiting).state is TaskState.PENDING
     assert client.purge(queue=queue_name) == 1
+
+
+def test_a_result_kept_past_the_year_9999_is_read_back_with_the_last_second_a_timestamp_holds(
+    start_master: Callable[..., MasterProc],
+    start_worker: Callable[..., WorkerProc],
+    queue_name: str,
+) -> None:
+    # Given a task submitted through the stubs alone with a result TTL of 9,000
+    # years (within a Duration's range, so valid), run by a worker
+    master = start_master()
+    start_worker(master, queues=queue_name)
+    with grpc.insecure_channel(master.address) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        spec = tasks_pb2.TaskSpec(
+            name="square",
+            queue=queue_name,
+            payload=b'{"args": [7]}',
+            content_type="application/json",
+        )
+        spec.result_ttl.FromSeconds(9_000 * 365 * 86_400)
+        (task_id,) = stub.Submit(tasks_pb2.SubmitRequest(tasks=[spec]), timeout=10).task_ids
+
+        # When it finishes and is waited for and read
+        (waited,) = stub.WaitTasks(tasks_pb2.WaitTasksRequest(task_ids=[task_id]), timeout=30)
+        read = stub.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), timeout=10)
+
+    # Then both answer with its result, its expiry at 9999-12-31T23:59:59Z
+    for task in (waited, read):
+        assert (task.state, task.result) == (tasks_pb2.TASK_STATE_SUCCEEDED, b"49")
+        assert task.expires_at.seconds == MAX_UNIX_S

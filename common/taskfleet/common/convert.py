@@ -14,6 +14,7 @@ from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import (
     DEFAULT_QUEUE,
     JSON,
+    MAX_UNIX_S,
     Lease,
     LeaseRef,
     MasterInfo,
@@ -72,10 +73,11 @@ def timestamp(unix_s: float) -> Timestamp:
 
 
 def _set_clock_time(t: Timestamp, unix_s: float) -> None:
-    """Set ``t`` in place to ``unix_s``, a time this system's clock gave: the two
-    fields directly, at half the cost of protobuf's Python-level
-    ``FromNanoseconds``, which also checks the year is within 1..9999 (times a
-    user gives keep that check). Three times per task a master sends."""
+    """Set ``t`` in place to ``unix_s``, a time this system's clock gave (or one
+    checked to be below MAX_UNIX_S): the two fields directly, at half the cost of
+    protobuf's Python-level ``FromNanoseconds``, which also checks the year is
+    within 1..9999 (times a user gives keep that check). Several times per task
+    a master sends."""
     nanos = round(unix_s * 1e9)
     t.seconds = nanos // _NANOS_PER_S
     t.nanos = nanos % _NANOS_PER_S
@@ -201,7 +203,10 @@ def fill_task(pb: tasks_pb2.Task, task: Task) -> None:
     if task.lost_leases:
         pb.lost_leases = task.lost_leases
     if task.expires_at:
-        pb.expires_at.FromNanoseconds(round(task.expires_at * 1e9))
+        if task.expires_at < MAX_UNIX_S:
+            _set_clock_time(pb.expires_at, task.expires_at)
+        else:  # the finish time plus a TTL of up to 10,000 years may pass the year 9999
+            pb.expires_at.seconds = MAX_UNIX_S
     if task.progress:
         pb.progress = task.progress
     if task.progress_message:

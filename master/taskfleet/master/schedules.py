@@ -24,13 +24,15 @@ from croniter import CroniterError, croniter
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
 from taskfleet.common.frozen import frozen
 from taskfleet.common.model import (
+    MAX_DURATION_S,
+    MAX_UNIX_S,
     SCHEDULE_ID_KEY,
     SCHEDULE_TICK_KEY,
     MissedTicks,
     Schedule,
     TaskSpec,
 )
-from taskfleet.master.validation import MAX_DURATION_S, MAX_UNIX_S, validate_specs
+from taskfleet.master.validation import validate_specs
 
 # Shorter intervals would make the store's transaction the whole job of a master.
 MIN_INTERVAL_S = 1.0

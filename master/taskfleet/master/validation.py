@@ -10,14 +10,18 @@ from collections.abc import Sequence
 from taskfleet.common.batching import metadata_bytes
 from taskfleet.common.codec import decode_args, loads
 from taskfleet.common.errors import InvalidArgument, ResourceExhausted
-from taskfleet.common.model import JSON, Outcome, TaskError, TaskSpec, TaskState
+from taskfleet.common.model import (
+    JSON,
+    MAX_DURATION_S,
+    MAX_UNIX_S,
+    Outcome,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
 
 MAX_NAME_CHARS = 200
 MAX_BATCH = 10_000
-# The range of google.protobuf.Timestamp and Duration: a task outside it could
-# be stored but never sent back to anyone.
-MAX_UNIX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
-MAX_DURATION_S = 315_576_000_000  # 10,000 years
 
 
 def validate_specs(specs: Sequence[TaskSpec], max_payload_bytes: int) -> None:
