@@ -6,7 +6,16 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskfleet.common import convert
-from taskfleet.common.model import Lease, LeaseRef, Outcome, Task, TaskSpec, TaskState
+from taskfleet.common.model import (
+    MAX_DURATION_S,
+    Lease,
+    LeaseRef,
+    Outcome,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+)
 from taskfleet.v1 import tasks_pb2, worker_pb2
 
 
@@ -56,3 +65,15 @@ def test_an_assignment_carries_what_a_worker_reads_of_its_task() -> None:
     assert (sent.id, sent.state, sent.attempts) == ("t1", tasks_pb2.TASK_STATE_RUNNING, 2)
     assert convert.spec_from_proto(sent.spec) == spec
     assert not sent.worker_id and not sent.HasField("created_at")
+
+
+@pytest.mark.parametrize("delay_s", [1e300, float("inf"), float("nan")])
+def test_a_retry_delay_past_any_duration_goes_out_as_the_longest_one(delay_s: float) -> None:
+    failed = TaskError("Retry", "again")
+    outcome = Outcome(LeaseRef("t1", 1), TaskState.FAILED, error=failed, retry_delay_s=delay_s)
+    pb = worker_pb2.Outcome()
+
+    convert.fill_outcome(pb, outcome)
+
+    assert (pb.retry_delay.seconds, pb.retry_delay.nanos) == (MAX_DURATION_S, 0)
+    assert convert.outcome_from_proto(pb).retry_delay_s == MAX_DURATION_S

@@ -239,6 +239,26 @@ def test_a_task_retries_only_what_it_names_and_when_it_asks(
     assert task_result(done[asked]) >= first_failed_by + 1.0
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_retry_delay_past_any_duration_fails_the_attempt_and_the_worker_goes_on(
+    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    # Given a worker with one slot
+    start_worker(master, pool=pool, concurrency=1, queues=queue_name)
+    with master.client() as client:
+        # When a task asks to run again in 1e300 s, longer than a Duration holds
+        asked = client.submit("asks_to_retry", [1e300], queue=queue_name, max_attempts=1)
+        after = client.submit("square", [5], queue=queue_name)
+        done = wait_all(client, [asked, after])
+
+    # Then that attempt fails naming the delay, and the worker runs what comes next
+    failed = done[asked]
+    assert (failed.state, failed.attempts) == (TaskState.FAILED, 1)
+    assert failed.error is not None and failed.error.type == "ValueError"
+    assert "delay_s" in failed.error.message
+    assert task_result(done[after]) == 25
+
+
 def test_failing_tasks_end_failed_when_attempts_run_out(
     master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:

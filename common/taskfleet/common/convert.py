@@ -14,6 +14,7 @@ from taskfleet.common.errors import InvalidArgument
 from taskfleet.common.model import (
     DEFAULT_QUEUE,
     JSON,
+    MAX_DURATION_S,
     MAX_UNIX_S,
     Lease,
     LeaseRef,
@@ -320,7 +321,12 @@ def fill_outcome(pb: worker_pb2.Outcome, outcome: Outcome) -> None:
     if outcome.no_retry:
         pb.no_retry = True
     if outcome.retry_delay_s:
-        pb.retry_delay.FromNanoseconds(round(outcome.retry_delay_s * 1e9))
+        # A backoff doubled past any Duration (or NaN) asks for the longest one: a
+        # Duration the master refuses would lose the outcome, one that cannot be
+        # built would stop the worker's sending.
+        delay_s = outcome.retry_delay_s
+        delay_s = delay_s if delay_s <= MAX_DURATION_S else MAX_DURATION_S
+        pb.retry_delay.FromNanoseconds(round(delay_s * 1e9))
 
 
 def outcome_from_proto(pb: worker_pb2.Outcome) -> Outcome:

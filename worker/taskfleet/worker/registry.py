@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.frozen import frozen
+from taskfleet.common.model import MAX_DURATION_S
 from taskfleet.worker.task_function import TaskFunction
 
 P = ParamSpec("P")
@@ -49,8 +50,8 @@ class Retry(Exception):
     type ``Retry``."""
 
     def __init__(self, delay_s: float = 0.0, message: str = "") -> None:
-        if delay_s < 0:
-            raise ValueError("delay_s must not be negative")
+        if not 0 <= delay_s <= MAX_DURATION_S:  # NaN too: no Duration holds it
+            raise ValueError(f"delay_s must be 0 to {MAX_DURATION_S} s, not {delay_s}")
         super().__init__(message or f"the task asked to run again in {delay_s:g} s")
         self.delay_s = delay_s
 
