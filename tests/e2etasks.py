@@ -232,3 +232,18 @@ def bad_progress(fraction: Any) -> str:
     """Set an invalid progress: the ValueError fails the task."""
     current_task().set_progress(fraction)
     return "unreachable"
+
+
+# A file name that is not UTF-8 comes into Python with a lone surrogate in it.
+UNDECODABLE = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+
+
+@task
+def raises_undecodable() -> None:
+    raise OSError(f"cannot read {UNDECODABLE}")
+
+
+@task
+def reports_undecodable() -> int:
+    current_task().set_progress(0.5, f"reading {UNDECODABLE}")
+    return 1

@@ -259,6 +259,30 @@ def test_a_retry_delay_past_any_duration_fails_the_attempt_and_the_worker_goes_o
     assert task_result(done[after]) == 25
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_text_that_is_not_utf8_is_sent_escaped_and_the_worker_goes_on(
+    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
+) -> None:
+    # Given a worker with one slot
+    start_worker(master, pool=pool, concurrency=1, queues=queue_name)
+    with master.client() as client:
+        # When a task fails naming a file whose name is not UTF-8, and another
+        # reports progress naming it (protobuf strings must be UTF-8)
+        raised = client.submit("raises_undecodable", queue=queue_name, max_attempts=1)
+        reported = client.submit("reports_undecodable", queue=queue_name)
+        after = client.submit("square", [5], queue=queue_name)
+        done = wait_all(client, [raised, reported, after])
+
+    # Then the error arrives with the name escaped, the progress did not stop
+    # the other task, and the worker runs what comes next
+    failed = done[raised]
+    assert failed.state == TaskState.FAILED and failed.error is not None
+    assert failed.error.message == "cannot read caf\\udce9.txt"
+    assert "caf\\udce9.txt" in failed.error.traceback
+    assert task_result(done[reported]) == 1
+    assert task_result(done[after]) == 25
+
+
 def test_failing_tasks_end_failed_when_attempts_run_out(
     master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:

@@ -64,6 +64,17 @@ def encode_result(value: Any) -> bytes:
     return _dumps(value, "result")
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as a protobuf string can carry it: a lone surrogate, which an
+    undecodable file name brings into Python, written as its backslash escape
+    (it is no UTF-8, and setting such a field raises)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def decode_result(data: bytes, content_type: str) -> Any:
     """A stored result as a Python value (raw bytes for unknown content types)."""
     if content_type in ("", JSON):

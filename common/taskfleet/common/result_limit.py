@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from taskfleet.common.codec import utf8_text
 from taskfleet.common.model import Outcome, TaskError, TaskState
 
 RESULT_TOO_LARGE = "ResultTooLarge"
@@ -23,7 +24,8 @@ def limit_outcome(outcome: Outcome, max_result_bytes: int) -> Outcome:
     A result over the limit ends the task FAILED with ``ResultTooLarge``, for
     good: the same call would return as much again. An error over the limit
     keeps its type and is cut short instead, in the middle of its message and
-    of its traceback: the failure matters more than its full text."""
+    of its traceback: the failure matters more than its full text. Text that is
+    not UTF-8 goes escaped (``codec.utf8_text``)."""
     result_bytes = len(outcome.result)
     if result_bytes > max_result_bytes:
         too_large = TaskError(
@@ -36,7 +38,15 @@ def limit_outcome(outcome: Outcome, max_result_bytes: int) -> Outcome:
     error = outcome.error
     if error is None:
         return outcome
-    message, traceback = error.message.encode(), error.traceback.encode()
+    try:
+        message, traceback = error.message.encode(), error.traceback.encode()
+        error.type.encode()
+    except UnicodeEncodeError:  # a lone surrogate: see codec.utf8_text
+        error = TaskError(
+            utf8_text(error.type), utf8_text(error.message), utf8_text(error.traceback)
+        )
+        outcome = dataclasses.replace(outcome, error=error)
+        message, traceback = error.message.encode(), error.traceback.encode()
     if len(message) + len(traceback) <= max_result_bytes:
         return outcome
     budget = max(0, max_result_bytes - 2 * _NOTE_BYTES)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import field
 
+from taskfleet.common.codec import utf8_text
 from taskfleet.common.frozen import frozen
 from taskfleet.common.model import LeaseRef
 
@@ -58,7 +59,7 @@ class TaskContext:
             sink(
                 LeaseRef(self.task_id, self.lease),
                 float(fraction),
-                message[:MAX_PROGRESS_MESSAGE_CHARS],
+                utf8_text(message[:MAX_PROGRESS_MESSAGE_CHARS]),
             )
 
 
