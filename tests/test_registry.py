@@ -26,7 +26,15 @@ def test_retry_on_must_name_exception_classes() -> None:
     assert "_noop" not in REGISTRY
 
 
-def test_retry_refuses_a_negative_delay() -> None:
+@pytest.mark.parametrize("attempts", [0, 2**31])
+def test_max_attempts_must_fit_the_int32_an_outcome_carries(attempts: int) -> None:
+    with pytest.raises(ValueError, match="max_attempts must be 1 to 2147483647"):
+        task(max_attempts=attempts)(_noop)
+    assert "_noop" not in REGISTRY
+
+
+@pytest.mark.parametrize("delay_s", [-1.0, 1e300, float("inf"), float("nan")])
+def test_retry_refuses_a_delay_no_duration_holds(delay_s: float) -> None:
     with pytest.raises(ValueError, match="delay_s"):
-        Retry(-1)
+        Retry(delay_s)
     assert Retry(2.5).delay_s == 2.5

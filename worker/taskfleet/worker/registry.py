@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from taskfleet.common.errors import ConfigError
 from taskfleet.common.frozen import frozen
-from taskfleet.common.model import MAX_DURATION_S
+from taskfleet.common.model import INT32_MAX, MAX_DURATION_S
 from taskfleet.worker.task_function import TaskFunction
 
 P = ParamSpec("P")
@@ -95,8 +95,8 @@ def task(
     backoff when 0. What comes back still runs the function when called, and
     also submits it: ``f.submit(...)``, ``f.submit_with(...)`` (task_function.py).
     """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
+    if not 1 <= max_attempts <= INT32_MAX:  # each outcome carries it as an int32
+        raise ValueError(f"max_attempts must be 1 to {INT32_MAX}, not {max_attempts}")
     if timeout_s < 0 or backoff_s < 0 or backoff_max_s < 0:
         raise ValueError("timeout_s, backoff_s and backoff_max_s must not be negative")
     retry_types = None if retry_on is None else tuple(retry_on)
