@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 from taskfleet.common import convert
 from taskfleet.common.config import WorkerConfig
-from taskfleet.common.model import LeaseRef, Outcome, Progress
+from taskfleet.common.model import LeaseRef, Outcome, Progress, TaskError, TaskState
 from taskfleet.v1 import worker_pb2
-from taskfleet.worker.execute import Job
+from taskfleet.worker.execute import Job, safe_str
 from taskfleet.worker.registry import TaskDefinition
 
 
@@ -75,8 +75,24 @@ def results(seq: int, outcomes: list[Outcome], credit: int = 0) -> worker_pb2.Wo
         batch.credit = credit
     add = batch.outcomes.add
     for outcome in outcomes:
-        convert.fill_outcome(add(), outcome)
+        pb = add()
+        try:
+            convert.fill_outcome(pb, outcome)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # A field protobuf refuses. The batch must go all the same: one that
+            # could not be built would never be acknowledged, and the worker
+            # would send nothing more.
+            pb.Clear()
+            convert.fill_outcome(pb, _unsendable(outcome, exc))
     return message
+
+
+def _unsendable(outcome: Outcome, exc: Exception) -> Outcome:
+    """The outcome reported in place of one protobuf refuses: the attempt failed."""
+    error = TaskError(
+        "OutcomeNotSendable", f"the attempt's outcome could not be sent: {safe_str(exc)}"
+    )
+    return Outcome(outcome.ref, TaskState.FAILED, error=error, no_retry=True)
 
 
 def job(assignment: worker_pb2.Assignment, registry: dict[str, TaskDefinition]) -> Job:
