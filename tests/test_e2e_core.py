@@ -240,45 +240,32 @@ def test_a_task_retries_only_what_it_names_and_when_it_asks(
 
 
 @pytest.mark.parametrize("pool", ["thread", "process"])
-def test_a_retry_delay_past_any_duration_fails_the_attempt_and_the_worker_goes_on(
+def test_outcomes_protobuf_would_refuse_are_reported_and_the_worker_goes_on(
     pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
 ) -> None:
     # Given a worker with one slot
     start_worker(master, pool=pool, concurrency=1, queues=queue_name)
     with master.client() as client:
-        # When a task asks to run again in 1e300 s, longer than a Duration holds
+        # When a task asks to run again in 1e300 s, longer than a Duration holds,
+        # one fails naming a file whose name is not UTF-8 (protobuf strings must
+        # be), and one reports progress naming it
         asked = client.submit("asks_to_retry", [1e300], queue=queue_name, max_attempts=1)
-        after = client.submit("square", [5], queue=queue_name)
-        done = wait_all(client, [asked, after])
-
-    # Then that attempt fails naming the delay, and the worker runs what comes next
-    failed = done[asked]
-    assert (failed.state, failed.attempts) == (TaskState.FAILED, 1)
-    assert failed.error is not None and failed.error.type == "ValueError"
-    assert "delay_s" in failed.error.message
-    assert task_result(done[after]) == 25
-
-
-@pytest.mark.parametrize("pool", ["thread", "process"])
-def test_text_that_is_not_utf8_is_sent_escaped_and_the_worker_goes_on(
-    pool: str, master: MasterProc, start_worker: StartWorker, queue_name: str
-) -> None:
-    # Given a worker with one slot
-    start_worker(master, pool=pool, concurrency=1, queues=queue_name)
-    with master.client() as client:
-        # When a task fails naming a file whose name is not UTF-8, and another
-        # reports progress naming it (protobuf strings must be UTF-8)
         raised = client.submit("raises_undecodable", queue=queue_name, max_attempts=1)
         reported = client.submit("reports_undecodable", queue=queue_name)
         after = client.submit("square", [5], queue=queue_name)
-        done = wait_all(client, [raised, reported, after])
+        done = wait_all(client, [asked, raised, reported, after])
 
-    # Then the error arrives with the name escaped, the progress did not stop
-    # the other task, and the worker runs what comes next
+    # Then the retry fails its attempt naming the delay
+    retry = done[asked]
+    assert (retry.state, retry.attempts) == (TaskState.FAILED, 1)
+    assert retry.error is not None and retry.error.type == "ValueError"
+    assert "delay_s" in retry.error.message
+    # ...the error arrives with the name escaped
     failed = done[raised]
     assert failed.state == TaskState.FAILED and failed.error is not None
     assert failed.error.message == "cannot read caf\\udce9.txt"
     assert "caf\\udce9.txt" in failed.error.traceback
+    # ...and the worker runs what comes next
     assert task_result(done[reported]) == 1
     assert task_result(done[after]) == 25
 
