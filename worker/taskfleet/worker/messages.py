@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 
 from taskfleet.common import convert
+from taskfleet.common.codec import utf8_text
 from taskfleet.common.config import WorkerConfig
 from taskfleet.common.model import LeaseRef, Outcome, Progress, TaskError, TaskState
 from taskfleet.v1 import worker_pb2
@@ -90,7 +91,7 @@ def results(seq: int, outcomes: list[Outcome], credit: int = 0) -> worker_pb2.Wo
 def _unsendable(outcome: Outcome, exc: Exception) -> Outcome:
     """The outcome reported in place of one protobuf refuses: the attempt failed."""
     error = TaskError(
-        "OutcomeNotSendable", f"the attempt's outcome could not be sent: {safe_str(exc)}"
+        "OutcomeNotSendable", utf8_text(f"the attempt's outcome could not be sent: {safe_str(exc)}")
     )
     return Outcome(outcome.ref, TaskState.FAILED, error=error, no_retry=True)
 
