@@ -50,7 +50,7 @@ async def until(check: Callable[[], bool], what: str) -> None:
 async def watching() -> AsyncIterator[tuple[OutageStore, StoreWatch, Health]]:
     """A watch running on a store that answers, with the health it sets."""
     store = OutageStore()
-    watch = StoreWatch(store, LoopBridge(offload=False), settle_s=SETTLE_S)
+    watch = StoreWatch(store, LoopBridge(store.lock), settle_s=SETTLE_S)
     health = Health()
     running = asyncio.create_task(watch.run(health, "memory"))
     try:

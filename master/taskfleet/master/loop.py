@@ -4,9 +4,14 @@ The gRPC server runs on one asyncio loop, so an open stream costs a few
 objects, not a thread. Two things cross that boundary, both through
 ``LoopBridge``:
 
-- store calls, which block (sqlite waits on its lock and on fsync), run on
-  two small thread pools ("lanes"), one call per batch as before; a store
-  whose calls never block (memory) is called on the loop itself;
+- store calls. A store whose calls all take one lock (memory, sqlite) is called
+  on the loop while that lock is free, and on a thread of a small pool ("lane")
+  while another thread (the lease reaper, the manager endpoint) holds it, so the
+  loop never waits on the lock. A store that waits on a network (postgres) is
+  always called on a lane. On the loop, a sqlite call keeps the loop through its
+  fsync; handing it to a thread cost more: two thread hand-offs a call and the
+  GIL passed to and fro at each SQLite step made W1 on sqlite 40% slower
+  (docs/benchmarks.md, twelfth run);
 - wake-ups from other threads (the manager endpoint and the lease reaper run
   in threads) are handed to the loop with ``call_soon_threadsafe``.
 """
@@ -24,34 +29,44 @@ from typing import Generic, ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# sqlite serialises on one lock, so more threads would only queue there; a few
-# let a slow call (a large lease, a stats scan) overlap the quick ones.
+# A store with one lock serialises there, so more threads would only queue on
+# it; a few let a slow call (a large lease, a stats scan, a lost network round
+# trip) overlap the quick ones.
 PRODUCER_THREADS = 2
 WORKER_THREADS = 4
 
 
 class StoreLane:
     """A thread pool for store calls: calls on one lane never wait in line behind
-    another lane's. With no threads, calls run at once on the loop."""
+    another lane's. While ``lock`` (the store's) is free, a call runs at once on
+    the loop instead, holding it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, threads: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+        threads: int,
+        lock: threading.RLock | None,
+    ) -> None:
         self._loop = loop
-        self._pool = (
-            ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) if threads else None
-        )
+        self._lock = lock
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
-        if self._pool is None:
-            return fn(*args, **kwargs)
+        lock = self._lock
+        if lock is not None and lock.acquire(blocking=False):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                lock.release()
         context = contextvars.copy_context()
         return await self._loop.run_in_executor(
             self._pool, functools.partial(context.run, fn, *args, **kwargs)
         )
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
 
 class LoopBridge:
@@ -60,14 +75,13 @@ class LoopBridge:
     Built inside the running loop, so it knows the loop's thread. Producers'
     calls and worker streams' calls take separate lanes: hundreds of workers
     woken by one Submit each ask the store for work, and a GetStats must not
-    queue behind all of them. A store whose calls never block (``offload``
-    False) is called on the loop itself."""
+    queue behind all of them. ``store_lock`` is ``Store.lock``."""
 
-    def __init__(self, offload: bool = True) -> None:
+    def __init__(self, store_lock: threading.RLock | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS * offload)
-        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS * offload)
+        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS, store_lock)
+        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS, store_lock)
         self._background: set[asyncio.Task[None]] = set()
 
     def in_loop(self) -> bool:

@@ -59,7 +59,7 @@ class MasterRuntime:
     scheduler: Scheduler = field(init=False)
 
     def __post_init__(self) -> None:
-        self.bridge = LoopBridge(offload=self.store.blocks)
+        self.bridge = LoopBridge(self.store.lock)
         # After an outage, workers reconnect within their longest backoff and then
         # renew at once; a whole lease more is the patience they get in any case.
         self.store_watch = StoreWatch(

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 from taskfleet.common.backoff import backoff_s
 from taskfleet.common.errors import InvalidArgument, NotFound
@@ -211,9 +211,12 @@ class Store(abc.ABC):
     # Called once (from the failing call's thread) when the server of a networked
     # store is lost: calls then fail with StoreUnavailable until ``ping`` succeeds.
     on_unavailable: Callable[[], None] | None = None
-    # Whether calls wait on a disk, a lock or a network, so that the master's event
-    # loop must hand them to a thread; a store that only computes says False.
-    blocks: ClassVar[bool] = True
+    # The one lock every call takes, when there is one (memory, sqlite). The master
+    # makes a call on its event loop while this lock is free and hands it to a
+    # thread while another thread holds it, so the loop never waits on the lock.
+    # Re-entrant: the master holds it around the call. A store that waits on a
+    # network (postgres) has none, and the master makes all its calls on threads.
+    lock: threading.RLock | None = None
 
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:

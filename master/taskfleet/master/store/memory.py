@@ -80,13 +80,11 @@ from taskfleet.master.store.memory_slots import (
 class MemoryStore(MemoryDeps, MemorySchedules, Store):
     """Fast and volatile: a restart of the master loses every task."""
 
-    # Each call holds the lock for microseconds and needs the GIL throughout: a
-    # thread hand-off would cost more than the call.
-    blocks = False
+    lock: threading.RLock
 
     def __init__(self, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         self._seq = itertools.count()
         self._slots: dict[str, Slot] = {}  # unfinished tasks
         self._final: dict[str, Frozen] = {}  # final tasks until they are deleted
@@ -111,7 +109,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self._oldest = OldestReady(self._ready_since)
 
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
-        with self._lock:
+        with self.lock:
             return self._submit(specs, now)
 
     def _submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
@@ -151,16 +149,16 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return ids, new
 
     def get(self, task_id: str) -> Task:
-        with self._lock:
+        with self.lock:
             return self._read(task_id)
 
     def get_many(self, task_ids: Sequence[str]) -> list[Task]:
-        with self._lock:
+        with self.lock:
             return [self._read(task_id) for task_id in task_ids]
 
     def get_final(self, task_ids: Sequence[str]) -> list[Task]:
         final = []
-        with self._lock:
+        with self.lock:
             for task_id in task_ids:
                 frozen = self._final.get(task_id)
                 if frozen is not None:
@@ -182,7 +180,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     ) -> list[Lease]:
         leases: list[Lease] = []
         passed_over: list[tuple[ReadyEntry, list[ReadyEntry]]] = []
-        with self._lock:
+        with self.lock:
             self._promote(now)
             # One entry per non-empty heap, keyed by its top: popping the best
             # head repeatedly merges the heaps in (-priority, seq) order.
@@ -210,7 +208,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return leases
 
     def running_by_key(self) -> dict[str, KeyLoad]:
-        with self._lock:
+        with self.lock:
             return {
                 key: KeyLoad(len(running), min(running.values()))
                 for key, running in self._keyed.items()
@@ -220,7 +218,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self, worker_id: str, refs: Sequence[LeaseRef], lease_s: float, now: float
     ) -> list[LeaseRef]:
         stale = []
-        with self._lock:
+        with self.lock:
             for ref in refs:
                 slot = self._valid(ref)
                 if slot is None or slot.task.worker_id != worker_id:
@@ -234,7 +232,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
         stored = []
-        with self._lock:
+        with self.lock:
             for update in updates:
                 slot = self._valid(update.ref)
                 if slot is not None:
@@ -246,7 +244,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[Task]:
         check_outcomes(outcomes)
         changed = []
-        with self._lock:
+        with self.lock:
             for outcome in outcomes:
                 slot = self._valid(outcome.ref)
                 if slot is None:
@@ -259,7 +257,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return changed
 
     def retry(self, task_id: str, now: float) -> Task:
-        with self._lock:
+        with self.lock:
             state = self._state(task_id)
             if state is None:
                 raise not_found(task_id)
@@ -279,7 +277,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def release(self, refs: Sequence[LeaseRef], now: float) -> int:
         released = 0
-        with self._lock:
+        with self.lock:
             for ref in refs:
                 slot = self._valid(ref)
                 if slot is None:
@@ -291,7 +289,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return released
 
     def cancel(self, task_id: str, now: float) -> list[Task]:
-        with self._lock:
+        with self.lock:
             slot = self._slots.get(task_id)
             if slot is None:
                 frozen = self._final.get(task_id)
@@ -305,7 +303,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
 
     def expire(self, now: float) -> list[Task]:
         expired = []
-        with self._lock:
+        with self.lock:
             while self._running and self._running[0][0] <= now:
                 deadline, _, task_id, lease = heapq.heappop(self._running)
                 slot = self._slots.get(task_id)
@@ -321,7 +319,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return expired
 
     def prune(self, now: float, limit: int) -> int:
-        with self._lock:
+        with self.lock:
             pruned = self._expiring.sweep(now, limit, self._expiry, self._delete_seq)
             self._compact_order()
         return pruned
@@ -330,7 +328,7 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         states = query.states or FINAL_STATES
         if not states <= FINAL_STATES:
             raise InvalidArgument("states: only finished tasks can be purged")
-        with self._lock:
+        with self.lock:
             doomed = list(itertools.islice(self._matching(query, states, None), limit))
             for task_id, _ in doomed:
                 self._delete(task_id)
@@ -338,28 +336,28 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         return len(doomed)
 
     def list_tasks(self, query: TaskQuery, limit: int, cursor: int | None = None) -> TaskPage:
-        with self._lock:
+        with self.lock:
             found = list(itertools.islice(self._matching(query, query.states, cursor), limit + 1))
             tasks = [self._read(task_id) for task_id, _ in found[:limit]]
         more = len(found) > limit
         return TaskPage(tasks, found[limit - 1][1] if more and limit else None)
 
     def next_ready_at(self, now: float) -> float | None:
-        with self._lock:
+        with self.lock:
             self._promote(now)
             return self._delayed[0][0] if self._delayed else None
 
     def stats(self) -> list[QueueCounts]:
-        with self._lock:
+        with self.lock:
             return [QueueCounts(q, dict(self._counts[q])) for q in sorted(self._counts)]
 
     def oldest_pending(self, now: float) -> dict[str, float]:
-        with self._lock:
+        with self.lock:
             self._promote(now)
             return self._oldest.oldest()
 
     def pending_names(self, limit: int) -> list[PendingName]:
-        with self._lock:
+        with self.lock:
             counted = collections.Counter(
                 (s.task.spec.queue, s.task.spec.name)
                 for s in self._slots.values()

@@ -14,7 +14,7 @@ from taskfleet.master.store.memory_slots import own_spec
 class MemorySchedules:
     """The schedule methods of ``MemoryStore``."""
 
-    _lock: threading.Lock
+    lock: threading.RLock
     _schedules: dict[str, Schedule]  # in creation order
 
     def _submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:
@@ -22,25 +22,25 @@ class MemorySchedules:
 
     def add_schedule(self, schedule: Schedule) -> Schedule:
         schedule = dataclasses.replace(schedule, id=new_task_id(), spec=own_spec(schedule.spec, ()))
-        with self._lock:
+        with self.lock:
             self._schedules[schedule.id] = schedule
         return schedule
 
     def get_schedule(self, schedule_id: str) -> Schedule:
-        with self._lock:
+        with self.lock:
             return self._schedule(schedule_id)
 
     def list_schedules(self) -> list[Schedule]:
-        with self._lock:
+        with self.lock:
             return list(self._schedules.values())
 
     def delete_schedule(self, schedule_id: str) -> None:
-        with self._lock:
+        with self.lock:
             self._schedule(schedule_id)
             del self._schedules[schedule_id]
 
     def pause_schedule(self, schedule_id: str, paused: bool, next_fire: float) -> Schedule:
-        with self._lock:
+        with self.lock:
             schedule = dataclasses.replace(
                 self._schedule(schedule_id), paused=paused, next_fire=next_fire
             )
@@ -48,12 +48,12 @@ class MemorySchedules:
             return schedule
 
     def due_schedules(self, now: float, limit: int) -> list[Schedule]:
-        with self._lock:
+        with self.lock:
             due = [s for s in self._schedules.values() if not s.paused and s.next_fire <= now]
         return sorted(due, key=lambda s: s.next_fire)[:limit]
 
     def next_schedule_fire(self) -> float | None:
-        with self._lock:
+        with self.lock:
             return min(
                 (s.next_fire for s in self._schedules.values() if not s.paused), default=None
             )
@@ -61,7 +61,7 @@ class MemorySchedules:
     def fire_schedule(
         self, schedule_id: str, due: float, next_fire: float, fired: FiredTick | None, now: float
     ) -> str | None:
-        with self._lock:
+        with self.lock:
             schedule = self._schedules.get(schedule_id)
             if schedule is None or schedule.paused or schedule.next_fire != due:
                 return None

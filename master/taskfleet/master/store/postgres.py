@@ -129,8 +129,6 @@ from taskfleet.master.store.rows import (
 class PostgresStore(PostgresSchedules, Store):
     """Durable store in the PostgreSQL database ``dsn`` names, migrated on open."""
 
-    blocks = True
-
     def __init__(
         self, dsn: str, policy: StorePolicy = DEFAULT_POLICY, *, prepare: bool = True
     ) -> None:

@@ -118,10 +118,12 @@ _WAL_LIMIT_BYTES = 64 * 1024 * 1024
 class SqliteStore(SqliteSchedules, Store):
     """Durable store in the SQLite file at ``path``, created on first use."""
 
+    lock: threading.RLock
+
     def __init__(self, path: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
         self._path = path
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         self._unusable = ""  # why the store is unusable, once it is
         self._counts = Counts()  # what the write under way changes; applied by _write
         self._owner = _claim(path)
@@ -174,7 +176,7 @@ class SqliteStore(SqliteSchedules, Store):
     def _read(self) -> Iterator[sqlite3.Connection]:
         """The connection, under the lock; an error that shows the file damaged
         makes this store unusable for good."""
-        with self._lock:
+        with self.lock:
             if self._unusable:  # a new error each time: one raised again grows its traceback
                 raise StoreUnusable(self._unusable)
             try:
@@ -508,7 +510,7 @@ class SqliteStore(SqliteSchedules, Store):
         return [PendingName(*row) for row in rows]
 
     def close(self) -> None:
-        with self._lock:  # even when unusable
+        with self.lock:  # even when unusable
             self._db.close()
             os.close(self._owner)  # and with it the claim on the file
 

@@ -1,0 +1,114 @@
+"""Where the master makes a store call: on its loop while the store's lock is
+free, on a lane thread while another thread holds it, and always on a thread
+for a store without one lock (postgres)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from taskfleet.master.loop import LoopBridge
+
+WAIT_S = 30.0
+
+
+def test_a_call_runs_on_the_loop_holding_the_lock_while_it_is_free() -> None:
+    async def story() -> None:
+        # Given a bridge for a store with one lock, free
+        lock = threading.RLock()
+        bridge = LoopBridge(lock)
+        loop_thread = threading.get_ident()
+        try:
+
+            def call() -> tuple[int, bool]:
+                held_here = lock.acquire(blocking=False)  # re-entrant: ours already
+                if held_here:
+                    lock.release()
+                return threading.get_ident(), held_here and not _free_elsewhere(lock)
+
+            # When a producer and a worker make a call
+            for lane in (bridge.producers, bridge.workers):
+                thread, held = await lane.run(call)
+
+                # Then it ran on the loop's thread, holding the lock
+                assert thread == loop_thread
+                assert held
+            # And the lock is free again afterwards
+            assert _free_elsewhere(lock)
+        finally:
+            bridge.close()
+
+    asyncio.run(story())
+
+
+def test_a_call_goes_to_a_thread_while_another_thread_holds_the_lock() -> None:
+    async def story() -> None:
+        # Given a bridge whose store lock another thread holds (as the reaper does)
+        lock = threading.RLock()
+        bridge = LoopBridge(lock)
+        taken, release = threading.Event(), threading.Event()
+
+        def reaper() -> None:
+            with lock:
+                taken.set()
+                release.wait(WAIT_S)
+
+        holder = threading.Thread(target=reaper)
+        holder.start()
+        assert taken.wait(WAIT_S)
+        try:
+
+            def call() -> int:
+                with lock:  # as every store call does
+                    return threading.get_ident()
+
+            # When the loop makes a call
+            pending = asyncio.ensure_future(bridge.workers.run(call))
+
+            # Then the loop goes on serving while the call waits for the lock
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+            assert not pending.done()
+
+            # And once the lock is let go, the call ends on a lane thread
+            release.set()
+            thread = await asyncio.wait_for(pending, WAIT_S)
+            assert thread not in (threading.get_ident(), holder.ident)
+        finally:
+            release.set()
+            holder.join(WAIT_S)
+            bridge.close()
+
+    asyncio.run(story())
+
+
+def test_a_store_without_one_lock_is_always_called_on_a_thread() -> None:
+    async def story() -> None:
+        # Given a bridge for a store that waits on a network (no lock)
+        bridge = LoopBridge(None)
+        try:
+            # When a call is made
+            thread = await bridge.producers.run(threading.get_ident)
+
+            # Then it ran on a lane thread, not the loop's
+            assert thread != threading.get_ident()
+        finally:
+            bridge.close()
+
+    asyncio.run(story())
+
+
+def _free_elsewhere(lock: threading.RLock) -> bool:
+    """Whether another thread could take ``lock`` now."""
+    free: list[bool] = []
+
+    def probe() -> None:
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        free.append(got)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(WAIT_S)
+    return free[0]
