@@ -41,7 +41,9 @@ def test_a_call_runs_on_the_loop_holding_the_lock_while_it_is_free() -> None:
     asyncio.run(story())
 
 
-def test_a_call_goes_to_a_thread_while_another_thread_holds_the_lock() -> None:
+def test_a_call_goes_to_a_thread_while_another_thread_holds_the_lock_and_later_ones_wait_for_it() -> (
+    None
+):
     async def story() -> None:
         # Given a bridge whose store lock another thread holds (as the reaper does)
         lock = threading.RLock()
@@ -62,18 +64,24 @@ def test_a_call_goes_to_a_thread_while_another_thread_holds_the_lock() -> None:
                 with lock:  # as every store call does
                     return threading.get_ident()
 
-            # When the loop makes a call
-            pending = asyncio.ensure_future(bridge.workers.run(call))
-
-            # Then the loop goes on serving while the call waits for the lock
+            # When the loop makes a call, and then another on the other lane
+            first = asyncio.ensure_future(bridge.workers.run(call))
             for _ in range(3):
                 await asyncio.sleep(0.01)
-            assert not pending.done()
+            second = asyncio.ensure_future(bridge.producers.run(call))
 
-            # And once the lock is let go, the call ends on a lane thread
+            # Then the loop goes on serving while the calls wait for the lock
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+            assert not first.done() and not second.done()
+
+            # And once the lock is let go, the first call ends on a lane thread
             release.set()
-            thread = await asyncio.wait_for(pending, WAIT_S)
-            assert thread not in (threading.get_ident(), holder.ident)
+            loop_thread = threading.get_ident()
+            assert await asyncio.wait_for(first, WAIT_S) not in (loop_thread, holder.ident)
+            # And the second, which waited for the first rather than join it on
+            # the lane threads, on the loop
+            assert await asyncio.wait_for(second, WAIT_S) == loop_thread
         finally:
             release.set()
             holder.join(WAIT_S)

@@ -24,7 +24,7 @@ import functools
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -36,34 +36,55 @@ PRODUCER_THREADS = 2
 WORKER_THREADS = 4
 
 
+class StoreLock:
+    """A store's one lock as the loop sees it, shared by both lanes.
+
+    ``away`` is the latest call handed to a lane thread because the lock was
+    busy. Later calls wait for it before trying the lock again: the calls on
+    lane threads would otherwise keep the lock busy for each other, and under
+    load the master would stay on threads long after the reaper let go."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock
+        self.away: asyncio.Future[Any] | None = None
+
+
 class StoreLane:
     """A thread pool for store calls: calls on one lane never wait in line behind
-    another lane's. While ``lock`` (the store's) is free, a call runs at once on
-    the loop instead, holding it."""
+    another lane's. While the store's lock is free, a call runs at once on the
+    loop instead, holding it."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         name: str,
         threads: int,
-        lock: threading.RLock | None,
+        store_lock: StoreLock | None,
     ) -> None:
         self._loop = loop
-        self._lock = lock
+        self._store_lock = store_lock
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
-        lock = self._lock
-        if lock is not None and lock.acquire(blocking=False):
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                lock.release()
+        store_lock = self._store_lock
+        while store_lock is not None:
+            if store_lock.lock.acquire(blocking=False):
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    store_lock.lock.release()
+            away = store_lock.away
+            if away is None or away.done():
+                break  # another thread holds the lock
+            await asyncio.wait((away,))
         context = contextvars.copy_context()
-        return await self._loop.run_in_executor(
+        call = self._loop.run_in_executor(
             self._pool, functools.partial(context.run, fn, *args, **kwargs)
         )
+        if store_lock is not None:
+            store_lock.away = call
+        return await call
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -80,8 +101,9 @@ class LoopBridge:
     def __init__(self, store_lock: threading.RLock | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS, store_lock)
-        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS, store_lock)
+        shared = None if store_lock is None else StoreLock(store_lock)
+        self.producers = StoreLane(self.loop, "store-producers", PRODUCER_THREADS, shared)
+        self.workers = StoreLane(self.loop, "store-workers", WORKER_THREADS, shared)
         self._background: set[asyncio.Task[None]] = set()
 
     def in_loop(self) -> bool:
