@@ -41,9 +41,7 @@ def test_a_call_runs_on_the_loop_holding_the_lock_while_it_is_free() -> None:
     asyncio.run(story())
 
 
-def test_a_call_goes_to_a_thread_while_another_thread_holds_the_lock_and_later_ones_wait_for_it() -> (
-    None
-):
+def test_a_call_goes_to_a_thread_while_another_holds_the_lock_and_later_ones_wait() -> None:
     async def story() -> None:
         # Given a bridge whose store lock another thread holds (as the reaper does)
         lock = threading.RLock()
