@@ -348,6 +348,21 @@ def test_extend_renews_the_lease_past_its_original_deadline(store: Store) -> Non
     assert [t.id for t in store.expire(NOW + 20 + LEASE_S)] == [leased.task.id]
 
 
+def test_expire_reports_lapsed_tasks_by_deadline_then_submission(store: Store) -> None:
+    first, second, third = store.submit([spec(), spec(), spec()], NOW)
+    leases = lease(store)
+    # Renewed at different times: third lapses first, then first and second together.
+    store.extend("w1", [leases[2].ref], LEASE_S, NOW + 1)
+    store.extend("w1", [leases[0].ref, leases[1].ref], LEASE_S, NOW + 2)
+
+    assert store.expire(NOW + 1 + LEASE_S - 0.5) == []
+    expired = store.expire(NOW + 2 + LEASE_S)
+
+    assert [t.id for t in expired] == [third, first, second]
+    assert all(store.get(t).state is TaskState.PENDING for t in (first, second, third))
+    assert store.expire(NOW + 10 * LEASE_S) == []
+
+
 def test_extend_reports_stale_refs(store: Store) -> None:
     kept, cancelled = store.submit([spec(), spec()], NOW)
     leases = lease(store)

@@ -77,6 +77,10 @@ from taskfleet.master.store.memory_slots import (
 )
 
 
+def _deadline_order(slot: Slot) -> tuple[float, int]:
+    return slot.deadline, slot.seq
+
+
 class MemoryStore(MemoryDeps, MemorySchedules, Store):
     """Fast and volatile: a restart of the master loses every task."""
 
@@ -91,7 +95,9 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         self._by_key: dict[str, str] = {}
         self._ready: dict[str, dict[str, list[ReadyEntry]]] = {}
         self._delayed: list[tuple[float, int, str]] = []
-        self._running: list[tuple[float, int, str, int]] = []  # deadline, seq, id, lease
+        # RUNNING tasks, which expire scans: those in flight are few beside those
+        # leased per lease period, which a heap of deadlines would hold until due.
+        self._running: dict[str, Slot] = {}
         self._counts: dict[str, dict[TaskState, int]] = {}
         self._keyed: dict[str, dict[str, int]] = {}  # key -> RUNNING task id -> its limit
         self._expiring = Expiring()
@@ -225,9 +231,6 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                     stale.append(ref)
                     continue
                 slot.deadline = now + lease_s
-                heapq.heappush(
-                    self._running, (slot.deadline, slot.seq, slot.task.id, slot.task.lease)
-                )
         return stale
 
     def set_progress(self, updates: Sequence[Progress]) -> list[Progress]:
@@ -304,17 +307,11 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
     def expire(self, now: float) -> list[Task]:
         expired = []
         with self.lock:
-            while self._running and self._running[0][0] <= now:
-                deadline, _, task_id, lease = heapq.heappop(self._running)
-                slot = self._slots.get(task_id)
-                if slot is None:
-                    continue
-                task = slot.task
-                # Entries left by extend (older deadline) or by an earlier lease are stale.
-                current = task.lease == lease and slot.deadline == deadline
-                if task.state is TaskState.RUNNING and current:
-                    self._lose_lease(slot, now)
-                    expired.append(snapshot(task))
+            lapsed = [slot for slot in self._running.values() if slot.deadline <= now]
+            lapsed.sort(key=_deadline_order)
+            for slot in lapsed:
+                self._lose_lease(slot, now)
+                expired.append(snapshot(slot.task))
             expired += self._take_settled()
         return expired
 
@@ -477,6 +474,10 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
                 running.pop(slot.task.id, None)
                 if not running:
                     del self._keyed[key]
+        if state is TaskState.RUNNING:
+            self._running[slot.task.id] = slot
+        elif slot.task.state is TaskState.RUNNING:
+            del self._running[slot.task.id]
         slot.task.state = state
 
     def _enqueue(self, slot: Slot, ready_at: float, now: float) -> None:
@@ -554,7 +555,6 @@ class MemoryStore(MemoryDeps, MemorySchedules, Store):
         task.worker_id = worker_id
         task.started_at = now
         slot.deadline = now + lease_s
-        heapq.heappush(self._running, (slot.deadline, slot.seq, task.id, task.lease))
         return Lease(snapshot(task), slot.deadline)
 
     def _apply(self, slot: Slot, outcome: Outcome, now: float) -> None:
