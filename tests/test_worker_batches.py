@@ -8,7 +8,7 @@ import pytest
 from taskfleet.common.batching import BATCH_BYTES
 from taskfleet.common.model import JSON, LeaseRef, Outcome, TaskState
 from taskfleet.worker.batches import GATHER_MAX, GATHER_S, Batches
-from taskfleet.worker.credit import Credit
+from taskfleet.worker.credit import PREFETCH_BYTES, Credit
 from taskfleet.worker.execute import Job
 from taskfleet.worker.lease_book import LeaseBook
 
@@ -59,6 +59,23 @@ def test_prefetch_covers_four_round_trips_of_short_jobs_up_to_the_limit() -> Non
     assert credit.capacity() == SLOTS + 1
 
 
+def test_prefetch_holds_about_prefetch_bytes_of_payloads() -> None:
+    credit = Credit(SLOTS, 100_000, gather_s=GATHER_S)
+    credit.job_took(0.0001)
+    credit.round_trip_took(0.010)
+    unbounded = credit.capacity() - SLOTS
+    assert unbounded > 1_000  # short jobs: many round trips' worth
+    # Small payloads leave it as it is; 1 MiB ones bound it by bytes.
+    credit.arrived(10, 10 * 100)
+    assert credit.capacity() - SLOTS == unbounded
+    credit.payload_bytes = None
+    credit.arrived(10, 10 * 1024 * 1024)
+    assert credit.capacity() - SLOTS == PREFETCH_BYTES // (1024 * 1024)
+    # However large, one task is still prefetched.
+    credit.payload_bytes = 2 * PREFETCH_BYTES
+    assert credit.capacity() == SLOTS + 1
+
+
 def test_the_moving_average_leans_to_the_past() -> None:
     credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
     credit.job_took(1.0)
@@ -70,10 +87,10 @@ def test_credit_asked_for_counts_until_it_arrives_or_the_stream_ends() -> None:
     credit = Credit(SLOTS, PREFETCH, gather_s=GATHER_S)
     credit.asked(3)
     assert credit.wanted(holding=0, draining=False) == 0
-    credit.arrived(2)
+    credit.arrived(2, 0)
     assert credit.requested == 1
     assert credit.wanted(holding=3, draining=False) == -1  # 0 or less: none
-    credit.arrived(5)  # more than asked for (a resent Hello's leases): never below 0
+    credit.arrived(5, 0)  # more than asked for (a resent Hello's leases): never below 0
     assert credit.requested == 0
     credit.asked(3)
     credit.new_stream()

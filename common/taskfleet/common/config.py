@@ -92,8 +92,9 @@ class WorkerConfig:
     concurrency: int = 0
     pool: str = "process"
     # Most tasks held beyond one per slot; the worker holds as many as its pool
-    # finishes in one round trip to the master, so long tasks get just one.
-    prefetch: int = 100
+    # finishes in four round trips to the master (credit.py), so long tasks get
+    # just one.
+    prefetch: int = 1000
     token: str = ""  # the master's worker token when it has one, else its token
     tls: ClientTls | None = None  # None: plaintext
     grace_s: float = 30.0  # how long a draining worker lets running tasks finish

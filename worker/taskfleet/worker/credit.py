@@ -2,10 +2,11 @@
 
 A worker holds one task per pool slot plus a prefetch of what the pool gets
 through in four round trips to the master (COVERED_ROUND_TRIPS), so a slot
-never waits on the network, and never more than ``--prefetch``. Long tasks get a prefetch
-of one: nothing waits behind them that another worker could run. Two moving
-averages size the prefetch: how long a job holds its slot, and how long the
-master takes to acknowledge a batch. No gRPC and no threads here.
+never waits on the network, and never more than ``--prefetch``, nor about
+PREFETCH_BYTES of payloads. Long tasks get a prefetch of one: nothing waits
+behind them that another worker could run. Three moving averages size the
+prefetch: how long a job holds its slot, how long the master takes to
+acknowledge a batch, and how large a payload is. No gRPC and no threads here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ AVERAGE_WEIGHT = 0.1  # weight of the newest sample in the moving averages
 # worker's batches, W1 costing about a fifth less CPU per task; four gave W1
 # another 8% (median of 13 runs against 17, alternating: 12,246 -> 13,266/s).
 COVERED_ROUND_TRIPS = 4
+# Payloads the prefetch holds, about: short jobs with large payloads would
+# otherwise fill the worker's memory with work it has not started.
+PREFETCH_BYTES = 32 * 1024 * 1024
 
 
 class Credit:
@@ -34,6 +38,7 @@ class Credit:
         self.requested = 0
         self.job_s: float | None = None
         self.round_trip_s: float | None = None
+        self.payload_bytes: float | None = None  # per job
 
     def job_took(self, run_s: float) -> None:
         """A job held its pool slot for ``run_s``."""
@@ -49,6 +54,8 @@ class Credit:
         if self.job_s and self.round_trip_s:
             waiting_s = self.round_trip_s + self.gather_s
             covering = math.ceil(COVERED_ROUND_TRIPS * self.slots * waiting_s / self.job_s)
+        if self.payload_bytes:
+            covering = min(covering, max(1, int(PREFETCH_BYTES / self.payload_bytes)))
         return self.slots + min(self.prefetch, covering)
 
     def wanted(self, holding: int, draining: bool) -> int:
@@ -62,9 +69,11 @@ class Credit:
         """``tasks`` more were asked for."""
         self.requested += tasks
 
-    def arrived(self, tasks: int) -> None:
-        """``tasks`` arrived from the master."""
+    def arrived(self, tasks: int, payload_bytes: int) -> None:
+        """``tasks`` arrived from the master, with ``payload_bytes`` of payloads."""
         self.requested = max(0, self.requested - tasks)
+        if tasks:
+            self.payload_bytes = _average(self.payload_bytes, payload_bytes / tasks)
 
     def new_stream(self) -> None:
         """A new stream starts: what was asked for on the old one will not come."""

@@ -142,7 +142,7 @@ class Worker:
 
     def accept(self, jobs: list[Job]) -> None:
         with self._lock:
-            self.credit.arrived(len(jobs))
+            self.credit.arrived(len(jobs), sum(len(job.payload) for job in jobs))
             unwanted = self.book.accept(jobs)
             self._start_prefetched()
         if unwanted:
