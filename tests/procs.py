@@ -79,6 +79,23 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.pid, signum)
 
+    def freeze(self) -> None:
+        """SIGSTOP, returning once every thread has stopped. The signal is sent at
+        once but, on a loaded machine, taken a while later (a test saw the
+        process still running and reading its sockets after kill returned)."""
+        self.signal(signal.SIGSTOP)
+        poll(self._frozen, 30.0, f"pid {self.pid} to stop")
+
+    def _frozen(self) -> bool:
+        for thread in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                state = (thread / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                continue  # the thread has just exited
+            if state != "T":
+                return False
+        return True
+
     def wait(self, timeout_s: float = 30.0) -> int:
         self._awaited = True
         try:

@@ -273,7 +273,7 @@ def test_late_result_of_a_frozen_worker_presumed_dead_is_fenced(
     assert started(gate) == worker_a.pid
 
     # When A freezes (SIGSTOP) until the master gives up on it, and worker B starts
-    worker_a.signal(signal.SIGSTOP)
+    worker_a.freeze()
     disconnected(client, worker_a)
     worker_b = start_worker(master, queues=queue_name, pool="thread")
     b_id = connected(client, worker_b)

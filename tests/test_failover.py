@@ -9,7 +9,6 @@ Masters sharing one PostgreSQL database are tested in test_multimaster.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,7 +212,7 @@ def test_a_submit_cut_off_after_it_was_sent_is_sent_again_only_with_a_key(
     big = "x" * 50_000
     with Client(f"{a.address},{b.address}") as client:
         client.stats()
-        a.signal(signal.SIGSTOP)
+        a.freeze()
 
         # When a submit reaches A's socket and A is then killed, so the client
         # cannot tell whether A stored the task
