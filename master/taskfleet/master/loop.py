@@ -10,8 +10,8 @@ objects, not a thread. Two things cross that boundary, both through
   loop never waits on the lock. A store that waits on a network (postgres) is
   always called on a lane. On the loop, a sqlite call keeps the loop through its
   fsync; handing it to a thread cost more: two thread hand-offs a call and the
-  GIL passed to and fro at each SQLite step made W1 on sqlite 40% slower
-  (docs/benchmarks.md, twelfth run);
+  GIL passed to and fro at each SQLite step made W1 on sqlite about a third
+  slower (docs/benchmarks.md, twelfth run);
 - wake-ups from other threads (the manager endpoint and the lease reaper run
   in threads) are handed to the loop with ``call_soon_threadsafe``.
 """
@@ -29,9 +29,9 @@ from typing import Any, Generic, ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# A store with one lock serialises there, so more threads would only queue on
-# it; a few let a slow call (a large lease, a stats scan, a lost network round
-# trip) overlap the quick ones.
+# Threads a lane has. Calls to a store with one lock go to them only while
+# another thread holds it; for postgres, a few let a slow call (a large lease, a
+# stats scan, a lost network round trip) overlap the quick ones.
 PRODUCER_THREADS = 2
 WORKER_THREADS = 4
 
@@ -50,9 +50,9 @@ class StoreLock:
 
 
 class StoreLane:
-    """A thread pool for store calls: calls on one lane never wait in line behind
-    another lane's. While the store's lock is free, a call runs at once on the
-    loop instead, holding it."""
+    """A thread pool for store calls: for a store without one lock (postgres),
+    calls on one lane never wait in line behind another lane's. For a store with
+    one, a call runs at once on the loop while the lock is free, holding it."""
 
     def __init__(
         self,
