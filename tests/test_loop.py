@@ -12,29 +12,24 @@ from taskfleet.master.loop import LoopBridge
 WAIT_S = 30.0
 
 
-def test_a_call_runs_on_the_loop_holding_the_lock_while_it_is_free() -> None:
+def test_a_call_runs_on_the_loop_while_the_lock_is_free_and_takes_it_itself() -> None:
     async def story() -> None:
         # Given a bridge for a store with one lock, free
-        lock = threading.RLock()
+        lock = threading.Lock()
         bridge = LoopBridge(lock)
         loop_thread = threading.get_ident()
         try:
 
-            def call() -> tuple[int, bool]:
-                held_here = lock.acquire(blocking=False)  # re-entrant: ours already
-                if held_here:
-                    lock.release()
-                return threading.get_ident(), held_here and not _free_elsewhere(lock)
+            def call() -> int:
+                with lock:  # as every store call does: the lane does not hold it
+                    return threading.get_ident()
 
             # When a producer and a worker make a call
             for lane in (bridge.producers, bridge.workers):
-                thread, held = await lane.run(call)
-
-                # Then it ran on the loop's thread, holding the lock
-                assert thread == loop_thread
-                assert held
+                # Then it ran on the loop's thread
+                assert await asyncio.wait_for(lane.run(call), WAIT_S) == loop_thread
             # And the lock is free again afterwards
-            assert _free_elsewhere(lock)
+            assert not lock.locked()
         finally:
             bridge.close()
 
@@ -44,7 +39,7 @@ def test_a_call_runs_on_the_loop_holding_the_lock_while_it_is_free() -> None:
 def test_a_call_goes_to_a_thread_while_another_holds_the_lock_and_later_ones_wait() -> None:
     async def story() -> None:
         # Given a bridge whose store lock another thread holds (as the reaper does)
-        lock = threading.RLock()
+        lock = threading.Lock()
         bridge = LoopBridge(lock)
         taken, release = threading.Event(), threading.Event()
 
@@ -102,19 +97,3 @@ def test_a_store_without_one_lock_is_always_called_on_a_thread() -> None:
             bridge.close()
 
     asyncio.run(story())
-
-
-def _free_elsewhere(lock: threading.RLock) -> bool:
-    """Whether another thread could take ``lock`` now."""
-    free: list[bool] = []
-
-    def probe() -> None:
-        got = lock.acquire(blocking=False)
-        if got:
-            lock.release()
-        free.append(got)
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join(WAIT_S)
-    return free[0]

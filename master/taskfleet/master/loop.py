@@ -7,11 +7,12 @@ objects, not a thread. Two things cross that boundary, both through
 - store calls. A store whose calls all take one lock (memory, sqlite) is called
   on the loop while that lock is free, and on a thread of a small pool ("lane")
   while another thread (the lease reaper, the manager endpoint) holds it, so the
-  loop never waits on the lock. A store that waits on a network (postgres) is
-  always called on a lane. On the loop, a sqlite call keeps the loop through its
-  fsync; handing it to a thread cost more: two thread hand-offs a call and the
-  GIL passed to and fro at each SQLite step made W1 on sqlite about a third
-  slower (docs/benchmarks.md, twelfth run);
+  loop does not wait on the lock (but for a call that takes it in between). A
+  store that waits on a network (postgres) is always called on a lane. On the
+  loop, a sqlite call keeps the loop through its fsync; handing it to a thread
+  cost more: two thread hand-offs a call and the GIL passed to and fro at each
+  SQLite step made W1 on sqlite about a third slower (docs/benchmarks.md,
+  twelfth run);
 - wake-ups from other threads (the manager endpoint and the lease reaper run
   in threads) are handed to the loop with ``call_soon_threadsafe``.
 """
@@ -44,7 +45,7 @@ class StoreLock:
     lane threads would otherwise keep the lock busy for each other, and under
     load the master would stay on threads long after the reaper let go."""
 
-    def __init__(self, lock: threading.RLock) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self.lock = lock
         self.away: asyncio.Future[Any] | None = None
 
@@ -52,7 +53,9 @@ class StoreLock:
 class StoreLane:
     """A thread pool for store calls: for a store without one lock (postgres),
     calls on one lane never wait in line behind another lane's. For a store with
-    one, a call runs at once on the loop while the lock is free, holding it."""
+    one, a call runs at once on the loop while the lock is free. The lane does
+    not hold the lock around the call (the store takes it inside), so no lock the
+    call takes after the store's is ever nested in it."""
 
     def __init__(
         self,
@@ -69,11 +72,8 @@ class StoreLane:
         """``fn(*args, **kwargs)`` on this lane, with the calling task's log context."""
         store_lock = self._store_lock
         while store_lock is not None:
-            if store_lock.lock.acquire(blocking=False):
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    store_lock.lock.release()
+            if not store_lock.lock.locked():
+                return fn(*args, **kwargs)
             away = store_lock.away
             if away is None or away.done():
                 break  # another thread holds the lock
@@ -98,7 +98,7 @@ class LoopBridge:
     woken by one Submit each ask the store for work, and a GetStats must not
     queue behind all of them. ``store_lock`` is ``Store.lock``."""
 
-    def __init__(self, store_lock: threading.RLock | None = None) -> None:
+    def __init__(self, store_lock: threading.Lock | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
         shared = None if store_lock is None else StoreLock(store_lock)

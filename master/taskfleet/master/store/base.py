@@ -213,10 +213,10 @@ class Store(abc.ABC):
     on_unavailable: Callable[[], None] | None = None
     # The one lock every call takes, when there is one (memory, sqlite). The master
     # makes a call on its event loop while this lock is free and hands it to a
-    # thread while another thread holds it, so the loop never waits on the lock.
-    # Re-entrant: the master holds it around the call. A store that waits on a
-    # network (postgres) has none, and the master makes all its calls on threads.
-    lock: threading.RLock | None = None
+    # thread while another thread holds it, so the loop does not wait on the lock.
+    # A store that waits on a network (postgres) has none, and the master makes
+    # all its calls on threads.
+    lock: threading.Lock | None = None
 
     @abc.abstractmethod
     def submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:

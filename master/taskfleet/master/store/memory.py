@@ -84,11 +84,11 @@ def _deadline_order(slot: Slot) -> tuple[float, int]:
 class MemoryStore(MemoryDeps, MemorySchedules, Store):
     """Fast and volatile: a restart of the master loses every task."""
 
-    lock: threading.RLock
+    lock: threading.Lock
 
     def __init__(self, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self._seq = itertools.count()
         self._slots: dict[str, Slot] = {}  # unfinished tasks
         self._final: dict[str, Frozen] = {}  # final tasks until they are deleted

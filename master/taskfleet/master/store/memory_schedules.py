@@ -14,7 +14,7 @@ from taskfleet.master.store.memory_slots import own_spec
 class MemorySchedules:
     """The schedule methods of ``MemoryStore``."""
 
-    lock: threading.RLock
+    lock: threading.Lock
     _schedules: dict[str, Schedule]  # in creation order
 
     def _submit(self, specs: Sequence[TaskSpec], now: float) -> list[str]:

@@ -118,12 +118,12 @@ _WAL_LIMIT_BYTES = 64 * 1024 * 1024
 class SqliteStore(SqliteSchedules, Store):
     """Durable store in the SQLite file at ``path``, created on first use."""
 
-    lock: threading.RLock
+    lock: threading.Lock
 
     def __init__(self, path: str, policy: StorePolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
         self._path = path
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self._unusable = ""  # why the store is unusable, once it is
         self._counts = Counts()  # what the write under way changes; applied by _write
         self._owner = _claim(path)
